@@ -1,0 +1,1 @@
+"""rrstem.model."""

@@ -1,0 +1,96 @@
+"""Control socket: msgpack request/reply over ZeroMQ REQ/REP.
+
+A request is a msgpack map ``{"cmd": NAME, ...arguments}``; the reply is a
+msgpack map with ``ok`` (bool), ``error`` (str, when not ok) and the command's
+fields. Arrays in replies are maps ``{"dtype", "shape", "data"}`` (see
+``pack_array``). Commands:
+
+``status``           -> ``status``: the current snapshot header fields (counters, state, ...)
+``save``             -> ``path``: results file written now
+``stop``             -> the service shuts down after replying
+``pause_training``   -> ``training``: trainer status
+``resume_training``  -> ``training``
+``reset_model``      -> ``training``: re-initialises the rrVAE weights
+``frame`` ``index=[y, x]`` -> ``frame`` (binned frame), ``mean`` (mean pattern),
+                      ``recon`` and ``residual`` (mean-subtracted frame minus
+                      the model's reconstruction; absent without a model)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+COMMANDS = ("status", "save", "stop", "pause_training", "resume_training", "reset_model", "frame")
+
+
+def pack_array(arr: np.ndarray) -> dict[str, Any]:
+    arr = np.ascontiguousarray(arr)
+    return {"dtype": arr.dtype.str.lstrip("<|="), "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def unpack_array(obj: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> dict[str, Any]:
+    obj = msgpack.unpackb(raw, raw=False)
+    if not isinstance(obj, dict):
+        raise ValueError("control message is not a msgpack map")
+    return obj
+
+
+class ControlError(RuntimeError):
+    """The service did not answer, or answered ``ok: false``."""
+
+
+class ControlClient:
+    """REQ client with a timeout on every request.
+
+    A REQ socket whose request timed out cannot be reused, so it is closed and
+    a fresh one is made for the next request ("lazy pirate").
+    """
+
+    def __init__(self, endpoint: str, timeout: float = 2.0, context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.REQ)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.endpoint)
+        return self._sock
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one command; return the reply map. Raises ControlError on timeout or ``ok: false``."""
+        sock = self._socket()
+        sock.send(pack({"cmd": cmd, **args}))
+        if not sock.poll(int(self.timeout * 1000)):
+            sock.close()
+            self._sock = None
+            raise ControlError(f"no reply from {self.endpoint} within {self.timeout:g} s to {cmd!r}")
+        reply = unpack(sock.recv())
+        if not reply.get("ok", False):
+            raise ControlError(reply.get("error", f"{cmd!r} failed"))
+        return reply
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
