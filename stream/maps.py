@@ -1,0 +1,91 @@
+"""Reductions over a scan, kept as sums that can be merged.
+
+Each reduction has ``update(indices, binned)``, an in-place ``merge(other)``
+and ``snapshot()``, which derives the final quantities. Nothing derived from
+the running mean is stored: COM relative to the mean pattern's COM is formed
+only in ``snapshot()``, from raw sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rrstem.stream.preprocess import Geometry
+
+
+class FrameSum:
+    """Sum of the binned frames: the mean pattern."""
+
+    def __init__(self, binned_shape: tuple[int, int]):
+        self.total = np.zeros(binned_shape, dtype=np.float64)
+        self.count = 0
+
+    def update(self, indices: np.ndarray, binned: np.ndarray) -> None:
+        self.total += binned.sum(axis=0, dtype=np.float64)
+        self.count += len(indices)
+
+    def merge(self, other: "FrameSum") -> None:
+        self.total += other.total
+        self.count += other.count
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        mean = self.total / max(self.count, 1)
+        return {"mean_pattern": mean.astype(np.float32)}
+
+
+class PositionSums:
+    """Per scan position: total intensity, first moments, bright and dark field.
+
+    One (n, P) x (P, 5) product per batch gives all five sums; the weights are
+    fixed by the geometry. Sums are float64, so integer counts sum exactly.
+    COM is in binned pixels, or in mrad when ``pixel_mrad`` (one binned pixel)
+    is known.
+    """
+
+    COLUMNS = ("intensity", "moment_x", "moment_y", "vbf", "vadf")
+
+    def __init__(self, scan_shape: tuple[int, int], geometry: Geometry, pixel_mrad: float | None = None):
+        self.scan_shape = tuple(scan_shape)
+        n = scan_shape[0] * scan_shape[1]
+        h, w = geometry.binned_shape
+        ky, kx = np.mgrid[0:h, 0:w].astype(np.float64)
+        bf, adf = geometry.detector_masks()
+        self._weights = np.stack([np.ones((h, w)), kx, ky, bf, adf]).reshape(5, h * w).T.copy()
+        self.sums = np.zeros((n, 5), dtype=np.float64)
+        self.filled = np.zeros(n, dtype=bool)
+        self.pixel_mrad = pixel_mrad
+
+    @property
+    def unit(self) -> str:
+        return "mrad" if self.pixel_mrad else "px"
+
+    def update(self, indices: np.ndarray, binned: np.ndarray) -> None:
+        flat = binned.reshape(len(indices), -1).astype(np.float64)  # (n, P)
+        self.sums[indices] = flat @ self._weights  # (n, 5)
+        self.filled[indices] = True
+
+    def merge(self, other: "PositionSums") -> None:
+        self.sums += other.sums
+        self.filled |= other.filled
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        ny, nx = self.scan_shape
+        s = self.sums[self.filled]
+        maps = {name: np.full(ny * nx, np.nan, dtype=np.float32) for name in
+                ("vbf", "vadf", "com_x", "com_y", "com_magnitude", "com_angle")}
+        if len(s):
+            total = s[:, 0].sum()
+            ref_x = s[:, 1].sum() / total  # COM of the mean pattern
+            ref_y = s[:, 2].sum() / total
+            scale = self.pixel_mrad or 1.0
+            com_x = (s[:, 1] / s[:, 0] - ref_x) * scale
+            com_y = (s[:, 2] / s[:, 0] - ref_y) * scale
+            maps["vbf"][self.filled] = s[:, 3]
+            maps["vadf"][self.filled] = s[:, 4]
+            maps["com_x"][self.filled] = com_x
+            maps["com_y"][self.filled] = com_y
+            maps["com_magnitude"][self.filled] = np.hypot(com_x, com_y)
+            maps["com_angle"][self.filled] = np.arctan2(com_y, com_x)
+        out = {k: v.reshape(ny, nx) for k, v in maps.items()}
+        out["filled"] = self.filled.reshape(ny, nx).copy()
+        return out

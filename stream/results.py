@@ -1,0 +1,120 @@
+"""The HDF5 results file, laid out as in DESIGN.md, written atomically.
+
+Writing goes to a temporary file in the same folder, which then replaces the
+target (``os.replace``), so a reader never sees a half-written file. Scans
+already in the target file are carried over, so one file holds a session's
+scans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+import rrstem
+
+FORMAT = "rrstem-results"
+FORMAT_VERSION = 1
+_lock = threading.Lock()  # one writer at a time (scan end and "save now" may race)
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
+
+
+def write_scan(path: str | os.PathLike, scan_id: str, *, attrs: dict[str, Any], maps: dict[str, np.ndarray],
+               com_unit: str = "px", pixel_mask: np.ndarray | None = None,
+               model: dict[str, Any] | None = None) -> Path:
+    """Write (or replace) one scan group in the results file at ``path``.
+
+    ``maps`` holds ``mean_pattern`` and the (ny, nx) maps (``latent`` is (d, ny, nx)).
+    ``model`` is the trainer's ``export()``: ``training`` histories, ``metrics``,
+    ``config`` (JSON-able), ``state`` (name -> array) and ``step``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with _lock:
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, rrstem_version=rrstem.__version__)
+                scans = f.create_group("scans")
+                if path.exists():
+                    with h5py.File(path, "r") as old:
+                        for name in old.get("scans", {}):
+                            if name != scan_id:
+                                old.copy(old["scans"][name], scans, name=name)
+                _fill_scan(scans.create_group(scan_id), attrs, maps, com_unit, pixel_mask, model)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _fill_scan(g: h5py.Group, attrs: dict[str, Any], maps: dict[str, np.ndarray], com_unit: str,
+               pixel_mask: np.ndarray | None, model: dict[str, Any] | None) -> None:
+    for key, value in attrs.items():
+        g.attrs[key] = _json(value) if isinstance(value, (dict, list)) and key not in ("scan_shape", "frame_shape",
+                                                                                       "binned_shape") else value
+    if "mean_pattern" in maps:
+        g.create_dataset("mean_pattern", data=maps["mean_pattern"].astype(np.float32))
+    if pixel_mask is not None:
+        g.create_dataset("pixel_mask", data=pixel_mask.astype(bool), compression="gzip")
+    m = g.create_group("maps")
+    for name, arr in maps.items():
+        if name == "mean_pattern":
+            continue
+        ds = m.create_dataset(name, data=arr.astype(bool) if name == "filled" else arr)
+        if name.startswith("com_"):
+            ds.attrs["unit"] = "rad" if name == "com_angle" else com_unit
+        elif name == "rotation":
+            ds.attrs["unit"] = "rad"
+    if model is None:
+        return
+    t = g.create_group("training")
+    for name, arr in model.get("training", {}).items():
+        t.create_dataset(name, data=np.asarray(arr))
+    t.attrs["metrics"] = _json(model.get("metrics", {}))
+    mg = g.create_group("model")
+    mg.attrs["config"] = _json(model.get("config", {}))
+    mg.attrs["step"] = int(model.get("step", 0))
+    for name, arr in model.get("state", {}).items():
+        mg.create_dataset(f"state/{name}", data=np.asarray(arr))
+
+
+def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, Any]:
+    """Everything of one scan (the only one, or ``scan_id``) as plain Python and NumPy objects."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an rrstem results file")
+        names = list(f["scans"])
+        if scan_id is None:
+            if len(names) != 1:
+                raise ValueError(f"{path} holds scans {names}; pass scan_id")
+            scan_id = names[0]
+        g = f["scans"][scan_id]
+        out: dict[str, Any] = {"scan_id": scan_id, "attrs": {}}
+        for key, value in g.attrs.items():
+            if isinstance(value, str) and value[:1] in "{[":
+                value = json.loads(value)
+            out["attrs"][key] = value
+        out["maps"] = {k: v[()] for k, v in g["maps"].items()}
+        out["units"] = {k: v.attrs["unit"] for k, v in g["maps"].items() if "unit" in v.attrs}
+        for key in ("mean_pattern", "pixel_mask"):
+            if key in g:
+                out[key] = g[key][()]
+        if "training" in g:
+            out["training"] = {k: v[()] for k, v in g["training"].items()}
+            out["metrics"] = json.loads(g["training"].attrs.get("metrics", "{}"))
+        if "model" in g:
+            mg = g["model"]
+            state: dict[str, np.ndarray] = {}
+            mg["state"].visititems(lambda name, obj: state.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+            out["model"] = {"config": json.loads(mg.attrs["config"]), "step": int(mg.attrs["step"]), "state": state}
+        return out
