@@ -37,7 +37,7 @@ class PositionSums:
     """Per scan position: total intensity, first moments, bright and dark field.
 
     One (n, P) x (P, 5) product per batch gives all five sums; the weights are
-    fixed by the geometry. Sums are float64, so integer counts sum exactly.
+    fixed by the geometry. Sums and maps are float64, so integer counts sum exactly.
     COM is in binned pixels, or in mrad when ``pixel_mrad`` (one binned pixel)
     is known.
     """
@@ -71,7 +71,7 @@ class PositionSums:
     def snapshot(self) -> dict[str, np.ndarray]:
         ny, nx = self.scan_shape
         s = self.sums[self.filled]
-        maps = {name: np.full(ny * nx, np.nan, dtype=np.float32) for name in
+        maps = {name: np.full(ny * nx, np.nan, dtype=np.float64) for name in
                 ("vbf", "vadf", "com_x", "com_y", "com_magnitude", "com_angle")}
         if len(s):
             total = s[:, 0].sum()

@@ -110,7 +110,7 @@ def decode_header(raw: bytes | memoryview) -> Start | Frames | End:
     try:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"header is not msgpack: {exc}") from None
+        raise ProtocolError(f"header is not msgpack ({type(exc).__name__}: {exc or 'no detail'})") from None
     if not isinstance(obj, dict) or "type" not in obj:
         raise ProtocolError("header is not a msgpack map with a 'type' key")
     try:

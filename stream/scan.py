@@ -149,6 +149,8 @@ class ScanState:
             if zero.any():
                 self.invalid("zero_sum", int(zero.sum()), f"frame sum is zero (no COM), first index {idx[zero][0]}")
             idx, binned = idx[ok], binned[ok]
+            if not len(idx):
+                return
         self.arrived[idx] = True
         with self._lock:
             self.sums.update(idx, binned)

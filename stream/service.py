@@ -347,7 +347,9 @@ class Service:
         header = self.header()
         arrays: dict[str, np.ndarray] = {}
         if self.current is not None:
-            arrays.update(self.current.snapshot())
+            # float32 is plenty for display and halves what every subscriber receives
+            arrays.update({k: v.astype(np.float32) if v.dtype == np.float64 else v
+                           for k, v in self.current.snapshot().items()})
             arrays.update(self._trainer_maps(self.current))
             if self.trainer is not None and self.current.ready.is_set():
                 arrays.update({f"training/{k}": np.asarray(v) for k, v in self.trainer.histories().items()})

@@ -1,0 +1,200 @@
+"""The service over real sockets: streamed maps equal a NumPy reduction of the whole array."""
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from support import disc_frames, reference, wait_results
+from rrstem.stream import protocol as P
+from rrstem.stream.control import ControlClient, ControlError, unpack_array
+from rrstem.stream.results import read_scan
+from rrstem.stream.snapshot import Snapshot
+
+
+def assert_maps_match(res, frames, filled=None, com_scale=1.0):
+    """Results maps == NumPy reference of the frames; sums exact, COM within 1e-6 relative.
+
+    ``com_scale`` converts the reference COM (binned pixels) to the results' unit.
+    """
+    f = np.ones(frames.shape[:2], bool) if filled is None else filled
+    ref = reference(frames, res["attrs"]["geometry"], res.get("pixel_mask"), filled=f)
+    maps = res["maps"]
+    np.testing.assert_array_equal(maps["filled"], f)
+    for name in ("vbf", "vadf"):
+        if frames.dtype.kind in "ui":  # integer counts sum exactly
+            np.testing.assert_array_equal(maps[name][f], ref[name][f])
+        else:  # float frames are binned in float32
+            np.testing.assert_allclose(maps[name][f], ref[name][f], rtol=1e-6)
+        assert np.isnan(maps[name][~f]).all()
+    scale = np.abs(ref["com_x"]).max() + np.abs(ref["com_y"]).max()
+    for name in ("com_x", "com_y"):
+        np.testing.assert_allclose(maps[name][f], com_scale * ref[name][f], rtol=0, atol=1e-6 * scale * com_scale)
+
+
+def test_streamed_maps_equal_numpy_reduction_out_of_order(make_service, sender_for):
+    frames = disc_frames(6, 7)
+    svc = make_service(preprocess={"bin": 2})
+    s = sender_for(svc)
+    s.start("a", (6, 7), (32, 32), calibration={"detector_pixel_mrad": 0.25})
+    flat = frames.reshape(42, 32, 32)
+    order = np.random.default_rng(3).permutation(42)
+    for i in order[:20]:  # single frames in random order
+        s.frames("a", int(i), flat[i:i + 1])
+    rest = np.sort(order[20:])
+    for i in rest:  # then the rest, runs of consecutive frames where possible
+        s.frames("a", int(i), flat[i:i + 1])
+    s.end("a", 42)
+    res = read_scan(wait_results(svc))
+    assert res["attrs"]["counters"] == {"received": 42, "missing": 0, "duplicate": 0, "invalid": 0, "stale": 0,
+                                        "dropped": 0}
+    assert_maps_match(res, frames, com_scale=0.25 * 2)
+    np.testing.assert_allclose(res["mean_pattern"], reference(frames, res["attrs"]["geometry"])["mean_pattern"],
+                               rtol=1e-6)
+    assert res["units"]["com_x"] == "mrad"  # 0.25 mrad per raw pixel, bin 2
+    assert res["maps"]["com_magnitude"].max() > 0.05  # the disc moves: a real signal
+
+
+def test_multi_frame_messages_and_missing_positions(make_service, sender_for):
+    frames = disc_frames(5, 8, seed=1)
+    svc = make_service()
+    s = sender_for(svc)
+    s.start("m", (5, 8), (32, 32))
+    flat = frames.reshape(40, 32, 32)
+    s.frames("m", 0, flat[0:16])
+    s.frames("m", 20, flat[20:40])  # 16..19 never sent
+    s.end("m", 36)
+    res = read_scan(wait_results(svc))
+    filled = np.ones(40, bool)
+    filled[16:20] = False
+    assert res["attrs"]["counters"]["missing"] == 4 and res["attrs"]["counters"]["received"] == 36
+    assert_maps_match(res, frames, filled.reshape(5, 8))
+    assert res["attrs"]["frames_sent"] == 36
+
+
+def test_every_bad_input_is_counted_and_valid_frames_are_untouched(make_service, sender_for):
+    rng = np.random.default_rng(5)
+    frames = (disc_frames(4, 6, seed=2).astype(np.float32) + rng.random((4, 6, 32, 32), dtype=np.float32))
+    flat = frames.reshape(24, 32, 32)
+    svc = make_service()
+    s = sender_for(svc)
+    head = lambda **kw: msgpack.packb({"type": "frames", "scan_id": "b", **kw})
+    s.frames("nostart", 0, flat[:2])  # frames before any start (scan unknown)
+    s.end("never", 3)  # end without start
+    s.start("old", (4, 6), (32, 32), dtype="float32")
+    s.start("b", (4, 6), (32, 32), dtype="float32")  # "old" ends without an end message
+    s.frames("b", 0, flat[0:10])
+    s.raw([b"\xc1 not msgpack"])  # undecodable
+    s.raw([head(first=10, count=1)])  # missing part
+    s.raw([head(first=10, count=1), flat[10].tobytes(), b"x"])  # extra part
+    s.raw([head(first=10, count=1), flat[10].tobytes()[:-4]])  # size mismatch
+    s.frames("b", 22, flat[[10, 11, 12]])  # 22, 23 fine... 24 out of range
+    s.frames("b", 3, flat[3:4])  # duplicate
+    s.frames("old", 0, flat[0:2])  # stale: earlier scan
+    nan = flat[10:12].copy()
+    nan[0, 5, 5] = np.nan
+    nan[1, 0, 0] = np.inf
+    s.frames("b", 10, nan)  # NaN and Inf
+    s.frames("b", 12, np.zeros((1, 32, 32), np.float32))  # zero sum: no COM
+    s.frames("b", 13, flat[13:22])
+    s.end("b", 24)
+    path = wait_results(svc, n=2)
+    res = read_scan(path, "b")
+    c = res["attrs"]["counters"]
+    reasons = res["attrs"]["invalid_reasons"]
+    assert reasons == {"missing_part": 1, "extra_part": 1, "bad_size": 1, "out_of_range": 1, "nan_or_inf": 2,
+                       "zero_sum": 1}
+    assert c == {"received": 21, "missing": 0, "duplicate": 1, "invalid": 7, "stale": 2, "dropped": 0}
+    # positions 10, 11, 12 got only invalid frames; 22, 23 got frames 10, 11 (valid)
+    expected = frames.reshape(24, 32, 32).copy()
+    expected[22], expected[23] = flat[10], flat[11]
+    filled = np.ones(24, bool)
+    filled[[10, 11, 12]] = False
+    assert_maps_match(res, expected.reshape(4, 6, 32, 32), filled.reshape(4, 6))
+    assert svc.orphans["no_start"] == 2 and svc.orphans["end_without_start"] == 1
+    assert svc.orphans["undecodable"] == 1
+    assert read_scan(path, "old")["attrs"]["counters"]["missing"] == 24  # superseded scan kept, counted
+
+
+def test_sub_mode_counts_gaps_as_dropped(make_service):
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    svc = make_service(bind=False, listen=f"tcp://127.0.0.1:{port}", mode="sub")
+    frames = disc_frames(4, 4, seed=4).reshape(16, 32, 32)
+    deadline = time.monotonic() + 10
+    start = P.Start(scan_id="t", scan_shape=(4, 4), frame_shape=(32, 32), dtype="uint16")
+    while svc.current is None:  # PUB drops until the subscription is through: resend start until it lands
+        assert time.monotonic() < deadline
+        P.send_start(pub, start)
+        time.sleep(0.02)
+    P.send_frames(pub, "t", 0, frames[0:5])
+    P.send_frames(pub, "t", 9, frames[9:16])  # 5..8 lost in transit
+    P.send_end(pub, "t", 16)
+    res = read_scan(wait_results(svc))
+    assert res["attrs"]["counters"]["dropped"] == 4 and res["attrs"]["counters"]["received"] == 12
+    assert res["attrs"]["counters"]["missing"] == 0
+    pub.close()
+
+
+def test_control_socket_and_snapshots(make_service, sender_for):
+    frames = disc_frames(4, 5, seed=6)
+    svc = make_service()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(svc.publish_endpoint)
+    s = sender_for(svc)
+    s.start("c", (4, 5), (32, 32))
+    s.frames("c", 0, frames.reshape(20, 32, 32)[:12])
+    with ControlClient(svc.control_endpoint, timeout=5) as ctl:
+        deadline = time.monotonic() + 10
+        while ctl.request("status")["status"]["counters"].get("received") != 12:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        reply = ctl.request("frame", index=[1, 2])
+        ref = reference(frames, svc.current.geometry.to_json())
+        np.testing.assert_array_equal(unpack_array(reply["frame"]), ref["binned"][1, 2])
+        with pytest.raises(ControlError, match=r"no frame at \(3, 4\)"):
+            ctl.request("frame", index=[3, 4])
+        with pytest.raises(ControlError, match="outside the 4x5 scan"):
+            ctl.request("frame", index=[4, 0])
+        with pytest.raises(ControlError, match="unknown command 'dance'"):
+            ctl.request("dance")
+        with pytest.raises(ControlError, match="training is disabled"):
+            ctl.request("pause_training")
+        path = ctl.request("save")["path"]
+        partial = read_scan(path)
+        assert partial["attrs"]["complete"] is False or partial["attrs"]["complete"] == 0
+        assert partial["maps"]["filled"].sum() == 12
+        # newest snapshot: the same maps as the partial results
+        snap = None
+        deadline = time.monotonic() + 5
+        while snap is None or snap.header.counters.get("received") != 12:
+            assert time.monotonic() < deadline
+            if sub.poll(200):
+                snap = Snapshot.decode(sub.recv_multipart())
+        assert snap.header.scan_id == "c" and snap.header.state == "acquiring" and snap.header.expected == 20
+        np.testing.assert_array_equal(snap.arrays["vbf"], partial["maps"]["vbf"].astype(np.float32))
+        np.testing.assert_array_equal(snap.arrays["filled"].astype(bool), partial["maps"]["filled"])
+        ctl.request("stop")
+    assert svc.wait(5)
+    sub.close()
+
+
+def test_scan_after_scan_in_one_file(make_service, sender_for):
+    svc = make_service()
+    s = sender_for(svc)
+    for k, seed in enumerate((7, 8)):
+        frames = disc_frames(3, 3, seed=seed)
+        s.start(f"scan{k}", (3, 3), (32, 32))
+        s.frames(f"scan{k}", 0, frames.reshape(9, 32, 32))
+        s.end(f"scan{k}", 9)
+        path = wait_results(svc, n=k + 1)
+        assert_maps_match(read_scan(path, f"scan{k}"), frames)
+    import h5py
+
+    with h5py.File(path) as f:
+        assert sorted(f["scans"]) == ["scan0", "scan1"]
+        assert f.attrs["format"] == "rrstem-results"
