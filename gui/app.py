@@ -1,0 +1,112 @@
+"""Entry points: ``rrstem dashboard`` and offscreen rendering for ``rrstem demo --headless``.
+
+Control endpoint convention: ``--control EP`` when given; otherwise the
+snapshot header's extra field ``control`` (the endpoint the service
+advertises) once the first snapshot arrives; otherwise the controls stay
+disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from rrstem.stream.snapshot import Snapshot
+
+
+def ensure_app(offscreen: bool = False):
+    """The QApplication, created if needed. ``offscreen`` forces the offscreen platform."""
+    if offscreen or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("win32", "darwin")):
+        from pyqtgraph.Qt import QtWidgets
+
+        if QtWidgets.QApplication.instance() is None:
+            os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    import pyqtgraph as pg
+
+    return pg.mkQApp("rrstem dashboard")
+
+
+def render_png(snapshot: Snapshot, path, frame_reply: dict | None = None, index=None, size=(1800, 1050)) -> Path:
+    """Render a dashboard offscreen from ``snapshot`` (+ a ``frame`` control reply) and save it as PNG.
+
+    ``frame_reply`` is the reply map of the ``frame`` command (arrays packed
+    or unpacked) for scan position ``index`` = (y, x); the crosshair marks it.
+    Returns the path written.
+    """
+    app = ensure_app(offscreen=True)
+    from rrstem.gui.source import _unpack_arrays
+    from rrstem.gui.window import Dashboard
+
+    win = Dashboard()
+    try:
+        win.resize(*size)
+        win.show()
+        win.show_snapshot(snapshot)
+        if frame_reply is not None:
+            if index is None:
+                raise ValueError("render_png: give index=(y, x) with frame_reply")
+            win.select(tuple(index))
+            win.show_frame(tuple(index), _unpack_arrays(frame_reply))
+        app.processEvents()
+        return win.export_png(path)
+    finally:
+        win.shutdown()
+        win.close()
+        win.deleteLater()
+        app.processEvents()
+
+
+def add_dashboard_args(subparsers) -> argparse.ArgumentParser:
+    """Register ``dashboard`` on an argparse subparsers object; ``args.func(args)`` runs it."""
+    p = subparsers.add_parser("dashboard", help="live dashboard of a running service")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", required=True, metavar="EP", help="snapshot endpoint of the service (PUB)")
+    p.add_argument("--control", metavar="EP", default=None,
+                   help="control endpoint (REP); default: the one the snapshots advertise")
+    p.add_argument("--exit-after", type=float, default=None, metavar="SECONDS",
+                   help="close by itself after this many seconds (for smoke tests)")
+    p.add_argument("--stale-after", type=float, default=3.0, metavar="SECONDS",
+                   help="show the unreachable banner after this long without a snapshot")
+    p.add_argument("--screenshot", default=None, metavar="PNG", help="save the window as PNG on exit")
+    p.add_argument("--export-dir", default=".", metavar="DIR", help="where 'Export PNG' writes")
+    p.add_argument("--offscreen", action="store_true", help="render offscreen (no display needed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the dashboard until the window closes or ``--exit-after`` passes. Returns the exit code."""
+    app = ensure_app(offscreen=args.offscreen)
+    from pyqtgraph.Qt import QtCore
+
+    from rrstem.gui.window import Dashboard
+
+    win = Dashboard(connect=args.connect, control=args.control, stale_after=args.stale_after,
+                    export_dir=args.export_dir)
+    win.show()
+
+    def finish():
+        if args.screenshot:
+            win.export_png(args.screenshot)
+        win.shutdown()
+        app.quit()
+
+    if args.exit_after is not None:
+        QtCore.QTimer.singleShot(int(args.exit_after * 1000), finish)
+    signal.signal(signal.SIGINT, lambda *_: finish())  # the poll timer lets Python see Ctrl-C
+    app.exec()
+    win.shutdown()
+    print(f"dashboard: {win.redraws} snapshots drawn", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="rrstem dashboard", description=__doc__.splitlines()[0])
+    _add_arguments(p)
+    return run(p.parse_args(argv))

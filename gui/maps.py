@@ -1,0 +1,196 @@
+"""Image panels: one scan map (or pattern) with a colour bar, stable levels and a crosshair.
+
+Display transforms only: level choice, wrapping of angles into one turn and
+the HSV colouring of the COM direction. The arrays shown are the snapshot's
+own arrays, set on the ImageItem unchanged wherever that is possible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from pyqtgraph.Qt import QtCore
+
+BLANK = "#5a5a5a"  # view background: positions without data (NaN, transparent) show as this grey
+CYCLIC = "CET-C6"  # cyclic map for the rrVAE rotation
+SEQUENTIAL = "viridis"
+DIVERGING = "CET-D1"  # residuals
+
+
+class StableLevels:
+    """Percentile levels that change only when the data move them noticeably.
+
+    ``update(arr)`` returns the levels to use. In auto mode they follow the
+    data's min and max on every call; otherwise they are the (lo, hi)
+    percentiles of the finite values, replaced only when either end moves by
+    more than ``tolerance`` of the current span, so the colours do not flicker
+    while a scan fills in.
+    """
+
+    def __init__(self, percentiles=(1.0, 99.0), tolerance=0.1, max_samples=16384):
+        self.percentiles = percentiles
+        self.tolerance = tolerance
+        self.max_samples = max_samples
+        self.auto = False
+        self.levels: tuple[float, float] | None = None
+
+    def update(self, arr: np.ndarray) -> tuple[float, float] | None:
+        stride = max(1, int(np.sqrt(arr.size / self.max_samples)))
+        sample = arr[..., ::stride, ::stride] if arr.ndim >= 2 else arr[::stride]
+        finite = sample[np.isfinite(sample)]
+        if finite.size == 0:
+            return self.levels
+        if self.auto:
+            lo, hi = float(finite.min()), float(finite.max())
+        else:
+            lo, hi = (float(v) for v in np.percentile(finite, self.percentiles))
+        if hi <= lo:
+            hi = lo + (abs(lo) * 1e-6 or 1e-6)
+        if self.auto or self.levels is None:
+            self.levels = (lo, hi)
+        else:
+            clo, chi = self.levels
+            span = chi - clo
+            if abs(lo - clo) > self.tolerance * span or abs(hi - chi) > self.tolerance * span:
+                self.levels = (lo, hi)
+        return self.levels
+
+
+def wrap_angle(arr: np.ndarray) -> np.ndarray:
+    """Angles into [-pi, pi); returned unchanged when they already are."""
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0 or (finite.min() >= -np.pi and finite.max() <= np.pi):
+        return arr
+    return (arr + np.pi) % (2 * np.pi) - np.pi
+
+
+def direction_rgba(angle: np.ndarray, magnitude: np.ndarray, vmax: float) -> np.ndarray:
+    """HSV colour wheel: hue = direction, value = magnitude / vmax; NaN -> transparent.
+
+    Returns (ny, nx, 4) uint8.
+    """
+    hue = (np.nan_to_num(angle, nan=0.0) % (2 * np.pi)) / (2 * np.pi) * 6.0  # sector 0..6
+    val = np.clip(np.nan_to_num(magnitude, nan=0.0) / max(vmax, 1e-12), 0.0, 1.0)
+    # HSV -> RGB with saturation 1: each channel is a triangular function of hue
+    r = np.clip(np.abs(hue - 3.0) - 1.0, 0.0, 1.0)
+    g = np.clip(2.0 - np.abs(hue - 2.0), 0.0, 1.0)
+    b = np.clip(2.0 - np.abs(hue - 4.0), 0.0, 1.0)
+    rgba = np.empty(angle.shape + (4,), np.uint8)
+    for i, chan in enumerate((r, g, b)):
+        rgba[..., i] = (chan * val * 255).astype(np.uint8)
+    rgba[..., 3] = np.where(np.isfinite(angle) & np.isfinite(magnitude), 255, 0)
+    return rgba
+
+
+def colour_wheel(size: int = 64) -> np.ndarray:
+    """The legend for ``direction_rgba``: a disc, angle = hue, radius = value."""
+    yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
+    rgba = direction_rgba(np.arctan2(yy, xx), np.hypot(yy, xx), 1.0)
+    rgba[np.hypot(yy, xx) > 1.0] = 0
+    return rgba
+
+
+class ImagePanel:
+    """A PlotItem holding one ImageItem, its colour bar and a crosshair.
+
+    ``set_data(arr)`` shows ``arr`` as given (row-major: arr[y, x]).
+    """
+
+    def __init__(self, title, cmap=SEQUENTIAL, fixed_levels=None, colour_bar=True, symmetric=False):
+        self.title = title
+        self.plot = pg.PlotItem(title=title)
+        self.plot.setMenuEnabled(False)
+        self.plot.hideButtons()
+        self.plot.setAspectLocked(True)
+        self.plot.disableAutoRange()  # the range follows the image size only (see _apply_rect)
+        self.plot.invertY(True)
+        self.plot.getViewBox().setBackgroundColor(BLANK)
+        self.image = pg.ImageItem(axisOrder="row-major")
+        self.plot.addItem(self.image)
+        self.fixed_levels = fixed_levels
+        self.symmetric = symmetric  # levels (-m, m), for residuals
+        self.levels = StableLevels()
+        self.bar = None
+        if colour_bar:
+            self.bar = pg.ColorBarItem(
+                values=fixed_levels or (0, 1), colorMap=pg.colormap.get(cmap), interactive=False, width=12
+            )
+            self.bar.setImageItem(self.image, insert_in=self.plot)
+        self.cross_v = pg.InfiniteLine(angle=90, pen=pg.mkPen("w", width=1, style=QtCore.Qt.PenStyle.DashLine))
+        self.cross_h = pg.InfiniteLine(angle=0, pen=pg.mkPen("w", width=1, style=QtCore.Qt.PenStyle.DashLine))
+        for line in (self.cross_v, self.cross_h):
+            line.setVisible(False)
+            line.setZValue(10)
+            self.plot.addItem(line, ignoreBounds=True)
+        self._shape: tuple[int, ...] | None = None
+        self._scale = (1.0, 1.0)
+
+    def set_auto(self, auto: bool) -> None:
+        self.levels.auto = auto
+        self.levels.levels = None
+
+    def set_data(self, arr: np.ndarray, levels_from: np.ndarray | None = None) -> None:
+        """Show ``arr``; levels come from ``levels_from`` (default ``arr``) unless fixed."""
+        if arr.ndim == 2:
+            lv = self.fixed_levels or self.levels.update(arr if levels_from is None else levels_from)
+            if self.symmetric and lv is not None:
+                m = max(abs(lv[0]), abs(lv[1]))
+                lv = (-m, m)
+            self.image.setImage(arr, autoLevels=False)
+            self._set_levels(lv if lv is not None else (0.0, 1.0))
+        else:  # RGBA, already coloured
+            self.image.setImage(arr, autoLevels=False)
+            self._set_levels((0.0, 255.0))
+        if arr.shape[:2] != self._shape:
+            self._shape = arr.shape[:2]
+            self._apply_rect()
+
+    def _set_levels(self, lv) -> None:
+        lv = (float(lv[0]), float(lv[1]))
+        if self.bar is not None:
+            self.bar.setLevels(lv)  # sets the image's levels too
+        else:
+            self.image.setLevels(lv)
+
+    def clear(self) -> None:
+        self.image.clear()
+        self._shape = None
+
+    def set_scale(self, sy: float, sx: float, unit: str) -> None:
+        """Size of one pixel in ``unit`` (axes show real units when known)."""
+        if (sy, sx) != self._scale:
+            self._scale = (sy, sx)
+            self._apply_rect()
+        self.plot.setLabel("bottom", f"x ({unit})")
+        self.plot.setLabel("left", f"y ({unit})")
+
+    def _apply_rect(self) -> None:
+        if self._shape is None:
+            return
+        ny, nx = self._shape
+        sy, sx = self._scale
+        self.image.setRect(QtCore.QRectF(0, 0, nx * sx, ny * sy))
+        self.plot.setRange(xRange=(0, nx * sx), yRange=(0, ny * sy), padding=0.0)
+
+    def index_at(self, scene_pos) -> tuple[int, int] | None:
+        """(y, x) pixel under a scene position, or None outside the image."""
+        if self._shape is None or not self.plot.sceneBoundingRect().contains(scene_pos):
+            return None
+        p = self.image.mapFromScene(scene_pos)
+        y, x = int(np.floor(p.y())), int(np.floor(p.x()))
+        if 0 <= y < self._shape[0] and 0 <= x < self._shape[1]:
+            return y, x
+        return None
+
+    def scene_pos_of(self, y: int, x: int):
+        """Scene position of the centre of pixel (y, x); for tests and scripted clicks."""
+        return self.image.mapToScene(QtCore.QPointF(x + 0.5, y + 0.5))
+
+    def set_crosshair(self, y: int | None, x: int | None) -> None:
+        visible = y is not None and x is not None
+        for line in (self.cross_v, self.cross_h):
+            line.setVisible(visible)
+        if visible:
+            sy, sx = self._scale
+            self.cross_v.setValue((x + 0.5) * sx)
+            self.cross_h.setValue((y + 0.5) * sy)

@@ -1,0 +1,334 @@
+"""The dashboard window: scan maps, patterns, training curves, status and controls.
+
+Only the GUI thread runs this code. A QTimer calls ``tick``, which takes the
+newest snapshot off the SUB socket (older ones are dropped unread), draws it,
+and hands finished control replies to their panels.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from pyqtgraph.Qt import QtCore, QtWidgets
+
+from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, colour_wheel, direction_rgba, wrap_angle
+from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
+from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
+from rrstem.stream.protocol import ProtocolError
+from rrstem.stream.snapshot import Snapshot
+
+MAP_COLUMNS = 4
+# (snapshot array, title); "com_direction" is drawn from com_angle and com_magnitude
+FIXED_MAPS = [
+    ("vbf", "virtual bright field"),
+    ("vadf", "virtual annular dark field"),
+    ("com_magnitude", "COM magnitude"),
+    ("com_direction", "COM direction"),
+    ("rotation", "rrVAE rotation (rad)"),
+    ("recon_error", "reconstruction error"),
+]
+
+
+def scan_step(calibration: dict) -> tuple[float, float] | None:
+    """(sy, sx) in nm from ``calibration['scan_step_nm']`` (a number or [sy, sx])."""
+    step = calibration.get("scan_step_nm")
+    if step is None:
+        return None
+    if isinstance(step, (list, tuple)):
+        return float(step[0]), float(step[1])
+    return float(step), float(step)
+
+
+class Dashboard(QtWidgets.QMainWindow):
+    """Live view of one service. Without ``connect`` it only shows what it is given.
+
+    connect:       snapshot endpoint (SUB connects to it)
+    control:       control endpoint; when None, the header field ``control`` is used if present
+    stale_after:   seconds without a snapshot before the unreachable banner shows
+    """
+
+    def __init__(self, connect=None, control=None, stale_after=3.0, poll_ms=50, control_timeout=2.0,
+                 export_dir="."):
+        super().__init__()
+        self.setWindowTitle(f"rrstem dashboard - {connect or 'offline'}")
+        self.stale_after = stale_after
+        self.control_timeout = control_timeout
+        self.export_dir = Path(export_dir)
+        self.source = SnapshotSource(connect) if connect else None
+        self.control_endpoint: str | None = None
+        self.worker: ControlWorker | None = None
+        self.snapshot: Snapshot | None = None
+        self.selected: tuple[int, int] | None = None
+        self.redraws = 0
+        self._started = time.monotonic()
+        self._last_probe = 0.0
+        self._build()
+        if control:
+            self.set_control_endpoint(control)
+        self.timer = QtCore.QTimer(self)
+        self.timer.timeout.connect(self.tick)
+        if self.source is not None:
+            self.timer.start(poll_ms)
+
+    # ---- layout ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        central = QtWidgets.QWidget()
+        column = QtWidgets.QVBoxLayout(central)
+        column.setContentsMargins(2, 2, 2, 2)
+        self.banner = Banner()
+        self.controls = ControlBar()
+        column.addWidget(self.banner)
+        column.addWidget(self.controls)
+        split = QtWidgets.QSplitter(QtCore.Qt.Orientation.Horizontal)
+        column.addWidget(split, 1)
+        self.setCentralWidget(central)
+
+        self.maps_view = pg.GraphicsLayoutWidget()
+        split.addWidget(self.maps_view)
+        self.maps: dict[str, ImagePanel] = {}
+        for name, title in FIXED_MAPS:
+            self._add_map(name, title)
+        self._add_wheel_legend(self.maps["com_direction"])
+        self.maps_view.scene().sigMouseClicked.connect(self._on_click)
+
+        right = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
+        split.addWidget(right)
+        self.patterns_view = pg.GraphicsLayoutWidget()
+        right.addWidget(self.patterns_view)
+        self.patterns = {
+            "mean": ImagePanel("mean pattern"),
+            "frame": ImagePanel("frame (click a map)"),
+            "recon": ImagePanel("reconstruction"),
+            "residual": ImagePanel("residual", cmap=DIVERGING, symmetric=True),
+        }
+        for i, panel in enumerate(self.patterns.values()):
+            self.patterns_view.addItem(panel.plot, row=i // 2, col=i % 2)
+            if i:
+                panel.plot.setXLink(self.patterns["mean"].plot)
+                panel.plot.setYLink(self.patterns["mean"].plot)
+        self.loss_plot = HistoryPlot("training loss", "loss")
+        self.metric_plot = HistoryPlot("correlation metrics", "r", legend_offset=(-5, -30))
+        right.addWidget(self.loss_plot.widget)
+        right.addWidget(self.metric_plot.widget)
+        right.setSizes([500, 250, 250])
+        split.setSizes([1150, 650])
+
+        self.status = StatusPanel(self.statusBar())
+        for key, button in self.controls.buttons.items():
+            button.clicked.connect(lambda _=False, k=key: self._on_button(k))
+        self.controls.auto_levels.toggled.connect(self.set_auto_levels)
+        self._enable_controls()
+        self.resize(1800, 1050)
+
+    def _add_map(self, name: str, title: str) -> ImagePanel:
+        cmap = CYCLIC if name == "rotation" else "viridis"
+        fixed = (-np.pi, np.pi) if name == "rotation" else None
+        panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != "com_direction")
+        i = len(self.maps)
+        self.maps_view.addItem(panel.plot, row=i // MAP_COLUMNS, col=i % MAP_COLUMNS)
+        if self.maps:
+            first = next(iter(self.maps.values())).plot
+            panel.plot.setXLink(first)
+            panel.plot.setYLink(first)
+        panel.set_auto(self.controls.auto_levels.isChecked())
+        self.maps[name] = panel
+        return panel
+
+    def _add_wheel_legend(self, panel: ImagePanel) -> None:
+        box = pg.ViewBox(lockAspect=True, enableMouse=False)
+        wheel = colour_wheel()
+        box.addItem(pg.ImageItem(wheel, axisOrder="row-major"))
+        box.setRange(xRange=(0, wheel.shape[1]), yRange=(0, wheel.shape[0]), padding=0.0)
+        box.setFixedWidth(48)
+        box.setFixedHeight(48)
+        panel.plot.layout.addItem(box, 2, 5)
+        panel.plot.layout.setColumnFixedWidth(4, 5)
+        self.wheel_legend = box
+
+    # ---- snapshot ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Timer slot: newest snapshot, control replies, banner state."""
+        if self.source is not None:
+            try:
+                snap = self.source.poll()
+                self.banner.set_problem("decode", None)
+            except ProtocolError as exc:
+                snap = None
+                self.banner.set_problem("decode", f"Undecodable snapshot: {exc}")
+            if snap is not None:
+                self.show_snapshot(snap)
+            age = time.monotonic() - (self.source.last_time or self._started)
+            self.banner.set_problem(
+                "stale",
+                f"Service unreachable: no snapshot from {self.source.endpoint} for {age:.0f} s"
+                if age > self.stale_after else None,
+            )
+        if self.worker is not None:
+            for reply in self.worker.replies():
+                self._on_reply(reply)
+            now = time.monotonic()
+            if "control" in self.banner.problems and now - self._last_probe > max(self.control_timeout, 1.0):
+                self._last_probe = now
+                self.worker.submit("status")
+
+    def show_snapshot(self, snap: Snapshot) -> None:
+        """Draw one snapshot. Every array is read, none is changed."""
+        h, a = snap.header, snap.arrays
+        old = self.snapshot.header if self.snapshot is not None else None
+        if old is not None and old.scan_id == h.scan_id and old.seq == h.seq:
+            return  # already drawn
+        if old is None or old.scan_id != h.scan_id:
+            self._new_scan()
+        self.snapshot = snap
+        self.banner.set_problem("service", f"Service error: {h.error}" if h.error else None)
+        advertised = (h.model_extra or {}).get("control")
+        if self.control_endpoint is None and isinstance(advertised, str):
+            self.set_control_endpoint(advertised)
+
+        step = scan_step(h.calibration)
+        unit = "nm" if step else "px"
+        for name, panel in self.maps.items():
+            panel.set_scale(*(step or (1.0, 1.0)), unit)
+            if name in a:
+                panel.set_data(wrap_angle(a[name]) if name == "rotation" else a[name])
+        if "com_angle" in a and "com_magnitude" in a:
+            levels = self.maps["com_magnitude"].image.levels
+            vmax = float(levels[1]) if levels is not None else float(np.nanmax(a["com_magnitude"]))
+            self.maps["com_direction"].set_data(direction_rgba(a["com_angle"], a["com_magnitude"], vmax))
+        latent = a.get("latent")
+        if latent is not None:
+            for i in range(latent.shape[0]):
+                panel = self.maps.get(f"latent/{i}") or self._add_map(f"latent/{i}", f"rrVAE latent {i}")
+                panel.set_scale(*(step or (1.0, 1.0)), unit)
+                panel.set_data(latent[i])
+        if "mean_pattern" in a:
+            self.patterns["mean"].set_data(a["mean_pattern"])
+        self._show_histories(a)
+        self.status.update(snap)
+        self.redraws += 1
+
+    def _show_histories(self, a: dict) -> None:
+        hist = {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith("training/")}
+        step = hist.pop("step", None)
+        self.loss_plot.set_histories({k: v for k, v in hist.items() if is_loss_history(k)}, step)
+        self.metric_plot.set_histories({k: v for k, v in hist.items() if not is_loss_history(k)}, step)
+
+    def _new_scan(self) -> None:
+        for panel in [*self.maps.values(), *self.patterns.values()]:
+            panel.set_auto(self.controls.auto_levels.isChecked())
+        for name in [n for n in self.maps if n.startswith("latent/")]:
+            self.maps[name].clear()
+        self.select(None)
+        self.loss_plot.clear()
+        self.metric_plot.clear()
+
+    def set_auto_levels(self, auto: bool) -> None:
+        for panel in [*self.maps.values(), *self.patterns.values()]:
+            panel.set_auto(auto)
+        if self.snapshot is not None:
+            snap, self.snapshot = self.snapshot, None
+            self.show_snapshot(snap)
+
+    # ---- frame inspection --------------------------------------------------------------------
+    def _on_click(self, event) -> None:
+        if event.button() != QtCore.Qt.MouseButton.LeftButton:
+            return
+        for panel in self.maps.values():
+            index = panel.index_at(event.scenePos())
+            if index is not None:
+                self.select(index)
+                return
+
+    def select(self, index: tuple[int, int] | None) -> None:
+        """Mark (y, x) on every map and ask the service for that frame."""
+        self.selected = index
+        for panel in self.maps.values():
+            panel.set_crosshair(*(index or (None, None)))
+        if index is None:
+            return
+        self.patterns["frame"].plot.setTitle(f"frame ({index[0]}, {index[1]}) requested")
+        if self.worker is not None:
+            self.worker.submit("frame", index=[int(index[0]), int(index[1])])
+
+    def show_frame(self, index, reply: dict) -> None:
+        """Show a ``frame`` reply (arrays unpacked) for scan position ``index``."""
+        frame = reply.get("frame")
+        y, x = index
+        if frame is None:
+            return
+        self.patterns["frame"].plot.setTitle(f"frame ({y}, {x})")
+        self.patterns["frame"].set_data(frame)
+        for key, title in (("recon", "reconstruction"), ("residual", "residual")):
+            arr = reply.get(key)
+            if arr is None:
+                self.patterns[key].clear()
+                self.patterns[key].plot.setTitle(f"{title} (no model yet)")
+            else:
+                self.patterns[key].plot.setTitle(f"{title} ({y}, {x})")
+                self.patterns[key].set_data(arr)
+
+    # ---- control -----------------------------------------------------------------------------
+    def set_control_endpoint(self, endpoint: str) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.control_endpoint = endpoint
+        self.worker = ControlWorker(endpoint, timeout=self.control_timeout)
+        self._enable_controls()
+
+    def _enable_controls(self) -> None:
+        for key, button in self.controls.buttons.items():
+            button.setEnabled(key == "export" or self.worker is not None)
+        if self.worker is None:
+            self.controls.reply.setText("no control endpoint (use --control EP)")
+
+    def _on_button(self, key: str) -> None:
+        if key == "export":
+            path = self.export_png()
+            self.controls.reply.setText(f"exported {path}")
+        elif self.worker is not None:
+            queued = self.worker.submit(key)
+            self.controls.reply.setText(f"{key}: sent" if queued else f"{key}: busy, not sent")
+
+    def _on_reply(self, r: ControlReply) -> None:
+        if r.timeout:
+            self.banner.set_problem("control", f"Control socket {self.control_endpoint} not answering ({r.cmd})")
+        else:
+            self.banner.set_problem("control", None)
+        if not r.ok:
+            self.controls.reply.setText(f"{r.cmd} failed: {r.error}")
+            return
+        if r.cmd == "frame":
+            self.show_frame(tuple(r.args["index"]), r.reply)
+        elif r.cmd == "save":
+            self.controls.reply.setText(f"saved {r.reply.get('path', '')}")
+        elif r.cmd != "status":
+            training = r.reply.get("training") or {}
+            state = training.get("state", "") if isinstance(training, dict) else training
+            self.controls.reply.setText(f"{r.cmd}: ok {state}".rstrip())
+
+    def export_png(self, path=None) -> Path:
+        """Save the whole window as PNG; default name from scan id and time, in ``export_dir``."""
+        if path is None:
+            scan = self.snapshot.header.scan_id if self.snapshot is not None else "none"
+            path = self.export_dir / f"rrstem-{scan}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+        path = Path(path)
+        if not self.grab().save(str(path)):
+            raise OSError(f"could not write {path}")
+        return path
+
+    def closeEvent(self, event) -> None:
+        self.shutdown()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Stop the timer and close both sockets (idempotent)."""
+        self.timer.stop()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        if self.source is not None:
+            self.source.close()
+            self.source = None
