@@ -1,1 +1,13 @@
-"""rrstem.simulators."""
+"""rrstem.simulators: frame sources that stream like a detector.
+
+- ``GrapheneSource`` / ``simulate``: synthetic graphene scan (``graphene``).
+- ``open_file`` / ``load_array``: replay of .npy, .npz, HDF5, .ndata1 (``files``).
+- ``Source``, ``ArraySource``, ``stream``: the shared interface and sender (``source``).
+- ``add_simulate_args``, ``add_replay_args``: CLI subcommands (``cli``).
+"""
+
+from rrstem.simulators.files import load_array, open_file
+from rrstem.simulators.graphene import GrapheneSource, simulate
+from rrstem.simulators.source import ArraySource, Source, StreamStats, stream
+
+__all__ = ["ArraySource", "GrapheneSource", "Source", "StreamStats", "load_array", "open_file", "simulate", "stream"]

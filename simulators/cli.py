@@ -1,0 +1,133 @@
+"""``rrstem simulate`` and ``rrstem replay``: argparse subcommands that stream a source.
+
+The main CLI (``rrstem.stream.cli``) registers them with
+``add_simulate_args(subparsers)`` and ``add_replay_args(subparsers)``; each
+sets ``func``, which takes the parsed arguments and returns an exit code.
+Both share one set of streaming options (``--to``, ``--rate``, ``--connect``,
+``--pub``, ...), because every source streams the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rrstem.simulators.files import SUFFIXES, open_file
+from rrstem.simulators.graphene import DEFECTS, GrapheneSource
+from rrstem.simulators.source import Source, stream
+
+
+def parse_scan(text: str) -> tuple[int, int]:
+    """``"64x32"`` -> (64, 32); ``"64"`` -> (64, 64)."""
+    parts = text.lower().split("x")
+    try:
+        ny, nx = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        ny = nx = None
+    if not ny or not nx or ny < 1 or nx < 1:
+        raise argparse.ArgumentTypeError(f"scan shape must look like 64x64 (NYxNX), not {text!r}")
+    return ny, nx
+
+
+def parse_dose(text: str) -> float | None:
+    """Electrons per pattern; ``none``, ``inf`` or ``0`` mean noise-free."""
+    if text.lower() in ("none", "inf", "0"):
+        return None
+    try:
+        dose = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"dose must be electrons per pattern such as 3e6, or 'none', not {text!r}") from None
+    if dose <= 0:
+        raise argparse.ArgumentTypeError(f"dose must be positive, not {text!r}")
+    return dose
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text!r}")
+        return value
+    return parse
+
+
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("streaming")
+    g.add_argument("--to", required=True, metavar="EP",
+                   help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555 (port 0 picks a free one) or ipc:///tmp/x")
+    g.add_argument("--rate", type=_positive(float), default=None, metavar="FPS",
+                   help="frames per second (default: as fast as possible)")
+    g.add_argument("--connect", action="store_true", help="connect to EP instead of binding it (the receiver binds)")
+    g.add_argument("--pub", action="store_true", help="PUB socket instead of PUSH (lossy tap; waits for a subscriber)")
+    g.add_argument("--scan-id", default=None, help="scan id in the start message (default: derived from the source)")
+    g.add_argument("--frames-per-message", type=_positive(int), default=None, metavar="N",
+                   help="frames per message (default: ~2 MB messages)")
+    g.add_argument("--timeout", type=_positive(float), default=30.0, metavar="S",
+                   help="give up if no receiver takes frames for this long (default 30 s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_simulate_args(subparsers) -> argparse.ArgumentParser:
+    """Register ``simulate``: stream a synthetic graphene scan."""
+    p = subparsers.add_parser(
+        "simulate", help="stream a synthetic graphene 4D-STEM scan",
+        description="Stream a synthetic 60 kV graphene scan (phase-object CBED, 31 mrad probe) like a detector.")
+    p.add_argument("--scan", type=parse_scan, default=(64, 64), metavar="NYxNX", help="scan shape (default 64x64)")
+    p.add_argument("--detector", type=int, default=128, metavar="N", help="detector edge in pixels, 64..256 (default 128)")
+    p.add_argument("--dose", type=parse_dose, default=3e6, metavar="D",
+                   help="electrons per pattern, Poisson noise (default 3e6); 'none' for noise-free")
+    p.add_argument("--defect", choices=DEFECTS, default="none", help="defect at the scan centre (default none)")
+    p.add_argument("--step-nm", type=_positive(float), default=0.02, help="scan step in nm (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    _add_stream_args(p)
+    p.set_defaults(func=run_simulate)
+    return p
+
+
+def add_replay_args(subparsers) -> argparse.ArgumentParser:
+    """Register ``replay``: stream a recorded 4D file."""
+    p = subparsers.add_parser(
+        "replay", help="stream a recorded 4D-STEM file",
+        description=f"Stream a recorded (scan_y, scan_x, det_y, det_x) array ({', '.join(SUFFIXES)}) like a detector.")
+    p.add_argument("input", metavar="INPUT", help="the file to replay")
+    p.add_argument("--key", default=None, metavar="NAME", help="array (.npz) or dataset path (HDF5) when there are several")
+    _add_stream_args(p)
+    p.set_defaults(func=run_replay)
+    return p
+
+
+def _stream_args(args, source: Source, command: str) -> int:
+    s = source.start
+
+    def announce(endpoint: str) -> None:
+        verb = "connected to" if args.connect else "bound"
+        print(f"rrstem {command}: {verb} {endpoint}; scan {s.scan_id}: {s.scan_shape[0]}x{s.scan_shape[1]} "
+              f"frames of {s.frame_shape[0]}x{s.frame_shape[1]} {s.dtype}", file=sys.stderr, flush=True)
+
+    stats = stream(source, args.to, bind=not args.connect, socket_type="pub" if args.pub else "push",
+                   rate=args.rate, frames_per_message=args.frames_per_message, progress=not args.no_progress,
+                   timeout=args.timeout, on_endpoint=announce)
+    print(f"rrstem {command}: sent {stats.frames} frames in {stats.seconds:.2f} s "
+          f"({stats.frames_per_s:.0f} frames/s) to {stats.endpoint}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _run(command: str, make_source, args) -> int:
+    try:
+        with make_source() as source:
+            return _stream_args(args, source, command)
+    except (ValueError, TimeoutError) as exc:
+        print(f"rrstem {command}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+def run_simulate(args) -> int:
+    """Stream the graphene scan described by ``args``; returns the exit code."""
+    return _run("simulate", lambda: GrapheneSource(
+        args.scan, args.detector, defect=args.defect, dose=args.dose, seed=args.seed,
+        step_nm=args.step_nm, scan_id=args.scan_id), args)
+
+
+def run_replay(args) -> int:
+    """Stream the file named by ``args.input``; returns the exit code."""
+    return _run("replay", lambda: open_file(args.input, args.key, scan_id=args.scan_id), args)

@@ -1,0 +1,250 @@
+"""One interface for every frame source, and a ZeroMQ sender that streams it.
+
+A ``Source`` is one scan: ``start`` is the ``rrstem/1`` start message (scan id,
+shapes, dtype, calibration, metadata) and ``chunk(first, count)`` returns the
+frames with row-major scan indices ``first .. first+count-1`` as a
+``(count, h, w)`` array in that dtype. The synthetic graphene scan and every
+file replay implement it, so ``stream`` can send any of them like a detector:
+it binds (or connects) a PUSH or PUB socket, sends ``start``, the frames in
+multi-frame messages, and ``end``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import zmq
+from tqdm import tqdm
+
+from rrstem.stream import protocol
+from rrstem.stream.protocol import Start
+
+#: The endpoint the most recent ``stream`` call bound or connected to, with the
+#: real port when ``tcp://...:0`` was asked for.
+LAST_ENDPOINT: str | None = None
+
+#: Target size of one frames message when sending as fast as possible.
+MESSAGE_BYTES = 2 << 20
+#: Under rate pacing, send at least this many messages per second.
+MIN_MESSAGES_PER_S = 20
+#: Upper bound of bytes queued in the send socket (sets SNDHWM).
+QUEUE_BYTES = 64 << 20
+
+
+class Source(ABC):
+    """A scan that can hand out its frames in row-major chunks."""
+
+    start: Start
+
+    @abstractmethod
+    def chunk(self, first: int, count: int) -> np.ndarray:
+        """Frames ``first .. first+count-1`` as a C-contiguous ``(count, h, w)`` array."""
+
+    @property
+    def n_frames(self) -> int:
+        return self.start.n_positions
+
+    def _check_range(self, first: int, count: int) -> None:
+        if first < 0 or count < 0 or first + count > self.n_frames:
+            raise ValueError(
+                f"frames {first}..{first + count - 1} are outside the scan of "
+                f"{self.n_frames} frames; ask for 0 <= first and first + count <= {self.n_frames}"
+            )
+
+    def array(self) -> np.ndarray:
+        """The whole scan as one ``(ny, nx, h, w)`` array in memory."""
+        return self.chunk(0, self.n_frames).reshape(*self.start.scan_shape, *self.start.frame_shape)
+
+    def close(self) -> None:
+        """Release files or memory maps held by the source."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ArraySource(Source):
+    """A source over a 4D array-like ``(ny, nx, h, w)``: ndarray, memmap or h5py dataset.
+
+    Only the scan rows a chunk needs are read, so memory maps and HDF5
+    datasets stay lazy. Frames are returned little-endian, as the protocol sends them.
+    """
+
+    def __init__(self, data, start: Start, closer: Callable[[], None] | None = None):
+        if tuple(data.shape) != (*start.scan_shape, *start.frame_shape):
+            raise ValueError(f"array shape {tuple(data.shape)} does not match the start message")
+        self.data = data
+        self.start = start
+        self._closer = closer
+        self._dtype = np.dtype(start.dtype).newbyteorder("<")
+
+    def chunk(self, first: int, count: int) -> np.ndarray:
+        self._check_range(first, count)
+        nx = self.start.scan_shape[1]
+        y0, y1 = first // nx, -(-(first + count) // nx)
+        rows = np.asarray(self.data[y0:y1]).reshape(-1, *self.start.frame_shape)
+        off = first - y0 * nx
+        return np.ascontiguousarray(rows[off:off + count], dtype=self._dtype)
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What one ``stream`` call sent."""
+
+    endpoint: str
+    frames: int
+    messages: int
+    seconds: float
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else math.inf
+
+
+def default_frames_per_message(frame_nbytes: int, rate: float | None = None) -> int:
+    """Frames per message: ~2 MB per message, and at least 20 messages/s under a rate."""
+    n = max(1, MESSAGE_BYTES // max(1, frame_nbytes))
+    if rate is not None:
+        n = min(n, max(1, int(rate // MIN_MESSAGES_PER_S)))
+    return n
+
+
+def _runs(order: Iterable[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Group frame indices into (first, count) runs of consecutive indices, at most ``limit`` long."""
+    first = count = None
+    for i in order:
+        i = int(i)
+        if count is not None and i == first + count and count < limit:
+            count += 1
+            continue
+        if count is not None:
+            yield first, count
+        first, count = i, 1
+    if count is not None:
+        yield first, count
+
+
+def _plan(source: Source, fpm: int, order: Sequence[int] | None) -> list[tuple[int, int]]:
+    n = source.n_frames
+    if order is None:
+        return [(f, min(fpm, n - f)) for f in range(0, n, fpm)]
+    order = np.asarray(order, dtype=np.int64).reshape(-1)
+    if order.size and (order.min() < 0 or order.max() >= n):
+        raise ValueError(f"order holds frame indices outside 0..{n - 1}; pass indices of this scan")
+    return list(_runs(order, fpm))
+
+
+def _open_socket(ctx: zmq.Context, endpoint: str, bind: bool, socket_type: str, hwm: int, timeout_ms: int):
+    kinds = {"push": zmq.PUSH, "pub": zmq.XPUB}  # XPUB is a PUB that tells us when someone subscribes
+    if socket_type not in kinds:
+        raise ValueError(f"socket_type must be 'push' or 'pub', not {socket_type!r}")
+    sock = ctx.socket(kinds[socket_type])
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    sock.setsockopt(zmq.LINGER, timeout_ms)
+    try:
+        if bind:
+            sock.bind(endpoint)
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        verb = "bind to" if bind else "connect to"
+        raise ValueError(f"cannot {verb} {endpoint!r}: {exc}; use e.g. tcp://127.0.0.1:0 or ipc:///tmp/name") from None
+    return sock, endpoint
+
+
+def _wait_for_subscriber(sock, endpoint: str, timeout: float) -> None:
+    if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+        raise TimeoutError(f"no subscriber connected to {endpoint} within {timeout:g} s; start the receiver first")
+    sock.recv()  # the subscription message
+
+
+def stream(
+    source: Source,
+    endpoint: str,
+    *,
+    bind: bool = True,
+    socket_type: str = "push",
+    rate: float | None = None,
+    frames_per_message: int | None = None,
+    progress: bool = True,
+    order: Sequence[int] | None = None,
+    timeout: float = 10.0,
+    on_endpoint: Callable[[str], None] | None = None,
+    context: zmq.Context | None = None,
+) -> StreamStats:
+    """Send ``source`` as one ``rrstem/1`` scan: start, frames, end.
+
+    ``bind=True`` (the default) binds ``endpoint`` like a detector does;
+    ``tcp://127.0.0.1:0`` picks a free port, which is passed to
+    ``on_endpoint`` and stored in ``LAST_ENDPOINT`` before anything is sent.
+    ``socket_type`` is ``"push"`` (lossless, back-pressure) or ``"pub"``
+    (waits for the first subscriber, then never blocks: slow subscribers lose
+    frames). ``rate`` paces frames/s against an absolute clock; ``None`` sends
+    as fast as possible. ``order`` optionally lists the frame indices to send
+    (a permutation, a subset, or with repeats, to exercise receivers). A send
+    that no receiver takes within ``timeout`` seconds raises ``TimeoutError``.
+    """
+    global LAST_ENDPOINT
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be a positive number of frames/s or None, not {rate!r}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+    start = source.start
+    fpm = frames_per_message or default_frames_per_message(start.frame_nbytes, rate)
+    if fpm < 1:
+        raise ValueError(f"frames_per_message must be >= 1, not {fpm}")
+    plan = _plan(source, fpm, order)
+    hwm = max(4, QUEUE_BYTES // max(1, fpm * start.frame_nbytes))
+    ctx = context or zmq.Context.instance()
+    sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, hwm, int(timeout * 1000))
+    LAST_ENDPOINT = endpoint
+    if on_endpoint is not None:
+        on_endpoint(endpoint)
+    sent = 0
+    bar = tqdm(total=sum(c for _, c in plan), unit="frame", unit_scale=True, disable=not progress,
+               desc=start.scan_id, mininterval=0.5)
+    try:
+        if socket_type == "pub":
+            _wait_for_subscriber(sock, endpoint, timeout)
+        _send(sock, lambda: protocol.send_start(sock, start), endpoint, timeout)
+        t0 = time.perf_counter()  # the clock starts once a receiver has taken the start
+        for first, count in plan:
+            if rate is not None:
+                delay = t0 + sent / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            frames = source.chunk(first, count)
+            _send(sock, lambda: protocol.send_frames(sock, start.scan_id, first, frames), endpoint, timeout)
+            sent += count
+            bar.update(count)
+        _send(sock, lambda: protocol.send_end(sock, start.scan_id, sent), endpoint, timeout)
+        seconds = time.perf_counter() - t0
+    finally:
+        bar.close()
+        sock.close()  # lingers up to `timeout` so queued messages still go out
+    return StreamStats(endpoint=endpoint, frames=sent, messages=len(plan) + 2, seconds=seconds)
+
+
+def _send(sock, send: Callable[[], None], endpoint: str, timeout: float) -> None:
+    try:
+        send()
+    except zmq.Again:
+        raise TimeoutError(
+            f"no receiver took frames from {endpoint} within {timeout:g} s; "
+            "start `rrstem serve` (or another PULL socket) on this endpoint, or raise the timeout"
+        ) from None
