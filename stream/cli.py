@@ -68,8 +68,12 @@ def run_service(service, progress: bool = True, stop_after: float | None = None)
     """Run until the service stops, with a progress bar per scan; Ctrl-C stops it cleanly."""
     from tqdm import tqdm
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     bar, bar_scan = None, None
     t0 = time.monotonic()
+    redirect = logging_redirect_tqdm()  # log lines print above the bar instead of breaking it
+    redirect.__enter__()
     try:
         while not service.wait(0.2):
             if stop_after is not None and time.monotonic() - t0 > stop_after:
@@ -94,6 +98,7 @@ def run_service(service, progress: bool = True, stop_after: float | None = None)
     finally:
         if bar is not None:
             bar.close()
+        redirect.__exit__(None, None, None)
         service.close()
     try:
         service.check()
@@ -140,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrstem", description="Live 4D-STEM analysis beside the microscope.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from rrstem.gui.cli import add_dashboard_args
+    from rrstem.gui import add_dashboard_args
     from rrstem.simulators.cli import add_replay_args, add_simulate_args
     from rrstem.stream.commands import add_analyze_args, add_demo_args
 

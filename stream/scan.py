@@ -53,6 +53,8 @@ class ScanState:
         self.frames_sent: int | None = None
         self.started_at = time.time()
         self.ended_at: float | None = None
+        self.first_frame_at: float | None = None  # perf_counter of the first and last frames taken
+        self.last_frame_at: float | None = None
         self.geometry: Geometry | None = None
         self.binner: Binner | None = None
         self.sums: FrameSum | None = None
@@ -83,6 +85,8 @@ class ScanState:
 
     def add(self, first: int, frames: np.ndarray) -> None:
         """Validate and take ``frames`` (n, h, w) for scan indices first .. first + n - 1."""
+        if self.first_frame_at is None:
+            self.first_frame_at = time.perf_counter()
         n_pos = self.start.n_positions
         idx = np.arange(first, first + len(frames))
         inside = idx < n_pos
@@ -157,6 +161,7 @@ class ScanState:
             self.positions.update(idx, binned)
         self.store.put(idx, binned)
         self.counters["received"] += len(idx)
+        self.last_frame_at = time.perf_counter()
 
     def finish(self, frames_sent: int | None) -> None:
         """The scan ended: calibrate if it never did, and count what never arrived."""

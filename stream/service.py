@@ -82,15 +82,18 @@ class Service:
         self.receiver = Receiver(self.ctx, config.listen, self.queue, self.stop_event, bind=config.bind,
                                  mode=config.mode)
         self._pub = self._rep = None
+        self._publish_ep = self._control_ep = None  # actual endpoints (port 0 resolved); kept after close
         if config.publish:
             self._pub = self.ctx.socket(zmq.PUB)
             self._pub.setsockopt(zmq.SNDHWM, 4)  # slow subscribers lose snapshots, never slow us
             self._pub.setsockopt(zmq.LINGER, 0)
             self._pub.bind(config.publish)
+            self._publish_ep = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         if config.control:
             self._rep = self.ctx.socket(zmq.REP)
             self._rep.setsockopt(zmq.LINGER, 0)
             self._rep.bind(config.control)
+            self._control_ep = self._rep.getsockopt_string(zmq.LAST_ENDPOINT)
         self._threads = [
             self.receiver,
             threading.Thread(target=self._guard, args=(self._pipeline_loop,), name="rrstem-pipeline", daemon=True),
@@ -106,11 +109,11 @@ class Service:
 
     @property
     def publish_endpoint(self) -> str | None:
-        return self._pub.getsockopt_string(zmq.LAST_ENDPOINT) if self._pub else None
+        return self._publish_ep
 
     @property
     def control_endpoint(self) -> str | None:
-        return self._rep.getsockopt_string(zmq.LAST_ENDPOINT) if self._rep else None
+        return self._control_ep
 
     def start(self) -> "Service":
         if self.trainer is not None:
@@ -399,21 +402,23 @@ class Service:
             self.stop_event.set()
             return {}
         if cmd == "frame":
-            return self._frame(req.get("index"))
+            return self.frame_reply(req.get("index"))
         if self.trainer is None:
             raise ValueError("training is disabled (serve was started with --no-train)")
         getattr(self.trainer, {"pause_training": "pause", "resume_training": "resume",
                                "reset_model": "reset_model"}[cmd])()
         return {"training": self.trainer.status()}
 
-    def _frame(self, index: Any) -> dict[str, Any]:
+    def frame_reply(self, index: Any) -> dict[str, Any]:
+        """The ``frame`` control reply for scan position ``index`` = [y, x] (arrays packed)."""
         cur = self.current
         if cur is None or not cur.ready.is_set():
             raise ValueError("no frames yet")
         ny, nx = cur.start.scan_shape
-        if not (isinstance(index, (list, tuple)) and len(index) == 2 and all(isinstance(v, int) for v in index)):
+        if not (isinstance(index, (list, tuple)) and len(index) == 2
+                and all(isinstance(v, (int, np.integer)) for v in index)):
             raise ValueError(f"index must be [y, x] integers, got {index!r}")
-        y, x = index
+        y, x = (int(v) for v in index)
         if not (0 <= y < ny and 0 <= x < nx):
             raise ValueError(f"position ({y}, {x}) is outside the {ny}x{nx} scan")
         i = y * nx + x

@@ -1,0 +1,167 @@
+"""Ingest throughput of the rrstem service over TCP loopback, against raw ZeroMQ.
+
+Measured, in one run, for each case:
+- ``raw_zmq_fps``: a separate sender process PUSHes the same rrstem/1 frames
+  messages to a bare PULL socket that only receives them (zero-copy) and
+  decodes their headers, timed from the first to the last frames message —
+  the loopback ceiling for these messages on this machine.
+- ``rrstem_fps``: the same sender, the same messages, into the full service
+  (receiver, validation, binning, pixel masking, mean pattern, COM, VBF/VADF,
+  frame store, 10 Hz snapshots), timed from the first frame to the moment the
+  last frame is in the maps.
+- ``ratio``: rrstem_fps / raw_zmq_fps. Both alternate ``--repeats`` times;
+  medians are reported, because the machine is shared and noisy.
+
+Cases: 256x256 uint16 frames binned by 4, and 96x96 uint16 frames at bin 1.
+Frames are Poisson-noisy bright-field discs (fixed seed), 64 distinct ones
+cycled. ``--train`` runs the rrVAE trainer during the service runs (issue 3:
+ingest must keep >= 0.6 of its rate without training).
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import zmq
+
+from rrstem.stream import protocol as P
+
+
+def make_frames(h: int, w: int, n: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 5) ** 2) * 200.0 + 2.0
+    return rng.poisson(disc, (n, h, w)).astype(np.uint16)
+
+
+def sender(endpoint: str, scan_id: str, scan: tuple[int, int], frame: tuple[int, int], per_msg: int,
+           ready, go) -> None:
+    """Child process: connect a PUSH socket and send one whole scan as fast as the receiver takes it."""
+    frames = make_frames(*frame, n=max(64, per_msg))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 8)
+    sock.connect(endpoint)
+    ready.set()
+    go.wait(30)
+    n = scan[0] * scan[1]
+    P.send_start(sock, P.Start(scan_id=scan_id, scan_shape=scan, frame_shape=frame, dtype="uint16"))
+    chunks = [frames[k:k + per_msg] for k in range(0, len(frames) - per_msg + 1, per_msg)]
+    for i, first in enumerate(range(0, n, per_msg)):
+        count = min(per_msg, n - first)
+        P.send_frames(sock, scan_id, first, chunks[i % len(chunks)][:count], copy=False)
+    P.send_end(sock, scan_id, n)
+    sock.close(linger=30000)
+    ctx.term()
+
+
+def spawn_sender(endpoint, scan_id, scan, frame, per_msg):
+    mpc = mp.get_context("spawn")
+    ready, go = mpc.Event(), mpc.Event()
+    proc = mpc.Process(target=sender, args=(endpoint, scan_id, scan, frame, per_msg, ready, go), daemon=True)
+    proc.start()
+    if not ready.wait(60):
+        raise RuntimeError("sender process did not start")
+    return proc, go
+
+
+def run_raw(scan, frame, per_msg) -> float:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 64)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    proc, go = spawn_sender(f"tcp://127.0.0.1:{port}", "raw", scan, frame, per_msg)
+    go.set()
+    n, t0 = 0, None
+    total = scan[0] * scan[1]
+    while True:
+        if not sock.poll(30000):
+            raise RuntimeError("raw receiver timed out")
+        parts = sock.recv_multipart(copy=False)
+        head = P.decode_header(parts[0].buffer)
+        if head.type == "frames":
+            if t0 is None:
+                t0 = time.perf_counter()
+            n += head.count
+            t1 = time.perf_counter()
+        elif head.type == "end":
+            break
+    dt = t1 - t0
+    proc.join(30)
+    sock.close()
+    assert n == total, (n, total)
+    return n / dt
+
+
+def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str) -> float:
+    from rrstem.stream.preprocess import PreprocessConfig
+    from rrstem.stream.service import Service, ServiceConfig
+
+    cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish="tcp://127.0.0.1:0", control=None,
+                        out=os.path.join(tmp, "bench.h5"), train=train,
+                        trainer={"consolidate_seconds": 0.0} if train else {},
+                        preprocess=PreprocessConfig(bin=bin_))
+    total = scan[0] * scan[1]
+    with Service(cfg) as svc:
+        proc, go = spawn_sender(svc.listen_endpoint, "bench", scan, frame, per_msg)
+        go.set()
+        deadline = time.monotonic() + 300
+        while svc.current is None:
+            time.sleep(0.01)
+        cur = svc.current
+        while cur.counters["received"] + cur.counters["invalid"] < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service received only {cur.counters['received']} of {total}")
+            svc.check()
+            time.sleep(0.01)  # the service times itself: poll gently so we don't compete for the GIL
+        dt = cur.last_frame_at - cur.first_frame_at
+        proc.join(30)
+        svc.check()
+        assert cur.counters["received"] == total, cur.counter_dict()
+    return total / dt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scan", type=int, default=128, help="scan edge (positions = edge^2)")
+    ap.add_argument("--train", action="store_true", help="run the rrVAE trainer during the service runs")
+    args = ap.parse_args(argv)
+    cases = [
+        {"name": "256x256_uint16_bin4", "frame": (256, 256), "bin": 4, "per_msg": 32},
+        {"name": "96x96_uint16_bin1", "frame": (96, 96), "bin": 1, "per_msg": 256},
+    ]
+    out = {"benchmark": "ingest", "train": args.train, "scan": [args.scan, args.scan], "repeats": args.repeats,
+           "cpus": os.cpu_count(), "python": platform.python_version(), "zmq": zmq.zmq_version(), "cases": {}}
+    scan = (args.scan, args.scan)
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp)  # warm-up
+            raw, ours = [], []
+            for _ in range(args.repeats):
+                raw.append(run_raw(scan, case["frame"], case["per_msg"]))
+                ours.append(run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp))
+            r, o = statistics.median(raw), statistics.median(ours)
+            out["cases"][case["name"]] = {
+                "frames_per_message": case["per_msg"], "bin": case["bin"],
+                "rrstem_fps": round(o), "raw_zmq_fps": round(r), "ratio": round(o / r, 3),
+                "rrstem_fps_all": [round(v) for v in ours], "raw_zmq_fps_all": [round(v) for v in raw],
+                "rrstem_MBps": round(o * case["frame"][0] * case["frame"][1] * 2 / 1e6),
+            }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

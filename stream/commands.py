@@ -1,0 +1,160 @@
+"""``rrstem analyze`` and ``rrstem demo``: a source streamed into a service in one process.
+
+Both run the real pipeline. ``analyze`` feeds a file over an ``inproc://``
+socket (zero-copy, lossless PUSH/PULL) so its results are exactly what the
+live service would have written. ``demo`` streams the synthetic graphene scan
+over TCP loopback, as a detector would, and opens the dashboard beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+from rrstem.stream.cli import add_processing_args, preprocess_config, run_service, trainer_overrides
+
+log = logging.getLogger("rrstem")
+
+
+def _stream_in_thread(source, endpoint: str, *, rate: float | None, context, bind: bool,
+                      progress: bool) -> tuple[threading.Thread, dict]:
+    """Stream ``source`` from a thread; its stats or exception land in the returned dict."""
+    from rrstem.simulators.source import stream
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["stats"] = stream(source, endpoint, bind=bind, rate=rate, progress=progress, context=context,
+                                  timeout=60.0)
+        except BaseException as exc:  # reported by the caller
+            box["error"] = exc
+            log.error("sending the scan failed: %s", exc)
+
+    t = threading.Thread(target=run, name="rrstem-source", daemon=True)
+    t.start()
+    return t, box
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from rrstem.simulators.files import open_file
+    from rrstem.stream.service import Service, ServiceConfig
+
+    src = open_file(args.input, args.key)
+    endpoint = f"inproc://rrstem-analyze-{uuid.uuid4().hex}"
+    out = args.out or Path(args.input).with_suffix(".rrstem.h5")
+    cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
+                        preprocess=preprocess_config(args), train=not args.no_train or bool(args.model),
+                        trainer=trainer_overrides(args), device=args.device, once=True)
+    with src:
+        service = Service(cfg).start()
+        sender, box = _stream_in_thread(src, endpoint, rate=None, context=service.ctx, bind=False,
+                                        progress=not args.no_progress)
+        code = run_service(service, progress=False)
+        sender.join(5)
+    if "error" in box:
+        print(f"rrstem analyze: error while reading {args.input}: {box['error']}", file=sys.stderr)
+        return 1
+    return code
+
+
+def add_analyze_args(sub) -> None:
+    p = sub.add_parser("analyze", help="run a recorded scan through the live pipeline and write its results")
+    p.add_argument("input", type=Path, help="scan file: .npy, .npz, .h5/.hdf5 or .ndata1")
+    p.add_argument("--key", default=None, help="array or dataset name when the file holds several 4D ones")
+    p.add_argument("--out", type=Path, default=None, metavar="RESULTS.h5",
+                   help="results file (default: INPUT with suffix .rrstem.h5)")
+    p.add_argument("--model", type=Path, default=None, metavar="CKPT",
+                   help="encode with this trained rrVAE checkpoint instead of training a new one")
+    p.add_argument("--publish", default=None, metavar="EP", help="also publish snapshots here (for a dashboard)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_processing_args(p)
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rrstem.simulators.graphene import GrapheneSource
+    from rrstem.stream.service import Service, ServiceConfig
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = GrapheneSource(args.scan, args.detector, dose=args.dose or None, defect=args.defect, seed=args.seed,
+                         scan_id=f"demo-{uuid.uuid4().hex[:6]}")
+    if args.bin is None:
+        args.bin = max(1, args.detector // 64)  # the paper's 64x64 binned patterns
+    cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=args.publish, control=args.control,
+                        out=out_dir / "results.h5", preprocess=preprocess_config(args), train=not args.no_train,
+                        trainer=trainer_overrides(args), device=args.device, once=args.headless)
+    service = Service(cfg).start()
+    print(f"rrstem demo: graphene {args.scan[0]}x{args.scan[1]} scan, {args.detector}px detector, "
+          f"dose {args.dose or 'noise-free'}; snapshots on {service.publish_endpoint}, "
+          f"control on {service.control_endpoint}; results in {out_dir}", flush=True)
+    dashboard = None
+    if not args.headless:
+        dashboard = subprocess.Popen([sys.executable, "-m", "rrstem.gui", "--connect", service.publish_endpoint,
+                                      "--control", service.control_endpoint])
+    sender, box = _stream_in_thread(src, service.listen_endpoint, rate=args.rate, context=None, bind=False,
+                                    progress=False)
+    if args.headless:
+        code = run_service(service)
+    else:
+        code = _run_with_dashboard(service, dashboard)
+    sender.join(5)
+    if "error" in box:
+        return 1
+    if args.headless and code == 0:
+        png = render_headless(service, out_dir / "dashboard.png")
+        print(f"dashboard screenshot: {png}")
+    return code
+
+
+def _run_with_dashboard(service, dashboard: subprocess.Popen) -> int:
+    """Serve until the dashboard window is closed (or Ctrl-C)."""
+    stop = threading.Event()
+
+    def watch():
+        dashboard.wait()
+        stop.set()
+        service.stop()
+
+    threading.Thread(target=watch, daemon=True).start()
+    code = run_service(service)
+    if dashboard.poll() is None:
+        dashboard.terminate()
+    return code
+
+
+def render_headless(service, path: Path) -> Path:
+    """Render the dashboard offscreen from the final snapshot, clicked on the scan centre."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from rrstem.gui import render_png
+
+    snap = service.snapshot()
+    ny, nx = snap.header.scan_shape
+    index = (ny // 2, nx // 2)
+    return render_png(snap, path, frame_reply=service.frame_reply(index), index=index)
+
+
+def add_demo_args(sub) -> None:
+    from rrstem.stream.cli import shape_arg
+
+    p = sub.add_parser("demo", help="simulated graphene scan + service + dashboard, in one command")
+    p.add_argument("--headless", action="store_true",
+                   help="no window: run one scan, write results and a dashboard screenshot, exit")
+    p.add_argument("--out", default="rrstem-demo", metavar="DIR", help="folder for results.h5 and dashboard.png")
+    p.add_argument("--scan", type=shape_arg, default=(64, 64), metavar="NYxNX", help="scan shape (default 64x64)")
+    p.add_argument("--detector", type=int, default=128, help="detector pixels, 64..256 (default 128)")
+    p.add_argument("--dose", type=float, default=1e6, help="electrons per pattern; 0 = noise-free (default 1e6)")
+    p.add_argument("--defect", choices=("none", "vacancy", "si"), default="si", help="lattice defect (default si)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rate", type=float, default=2000.0, help="frames/s sent (default 2000)")
+    p.add_argument("--publish", default="tcp://127.0.0.1:0", metavar="EP", help="snapshot endpoint (port 0: any)")
+    p.add_argument("--control", default="tcp://127.0.0.1:0", metavar="EP", help="control endpoint (port 0: any)")
+    add_processing_args(p)
+    p.set_defaults(func=cmd_demo, bin=None)
