@@ -1,0 +1,114 @@
+"""Fixtures for the dashboard tests: offscreen Qt, a real PUB publisher and a real REP control server."""
+
+import os
+
+os.environ["QT_QPA_PLATFORM"] = "offscreen"  # before any Qt import
+
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from rrstem.stream.control import pack, pack_array, unpack
+
+
+class Publisher:
+    """PUB socket on a random 127.0.0.1 port."""
+
+    def __init__(self, ctx):
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def send(self, snapshot):
+        self.sock.send_multipart(snapshot.encode(), copy=False)
+
+
+def known_frame(y, x, shape=(16, 16)):
+    """The frame the test control server returns for position (y, x)."""
+    return (np.arange(shape[0] * shape[1], dtype=np.float32).reshape(shape) + 1000 * y + x)
+
+
+class ControlServer:
+    """REP socket on a thread; records requests, answers from ``replies`` or with a known frame."""
+
+    def __init__(self, ctx, endpoint="tcp://127.0.0.1"):
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if endpoint.startswith("tcp://") and endpoint.count(":") == 1:
+            port = self.sock.bind_to_random_port(endpoint)
+            self.endpoint = f"{endpoint}:{port}"
+        else:
+            self.sock.bind(endpoint)
+            self.endpoint = endpoint
+        self.requests = []
+        self.replies = {
+            "status": {"ok": True, "status": {"state": "acquiring"}},
+            "save": {"ok": True, "path": "/data/results-test.h5"},
+            "pause_training": {"ok": True, "training": {"state": "paused", "step": 7}},
+            "resume_training": {"ok": True, "training": {"state": "running", "step": 7}},
+            "reset_model": {"ok": True, "training": {"state": "running", "step": 0}},
+        }
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _answer(self, req):
+        if req["cmd"] == "frame":
+            y, x = req["index"]
+            frame = known_frame(y, x)
+            return {"ok": True, "frame": pack_array(frame), "mean": pack_array(frame * 0 + 1),
+                    "recon": pack_array(frame * 0.5), "residual": pack_array(frame * 0.5 - 1)}
+        return self.replies.get(req["cmd"], {"ok": False, "error": f"unknown command {req['cmd']!r}"})
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self.sock.poll(50):
+                req = unpack(self.sock.recv())
+                self.requests.append(req)
+                self.sock.send(pack(self._answer(req)))
+        self.sock.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2.0)
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.term()
+
+
+@pytest.fixture
+def publisher(zctx):
+    pub = Publisher(zctx)
+    yield pub
+    pub.sock.close()
+
+
+@pytest.fixture
+def make_control_server(zctx):
+    """Factory: a control server on ``endpoint`` (default: a random tcp port)."""
+    servers = []
+
+    def make(endpoint="tcp://127.0.0.1"):
+        servers.append(ControlServer(zctx, endpoint))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def control_server(make_control_server):
+    return make_control_server()
+
+
+@pytest.fixture
+def frame_for():
+    return known_frame

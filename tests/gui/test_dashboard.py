@@ -1,0 +1,180 @@
+"""The dashboard against a real PUB publisher and a real REP control server."""
+
+import numpy as np
+import pytest
+import zmq
+from pyqtgraph.Qt import QtCore
+
+from rrstem.gui.demo_data import synthetic_snapshot
+from rrstem.gui.source import SnapshotSource
+from rrstem.gui.window import Dashboard
+
+WAIT = 5000  # ms, upper bound for every wait
+
+
+@pytest.fixture
+def dashboard(qtbot, publisher, control_server):
+    dash = Dashboard(connect=publisher.endpoint, control=control_server.endpoint, stale_after=5.0,
+                     poll_ms=20, control_timeout=1.0)
+    qtbot.addWidget(dash)
+    dash.show()
+    qtbot.waitExposed(dash)
+    return dash
+
+
+def publish_until_shown(qtbot, publisher, dash, snap):
+    """Publish ``snap`` repeatedly (a new SUB joins late) until the dashboard has drawn it."""
+
+    def shown():
+        publisher.send(snap)
+        return dash.snapshot is not None and dash.snapshot.header.seq == snap.header.seq
+
+    qtbot.waitUntil(shown, timeout=WAIT)
+
+
+def test_maps_hold_exactly_the_published_data(qtbot, publisher, dashboard):
+    for seq, rows in enumerate([0, 5, 17, 31, 32]):
+        snap = synthetic_snapshot(ny=32, nx=40, latent_dim=3, filled_rows=rows, seq=seq, detector=24)
+        publish_until_shown(qtbot, publisher, dashboard, snap)
+        a = snap.arrays
+        for name in ("vbf", "vadf", "com_magnitude", "rotation", "recon_error"):
+            np.testing.assert_array_equal(dashboard.maps[name].image.image, a[name], err_msg=name)
+        for i in range(3):
+            np.testing.assert_array_equal(dashboard.maps[f"latent/{i}"].image.image, a["latent"][i])
+        np.testing.assert_array_equal(dashboard.patterns["mean"].image.image, a["mean_pattern"])
+        alpha = dashboard.maps["com_direction"].image.image[..., 3]
+        np.testing.assert_array_equal(alpha == 0, np.isnan(a["com_angle"]))
+        # positions without data are NaN in the image, so they are drawn transparent
+        assert np.isnan(dashboard.maps["vbf"].image.image[rows:]).all()
+    assert dashboard.status.progress.value() == 1000
+    assert "received 1280" in dashboard.status.counters.text()
+    assert "step 490" in dashboard.status.training.text()
+    assert len(dashboard.loss_plot.curves["loss"].xData) == 50
+
+
+def test_axes_in_nm_when_calibrated(qtbot, publisher, dashboard):
+    snap = synthetic_snapshot(ny=20, nx=30, step_nm=0.25, detector=16)
+    publish_until_shown(qtbot, publisher, dashboard, snap)
+    rect = dashboard.maps["vadf"].image.mapRectToParent(dashboard.maps["vadf"].image.boundingRect())
+    assert rect.width() == pytest.approx(30 * 0.25)
+    assert rect.height() == pytest.approx(20 * 0.25)
+    assert "nm" in dashboard.maps["vadf"].plot.getAxis("bottom").labelText
+
+
+def test_stale_snapshots_are_skipped_unread(zctx):
+    pub = zctx.socket(zmq.PUB)
+    pub.bind("inproc://snapshots")
+    source = SnapshotSource("inproc://snapshots", context=zctx)
+    try:
+        for _ in range(100):  # wait for the subscription to reach the publisher
+            pub.send_multipart(synthetic_snapshot(ny=4, nx=4, seq=0, detector=4).encode())
+            if source.poll(timeout=0.05) is not None:
+                break
+        skipped = source.skipped
+        for seq in range(1, 4):
+            pub.send_multipart(synthetic_snapshot(ny=4, nx=4, seq=seq, detector=4).encode())
+        newest = source.poll(timeout=1.0)
+        assert newest.header.seq == 3
+        assert source.skipped - skipped == 2
+        assert source.poll() is None
+    finally:
+        source.close()
+        pub.close()
+
+
+def test_click_on_a_map_shows_that_positions_frame(qtbot, publisher, control_server, dashboard, frame_for):
+    snap = synthetic_snapshot(ny=24, nx=24, step_nm=0.1, detector=16)
+    publish_until_shown(qtbot, publisher, dashboard, snap)
+    y, x = 7, 15
+    panel = dashboard.maps["vadf"]
+    view_pos = dashboard.maps_view.mapFromScene(panel.scene_pos_of(y, x))
+    qtbot.mouseClick(dashboard.maps_view.viewport(), QtCore.Qt.MouseButton.LeftButton, pos=view_pos)
+    expected = frame_for(y, x)
+
+    def frame_shown():
+        img = dashboard.patterns["frame"].image.image
+        return img is not None and np.array_equal(img, expected)
+
+    qtbot.waitUntil(frame_shown, timeout=WAIT)
+    assert {"cmd": "frame", "index": [y, x]} in control_server.requests
+    np.testing.assert_array_equal(dashboard.patterns["recon"].image.image, expected * 0.5)
+    np.testing.assert_array_equal(dashboard.patterns["residual"].image.image, expected * 0.5 - 1)
+    assert dashboard.selected == (y, x)
+    for p in dashboard.maps.values():  # crosshair at the pixel centre, in nm, on every map
+        assert p.cross_v.isVisible() and p.cross_v.value() == pytest.approx((x + 0.5) * 0.1)
+        assert p.cross_h.value() == pytest.approx((y + 0.5) * 0.1)
+
+
+@pytest.mark.parametrize(
+    "button, cmd, shown",
+    [("pause_training", "pause_training", "paused"), ("resume_training", "resume_training", "running"),
+     ("reset_model", "reset_model", "reset_model: ok"), ("save", "save", "/data/results-test.h5")],
+)
+def test_control_button_sends_request_and_shows_reply(qtbot, control_server, dashboard, button, cmd, shown):
+    qtbot.mouseClick(dashboard.controls.buttons[button], QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: shown in dashboard.controls.reply.text(), timeout=WAIT)
+    assert control_server.requests == [{"cmd": cmd}]
+
+
+def test_failed_command_shows_the_services_error(qtbot, control_server, dashboard):
+    control_server.replies["save"] = {"ok": False, "error": "disk full"}
+    qtbot.mouseClick(dashboard.controls.buttons["save"], QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "save failed: disk full" in dashboard.controls.reply.text(), timeout=WAIT)
+    assert not dashboard.banner.isVisibleTo(dashboard)
+
+
+def test_export_writes_png(qtbot, dashboard, tmp_path):
+    dashboard.export_dir = tmp_path
+    qtbot.mouseClick(dashboard.controls.buttons["export"], QtCore.Qt.MouseButton.LeftButton)
+    files = list(tmp_path.glob("rrstem-*.png"))
+    assert len(files) == 1 and files[0].stat().st_size > 1000
+    assert str(files[0]) in dashboard.controls.reply.text()
+
+
+def test_unreachable_banner_appears_and_clears(qtbot, publisher):
+    dash = Dashboard(connect=publisher.endpoint, stale_after=0.4, poll_ms=20)
+    qtbot.addWidget(dash)
+    snap = synthetic_snapshot(ny=8, nx=8, detector=8)
+    publish_until_shown(qtbot, publisher, dash, snap)
+    assert not dash.banner.isVisibleTo(dash)
+    qtbot.waitUntil(lambda: dash.banner.isVisibleTo(dash), timeout=WAIT)  # publisher went quiet
+    assert "unreachable" in dash.banner.text()
+    snap.header.seq += 1
+    publish_until_shown(qtbot, publisher, dash, snap)
+    assert not dash.banner.isVisibleTo(dash)
+
+
+def test_service_error_banner_appears_and_clears(qtbot, publisher):
+    dash = Dashboard(connect=publisher.endpoint, stale_after=5.0, poll_ms=20)
+    qtbot.addWidget(dash)
+    snap = synthetic_snapshot(ny=8, nx=8, detector=8, seq=1)
+    snap.header.error = "trainer thread failed: RuntimeError('nan loss')"
+    publish_until_shown(qtbot, publisher, dash, snap)
+    assert dash.banner.isVisibleTo(dash) and "nan loss" in dash.banner.text()
+    snap.header.error, snap.header.seq = None, 2
+    publish_until_shown(qtbot, publisher, dash, snap)
+    assert not dash.banner.isVisibleTo(dash)
+
+
+def test_control_timeout_banner_clears_when_service_returns(qtbot, make_control_server, tmp_path):
+    endpoint = f"ipc://{tmp_path}/control"  # nothing listens yet
+    dash = Dashboard(control=endpoint, control_timeout=0.3)
+    qtbot.addWidget(dash)
+    dash.timer.start(20)  # no snapshot source; the timer still collects control replies
+    qtbot.mouseClick(dash.controls.buttons["pause_training"], QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: dash.banner.isVisibleTo(dash), timeout=WAIT)
+    assert "not answering" in dash.banner.text()
+    server = make_control_server(endpoint)
+    qtbot.waitUntil(lambda: not dash.banner.isVisibleTo(dash), timeout=WAIT)  # the status probe got through
+    assert {"cmd": "status"} in server.requests
+
+
+def test_control_endpoint_from_snapshot_header(qtbot, publisher, control_server):
+    dash = Dashboard(connect=publisher.endpoint, poll_ms=20)
+    qtbot.addWidget(dash)
+    assert not dash.controls.buttons["save"].isEnabled()
+    snap = synthetic_snapshot(ny=8, nx=8, detector=8)
+    snap.header.control = control_server.endpoint  # extra header field advertised by the service
+    publish_until_shown(qtbot, publisher, dash, snap)
+    assert dash.control_endpoint == control_server.endpoint
+    assert dash.controls.buttons["save"].isEnabled()

@@ -1,0 +1,91 @@
+"""Display transforms, offscreen rendering and the command-line entry point."""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from pyqtgraph.Qt import QtGui
+
+from rrstem.gui import add_dashboard_args, render_png
+from rrstem.gui.demo_data import synthetic_frame_reply, synthetic_snapshot
+from rrstem.gui.maps import StableLevels, direction_rgba, wrap_angle
+from rrstem.stream.control import pack_array
+
+
+def test_stable_levels_ignore_small_changes_and_follow_large_ones():
+    rng = np.random.default_rng(0)
+    levels = StableLevels(percentiles=(1, 99), tolerance=0.1)
+    data = rng.uniform(0, 100, (64, 64))
+    lo, hi = levels.update(data)
+    assert lo == pytest.approx(np.percentile(data, 1), rel=0.05)
+    assert hi == pytest.approx(np.percentile(data, 99), rel=0.05)
+    assert levels.update(data * 1.02) == (lo, hi)  # 2 % drift: unchanged
+    new = levels.update(data * 2)
+    assert new[1] == pytest.approx(2 * hi, rel=0.05)
+
+
+def test_stable_levels_skip_nan_and_auto_follows_min_max():
+    data = np.full((8, 8), np.nan)
+    levels = StableLevels()
+    assert levels.update(data) is None  # nothing to show yet
+    data[:2] = np.arange(16).reshape(2, 8)
+    levels.auto = True
+    assert levels.update(data) == (0.0, 15.0)
+
+
+def test_direction_colours_are_a_hsv_wheel():
+    angle = np.array([[0.0, 2 * np.pi / 3, -2 * np.pi / 3, np.nan]])
+    mag = np.array([[1.0, 1.0, 0.5, 1.0]])
+    rgba = direction_rgba(angle, mag, vmax=1.0)
+    np.testing.assert_array_equal(rgba[0, 0], [255, 0, 0, 255])  # 0 rad: red
+    np.testing.assert_array_equal(rgba[0, 1], [0, 255, 0, 255])  # 120 deg: green
+    np.testing.assert_array_equal(rgba[0, 2], [0, 0, 127, 255])  # 240 deg at half magnitude: dark blue
+    assert rgba[0, 3, 3] == 0  # no data: transparent
+
+
+def test_wrap_angle_keeps_in_range_data_unchanged():
+    inside = np.array([-3.0, 0.0, 3.0, np.nan], np.float32)
+    assert wrap_angle(inside) is inside
+    np.testing.assert_allclose(wrap_angle(np.array([3 * np.pi / 2])), [-np.pi / 2])
+
+
+def test_render_png_from_snapshot_and_frame(qapp, tmp_path):
+    snap = synthetic_snapshot(ny=40, nx=40, filled_rows=30, detector=32)
+    reply = synthetic_frame_reply(10, 20, detector=32)
+    reply = {k: pack_array(v) if isinstance(v, np.ndarray) else v for k, v in reply.items()}
+    path = render_png(snap, tmp_path / "dash.png", frame_reply=reply, index=(10, 20), size=(1200, 800))
+    image = QtGui.QImage(str(path))
+    assert (image.width(), image.height()) == (1200, 800)
+    colours = {image.pixel(x, y) for x in range(0, 1200, 15) for y in range(0, 800, 15)}
+    assert len(colours) > 50  # maps, bars and curves drawn, not a blank window
+
+
+def test_render_png_needs_index_with_frame(qapp, tmp_path):
+    with pytest.raises(ValueError, match="index"):
+        render_png(synthetic_snapshot(ny=8, nx=8, detector=8), tmp_path / "x.png", frame_reply={"frame": 1})
+
+
+def test_dashboard_subcommand_is_registered():
+    parser = argparse.ArgumentParser(prog="rrstem")
+    add_dashboard_args(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["dashboard", "--connect", "tcp://127.0.0.1:5555", "--exit-after", "2"])
+    assert (args.command, args.connect, args.exit_after, args.control) == ("dashboard", "tcp://127.0.0.1:5555", 2.0, None)
+    from rrstem.gui.app import run
+
+    assert args.func is run
+
+
+def test_exit_after_exits_by_itself(publisher, tmp_path):
+    shot = tmp_path / "exit.png"
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    cmd = [sys.executable, "-m", "rrstem.gui", "--connect", publisher.endpoint, "--exit-after", "1",
+           "--screenshot", str(shot)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 >= 1.0
+    assert shot.stat().st_size > 1000
