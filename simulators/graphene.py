@@ -8,7 +8,7 @@ two Gaussians per atom (a compact core and a screened tail; Si about 2.3x the
 phase of C, as their electron scattering factors). Each CBED pattern is
 ``|FFT(exit wave)|^2``, cropped to the detector. The phase strength is
 calibrated so the COM deflection matches a 60 kV multislice of graphene:
-mean ~0.45 mrad and max ~0.8 mrad over the scan, ~2.5% of the disc radius.
+mean ~0.45 mrad and max ~0.8 mrad (~2.5% of the disc radius) over the scan.
 
 Geometry. Honeycomb lattice a = 2.46 A, one C atom on the scan centre pixel
 (that atom is the vacancy or the Si when a defect is asked for). Detector
@@ -144,7 +144,7 @@ class GrapheneSource(Source):
         elif defect == "si":
             species[at_centre] = "Si"
         self.atoms_a, self.species = atoms, species
-        self.defect_px = None if defect == "none" else (float(ny // 2), float(nx // 2))
+        self.defect_px = None if defect == "none" else [float(ny // 2), float(nx // 2)]
 
         # Phase grating over every window a probe will see; grid pixel 0 sits
         # n//2 pixels before scan position 0, so a probe's window starts at its grid pixel.
