@@ -224,8 +224,8 @@ def stream(
         _send(sock, lambda: protocol.send_start(sock, start), endpoint, timeout)
         t0 = time.perf_counter()  # the clock starts once a receiver has taken the start
         for first, count in plan:
-            if rate is not None:
-                delay = t0 + sent / rate - time.perf_counter()
+            if rate is not None:  # like a detector, a frame goes out once its dwell time is over
+                delay = t0 + (sent + count) / rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
             frames = source.chunk(first, count)

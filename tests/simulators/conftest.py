@@ -83,11 +83,10 @@ def run_in_thread():
 
 def com_mrad(frames: np.ndarray, pixel_mrad: float) -> tuple[np.ndarray, np.ndarray]:
     """(com_y, com_x) in mrad of (..., d, d) frames, zero angle at pixel d // 2."""
-    f = frames.astype(np.float64)
-    d = f.shape[-1]
-    k = (np.arange(d) - d // 2) * pixel_mrad
-    total = f.sum(axis=(-2, -1))
-    return (f.sum(axis=-1) @ k) / total, (f.sum(axis=-2) @ k) / total
+    rows, cols = frames.sum(axis=-1, dtype=np.float64), frames.sum(axis=-2, dtype=np.float64)
+    k = (np.arange(frames.shape[-1]) - frames.shape[-1] // 2) * pixel_mrad
+    total = rows.sum(axis=-1)
+    return (rows @ k) / total, (cols @ k) / total
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +102,8 @@ def graphene_default():
 @pytest.fixture
 def com():
     return com_mrad
+
+
+@pytest.fixture
+def receive():
+    return receive_scan
