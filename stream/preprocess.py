@@ -171,6 +171,7 @@ class Binner:
         self._cols = np.array([j for _, j in inside], dtype=np.intp)
         dtype = np.dtype(dtype)
         self._max = np.iinfo(dtype).max if (mask_saturated and dtype.kind in "ui") else None
+        self._unsigned = dtype.kind == "u"
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         """(n, h, w) raw -> (n, hb, wb) float32. Masked pixels contribute zero."""
@@ -183,7 +184,10 @@ class Binner:
             # Subtract the persistently bad pixels instead of copying the read-only raw buffer.
             vals = view[:, self._rows - y0, self._cols - x0].astype(np.float32)
             np.subtract.at(binned, (slice(None), (self._rows - y0) // b, (self._cols - x0) // b), vals)
-        if self._max is not None and view.max() == self._max:
+        # A saturated pixel makes its (non-negative) bin >= the dtype maximum, so the small binned
+        # array is a cheap first test; only then is the raw frame searched.
+        probe = binned if (b > 1 and self._unsigned) else view
+        if self._max is not None and probe.max() >= self._max:
             hit = view == self._max
             if len(self._rows):
                 hit[:, self._rows - y0, self._cols - x0] = False
