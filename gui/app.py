@@ -40,7 +40,7 @@ def render_png(snapshot: Snapshot, path, frame_reply: dict | None = None, index=
     from rrstem.gui.source import _unpack_arrays
     from rrstem.gui.window import Dashboard
 
-    win = Dashboard()
+    win = Dashboard(use_advertised_control=False)
     try:
         win.resize(*size)
         win.show()
@@ -50,6 +50,8 @@ def render_png(snapshot: Snapshot, path, frame_reply: dict | None = None, index=
                 raise ValueError("render_png: give index=(y, x) with frame_reply")
             win.select(tuple(index))
             win.show_frame(tuple(index), _unpack_arrays(frame_reply))
+        h = snapshot.header
+        win.controls.reply.setText(f"rendered offline from snapshot {h.seq} of scan {h.scan_id}")
         app.processEvents()
         return win.export_png(path)
     finally:

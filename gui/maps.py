@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from pyqtgraph.Qt import QtCore
+from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
 
-BLANK = "#5a5a5a"  # view background: positions without data (NaN, transparent) show as this grey
+BLANK = "#5a5a5a"  # scan positions without data (NaN, drawn transparent) show as this grey
 CYCLIC = "CET-C6"  # cyclic map for the rrVAE rotation
 SEQUENTIAL = "viridis"
 DIVERGING = "CET-D1"  # residuals
@@ -90,6 +90,38 @@ def colour_wheel(size: int = 64) -> np.ndarray:
     return rgba
 
 
+def _small_font():
+    font = QtGui.QFont()
+    font.setPointSize(7)
+    return font
+
+
+def _compact_tick_strings(values, scale, spacing):
+    return [f"{v * scale:.3g}" for v in values]
+
+
+class ViewGroup:
+    """Panels whose views pan and zoom together.
+
+    pyqtgraph's setXLink/setYLink fight with aspect-locked views of
+    different sizes (the range grows on every update), so a range the user
+    sets by mouse in one panel is copied to the others instead.
+    """
+
+    def __init__(self):
+        self.panels: list[ImagePanel] = []
+
+    def add(self, panel: "ImagePanel") -> None:
+        self.panels.append(panel)
+        panel.view_box().sigRangeChangedManually.connect(lambda *_: self._follow(panel))
+
+    def _follow(self, leader: "ImagePanel") -> None:
+        xr, yr = leader.view_box().viewRange()
+        for panel in self.panels:
+            if panel is not leader:
+                panel.plot.setRange(xRange=xr, yRange=yr, padding=0.0)
+
+
 class ImagePanel:
     """A PlotItem holding one ImageItem, its colour bar and a crosshair.
 
@@ -98,13 +130,25 @@ class ImagePanel:
 
     def __init__(self, title, cmap=SEQUENTIAL, fixed_levels=None, colour_bar=True, symmetric=False):
         self.title = title
-        self.plot = pg.PlotItem(title=title)
+        self.plot = pg.PlotItem()
+        # pyqtgraph makes a title's width the minimum width of its plot, so long titles
+        # squeeze neighbouring maps out of the grid; the title row has a fixed height anyway.
+        self.plot.titleLabel.updateMin = lambda: None
+        self.set_title(title)
         self.plot.setMenuEnabled(False)
         self.plot.hideButtons()
         self.plot.setAspectLocked(True)
         self.plot.disableAutoRange()  # the range follows the image size only (see _apply_rect)
         self.plot.invertY(True)
-        self.plot.getViewBox().setBackgroundColor(BLANK)
+        # positions without data (NaN, drawn transparent) show this grey patch; outside the scan is black
+        self.blank = QtWidgets.QGraphicsRectItem()
+        self.blank.setBrush(pg.mkBrush(BLANK))
+        self.blank.setPen(pg.mkPen(None))
+        self.blank.setZValue(-1)
+        self.blank.setVisible(False)
+        self.plot.addItem(self.blank, ignoreBounds=True)
+        for axis in ("left", "bottom"):
+            self.plot.getAxis(axis).enableAutoSIPrefix(False)  # no "(x0.001)" on nm axes
         self.image = pg.ImageItem(axisOrder="row-major")
         self.plot.addItem(self.image)
         self.fixed_levels = fixed_levels
@@ -116,6 +160,9 @@ class ImagePanel:
                 values=fixed_levels or (0, 1), colorMap=pg.colormap.get(cmap), interactive=False, width=12
             )
             self.bar.setImageItem(self.image, insert_in=self.plot)
+            self.bar.axis.setWidth(60)
+            self.bar.axis.setStyle(tickFont=_small_font())
+            self.bar.axis.tickStrings = _compact_tick_strings  # large counts fit the bar's width
         self.cross_v = pg.InfiniteLine(angle=90, pen=pg.mkPen("w", width=1, style=QtCore.Qt.PenStyle.DashLine))
         self.cross_h = pg.InfiniteLine(angle=0, pen=pg.mkPen("w", width=1, style=QtCore.Qt.PenStyle.DashLine))
         for line in (self.cross_v, self.cross_h):
@@ -124,6 +171,14 @@ class ImagePanel:
             self.plot.addItem(line, ignoreBounds=True)
         self._shape: tuple[int, ...] | None = None
         self._scale = (1.0, 1.0)
+
+    def set_waiting(self, waiting: bool, why: str) -> None:
+        """Say in the title why the panel is empty."""
+        self.set_title(f"{self.title} ({why})" if waiting else self.title)
+
+    def set_title(self, title: str) -> None:
+        if title != self.plot.titleLabel.text:
+            self.plot.setTitle(title)
 
     def set_auto(self, auto: bool) -> None:
         self.levels.auto = auto
@@ -154,6 +209,7 @@ class ImagePanel:
 
     def clear(self) -> None:
         self.image.clear()
+        self.blank.setVisible(False)
         self._shape = None
 
     def set_scale(self, sy: float, sx: float, unit: str) -> None:
@@ -170,7 +226,12 @@ class ImagePanel:
         ny, nx = self._shape
         sy, sx = self._scale
         self.image.setRect(QtCore.QRectF(0, 0, nx * sx, ny * sy))
+        self.blank.setRect(QtCore.QRectF(0, 0, nx * sx, ny * sy))
+        self.blank.setVisible(True)
         self.plot.setRange(xRange=(0, nx * sx), yRange=(0, ny * sy), padding=0.0)
+
+    def view_box(self) -> pg.ViewBox:
+        return self.plot.getViewBox()
 
     def index_at(self, scene_pos) -> tuple[int, int] | None:
         """(y, x) pixel under a scene position, or None outside the image."""

@@ -14,7 +14,7 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
-from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, colour_wheel, direction_rgba, wrap_angle
+from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
 from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
@@ -47,16 +47,18 @@ class Dashboard(QtWidgets.QMainWindow):
 
     connect:       snapshot endpoint (SUB connects to it)
     control:       control endpoint; when None, the header field ``control`` is used if present
+                   (and ``use_advertised_control``)
     stale_after:   seconds without a snapshot before the unreachable banner shows
     """
 
     def __init__(self, connect=None, control=None, stale_after=3.0, poll_ms=50, control_timeout=2.0,
-                 export_dir="."):
+                 export_dir=".", use_advertised_control=True):
         super().__init__()
         self.setWindowTitle(f"rrstem dashboard - {connect or 'offline'}")
         self.stale_after = stale_after
         self.control_timeout = control_timeout
         self.export_dir = Path(export_dir)
+        self.use_advertised_control = use_advertised_control
         self.source = SnapshotSource(connect) if connect else None
         self.control_endpoint: str | None = None
         self.worker: ControlWorker | None = None
@@ -87,11 +89,16 @@ class Dashboard(QtWidgets.QMainWindow):
         self.setCentralWidget(central)
 
         self.maps_view = pg.GraphicsLayoutWidget()
+        self.map_views = ViewGroup()
         split.addWidget(self.maps_view)
         self.maps: dict[str, ImagePanel] = {}
         for name, title in FIXED_MAPS:
             self._add_map(name, title)
         self._add_wheel_legend(self.maps["com_direction"])
+        grid = self.maps_view.ci.layout
+        for col in range(MAP_COLUMNS):  # equal columns, whatever the titles and legends need
+            grid.setColumnPreferredWidth(col, 100)
+            grid.setColumnStretchFactor(col, 1)
         self.maps_view.scene().sigMouseClicked.connect(self._on_click)
 
         right = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
@@ -104,11 +111,10 @@ class Dashboard(QtWidgets.QMainWindow):
             "recon": ImagePanel("reconstruction"),
             "residual": ImagePanel("residual", cmap=DIVERGING, symmetric=True),
         }
+        self.pattern_views = ViewGroup()
         for i, panel in enumerate(self.patterns.values()):
             self.patterns_view.addItem(panel.plot, row=i // 2, col=i % 2)
-            if i:
-                panel.plot.setXLink(self.patterns["mean"].plot)
-                panel.plot.setYLink(self.patterns["mean"].plot)
+            self.pattern_views.add(panel)
         self.loss_plot = HistoryPlot("training loss", "loss")
         self.metric_plot = HistoryPlot("correlation metrics", "r", legend_offset=(-5, -30))
         right.addWidget(self.loss_plot.widget)
@@ -129,10 +135,7 @@ class Dashboard(QtWidgets.QMainWindow):
         panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != "com_direction")
         i = len(self.maps)
         self.maps_view.addItem(panel.plot, row=i // MAP_COLUMNS, col=i % MAP_COLUMNS)
-        if self.maps:
-            first = next(iter(self.maps.values())).plot
-            panel.plot.setXLink(first)
-            panel.plot.setYLink(first)
+        self.map_views.add(panel)
         panel.set_auto(self.controls.auto_levels.isChecked())
         self.maps[name] = panel
         return panel
@@ -185,7 +188,7 @@ class Dashboard(QtWidgets.QMainWindow):
         self.snapshot = snap
         self.banner.set_problem("service", f"Service error: {h.error}" if h.error else None)
         advertised = (h.model_extra or {}).get("control")
-        if self.control_endpoint is None and isinstance(advertised, str):
+        if self.use_advertised_control and self.control_endpoint is None and isinstance(advertised, str):
             self.set_control_endpoint(advertised)
 
         step = scan_step(h.calibration)
@@ -194,6 +197,8 @@ class Dashboard(QtWidgets.QMainWindow):
             panel.set_scale(*(step or (1.0, 1.0)), unit)
             if name in a:
                 panel.set_data(wrap_angle(a[name]) if name == "rotation" else a[name])
+            if name in ("rotation", "recon_error"):
+                panel.set_waiting(name not in a, "no model yet")
         if "com_angle" in a and "com_magnitude" in a:
             levels = self.maps["com_magnitude"].image.levels
             vmax = float(levels[1]) if levels is not None else float(np.nanmax(a["com_magnitude"]))
@@ -249,7 +254,7 @@ class Dashboard(QtWidgets.QMainWindow):
             panel.set_crosshair(*(index or (None, None)))
         if index is None:
             return
-        self.patterns["frame"].plot.setTitle(f"frame ({index[0]}, {index[1]}) requested")
+        self.patterns["frame"].set_title(f"frame ({index[0]}, {index[1]}) requested")
         if self.worker is not None:
             self.worker.submit("frame", index=[int(index[0]), int(index[1])])
 
@@ -259,15 +264,15 @@ class Dashboard(QtWidgets.QMainWindow):
         y, x = index
         if frame is None:
             return
-        self.patterns["frame"].plot.setTitle(f"frame ({y}, {x})")
+        self.patterns["frame"].set_title(f"frame ({y}, {x})")
         self.patterns["frame"].set_data(frame)
         for key, title in (("recon", "reconstruction"), ("residual", "residual")):
             arr = reply.get(key)
             if arr is None:
                 self.patterns[key].clear()
-                self.patterns[key].plot.setTitle(f"{title} (no model yet)")
+                self.patterns[key].set_title(f"{title} (no model yet)")
             else:
-                self.patterns[key].plot.setTitle(f"{title} ({y}, {x})")
+                self.patterns[key].set_title(f"{title} ({y}, {x})")
                 self.patterns[key].set_data(arr)
 
     # ---- control -----------------------------------------------------------------------------
@@ -281,8 +286,9 @@ class Dashboard(QtWidgets.QMainWindow):
     def _enable_controls(self) -> None:
         for key, button in self.controls.buttons.items():
             button.setEnabled(key == "export" or self.worker is not None)
-        if self.worker is None:
-            self.controls.reply.setText("no control endpoint (use --control EP)")
+        self.controls.reply.setText(
+            f"control: {self.control_endpoint}" if self.worker is not None else "no control endpoint (use --control EP)"
+        )
 
     def _on_button(self, key: str) -> None:
         if key == "export":

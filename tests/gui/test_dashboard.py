@@ -87,6 +87,8 @@ def test_click_on_a_map_shows_that_positions_frame(qtbot, publisher, control_ser
     publish_until_shown(qtbot, publisher, dashboard, snap)
     y, x = 7, 15
     panel = dashboard.maps["vadf"]
+    # the layout settles on the next paint; wait until pixel -> scene -> pixel is consistent
+    qtbot.waitUntil(lambda: panel.index_at(panel.scene_pos_of(y, x)) == (y, x), timeout=WAIT)
     view_pos = dashboard.maps_view.mapFromScene(panel.scene_pos_of(y, x))
     qtbot.mouseClick(dashboard.maps_view.viewport(), QtCore.Qt.MouseButton.LeftButton, pos=view_pos)
     expected = frame_for(y, x)
