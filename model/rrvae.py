@@ -1,0 +1,261 @@
+"""The rotationally invariant VAE (rrVAE) of Oxley et al. 2021, in one file.
+
+This is the rVAE of the atomai library as the paper configured it
+(``latent_dim=2``, ``translation=False``, two tanh layers of 128 units in
+encoder and decoder, MSE loss, Adam at 1e-4), written so that the decoder is
+fast on a CPU. The encoder maps a flattened frame to the mean and log standard
+deviation of 1 (+2) + d latents: the angle phi, optionally a translation, then
+the content z. The decoder is a function of pixel coordinates: every pixel's
+coordinate c is rotated by phi, and h1 = tanh(W_c c' + b + W_z z) is followed
+by tanh layers and one output value per pixel.
+
+Sign convention of phi
+----------------------
+Pixel coordinates are c = (u, v): u along columns (to the right), v along
+rows (downwards, row 0 at the top as ``imshow`` and pyqtgraph display it),
+both spanning [-1, 1] across the frame and centred on the array centre
+((h-1)/2, (w-1)/2). An angle is measured from +u towards +v, the same sense
+as the COM angle ``atan2(com_y, com_x)`` in ``stream/``: on screen with row 0
+at the top, a positive angle turns *clockwise*. "A pattern rotated by +a"
+(``rotate_pattern(img, a)``) moves the feature at angle t to angle t + a. The
+decoder draws pixel c from its canonical pattern at R(-phi) c, so a pattern
+rotated by +a encodes with phi larger by a (modulo the pattern's symmetry).
+
+Speed
+-----
+Almost all the cost is the decoder's per-pixel MLP (about 0.8 GFLOP per 64x64
+image step). Three things keep it down without changing the model:
+- the first layer: W_c R(-phi) c = cos(phi) W_c c + sin(phi) W_c c_perp with
+  c_perp = (v, -u); both (P, H) projections are computed once per step for
+  all images, so layer 1 is a (B, 2) x (2, P*H) product plus a per-image bias;
+- an optional circular mask (corners of a rotated square are extrapolation);
+- an optional random subset of pixels per step, shared by the batch, with the
+  reconstruction term rescaled by P/k so its expectation is unchanged;
+- tanh computed as 2 sigmoid(2x) - 1 (``FastTanh``; equal to torch.tanh
+  within 2e-7): PyTorch's CPU tanh kernel is ~10x slower than its sigmoid and
+  was a third of the step time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class RRVAEConfig:
+    image_shape: tuple[int, int] = (64, 64)  # (h, w) of the binned frames the model sees
+    latent_dim: int = 2  # content latents z (the paper: 2; "3D rrVAE" = phi + 2)
+    hidden: int = 128  # units per hidden layer, encoder and decoder (paper: 128)
+    encoder_layers: int = 2  # [Linear, Tanh] blocks before the two heads (paper: 2)
+    decoder_layers: int = 2  # [Linear(H, H), Tanh] blocks after the coordinate layer (paper: 2)
+    translation: bool = False  # two translation latents shift the coordinates (paper: False)
+    translation_scale: float = 0.1  # a unit translation latent shifts by this, in grid units [-1, 1]
+    phi_prior: float = 0.1  # scale s of the angle's zero-mean Gaussian prior (atomai default 0.1)
+    mask_radius: float | None = None  # keep pixels with |c| <= r (grid units; 1 = inscribed circle), None = all
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RRVAEConfig":
+        d = dict(d)
+        d["image_shape"] = tuple(d["image_shape"])
+        return cls(**d)
+
+
+def coordinate_grid(h: int, w: int) -> np.ndarray:
+    """(h*w, 2) float32 (u, v) per pixel, row-major: u along columns, v along rows, each in [-1, 1]."""
+    v, u = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    return np.stack([u.ravel(), v.ravel()], axis=1).astype(np.float32)
+
+
+def pixel_mask(cfg: RRVAEConfig) -> np.ndarray:
+    """(h*w,) bool: the pixels the model encodes and reconstructs."""
+    grid = coordinate_grid(*cfg.image_shape)
+    if cfg.mask_radius is None:
+        return np.ones(len(grid), dtype=bool)
+    return np.hypot(grid[:, 0], grid[:, 1]) <= cfg.mask_radius
+
+
+def rotate_pattern(image: np.ndarray, angle: float) -> np.ndarray:
+    """``image`` rotated by ``angle`` about the array centre in phi's convention (bilinear, 0 outside)."""
+    h, w = image.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    c, s = math.cos(angle), math.sin(angle)
+    # the output pixel at angle t takes the input value at angle t - angle
+    xs = c * (xx - cx) + s * (yy - cy) + cx
+    ys = -s * (xx - cx) + c * (yy - cy) + cy
+    x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
+    fx, fy = xs - x0, ys - y0
+    out = np.zeros((h, w), dtype=np.float64)
+    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        yi, xi = y0 + dy, x0 + dx
+        ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+        out[ok] += wgt[ok] * image[yi[ok], xi[ok]]
+    return out.astype(image.dtype)
+
+
+class _TanhFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+class FastTanh(nn.Module):
+    """tanh as 2 sigmoid(2x) - 1, with tanh's gradient 1 - y^2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TanhFn.apply(x)
+
+
+class Encoder(nn.Module):
+    """Flattened (masked) frame -> mean and log std of [phi, (tx, ty), z]."""
+
+    def __init__(self, n_in: int, n_out: int, hidden: int, layers: int):
+        super().__init__()
+        blocks, width = [], n_in
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), FastTanh()]
+            width = hidden
+        self.body = nn.Sequential(*blocks)
+        self.mean = nn.Linear(width, n_out)
+        self.logsd = nn.Linear(width, n_out)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)  # (B, H)
+        return self.mean(h), self.logsd(h)
+
+
+class Decoder(nn.Module):
+    """(phi, shift, z) and pixel coordinates -> one value per pixel."""
+
+    def __init__(self, n_z: int, hidden: int, layers: int):
+        super().__init__()
+        self.coord = nn.Linear(2, hidden)  # W_c and b
+        self.latent = nn.Linear(n_z, hidden, bias=False)  # W_z
+        blocks = []
+        for _ in range(layers):
+            blocks += [nn.Linear(hidden, hidden), FastTanh()]
+        self.body = nn.Sequential(*blocks)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, grid: torch.Tensor, phi: torch.Tensor, z: torch.Tensor,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        """grid (P, 2), phi (B,), z (B, d), shift (B, 2) or None -> (B, P)."""
+        B, P, H = phi.shape[0], grid.shape[0], self.coord.out_features
+        perp = torch.stack([grid[:, 1], -grid[:, 0]], dim=1)  # (P, 2) c_perp = (v, -u)
+        proj = torch.cat([grid, perp]) @ self.coord.weight.T  # (2P, H): W_c c, W_c c_perp
+        cs = torch.stack([torch.cos(phi), torch.sin(phi)], dim=1)  # (B, 2)
+        bias = self.coord.bias + self.latent(z)  # (B, H)
+        if shift is not None:
+            bias = bias + shift @ self.coord.weight.T  # W_c t, t applied after the rotation
+        h = (cs @ proj.view(2, P * H)).view(B, P, H)  # (B, P, H) = cos W_c c + sin W_c c_perp
+        h = _TanhFn.apply(h + bias[:, None, :])
+        h = self.body(h)  # (B, P, H)
+        return self.out(h).squeeze(-1)  # (B, P)
+
+
+class RRVAE(nn.Module):
+    def __init__(self, cfg: RRVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        mask = pixel_mask(cfg)
+        self.n_pixels = int(mask.sum())
+        self.n_shift = 2 if cfg.translation else 0
+        self.register_buffer("mask_index", torch.from_numpy(np.flatnonzero(mask)), persistent=False)
+        self.register_buffer("grid", torch.from_numpy(coordinate_grid(*cfg.image_shape)[mask]), persistent=False)
+        n_lat = 1 + self.n_shift + cfg.latent_dim
+        self.encoder = Encoder(self.n_pixels, n_lat, cfg.hidden, cfg.encoder_layers)
+        self.decoder = Decoder(cfg.latent_dim, cfg.hidden, cfg.decoder_layers)
+
+    def flatten(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) frames -> (B, P) the masked pixels the model works on."""
+        return frames.reshape(frames.shape[0], -1)[:, self.mask_index]  # (B, h*w) -> (B, P)
+
+    def unflatten(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(B, P) -> (B, h, w), ``fill`` outside the mask."""
+        h, w = self.cfg.image_shape
+        out = x.new_full((x.shape[0], h * w), fill)
+        out[:, self.mask_index] = x
+        return out.view(-1, h, w)  # (B, h*w) -> (B, h, w)
+
+    def split(self, lat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(B, 1 + n_shift + d) -> phi (B,), shift (B, 2) or None, z (B, d)."""
+        shift = lat[:, 1:3] * self.cfg.translation_scale if self.n_shift else None
+        return lat[:, 0], shift, lat[:, 1 + self.n_shift:]
+
+    def decode(self, lat: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (B, 1 + n_shift + d) -> (B, P) or (B, k) at the masked-pixel indices ``pixels``."""
+        grid = self.grid if pixels is None else self.grid[pixels]
+        phi, shift, z = self.split(lat)
+        return self.decoder(grid, phi, z, shift)
+
+    def forward(self, x: torch.Tensor, pixels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x (B, P) flattened frames -> posterior, one reparameterised sample, its reconstruction."""
+        mean, logsd = self.encoder(x)
+        lat = mean + torch.exp(logsd) * torch.randn_like(mean)
+        return {"mean": mean, "logsd": logsd, "recon": self.decode(lat, pixels)}
+
+    def loss(self, x: torch.Tensor, out: dict[str, torch.Tensor],
+             pixels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The negative ELBO (averaged over the batch) and its three terms.
+
+        reconstruction: 0.5 * sum over pixels of the squared error, rescaled by
+        P/k when only k of the P pixels were decoded; content KL: KL of the
+        content (and translation) latents against N(0, 1); angle KL: against
+        N(0, s^2) without the mean term, so the angle's mean is free.
+        """
+        target = x if pixels is None else x[:, pixels]
+        recon = 0.5 * ((out["recon"] - target) ** 2).sum(1) * (x.shape[1] / target.shape[1])
+        mean, logsd = out["mean"][:, 1:], out["logsd"][:, 1:]
+        kl_z = (0.5 * (mean ** 2 + torch.exp(2 * logsd) - 1) - logsd).sum(1)
+        kl_phi = angle_kl(out["logsd"][:, 0], self.cfg.phi_prior)
+        terms = {"reconstruction": recon.mean(), "content_kl": kl_z.mean(), "angle_kl": kl_phi.mean()}
+        terms["loss"] = terms["reconstruction"] + terms["content_kl"] + terms["angle_kl"]
+        return terms
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P) -> posterior means and log std (B, 1 + n_shift + d)."""
+        return self.encoder(x)
+
+
+def backward_in_chunks(model: RRVAE, x: torch.Tensor, pixels: torch.Tensor | None = None,
+                       rows: int = 16384) -> dict[str, float]:
+    """Loss terms of batch ``x`` (B, P) with their gradients accumulated, a few images at a time.
+
+    Chunks of images keep each (images x pixels, H) activation under ``rows``
+    rows (8 MB at H=128), small enough to stay in cache and in reused heap
+    memory; the gradients equal those of the whole batch.
+    """
+    B = x.shape[0]
+    k = model.n_pixels if pixels is None else len(pixels)
+    step = max(1, rows // k)
+    total: dict[str, float] = {}
+    for lo in range(0, B, step):
+        part = x[lo:lo + step]
+        terms = model.loss(part, model(part, pixels), pixels)
+        (terms["loss"] * (len(part) / B)).backward()
+        for name, v in terms.items():
+            total[name] = total.get(name, 0.0) + float(v.detach()) * len(part) / B
+    return total
+
+
+def angle_kl(logsd: torch.Tensor, prior: float) -> torch.Tensor:
+    """KL of N(mu, sd^2) against N(0, prior^2) without the mu^2 term."""
+    return -logsd + math.log(prior) + torch.exp(2 * logsd) / (2 * prior ** 2) - 0.5

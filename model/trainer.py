@@ -1,0 +1,409 @@
+"""The online trainer: one background thread that trains the rrVAE on a scan as it streams in.
+
+It only reads the scan (``ScanData``: the live frames store, its running mean
+and COM), so ingest never waits for it. Per scan:
+
+1. waiting: until ``min_frames`` have arrived. Then the input gain and the
+   pixel mask are frozen from those frames and a fresh model is made.
+2. running: minibatches of new + replayed frames, the *current* running mean
+   subtracted when a batch is assembled. Every ``refresh_seconds`` all filled
+   frames are re-encoded into the maps and the metrics against the COM are
+   computed; every ``eval_seconds`` the held-out ELBO is computed.
+3. consolidating (after ``scan.ended``): uniform batches over all frames,
+   bounded by ``consolidate_seconds`` and ``consolidate_steps``; the best
+   model by held-out ELBO is kept and used for the final encode.
+4. done: ``wait_done()`` returns True; the maps, histories and ``export()``
+   are final. A new ``attach()`` cuts a running consolidation short.
+
+A failure in the thread is stored in ``error`` (state "failed"), never lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import math
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from rrstem.model import encode, metrics
+from rrstem.model.rrvae import RRVAE, RRVAEConfig, backward_in_chunks
+from rrstem.model.sampler import FrameSampler
+
+STATES = ("waiting", "running", "paused", "consolidating", "done", "failed")
+
+
+@dataclass
+class TrainerConfig:
+    # model (see RRVAEConfig; image_shape comes from the scan)
+    latent_dim: int = 2  # content latents
+    hidden: int = 128  # units per hidden layer
+    encoder_layers: int = 2  # tanh layers in the encoder
+    decoder_layers: int = 2  # tanh layers after the decoder's coordinate layer
+    translation: bool = False  # translation latents
+    phi_prior: float = 0.1  # scale of the angle prior
+    mask: str | float | None = "auto"  # "auto" (radius holding mask_fraction of the variance), radius, or None
+    mask_fraction: float = 0.99  # variance fraction inside the auto mask
+    # optimisation
+    lr: float = 1e-3  # Adam learning rate (the paper: 1e-4, for hundreds of epochs)
+    batch_size: int = 20  # images per step (the paper: 20)
+    pixels: int | None = 512  # decoded pixels per step, shared by the batch (None: all)
+    new_fraction: float = 0.5  # share of a batch drawn from the newest arrivals while the scan runs
+    recent: int = 256  # how many of the newest arrivals count as new
+    input_std: float = 1.0  # std of the model input over the first frames (fixes the gain)
+    min_frames: int = 64  # frames before training starts (and the gain is frozen)
+    heldout: int = 128  # held-out reservoir size
+    seed: int = 0  # seeds the model init, the sampling and the pixel subsets
+    warm_start: bool = False  # keep the previous scan's model when a new scan is attached
+    # consolidation and cadence
+    consolidate_seconds: float = 55.0  # wall-time bound of the consolidation phase
+    consolidate_steps: int = 100_000  # step bound of the consolidation phase
+    refresh_seconds: float = 0.5  # re-encode the maps this often (at least 5x the encode time)
+    eval_seconds: float = 2.0  # held-out ELBO this often
+    eval_pixels: int = 512  # fixed pixel subset for the held-out ELBO and recon_error
+    recon_budget: int = 1024  # frames whose recon_error is refreshed per map refresh
+    log_every: int = 10  # steps between history points
+    threads: int = 1  # torch threads on CPU
+    tune_malloc: bool = True  # glibc: keep freed activation buffers instead of unmapping them (see tune_malloc)
+
+    def model_config(self, image_shape: tuple[int, int], mask_radius: float | None) -> RRVAEConfig:
+        return RRVAEConfig(image_shape=tuple(image_shape), latent_dim=self.latent_dim, hidden=self.hidden,
+                           encoder_layers=self.encoder_layers, decoder_layers=self.decoder_layers,
+                           translation=self.translation, phi_prior=self.phi_prior, mask_radius=mask_radius)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or (self.pixels is not None and self.pixels < 1):
+            raise ValueError("batch_size and pixels must be positive (pixels=None decodes all)")
+        if not (isinstance(self.mask, (int, float)) or self.mask in ("auto", None)):
+            raise ValueError(f"mask must be 'auto', a radius in grid units or None, not {self.mask!r}")
+
+
+def tune_malloc() -> bool:
+    """Make glibc reuse freed multi-MB buffers instead of returning them to the OS (process-wide).
+
+    By default glibc serves large allocations with mmap and trims freed heap
+    memory, so every training step page-faults its activation buffers in again
+    (measured: 2-3x slower elementwise ops, most of the time in the kernel).
+    Raising the mmap threshold to its 32 MB maximum and the trim threshold to
+    256 MB keeps them; the cost is up to 256 MB of freed memory kept per arena.
+    Returns False where it does not apply (not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 256 << 20))  # M_MMAP_/M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+class OnlineTrainer:
+    def __init__(self, config: TrainerConfig | None = None, device: str = "cpu"):
+        self.cfg = config or TrainerConfig()
+        self.device = torch.device(device)
+        self.error: BaseException | None = None
+        self.scan = None
+        self.model: RRVAE | None = None
+        self._lock = threading.Lock()  # guards the published state below
+        self._model_lock = threading.Lock()  # guards the model's weights
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._paused = False
+        self._pending = None  # (scan,) waiting to be attached by the worker
+        self._reset_requested = False
+        self._thread: threading.Thread | None = None
+        self._new_scan_state()
+
+    # --- public API (any thread) ----------------------------------------------------------
+
+    def start(self) -> "OnlineTrainer":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="rrvae-trainer", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop the thread; True if it ended within ``timeout``."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def attach(self, scan) -> None:
+        """Train on ``scan`` from now on; a previous scan's consolidation is cut short."""
+        with self._lock:
+            self._pending = scan
+            self._done.clear()
+        self._wake.set()
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    def reset_model(self) -> None:
+        """Start the current scan's model again from a fresh initialisation."""
+        self._reset_requested = True
+        self._wake.set()
+
+    def wait_done(self, timeout: float) -> bool:
+        """True once the attached, ended scan is consolidated and finally encoded."""
+        return self._done.wait(timeout) and self.error is None
+
+    def maps(self) -> dict | None:
+        with self._lock:
+            return None if self._maps is None else {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                                                    for k, v in self._maps.items()}
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"state": self.state, "scan_id": getattr(self.scan, "scan_id", None), "step": self.step_count,
+                    "images_seen": self.images_seen, "loss": self._last.get("loss"),
+                    "heldout_elbo": self._last_elbo, "metrics": dict(self._metrics),
+                    "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}"}
+
+    def histories(self) -> dict[str, np.ndarray]:
+        """1-D arrays. Per logged step: step, time, images_seen, loss, reconstruction, content_kl,
+        angle_kl. Per evaluation: eval_step, heldout_elbo, rotation_r, latent_r_max."""
+        with self._lock:
+            return {k: np.asarray(v, dtype=np.float64) for k, v in self._hist.items()}
+
+    def reconstruct(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input, reconstruction), both (h, w) in input units, NaN outside the model's mask."""
+        if self.model is None or self.scan is None or not self.scan.filled[index]:
+            raise ValueError(f"no trained model or no frame at scan index {index}")
+        with self._model_lock, torch.no_grad():
+            m = self.model.eval()
+            x = encode.prepare(m, self.scan.frames[index:index + 1], self._mean, self._gain, self.device)  # (1, P)
+            recon = m.decode(m.encode(x)[0])  # (1, P)
+            inp, rec = m.unflatten(x, math.nan), m.unflatten(recon, math.nan)  # (1, h, w)
+        return inp[0].cpu().numpy(), rec[0].cpu().numpy()
+
+    def export(self) -> dict:
+        """Everything the results file stores: training histories, metrics, model config, weights, step."""
+        with self._model_lock:
+            state = {} if self.model is None else {k: v.detach().cpu().numpy().copy()
+                                                   for k, v in self.model.state_dict().items()}
+            config = {} if self.model is None else self.model.cfg.to_json()
+        with self._lock:
+            metrics_now = dict(self._metrics)
+        return {"training": self.histories(), "metrics": metrics_now, "step": self.step_count, "state": state,
+                "config": {**config, "trainer": asdict(self.cfg), "gain": self._gain,
+                           "best_step": self._best_step}}
+
+    # --- one training step (worker thread, or a test driving it directly) -----------------
+
+    def step(self) -> dict[str, float]:
+        """One minibatch step on the attached scan; returns the loss terms as floats."""
+        s, cfg = self.sampler, self.cfg
+        s.update(self.scan.filled)
+        running = not self.scan.ended.is_set()
+        idx = s.sample(cfg.batch_size, cfg.new_fraction if running else 0.0, cfg.recent)
+        if running:
+            self._mean = self.scan.mean_pattern()
+        x = encode.prepare(self.model, self.scan.frames[idx], self._mean, self._gain, self.device)  # (B, P)
+        pixels = None
+        if cfg.pixels is not None and cfg.pixels < self.model.n_pixels:
+            pixels = torch.randperm(self.model.n_pixels, generator=self._gen)[:cfg.pixels].to(self.device)
+        with self._model_lock:
+            self.model.train()
+            self.opt.zero_grad(set_to_none=True)
+            out = backward_in_chunks(self.model, x, pixels)
+            self.opt.step()
+        with self._lock:
+            self.step_count += 1
+            self.images_seen += len(idx)
+            self._last = out
+            if self.step_count % cfg.log_every == 0:
+                for k, v in (("step", self.step_count), ("time", time.monotonic() - self._t0),
+                             ("images_seen", self.images_seen), *out.items()):
+                    self._hist[k].append(v)
+        return out
+
+    # --- worker ---------------------------------------------------------------------------
+
+    def _new_scan_state(self) -> None:
+        self.state = "waiting"
+        self.step_count = 0
+        self.images_seen = 0
+        self._maps = None
+        self._metrics: dict = {}
+        self._last: dict = {}
+        self._last_elbo = None
+        self._best = None
+        self._best_elbo = math.inf
+        self._best_step = None
+        self._gain = None
+        self._mean = None
+        self._t0 = time.monotonic()
+        self._hist = {k: [] for k in ("step", "time", "images_seen", "loss", "reconstruction", "content_kl",
+                                      "angle_kl", "eval_step", "heldout_elbo", "rotation_r", "latent_r_max")}
+
+    def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.threads)
+        if self.cfg.tune_malloc:
+            tune_malloc()
+        try:
+            while not self._stop.is_set():
+                self._loop_once()
+        except BaseException as exc:  # stored and reported, never lost
+            self.error = exc
+            with self._lock:
+                self.state = "failed"
+            self._done.set()
+
+    def _loop_once(self) -> None:
+        with self._lock:
+            scan, self._pending = self._pending, None
+        if scan is not None:
+            self._begin(scan)
+        if self._reset_requested and self.scan is not None:
+            self._reset_requested = False
+            self._begin(self.scan, keep_model=False)
+        if self.scan is None or self.state == "done" or (self._paused and self.state != "consolidating"):
+            if self._paused and self.state in ("running", "waiting"):
+                self.state = "paused"
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        if self.state == "paused":
+            self.state = "running" if self.model is not None else "waiting"
+        if self.model is None and not self._try_build():
+            return
+        if self.state == "running" and self.scan.ended.is_set():
+            self._begin_consolidation()
+        self.step()
+        now = time.monotonic()
+        if now >= self._next_eval:
+            self._evaluate()
+            self._next_eval = time.monotonic() + self.cfg.eval_seconds
+        if now >= self._next_refresh:
+            self._refresh(final=False)
+        if self.state == "consolidating" and (now >= self._deadline or self.step_count >= self._step_limit):
+            self._finish()
+
+    def _begin(self, scan, keep_model: bool = True) -> None:
+        self.scan = scan
+        self._new_scan_state()
+        self._done.clear()
+        if not (keep_model and self.cfg.warm_start and self.model is not None
+                and self.model.cfg.image_shape == tuple(scan.binned_shape)):
+            self.model = None
+        self.sampler = FrameSampler(len(scan.filled), self.cfg.heldout, np.random.default_rng(self.cfg.seed))
+        self._gen = torch.Generator().manual_seed(self.cfg.seed)
+
+    def _try_build(self) -> bool:
+        """Freeze the gain and mask from the first frames and make the model, once enough have arrived."""
+        scan, cfg = self.scan, self.cfg
+        n = scan.n_filled()
+        if n < cfg.min_frames and not (scan.ended.is_set() and n >= 2):
+            if scan.ended.is_set():  # ended with (almost) nothing: no model, nothing to wait for
+                self.state = "done"
+                self._done.set()
+            self._wake.wait(0.01)
+            return False
+        idx = np.flatnonzero(scan.filled)[:max(cfg.min_frames, 2)]
+        frames, mean = scan.frames[idx], scan.mean_pattern()
+        first_mean = frames.mean(axis=0)
+        radius = cfg.mask
+        if radius == "auto":
+            radius = encode.auto_mask_radius(frames, first_mean, cfg.mask_fraction)
+        if self.model is None:
+            torch.manual_seed(cfg.seed)
+            self.model = RRVAE(cfg.model_config(scan.binned_shape, radius)).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self._gain = encode.input_gain(frames, first_mean, self.model.mask_index.cpu().numpy(), cfg.input_std)
+        self._mean = mean
+        self._eval_pixels = torch.randperm(self.model.n_pixels, generator=self._gen)[:cfg.eval_pixels].to(self.device)
+        self._next_eval = self._next_refresh = time.monotonic()
+        self._recon_cursor = 0
+        self.state = "running"
+        return True
+
+    def _begin_consolidation(self) -> None:
+        self._mean = self.scan.mean_pattern()
+        self.sampler.update(self.scan.filled)
+        self.state = "consolidating"
+        self._deadline = time.monotonic() + self.cfg.consolidate_seconds
+        self._step_limit = self.step_count + self.cfg.consolidate_steps
+        self._best, self._best_elbo = None, math.inf
+        self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        """Held-out ELBO (fixed noise, fixed pixels); keeps the best model while consolidating."""
+        s = self.sampler
+        if s.heldout_changed or not hasattr(self, "_eval_eps"):
+            s.heldout_changed = False
+            self._heldout_idx = np.asarray(s.heldout)
+            g = torch.Generator().manual_seed(self.cfg.seed + 1)
+            self._eval_eps = torch.randn(len(s.heldout), 1 + self.model.n_shift + self.cfg.latent_dim, generator=g)
+        if not len(self._heldout_idx):
+            return
+        with self._model_lock:
+            m = self.model.eval()
+            x = encode.prepare(m, self.scan.frames[self._heldout_idx], self._mean, self._gain, self.device)  # (H, P)
+            mean, logsd = m.encoder(x)
+            lat = mean + torch.exp(logsd) * self._eval_eps.to(self.device)
+            out = {"mean": mean, "logsd": logsd, "recon": m.decode(lat, self._eval_pixels)}
+            elbo = float(m.loss(x, out, self._eval_pixels)["loss"])
+            if self.state == "consolidating" and elbo < self._best_elbo:
+                self._best, self._best_elbo, self._best_step = copy.deepcopy(m.state_dict()), elbo, self.step_count
+        with self._lock:
+            self._last_elbo = elbo
+            self._hist["eval_step"].append(self.step_count)
+            self._hist["heldout_elbo"].append(elbo)
+            self._hist["rotation_r"].append(self._metrics.get("rotation_r", math.nan))
+            self._hist["latent_r_max"].append(self._metrics.get("latent_r_max", math.nan))
+
+    def _refresh(self, final: bool) -> None:
+        """Re-encode all filled frames into maps; recon_error for a rotating slice (all if final)."""
+        t = time.monotonic()
+        filled = self.scan.filled.copy()
+        idx = np.flatnonzero(filled)
+        if final:
+            todo = idx
+        else:
+            lo = self._recon_cursor % max(len(idx), 1)
+            todo = idx[lo:lo + self.cfg.recon_budget]
+            self._recon_cursor = lo + len(todo)
+        with self._model_lock:
+            new = encode.encode_scan(self.model, self.scan.frames, filled, self.scan.scan_shape, self._mean,
+                                     self._gain, self.device, self._eval_pixels, todo)
+        old = self._maps
+        if not final and old is not None and old["recon_error"].shape == new["recon_error"].shape:
+            keep = np.isnan(new["recon_error"]) & filled.reshape(new["recon_error"].shape)
+            new["recon_error"][keep] = old["recon_error"][keep]
+        found = metrics.com_metrics(new, self.scan.com_maps())
+        new.update(scan_id=self.scan.scan_id, step=self.step_count)
+        with self._lock:
+            self._maps, self._metrics = new, found
+        cost = time.monotonic() - t
+        self._next_refresh = time.monotonic() + max(self.cfg.refresh_seconds, 5 * cost)
+
+    def _finish(self) -> None:
+        self._evaluate()
+        if self._best is not None:
+            with self._model_lock:
+                self.model.load_state_dict(self._best)
+        self._refresh(final=True)
+        with self._lock:
+            self.state = "done"
+        self._done.set()
