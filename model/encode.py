@@ -19,6 +19,8 @@ import torch
 
 from rrstem.model.rrvae import RRVAE, coordinate_grid
 
+ROWS = 16384  #: images x pixels per decoder call: keeps activations small (see rrvae.backward_in_chunks)
+
 
 def auto_mask_radius(frames: np.ndarray, mean: np.ndarray, fraction: float = 0.99, margin_px: float = 2.0) -> float:
     """Smallest radius (grid units, <= sqrt 2) holding ``fraction`` of the variance of ``frames - mean``, plus a margin.
@@ -77,8 +79,9 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
         latent[:, part] = mu_np[:, 1 + model.n_shift:].T
         means.update(zip(part.tolist(), mu))
     todo = idx if recon_index is None else np.intersect1d(idx, recon_index)
-    for lo in range(0, len(todo), 256):
-        part = todo[lo:lo + 256]
+    n_dec = max(1, ROWS // (model.n_pixels if recon_pixels is None else len(recon_pixels)))
+    for lo in range(0, len(todo), n_dec):
+        part = todo[lo:lo + n_dec]
         x = prepare(model, frames[part], mean, gain, device)  # (b, P)
         mu = torch.stack([means[int(i)] for i in part])  # (b, n_lat)
         target = x if recon_pixels is None else x[:, recon_pixels]

@@ -14,7 +14,8 @@
 
   (abar, bbar: weighted circular means), which is +1 for b = a + c, -1 for
   b = -a + c, and 0 for unrelated angles. The reported value is the largest
-  |r| over n, with the n, the sign and the offset that give it. Weights
+  |r| over n (at the smallest n within ``FOLD_TOLERANCE`` of it), with the n,
+  the sign and the offset that give it. Weights
   (optional, typically the COM magnitude) make positions with a well-defined
   COM angle count more.
 """
@@ -23,6 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: The smallest fold whose |r| is within this of the best is reported: if phi is
+#: defined modulo 2 pi / n, it is also modulo 2 pi / (2n), so multiples fit as well.
+FOLD_TOLERANCE = 0.01
 
 def _valid(*arrays: np.ndarray, filled: np.ndarray | None = None) -> np.ndarray:
     ok = np.ones(arrays[0].shape, dtype=bool) if filled is None else np.asarray(filled, dtype=bool).copy()
@@ -81,7 +85,8 @@ def rotation_correlation(rotation: np.ndarray, com_angle: np.ndarray, weights: n
     phi, theta = rotation[ok], com_angle[ok]
     w = None if weights is None else weights[ok]
     by_fold = [circular_correlation(n * phi, n * theta, w) for n in range(1, max_fold + 1)]
-    n = int(np.argmax(np.abs(by_fold))) + 1
+    best = float(np.max(np.abs(by_fold)))
+    n = 1 + int(np.flatnonzero(np.abs(by_fold) >= best - FOLD_TOLERANCE)[0])  # multiples of n fit as well
     sign = 1 if by_fold[n - 1] >= 0 else -1
     ww = np.ones_like(phi) if w is None else w
     offset = float(np.angle((ww * np.exp(1j * n * (phi - sign * theta))).sum()) / n)

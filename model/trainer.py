@@ -65,8 +65,8 @@ class TrainerConfig:
     consolidate_steps: int = 100_000  # step bound of the consolidation phase
     refresh_seconds: float = 0.5  # re-encode the maps this often (at least 5x the encode time)
     eval_seconds: float = 2.0  # held-out ELBO this often
-    eval_pixels: int = 512  # fixed pixel subset for the held-out ELBO and recon_error
-    recon_budget: int = 1024  # frames whose recon_error is refreshed per map refresh
+    eval_pixels: int = 256  # fixed pixel subset for the held-out ELBO and recon_error
+    recon_budget: int = 512  # frames whose recon_error is refreshed per map refresh
     log_every: int = 10  # steps between history points
     threads: int = 1  # torch threads on CPU
     tune_malloc: bool = True  # glibc: keep freed activation buffers instead of unmapping them (see tune_malloc)
@@ -362,8 +362,9 @@ class OnlineTrainer:
             x = encode.prepare(m, self.scan.frames[self._heldout_idx], self._mean, self._gain, self.device)  # (H, P)
             mean, logsd = m.encoder(x)
             lat = mean + torch.exp(logsd) * self._eval_eps.to(self.device)
-            out = {"mean": mean, "logsd": logsd, "recon": m.decode(lat, self._eval_pixels)}
-            elbo = float(m.loss(x, out, self._eval_pixels)["loss"])
+            n = max(1, encode.ROWS // len(self._eval_pixels))
+            recon = torch.cat([m.decode(lat[i:i + n], self._eval_pixels) for i in range(0, len(lat), n)])
+            elbo = float(m.loss(x, {"mean": mean, "logsd": logsd, "recon": recon}, self._eval_pixels)["loss"])
             if self.state == "consolidating" and elbo < self._best_elbo:
                 self._best, self._best_elbo, self._best_step = copy.deepcopy(m.state_dict()), elbo, self.step_count
         with self._lock:
