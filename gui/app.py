@@ -19,10 +19,13 @@ from rrstem.stream.snapshot import Snapshot
 
 def ensure_app(offscreen: bool = False):
     """The QApplication, created if needed. ``offscreen`` forces the offscreen platform."""
-    if offscreen or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("win32", "darwin")):
+    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("win32", "darwin")
+    if offscreen or not (has_display or os.environ.get("QT_QPA_PLATFORM")):
         from pyqtgraph.Qt import QtWidgets
 
         if QtWidgets.QApplication.instance() is None:
+            if not offscreen:
+                print("rrstem dashboard: no display found, rendering offscreen", file=sys.stderr)
             os.environ["QT_QPA_PLATFORM"] = "offscreen"
     import pyqtgraph as pg
 
@@ -56,9 +59,7 @@ def render_png(snapshot: Snapshot, path, frame_reply: dict | None = None, index=
         return win.export_png(path)
     finally:
         win.shutdown()
-        win.close()
-        win.deleteLater()
-        app.processEvents()
+        _dispose(win)
 
 
 def add_dashboard_args(subparsers) -> argparse.ArgumentParser:
@@ -105,7 +106,21 @@ def run(args: argparse.Namespace) -> int:
     app.exec()
     win.shutdown()
     print(f"dashboard: {win.redraws} snapshots drawn", file=sys.stderr)
+    _dispose(win)
     return 0
+
+
+def _dispose(widget) -> None:
+    """Delete a window's C++ objects now, while the QApplication still exists.
+
+    Left to interpreter teardown, PySide may destroy the application before
+    the window's scene and crash on exit.
+    """
+    from pyqtgraph.Qt import QtCore
+
+    widget.close()
+    widget.deleteLater()
+    QtCore.QCoreApplication.sendPostedEvents(None, QtCore.QEvent.Type.DeferredDelete)
 
 
 def main(argv=None) -> int:

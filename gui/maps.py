@@ -97,7 +97,12 @@ def _small_font():
 
 
 def _compact_tick_strings(values, scale, spacing):
-    return [f"{v * scale:.3g}" for v in values]
+    """Short tick labels with enough digits to tell neighbouring ticks apart."""
+    if not values:
+        return []
+    top = max(abs(v * scale) for v in values)
+    digits = 3 if top == 0 or spacing <= 0 else max(3, int(np.ceil(np.log10(top / (spacing * scale)))) + 1)
+    return [f"{v * scale:.{min(digits, 8)}g}" for v in values]
 
 
 class ViewGroup:

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,6 +54,13 @@ def test_wrap_angle_keeps_in_range_data_unchanged():
     np.testing.assert_allclose(wrap_angle(np.array([3 * np.pi / 2])), [-np.pi / 2])
 
 
+def test_colour_bar_ticks_stay_distinct_on_a_narrow_range():
+    from rrstem.gui.maps import _compact_tick_strings
+
+    labels = _compact_tick_strings([2915000.0, 2920000.0, 2925000.0], 1.0, 5000.0)
+    assert labels == ["2.915e+06", "2.92e+06", "2.925e+06"]
+
+
 def test_render_png_from_snapshot_and_frame(qapp, tmp_path):
     snap = synthetic_snapshot(ny=40, nx=40, filled_rows=30, detector=32)
     reply = synthetic_frame_reply(10, 20, detector=32)
@@ -80,12 +88,21 @@ def test_dashboard_subcommand_is_registered():
 
 
 def test_exit_after_exits_by_itself(publisher, tmp_path):
+    """The real entry point, fed live snapshots, exits cleanly after --exit-after seconds."""
     shot = tmp_path / "exit.png"
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
-    cmd = [sys.executable, "-m", "rrstem.gui", "--connect", publisher.endpoint, "--exit-after", "1",
+    cmd = [sys.executable, "-m", "rrstem.gui", "--connect", publisher.endpoint, "--exit-after", "1.5",
            "--screenshot", str(shot)]
+    snap = synthetic_snapshot(ny=32, nx=32, detector=16)
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - t0 >= 1.0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and time.monotonic() - t0 < 60:
+        snap.header.seq += 1
+        publisher.send(snap)
+        time.sleep(0.1)  # the publisher's 10 Hz pace, not a wait for a result
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 >= 1.5
+    drawn = int(re.search(r"(\d+) snapshots drawn", err).group(1))
+    assert drawn >= 1
     assert shot.stat().st_size > 1000
