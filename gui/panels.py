@@ -10,6 +10,10 @@ from rrstem.stream.snapshot import Snapshot
 
 _PENS = ["#4cc9f0", "#f72585", "#ffd166", "#06d6a0", "#b5179e", "#f8961e", "#90be6d", "#bbbbbb"]
 _LOSS_WORDS = ("loss", "elbo", "kl", "recon")
+#: Training histories that are abscissae or bookkeeping, never curves. A curve is plotted
+#: against the first of these whose length matches it (losses per logged step, metrics
+#: per evaluation).
+HISTORY_AXES = ("step", "eval_step", "time", "images_seen")
 
 
 def is_loss_history(name: str) -> bool:
@@ -18,7 +22,7 @@ def is_loss_history(name: str) -> bool:
 
 
 class HistoryPlot:
-    """One PlotWidget with a curve per ``training/<name>`` history, against ``training/step``."""
+    """One PlotWidget with a curve per ``training/<name>`` history, against its step axis."""
 
     def __init__(self, title: str, y_label: str, legend_offset=(-5, 5)):
         self.widget = pg.PlotWidget(title=title)
@@ -31,7 +35,10 @@ class HistoryPlot:
         self.curves: dict[str, pg.PlotDataItem] = {}
         self._lengths: dict[str, int] = {}
 
-    def set_histories(self, histories: dict[str, np.ndarray], step: np.ndarray | None) -> None:
+    def set_histories(self, histories: dict[str, np.ndarray], axes: list[np.ndarray] | np.ndarray | None) -> None:
+        """``axes``: candidate x arrays; each curve takes the first of the same length (else 0..n-1)."""
+        if axes is None or isinstance(axes, np.ndarray):
+            axes = [] if axes is None else [axes]
         for name, values in histories.items():
             if self._lengths.get(name) == len(values):
                 continue  # unchanged since the last snapshot
@@ -39,7 +46,7 @@ class HistoryPlot:
             if curve is None:
                 pen = pg.mkPen(_PENS[len(self.curves) % len(_PENS)], width=1.5)
                 curve = self.curves[name] = self.widget.plot(name=name, pen=pen)
-            x = step if step is not None and len(step) == len(values) else np.arange(len(values))
+            x = next((a for a in axes if len(a) == len(values)), np.arange(len(values)))
             curve.setData(x, values)
             self._lengths[name] = len(values)
 

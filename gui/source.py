@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from rrstem.stream.control import ControlClient, ControlError, unpack_array
+from rrstem.stream.control import ControlClient, ControlError, ControlTimeout, unpack_array
 from rrstem.stream.snapshot import Snapshot
 
 
@@ -145,7 +145,7 @@ class ControlWorker:
         try:
             reply = client.request(cmd, **args)
         except ControlError as exc:
-            timeout = str(exc).startswith("no reply")
+            timeout = isinstance(exc, ControlTimeout)
             return ControlReply(cmd, args, ok=False, error=str(exc), timeout=timeout)
         except Exception as exc:  # undecodable reply, socket error: report, never die
             return ControlReply(cmd, args, ok=False, error=f"{type(exc).__name__}: {exc}")

@@ -15,7 +15,7 @@ import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
 from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
-from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
+from rrstem.gui.panels import HISTORY_AXES, Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
 from rrstem.stream.snapshot import Snapshot
@@ -217,9 +217,10 @@ class Dashboard(QtWidgets.QMainWindow):
 
     def _show_histories(self, a: dict) -> None:
         hist = {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith("training/")}
-        step = hist.pop("step", None)
-        self.loss_plot.set_histories({k: v for k, v in hist.items() if is_loss_history(k)}, step)
-        self.metric_plot.set_histories({k: v for k, v in hist.items() if not is_loss_history(k)}, step)
+        axes = [hist[k] for k in HISTORY_AXES if k in hist]
+        curves = {k: v for k, v in hist.items() if k not in HISTORY_AXES}
+        self.loss_plot.set_histories({k: v for k, v in curves.items() if is_loss_history(k)}, axes)
+        self.metric_plot.set_histories({k: v for k, v in curves.items() if not is_loss_history(k)}, axes)
 
     def _new_scan(self) -> None:
         for panel in [*self.maps.values(), *self.patterns.values()]:

@@ -48,7 +48,11 @@ def unpack(raw: bytes) -> dict[str, Any]:
 
 
 class ControlError(RuntimeError):
-    """The service did not answer, or answered ``ok: false``."""
+    """The service answered ``ok: false``, or did not answer (``ControlTimeout``)."""
+
+
+class ControlTimeout(ControlError):
+    """The service did not answer within the timeout."""
 
 
 class ControlClient:
@@ -78,7 +82,7 @@ class ControlClient:
         if not sock.poll(int(self.timeout * 1000)):
             sock.close()
             self._sock = None
-            raise ControlError(f"no reply from {self.endpoint} within {self.timeout:g} s to {cmd!r}")
+            raise ControlTimeout(f"no reply from {self.endpoint} within {self.timeout:g} s to {cmd!r}")
         reply = unpack(sock.recv())
         if not reply.get("ok", False):
             raise ControlError(reply.get("error", f"{cmd!r} failed"))

@@ -18,7 +18,9 @@ Array names used by the service (all float32 unless noted):
 ``latent``
     (d, ny, nx) rrVAE content latents.
 ``training/<name>``
-    1-D training histories (``step``, ``loss``, ``heldout_elbo``, ...).
+    1-D training histories. ``step``, ``time`` and ``images_seen`` are per logged
+    step, beside ``loss`` and its terms; ``eval_step`` is per evaluation, beside
+    ``heldout_elbo``, ``rotation_r`` and ``latent_r_max``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class SnapshotHeader(BaseModel):
         default_factory=dict, description="state, step, latest loss and metrics of the trainer."
     )
     error: str | None = Field(None, description="A worker failure, if any; shown as a banner.")
+    control: str | None = Field(None, description="The service's control endpoint, for dashboards.")
+    orphans: dict[str, int] = Field(
+        default_factory=dict, description="Rejected input that belongs to no scan, by reason."
+    )
     arrays: list[ArraySpec] = Field(default_factory=list, description="Arrays in parts 1..n.")
 
 
