@@ -187,7 +187,7 @@ class Dashboard(QtWidgets.QMainWindow):
             self._new_scan()
         self.snapshot = snap
         self.banner.set_problem("service", f"Service error: {h.error}" if h.error else None)
-        advertised = (h.model_extra or {}).get("control")
+        advertised = h.control
         if self.use_advertised_control and self.control_endpoint is None and isinstance(advertised, str):
             self.set_control_endpoint(advertised)
 
