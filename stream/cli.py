@@ -59,8 +59,6 @@ def trainer_overrides(args: argparse.Namespace) -> dict:
         out["consolidate_seconds"] = args.consolidate
     if args.latent_dim is not None:
         out["latent_dim"] = args.latent_dim
-    if getattr(args, "model", None):
-        out["checkpoint"] = str(args.model)
     return out
 
 

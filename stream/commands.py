@@ -50,7 +50,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     endpoint = f"inproc://rrstem-analyze-{uuid.uuid4().hex}"
     out = args.out or Path(args.input).with_suffix(".rrstem.h5")
     cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
-                        preprocess=preprocess_config(args), train=not args.no_train or bool(args.model),
+                        preprocess=preprocess_config(args), train=not args.no_train, model=args.model,
                         trainer=trainer_overrides(args), device=args.device, once=True)
     with src:
         service = Service(cfg).start()
@@ -71,7 +71,8 @@ def add_analyze_args(sub) -> None:
     p.add_argument("--out", type=Path, default=None, metavar="RESULTS.h5",
                    help="results file (default: INPUT with suffix .rrstem.h5)")
     p.add_argument("--model", type=Path, default=None, metavar="CKPT",
-                   help="encode with this trained rrVAE checkpoint instead of training a new one")
+                   help="encode with this trained rrVAE (a .pt checkpoint, or the results .h5 of an earlier "
+                        "scan) instead of training a new one")
     p.add_argument("--publish", default=None, metavar="EP", help="also publish snapshots here (for a dashboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_processing_args(p)

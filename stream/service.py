@@ -53,6 +53,7 @@ class ServiceConfig(BaseModel):
     train: bool = Field(True, description="Train the rrVAE online.")
     trainer: dict[str, Any] = Field(default_factory=dict, description="TrainerConfig fields.")
     device: str = Field("cpu", description="Torch device for the trainer (cpu, cuda, cuda:1, mps).")
+    model: Path | None = Field(None, description="Encode with this trained rrVAE (.pt or results .h5); no training.")
     finish_timeout: float = Field(120.0, gt=0, description="Longest wait for the trainer at scan end, s.")
     once: bool = Field(False, description="Stop after the first scan's results are written.")
 
@@ -89,7 +90,11 @@ class Service:
         self._received_total = 0
         self._seq = 0
         self.trainer = None
-        if config.train:
+        if config.model is not None:
+            from rrstem.model.inference import FixedEncoder
+
+            self.trainer = FixedEncoder(config.model, device=config.device)
+        elif config.train:
             from rrstem.model.trainer import OnlineTrainer, TrainerConfig
 
             self.trainer = OnlineTrainer(TrainerConfig(**config.trainer), device=config.device)

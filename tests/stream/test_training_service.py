@@ -1,0 +1,71 @@
+"""The rrVAE inside the service: a scan over real sockets trains it, and its maps land in the results."""
+
+import numpy as np
+import pytest
+
+from support import disc_frames, wait_results
+from rrstem.model.inference import FixedEncoder
+from rrstem.stream.results import read_scan
+
+FAST = {"consolidate_seconds": 2.0, "min_frames": 16, "refresh_seconds": 0.2, "eval_seconds": 0.5}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 8x8 scan streamed into a training service; its results file."""
+    from rrstem.stream.preprocess import PreprocessConfig
+    from rrstem.stream.service import Service, ServiceConfig
+    from support import Sender
+
+    out = tmp_path_factory.mktemp("trained") / "results.h5"
+    frames = disc_frames(8, 8, seed=21)
+    cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=None, control=None, out=out, train=True,
+                        trainer=FAST, preprocess=PreprocessConfig(calibration_frames=8))
+    with Service(cfg) as svc:
+        s = Sender(svc.listen_endpoint)
+        s.start("t", (8, 8), (32, 32))
+        for k in range(0, 64, 8):
+            s.frames("t", k, frames.reshape(64, 32, 32)[k:k + 8])
+        s.end("t", 64)
+        path = wait_results(svc, timeout=60)
+        s.close()
+    return frames, path
+
+
+def test_training_over_sockets_writes_rotation_and_latent_maps(trained):
+    _, path = trained
+    res = read_scan(path)
+    maps = res["maps"]
+    assert maps["rotation"].shape == (8, 8) and np.isfinite(maps["rotation"]).all()
+    assert maps["latent"].shape[1:] == (8, 8) and np.isfinite(maps["latent"]).all()
+    assert np.isfinite(maps["recon_error"]).all()
+    assert res["model"]["step"] > 0 and res["model"]["state"]
+    assert len(res["training"]["loss"]) > 0 and np.isfinite(res["training"]["loss"]).all()
+    assert res["units"]["rotation"] == "rad"
+
+
+def test_a_trained_model_encodes_a_scan_without_training(trained, make_service, sender_for):
+    frames, path = trained
+    svc = make_service(model=path)
+    s = sender_for(svc)
+    s.start("again", (8, 8), (32, 32))
+    s.frames("again", 0, frames.reshape(64, 32, 32))
+    s.end("again", 64)
+    res = read_scan(wait_results(svc, timeout=30), "again")
+    before = read_scan(path)
+    # the same frames and the same model give the same maps
+    np.testing.assert_allclose(res["maps"]["rotation"], before["maps"]["rotation"], atol=1e-5)
+    np.testing.assert_allclose(res["maps"]["latent"], before["maps"]["latent"], atol=1e-5)
+    assert res["model"]["step"] == before["model"]["step"]
+
+
+def test_a_model_of_another_frame_size_is_refused_clearly(trained):
+    from rrstem.stream.store import ScanData
+
+    _, path = trained
+    enc = FixedEncoder(path)
+    enc.attach(ScanData.from_array("small", np.ones((2, 2, 16, 16), np.float32)))
+    assert not enc.wait_done(1)
+    assert "takes 32x32 frames" in str(enc.error) and "--bin" in str(enc.error)
+    with pytest.raises(ValueError, match="fixed model"):
+        enc.pause()
