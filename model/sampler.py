@@ -4,8 +4,10 @@ The store only says which positions are filled. ``FrameSampler.update()``
 notices new arrivals (in scan-index order within one update), appends them to
 an arrival list, and keeps a uniform held-out reservoir of the arrivals
 (reservoir sampling: every frame that arrived so far is held out with the same
-probability). Held-out frames are never trained on; a frame evicted from the
-reservoir goes back to the training pool.
+probability). Until the reservoir is full it takes every ``1 / HELDOUT_FRACTION``-th
+arrival, so at most that share of the arrivals is held out and training can
+start on the first frames. Held-out frames are never trained on; a frame
+evicted from the reservoir goes back to the training pool.
 
 A batch mixes the newest arrivals (so the maps follow the scan) with frames
 replayed uniformly from everything that arrived (so early regions are not
@@ -15,6 +17,8 @@ forgotten).
 from __future__ import annotations
 
 import numpy as np
+
+HELDOUT_FRACTION = 0.25  #: at most this share of the arrivals is held out while the reservoir fills
 
 
 class FrameSampler:
@@ -37,6 +41,8 @@ class FrameSampler:
         self.order[self.n:self.n + len(new)] = new
         for k, i in enumerate(new, start=self.n + 1):  # reservoir sampling, k = arrivals so far
             if len(self.heldout) < self.heldout_size:
+                if len(self.heldout) >= int(k * HELDOUT_FRACTION):
+                    continue  # filling: keep at least 1 - HELDOUT_FRACTION of the arrivals for training
                 self.heldout.append(int(i))
             else:
                 j = int(self.rng.integers(k))
