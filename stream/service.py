@@ -7,7 +7,7 @@ and ``check()`` re-raises it):
 - pipeline: items -> ``ScanState`` (validation, binning, reductions, store)
 - trainer: the rrVAE, reading the store (``model/trainer.py``); never blocks ingest
 - finisher: at scan end waits for the trainer's consolidation, writes results
-- publisher: snapshots on PUB at <= ``snapshot_hz`` and the REP control socket
+- publisher: snapshots on PUB at <= ``snapshot_hz`` and the REP control socket (``stream/publisher.py``)
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
-from rrstem.stream import control as ctl
 from rrstem.stream.preprocess import PreprocessConfig
 from rrstem.stream.protocol import Start
 from rrstem.stream.receiver import Item, Receiver
 from rrstem.stream.results import write_scan
 from rrstem.stream.scan import ScanState
-from rrstem.stream.snapshot import Snapshot, SnapshotHeader
+from rrstem.stream.publisher import Publisher
+from rrstem.stream.snapshot import Snapshot
 
 log = logging.getLogger("rrstem.service")
 
@@ -86,9 +86,8 @@ class Service:
         self.results_written: list[tuple[str, Path]] = []
         self.results_event = threading.Event()
         self._finish_q: queue.Queue[ScanState] = queue.Queue()
-        self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self.rate_window: deque[tuple[float, int]] = deque(maxlen=64)
         self._received_total = 0
-        self._seq = 0
         self.trainer = None
         if config.model is not None:
             from rrstem.model.inference import FixedEncoder
@@ -100,24 +99,12 @@ class Service:
             self.trainer = OnlineTrainer(TrainerConfig(**config.trainer), device=config.device)
         self.receiver = Receiver(self.ctx, config.listen, self.queue, self.stop_event, bind=config.bind,
                                  mode=config.mode)
-        self._pub = self._rep = None
-        self._publish_ep = self._control_ep = None  # actual endpoints (port 0 resolved); kept after close
-        if config.publish:
-            self._pub = self.ctx.socket(zmq.PUB)
-            self._pub.setsockopt(zmq.SNDHWM, 4)  # slow subscribers lose snapshots, never slow us
-            self._pub.setsockopt(zmq.LINGER, 0)
-            self._pub.bind(config.publish)
-            self._publish_ep = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        if config.control:
-            self._rep = self.ctx.socket(zmq.REP)
-            self._rep.setsockopt(zmq.LINGER, 0)
-            self._rep.bind(config.control)
-            self._control_ep = self._rep.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.publisher = Publisher(self, self.ctx, config.publish, config.control)
         self._threads = [
             self.receiver,
             threading.Thread(target=self._guard, args=(self._pipeline_loop,), name="rrstem-pipeline", daemon=True),
             threading.Thread(target=self._guard, args=(self._finish_loop,), name="rrstem-finisher", daemon=True),
-            threading.Thread(target=self._guard, args=(self._publish_loop,), name="rrstem-publisher", daemon=True),
+            threading.Thread(target=self._guard, args=(self.publisher.run,), name="rrstem-publisher", daemon=True),
         ]
 
     # --- lifecycle ------------------------------------------------------------------
@@ -128,11 +115,11 @@ class Service:
 
     @property
     def publish_endpoint(self) -> str | None:
-        return self._publish_ep
+        return self.publisher.publish_endpoint
 
     @property
     def control_endpoint(self) -> str | None:
-        return self._control_ep
+        return self.publisher.control_endpoint
 
     def start(self) -> "Service":
         if self.trainer is not None:
@@ -158,9 +145,7 @@ class Service:
                 t.join(max(0.0, deadline - time.monotonic()))
         if self.trainer is not None:
             self.trainer.close(timeout=max(0.5, deadline - time.monotonic()))
-        for sock in (self._pub, self._rep):
-            if sock is not None:
-                sock.close(linger=0)
+        self.publisher.close()
 
     def __enter__(self) -> "Service":
         return self.start()
@@ -255,7 +240,7 @@ class Service:
 
     def _count(self, n: int) -> None:
         self._received_total += n
-        self._rate.append((time.monotonic(), self._received_total))
+        self.rate_window.append((time.monotonic(), self._received_total))
 
     def _end_scan(self, state: ScanState, frames_sent: int | None) -> None:
         state.finish(frames_sent)
@@ -330,122 +315,12 @@ class Service:
             return {}
         return {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
 
-    # --- publisher / control thread --------------------------------------------------------
-
-    def frames_per_s(self) -> float:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in self._rate if now - t <= 2.0]
-        if len(recent) < 2 or now - recent[0][0] <= 0:
-            return 0.0
-        return (recent[-1][1] - recent[0][1]) / max(now - recent[0][0], 1e-3)
-
-    def header(self) -> SnapshotHeader:
-        cur = self.current
-        h = SnapshotHeader(seq=self._seq, error=self.errors[-1] if self.errors else None,
-                           frames_per_s=self.frames_per_s(),
-                           control=self.control_endpoint, orphans=dict(self.orphans))
-        if self.trainer is not None:
-            h.training = self.trainer.status()
-        if cur is None:
-            return h
-        h.scan_id, h.scan_shape, h.frame_shape = cur.scan_id, list(cur.start.scan_shape), list(cur.start.frame_shape)
-        h.expected, h.counters = cur.start.n_positions, cur.counter_dict()
-        h.calibration = cur.start.calibration.model_dump(mode="json", exclude_none=True)
-        if cur.geometry is not None:
-            h.binned_shape, h.geometry = list(cur.geometry.binned_shape), cur.geometry.to_json()
-            h.geometry.pop("masked")
-            h.com_unit = cur.positions.unit
-        training_state = h.training.get("state") if h.training else None
-        if not cur.ended:
-            h.state = "acquiring"
-        elif cur not in self.finished:
-            h.state = "consolidating" if training_state == "consolidating" else "finishing"
-        else:
-            h.state = "done"
-        return h
+    # --- views for callers (the publisher thread builds these too) ---------------------------
 
     def snapshot(self) -> Snapshot:
-        self._seq += 1
-        header = self.header()
-        arrays: dict[str, np.ndarray] = {}
-        if self.current is not None:
-            # float32 is plenty for display and halves what every subscriber receives
-            arrays.update({k: v.astype(np.float32) if v.dtype == np.float64 else v
-                           for k, v in self.current.snapshot().items()})
-            arrays.update(self._trainer_maps(self.current))
-            if self.trainer is not None and self.current.ready.is_set():
-                arrays.update({f"training/{k}": np.asarray(v) for k, v in self.trainer.histories().items()})
-        return Snapshot(header, arrays)
-
-    def _publish_loop(self) -> None:
-        period = 1.0 / self.cfg.snapshot_hz
-        next_pub, last_key, last_sent = 0.0, None, 0.0
-        while not self.stop_event.is_set():
-            now = time.monotonic()
-            if self._rep is not None and self._rep.poll(max(1, int(min(next_pub - now, 0.1) * 1000))):
-                self._rep.send(ctl.pack(self._control(self._rep.recv())))
-                continue
-            now = time.monotonic()
-            if now < next_pub:
-                if self._rep is None:
-                    time.sleep(min(next_pub - now, 0.1))
-                continue
-            next_pub = now + period
-            key = self._change_key()
-            if self._pub is not None and (key != last_key or now - last_sent >= 1.0):  # 1 Hz heartbeat when idle
-                self._pub.send_multipart(self.snapshot().encode(), copy=False)
-                last_key, last_sent = key, now
-
-    def _change_key(self) -> tuple:
-        cur = self.current
-        step = self.trainer.status().get("step") if self.trainer is not None else None
-        return (id(cur), cur and sum(cur.counters.values()), cur and cur.ended, step, len(self.errors),
-                sum(self.orphans.values()), cur in self.finished if cur else None)
-
-    def _control(self, raw: bytes) -> dict[str, Any]:
-        try:
-            req = ctl.unpack(raw)
-            cmd = req.get("cmd")
-            if cmd not in ctl.COMMANDS:
-                return {"ok": False, "error": f"unknown command {cmd!r}; commands: {', '.join(ctl.COMMANDS)}"}
-            return {"ok": True, **self._command(cmd, req)}
-        except Exception as exc:
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-
-    def _command(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
-        if cmd == "status":
-            return {"status": self.header().model_dump(mode="json")}
-        if cmd == "save":
-            return {"path": str(self.save())}
-        if cmd == "stop":
-            self.stop_event.set()
-            return {}
-        if cmd == "frame":
-            return self.frame_reply(req.get("index"))
-        if self.trainer is None:
-            raise ValueError("training is disabled (serve was started with --no-train)")
-        getattr(self.trainer, {"pause_training": "pause", "resume_training": "resume",
-                               "reset_model": "reset_model"}[cmd])()
-        return {"training": self.trainer.status()}
+        """The current maps, counters and training state, as published."""
+        return self.publisher.snapshot()
 
     def frame_reply(self, index: Any) -> dict[str, Any]:
         """The ``frame`` control reply for scan position ``index`` = [y, x] (arrays packed)."""
-        cur = self.current
-        if cur is None or not cur.ready.is_set():
-            raise ValueError("no frames yet")
-        ny, nx = cur.start.scan_shape
-        if not (isinstance(index, (list, tuple)) and len(index) == 2
-                and all(isinstance(v, (int, np.integer)) for v in index)):
-            raise ValueError(f"index must be [y, x] integers, got {index!r}")
-        y, x = (int(v) for v in index)
-        if not (0 <= y < ny and 0 <= x < nx):
-            raise ValueError(f"position ({y}, {x}) is outside the {ny}x{nx} scan")
-        i = y * nx + x
-        if not cur.store.filled[i]:
-            raise ValueError(f"no frame at ({y}, {x}) yet")
-        out = {"index": [y, x], "frame": ctl.pack_array(cur.store.frames[i]),
-               "mean": ctl.pack_array(cur.data.mean_pattern())}
-        if self._trainer_maps(cur):
-            inp, recon = self.trainer.reconstruct(i)
-            out.update(input=ctl.pack_array(inp), recon=ctl.pack_array(recon), residual=ctl.pack_array(inp - recon))
-        return out
+        return self.publisher.frame_reply(index)
