@@ -68,7 +68,7 @@ def run_service(service, progress: bool = True, stop_after: float | None = None)
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar, bar_scan = None, None
+    bar, bar_scan, ended = None, None, False
     t0 = time.monotonic()
     redirect = logging_redirect_tqdm()  # log lines print above the bar instead of breaking it
     redirect.__enter__()
@@ -82,8 +82,10 @@ def run_service(service, progress: bool = True, stop_after: float | None = None)
             if cur.scan_id != bar_scan:
                 if bar is not None:
                     bar.close()
-                bar, bar_scan = tqdm(total=cur.start.n_positions, desc=cur.scan_id, unit="frame",
-                                     dynamic_ncols=True), cur.scan_id
+                bar, bar_scan, ended = tqdm(total=cur.start.n_positions, desc=cur.scan_id, unit="frame",
+                                            dynamic_ncols=True), cur.scan_id, False
+            if ended:
+                continue
             bar.n = cur.counters["received"]
             extra = {k: v for k, v in cur.counter_dict().items() if v and k != "received"}
             if service.trainer is not None:
@@ -91,10 +93,16 @@ def run_service(service, progress: bool = True, stop_after: float | None = None)
                 extra["train"] = f"{st.get('state')}@{st.get('step', 0)}"
             bar.set_postfix(extra, refresh=False)
             bar.refresh()
+            if cur.ended:  # the rate would only decay from here: close the bar, say what happens next
+                bar.close()
+                ended = True
+                if service.trainer is not None and cur.ready.is_set():
+                    log.info("scan %s: all frames in; finishing the rrVAE (consolidation, final encode)",
+                             cur.scan_id)
     except KeyboardInterrupt:
         log.info("interrupted: stopping")
     finally:
-        if bar is not None:
+        if bar is not None and not ended:
             bar.close()
         redirect.__exit__(None, None, None)
         service.close()

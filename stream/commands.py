@@ -85,8 +85,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = GrapheneSource(args.scan, args.detector, dose=args.dose or None, defect=args.defect, seed=args.seed,
-                         scan_id=f"demo-{uuid.uuid4().hex[:6]}")
+    src = pregenerate(GrapheneSource(args.scan, args.detector, dose=args.dose or None, defect=args.defect,
+                                     seed=args.seed, scan_id=f"demo-{uuid.uuid4().hex[:6]}"))
     if args.bin is None:
         args.bin = max(1, args.detector // 64)  # the paper's 64x64 binned patterns
     cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=args.publish, control=args.control,
@@ -113,6 +113,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         png = render_headless(service, out_dir / "dashboard.png")
         print(f"dashboard screenshot: {png}")
     return code
+
+
+def pregenerate(source):
+    """The whole synthetic scan in memory, so it streams at the requested rate (generation is ~0.5 ms/frame)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from rrstem.simulators.source import ArraySource
+
+    n, (h, w) = source.n_frames, source.start.frame_shape
+    frames = np.empty((n, h, w), dtype=source.start.dtype)
+    step = 256
+    with tqdm(total=n, desc="simulating graphene", unit="frame", dynamic_ncols=True) as bar:
+        for first in range(0, n, step):
+            count = min(step, n - first)
+            frames[first:first + count] = source.chunk(first, count)
+            bar.update(count)
+    source.close()
+    return ArraySource(frames.reshape(*source.start.scan_shape, h, w), source.start)
 
 
 def _run_with_dashboard(service, dashboard: subprocess.Popen) -> int:
