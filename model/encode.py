@@ -1,7 +1,7 @@
 """The input contract of the rrVAE and encoding whole scans into maps.
 
 Input contract: the model sees ``(frame - mean) * gain`` on the pixels of its
-mask, where ``mean`` is the current running mean pattern (subtracted when a
+mask (projected on the model's PCA ``basis`` if it has one), where ``mean`` is the current running mean pattern (subtracted when a
 batch is assembled, never stored) and ``gain`` is fixed for a scan:
 ``input_std / std(first frames - their mean)``, frozen when training starts.
 
@@ -51,7 +51,7 @@ def prepare(model: RRVAE, frames: np.ndarray, mean: np.ndarray, gain: float, dev
     """(B, h, w) raw binned frames -> (B, P) model input on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device)
     m = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32)).to(device)
-    return model.flatten((x - m) * gain)
+    return model.denoise(model.flatten((x - m) * gain))
 
 
 @torch.no_grad()

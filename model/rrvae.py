@@ -57,6 +57,8 @@ class RRVAEConfig:
     translation_scale: float = 0.1  # a unit translation latent shifts by this, in grid units [-1, 1]
     phi_prior: float = 0.1  # scale s of the angle's zero-mean Gaussian prior (atomai default 0.1)
     mask_radius: float | None = None  # keep pixels with |c| <= r (grid units; 1 = inscribed circle), None = all
+    angle_head: str = "scalar"  # "scalar": phi's mean is a linear head (paper); "vector": atan2 of a 2-vector head
+    pca: int = 0  # > 0: inputs are projected on this many principal components (the ``basis`` buffer); 0 = off
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -123,22 +125,48 @@ class FastTanh(nn.Module):
         return _TanhFn.apply(x)
 
 
-class Encoder(nn.Module):
-    """Flattened (masked) frame -> mean and log std of [phi, (tx, ty), z]."""
+class _Atan2Fn(torch.autograd.Function):
+    """atan2(w, u) whose gradient has ``eps`` added to u^2 + w^2, so it stays finite near the origin."""
 
-    def __init__(self, n_in: int, n_out: int, hidden: int, layers: int):
+    @staticmethod
+    def forward(ctx, w, u, eps: float):
+        ctx.save_for_backward(w, u)
+        ctx.eps = eps
+        return torch.atan2(w, u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, u = ctx.saved_tensors
+        r2 = u * u + w * w + ctx.eps
+        return grad * u / r2, -grad * w / r2, None
+
+
+class Encoder(nn.Module):
+    """Flattened (masked) frame -> mean and log std of [phi, (tx, ty), z].
+
+    With ``angle_vector`` the mean head gives a 2-vector (u, w) for the angle
+    and phi's mean is atan2(w, u): an angle that wraps continuously, so the
+    encoder can follow a direction round the whole circle with a smooth
+    (even linear) map instead of a scalar that must jump somewhere by 2 pi.
+    """
+
+    def __init__(self, n_in: int, n_out: int, hidden: int, layers: int, angle_vector: bool = False):
         super().__init__()
         blocks, width = [], n_in
         for _ in range(layers):
             blocks += [nn.Linear(width, hidden), FastTanh()]
             width = hidden
         self.body = nn.Sequential(*blocks)
-        self.mean = nn.Linear(width, n_out)
+        self.angle_vector = angle_vector
+        self.mean = nn.Linear(width, n_out + int(angle_vector))
         self.logsd = nn.Linear(width, n_out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)  # (B, H)
-        return self.mean(h), self.logsd(h)
+        mean = self.mean(h)  # (B, n_out) or (B, 1 + n_out): [u, w, rest] with phi = atan2(w, u)
+        if self.angle_vector:
+            mean = torch.cat([_Atan2Fn.apply(mean[:, 1], mean[:, 0], 1e-4)[:, None], mean[:, 2:]], dim=1)
+        return mean, self.logsd(h)
 
 
 class Decoder(nn.Module):
@@ -179,13 +207,35 @@ class RRVAE(nn.Module):
         self.n_shift = 2 if cfg.translation else 0
         self.register_buffer("mask_index", torch.from_numpy(np.flatnonzero(mask)), persistent=False)
         self.register_buffer("grid", torch.from_numpy(coordinate_grid(*cfg.image_shape)[mask]), persistent=False)
+        if cfg.pca > 0:  # orthonormal columns spanning the kept components; part of the input contract
+            self.register_buffer("basis", torch.zeros(self.n_pixels, cfg.pca))
         n_lat = 1 + self.n_shift + cfg.latent_dim
-        self.encoder = Encoder(self.n_pixels, n_lat, cfg.hidden, cfg.encoder_layers)
+        if cfg.angle_head not in ("scalar", "vector"):
+            raise ValueError(f"angle_head must be 'scalar' or 'vector', not {cfg.angle_head!r}")
+        self.encoder = Encoder(self.n_pixels, n_lat, cfg.hidden, cfg.encoder_layers, cfg.angle_head == "vector")
         self.decoder = Decoder(cfg.latent_dim, cfg.hidden, cfg.decoder_layers)
 
     def flatten(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, h, w) frames -> (B, P) the masked pixels the model works on."""
         return frames.reshape(frames.shape[0], -1)[:, self.mask_index]  # (B, h*w) -> (B, P)
+
+    def denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P) -> (B, P) projected on the span of ``basis`` (unchanged if PCA is off or no basis is set yet)."""
+        if self.cfg.pca <= 0 or not bool(self.basis.any()):
+            return x
+        return (x @ self.basis) @ self.basis.T  # (B, k) -> (B, P)
+
+    def set_basis(self, frames: torch.Tensor) -> None:
+        """Set ``basis`` to the leading ``pca`` principal directions of (N, P) model inputs (mean-subtracted)."""
+        k = min(self.cfg.pca, frames.shape[0] - 1, frames.shape[1])
+        if k < 1:
+            return
+        a = frames - frames.mean(0)  # (N, P)
+        q = min(k + 8, *a.shape)
+        _, _, v = torch.svd_lowrank(a, q=q, niter=3)  # v: (P, q), randomised: ~(2 niter + 2) N P q flops
+        basis = torch.zeros_like(self.basis)
+        basis[:, :k] = v[:, :k]
+        self.basis.copy_(basis)
 
     def unflatten(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(B, P) -> (B, h, w), ``fill`` outside the mask."""

@@ -47,6 +47,9 @@ class TrainerConfig:
     decoder_layers: int = 2  # tanh layers after the decoder's coordinate layer
     translation: bool = False  # translation latents
     phi_prior: float = 0.1  # scale of the angle prior
+    angle_head: str = "scalar"  # "scalar" (paper) or "vector" (phi = atan2 of a 2-vector; see rrvae.Encoder)
+    pca: int = 0  # denoise inputs by projecting on this many principal components (0 = off; see refresh_basis)
+    pca_frames: int = 1024  # random arrived frames the principal components are computed from
     mask: str | float | None = "auto"  # "auto" (radius holding mask_fraction of the variance), radius, or None
     mask_fraction: float = 0.99  # variance fraction inside the auto mask
     # optimisation
@@ -74,7 +77,8 @@ class TrainerConfig:
     def model_config(self, image_shape: tuple[int, int], mask_radius: float | None) -> RRVAEConfig:
         return RRVAEConfig(image_shape=tuple(image_shape), latent_dim=self.latent_dim, hidden=self.hidden,
                            encoder_layers=self.encoder_layers, decoder_layers=self.decoder_layers,
-                           translation=self.translation, phi_prior=self.phi_prior, mask_radius=mask_radius)
+                           translation=self.translation, phi_prior=self.phi_prior, mask_radius=mask_radius,
+                           angle_head=self.angle_head, pca=self.pca)
 
     def __post_init__(self):
         if self.batch_size < 1 or (self.pixels is not None and self.pixels < 1):
@@ -292,6 +296,8 @@ class OnlineTrainer:
         self.step()
         now = time.monotonic()
         if now >= self._next_eval:
+            if self.state == "running":
+                self.refresh_basis()
             self._evaluate()
             self._next_eval = time.monotonic() + self.cfg.eval_seconds
         if now >= self._next_refresh:
@@ -308,6 +314,7 @@ class OnlineTrainer:
             self.model = None
         self.sampler = FrameSampler(len(scan.filled), self.cfg.heldout, np.random.default_rng(self.cfg.seed))
         self._gen = torch.Generator().manual_seed(self.cfg.seed)
+        self._pca_rng = np.random.default_rng(self.cfg.seed + 2)
 
     def _try_build(self) -> bool:
         """Freeze the gain and mask from the first frames and make the model, once enough have arrived."""
@@ -331,15 +338,36 @@ class OnlineTrainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self._gain = encode.input_gain(frames, first_mean, self.model.mask_index.cpu().numpy(), cfg.input_std)
         self._mean = mean
+        self.refresh_basis()
         self._eval_pixels = torch.randperm(self.model.n_pixels, generator=self._gen)[:cfg.eval_pixels].to(self.device)
         self._next_eval = self._next_refresh = time.monotonic()
         self._recon_cursor = 0
         self.state = "running"
         return True
 
+    def refresh_basis(self) -> None:
+        """Recompute the model's PCA basis (if it has one) from up to ``pca_frames`` random arrived frames.
+
+        Mean-subtracted with the current running mean and scaled by the gain,
+        like every input; nothing derived is stored per frame. While the scan
+        runs this is redone at every held-out evaluation; at scan end once,
+        and then frozen, so held-out ELBOs during consolidation are comparable.
+        """
+        if self.model is None or self.cfg.pca <= 0:
+            return
+        idx = np.flatnonzero(self.scan.filled)
+        if len(idx) > self.cfg.pca_frames:
+            idx = np.sort(self._pca_rng.choice(idx, self.cfg.pca_frames, replace=False))
+        x = torch.from_numpy(np.ascontiguousarray(self.scan.frames[idx], dtype=np.float32)).to(self.device)
+        m = torch.from_numpy(np.ascontiguousarray(self._mean, dtype=np.float32)).to(self.device)
+        x = self.model.flatten((x - m) * self._gain)  # (N, P)
+        with self._model_lock:
+            self.model.set_basis(x)
+
     def _begin_consolidation(self) -> None:
         self._mean = self.scan.mean_pattern()
         self.sampler.update(self.scan.filled)
+        self.refresh_basis()
         self.state = "consolidating"
         self._deadline = time.monotonic() + self.cfg.consolidate_seconds
         self._step_limit = self.step_count + self.cfg.consolidate_steps
