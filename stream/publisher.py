@@ -50,7 +50,7 @@ class Publisher:
 
     def header(self) -> SnapshotHeader:
         cur = self.service.current
-        h = SnapshotHeader(seq=self.seq, error=self.service.errors[-1] if self.service.errors else None,
+        h = SnapshotHeader(seq=self.seq, error=self.service.last_error(),
                            frames_per_s=self.frames_per_s(),
                            control=self.control_endpoint, orphans=dict(self.service.orphans))
         if self.service.trainer is not None:

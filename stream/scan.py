@@ -8,6 +8,7 @@ store through ``data``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -40,8 +41,23 @@ class RateLimitedLog:
             self._log.warning(msg + suffix, *args)
 
 
+def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) -> None:
+    """Refuse a scan whose preallocated frame store could not fit in this machine's memory."""
+    h, w = start.frame_shape
+    need = start.n_positions * (-(-h // cfg.bin)) * (-(-w // cfg.bin)) * 4  # float32 binned frames
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on Linux: no check
+        return
+    if need > fraction * total:
+        raise ValueError(f"scan {start.scan_id} ({start.scan_shape[0]}x{start.scan_shape[1]} positions of "
+                         f"{h}x{w} frames at bin {cfg.bin}) needs {need / 2**30:.1f} GiB for its binned frames; "
+                         f"this machine has {total / 2**30:.1f} GiB: use a larger --bin or --crop")
+
+
 class ScanState:
     def __init__(self, start: Start, cfg: PreprocessConfig, lossy: bool = False):
+        check_memory(start, cfg)
         self.start = start
         self.cfg = cfg
         self.lossy = lossy  # SUB mode: positions that never arrived were dropped, not missing

@@ -81,6 +81,8 @@ class Service:
         self.current: ScanState | None = None
         self.finished: deque[ScanState] = deque(maxlen=8)
         self.seen_ids: set[str] = set()
+        self.rejected: set[str] = set()  # scans whose start was refused
+        self.notice: str | None = None  # the latest refused input, shown until the next scan starts
         self.orphans: Counter[str] = Counter()  # bad input that belongs to no scan, by reason
         self.errors: list[str] = []
         self.results_written: list[tuple[str, Path]] = []
@@ -170,6 +172,15 @@ class Service:
             log.exception("worker failed")
             self.stop_event.set()
 
+    def last_error(self) -> str | None:
+        """The newest worker failure, else the latest refused scan, for the dashboard's banner."""
+        if self.errors:
+            return self.errors[-1]
+        err = getattr(self.trainer, "error", None)
+        if err is not None:
+            return f"rrVAE {type(self.trainer).__name__} failed: {err!r}"
+        return self.notice
+
     def _report(self, message: str) -> None:
         self.errors.append(message)
         del self.errors[:-20]
@@ -199,10 +210,19 @@ class Service:
             if cur is not None and not cur.ended:
                 log.warning("scan %s had no end message; it ends at the start of scan %s", cur.scan_id, start.scan_id)
                 self._end_scan(cur, None)
+            try:
+                state = ScanState(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub")
+            except ValueError as exc:  # the scan cannot be taken; its frames are counted, not processed
+                self.rejected.add(start.scan_id)
+                self.orphans["rejected_start"] += 1
+                self.notice = f"scan {start.scan_id} rejected: {exc}"
+                log.error("scan %s rejected: %s", start.scan_id, exc)
+                return
             if start.scan_id in self.seen_ids:
                 log.warning("scan id %s seen before: its results will be replaced", start.scan_id)
             self.seen_ids.add(start.scan_id)
-            self.current = ScanState(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub")
+            self.rejected.discard(start.scan_id)
+            self.current, self.notice = state, None
             log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
                      start.dtype)
         elif item.kind == "frames":
@@ -231,6 +251,9 @@ class Service:
 
     def _stale(self, item: Item, cur: ScanState | None) -> None:
         n = item.message.count
+        if item.scan_id in self.rejected:
+            self.orphans["rejected_scan"] += n
+            return  # the rejection was logged once, at its start
         if cur is not None and not cur.ended and item.scan_id in self.seen_ids:
             cur.counters["stale"] += n
             cur.log.warning("stale", "scan %s: %d stale frame(s) of earlier scan %s", cur.scan_id, n, item.scan_id)

@@ -198,3 +198,25 @@ def test_scan_after_scan_in_one_file(make_service, sender_for):
     with h5py.File(path) as f:
         assert sorted(f["scans"]) == ["scan0", "scan1"]
         assert f.attrs["format"] == "rrstem-results"
+
+
+def test_a_scan_too_large_for_memory_is_refused_and_the_next_one_runs(make_service, sender_for):
+    svc = make_service()
+    s = sender_for(svc)
+    s.start("huge", (16384, 16384), (256, 256))  # 4 TiB of binned frames
+    s.frames("huge", 0, np.zeros((2, 256, 256), np.uint16))
+    frames = disc_frames(3, 3, seed=9)
+    with ControlClient(svc.control_endpoint, timeout=5) as ctl:
+        deadline = time.monotonic() + 10
+        while svc.orphans["rejected_scan"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        error = ctl.request("status")["status"]["error"]  # what the dashboard's banner shows
+    assert "huge" in error and "--bin" in error and "GiB" in error
+    assert svc.orphans["rejected_start"] == 1
+    s.start("ok", (3, 3), (32, 32))
+    s.frames("ok", 0, frames.reshape(9, 32, 32))
+    s.end("ok", 9)
+    res = read_scan(wait_results(svc))
+    assert res["scan_id"] == "ok" and res["attrs"]["counters"]["received"] == 9
+    assert svc.last_error() is None  # cleared by the accepted scan
