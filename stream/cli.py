@@ -119,7 +119,7 @@ def run_service(service, progress: bool = True, stop_after: float | None = None)
 def cmd_serve(args: argparse.Namespace) -> int:
     from rrstem.stream.service import Service, ServiceConfig
 
-    cfg = ServiceConfig(listen=args.listen, bind=args.bind, mode="sub" if args.sub else "pull",
+    cfg = ServiceConfig(listen=args.listen, bind=args.bind, mode="sub" if args.sub else "pull", protocol=args.protocol,
                         publish=args.publish, control=args.control, out=args.out, scan_shape=args.scan_shape,
                         preprocess=preprocess_config(args), train=not args.no_train,
                         trainer=trainer_overrides(args), device=args.device, once=args.once)
@@ -135,6 +135,7 @@ def add_serve_args(sub) -> None:
                    help="frames endpoint; connects to the sender unless --bind (default tcp://127.0.0.1:5555)")
     p.add_argument("--bind", action="store_true", help="bind the frames endpoint instead of connecting")
     p.add_argument("--sub", action="store_true", help="tap a PUB stream (lossy; losses are counted)")
+    p.add_argument("--protocol", default="rrstem", help="sender's wire protocol (default rrstem; see docs/protocol.md)")
     p.add_argument("--publish", default="tcp://127.0.0.1:5556", metavar="EP", help="snapshot PUB endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", metavar="EP", help="control REP endpoint")
     p.add_argument("--out", type=Path, default=Path("rrstem-results.h5"), metavar="RESULTS.h5",

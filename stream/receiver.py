@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zmq
@@ -38,17 +38,23 @@ class Item:
     count: int = 0  # frames affected, for bad frames messages
 
 
+class Decoder(Protocol):
+    """Turns one multipart message into items. Detector adapters implement this too."""
+
+    def decode(self, parts: list[Any]) -> Item | list[Item]: ...
+
+
 class Receiver(threading.Thread):
     """Reads one socket until ``stop`` is set. Stores its exception in ``error`` if it fails."""
 
     def __init__(self, context: zmq.Context, endpoint: str, out: queue.Queue, stop: threading.Event,
-                 bind: bool = False, mode: str = "pull", hwm: int = 64):
+                 bind: bool = False, mode: str = "pull", hwm: int = 64, decoder: Decoder | None = None):
         super().__init__(name="rrstem-receiver", daemon=True)
         if mode not in ("pull", "sub"):
             raise ValueError(f"receiver mode must be 'pull' or 'sub', got {mode!r}")
         self.out, self.stop, self.mode = out, stop, mode
+        self.decoder = decoder or RrstemDecoder()
         self.error: BaseException | None = None
-        self._starts: dict[str, Start] = {}
         self.sock = context.socket(zmq.PULL if mode == "pull" else zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -68,7 +74,9 @@ class Receiver(threading.Thread):
                     continue
                 parts = self.sock.recv_multipart(copy=False)
                 self.messages += 1
-                self._put(self.decode(parts))
+                items = self.decoder.decode(parts)
+                for item in items if isinstance(items, list) else [items]:
+                    self._put(item)
         except BaseException as exc:  # stored and reported by the service
             self.error = exc
             log.exception("receiver failed")
@@ -82,6 +90,14 @@ class Receiver(threading.Thread):
                 return
             except queue.Full:
                 continue  # back-pressure: stop reading the socket until the pipeline catches up
+
+
+
+class RrstemDecoder:
+    """The ``rrstem/1`` protocol: headers validated, frame buffers size-checked against their scan's start."""
+
+    def __init__(self):
+        self._starts: dict[str, Start] = {}
 
     def decode(self, parts: list[Any]) -> Item:
         try:

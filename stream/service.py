@@ -29,6 +29,7 @@ from rrstem.stream.protocol import Start
 from rrstem.stream.receiver import Item, Receiver
 from rrstem.stream.results import write_scan
 from rrstem.stream.scan import ScanState
+from rrstem.stream.detectors import decoder_for
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.snapshot import Snapshot
 
@@ -43,6 +44,7 @@ class ServiceConfig(BaseModel):
     listen: str = Field("tcp://127.0.0.1:5555", description="Frames endpoint (detector or simulator).")
     bind: bool = Field(False, description="Bind the frames socket instead of connecting to the sender.")
     mode: Literal["pull", "sub"] = Field("pull", description="pull: lossless; sub: tap a PUB stream.")
+    protocol: str = Field("rrstem", description="Wire protocol of the sender (see stream/detectors.py).")
     publish: str | None = Field("tcp://127.0.0.1:5556", description="Snapshot PUB endpoint (bound); None: off.")
     control: str | None = Field("tcp://127.0.0.1:5557", description="Control REP endpoint (bound); None: off.")
     out: Path | None = Field(Path("rrstem-results.h5"), description="Results file; None: do not write.")
@@ -100,7 +102,7 @@ class Service:
 
             self.trainer = OnlineTrainer(TrainerConfig(**config.trainer), device=config.device)
         self.receiver = Receiver(self.ctx, config.listen, self.queue, self.stop_event, bind=config.bind,
-                                 mode=config.mode)
+                                 mode=config.mode, decoder=decoder_for(config.protocol, config.scan_shape))
         self.publisher = Publisher(self, self.ctx, config.publish, config.control)
         self._threads = [
             self.receiver,
