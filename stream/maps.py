@@ -59,9 +59,13 @@ class PositionSums:
     def unit(self) -> str:
         return "mrad" if self.pixel_mrad else "px"
 
-    def update(self, indices: np.ndarray, binned: np.ndarray) -> None:
-        flat = binned.reshape(len(indices), -1).astype(np.float64)  # (n, P)
-        self.sums[indices] = flat @ self._weights  # (n, 5)
+    def products(self, binned: np.ndarray) -> np.ndarray:
+        """(n, 5) float64 sums of each binned frame; column 0 is its total intensity."""
+        return binned.reshape(len(binned), -1).astype(np.float64) @ self._weights  # (n, P) x (P, 5)
+
+    def update(self, indices: np.ndarray, binned: np.ndarray, products: np.ndarray | None = None) -> None:
+        """Take frames at ``indices``; pass ``products`` if already computed from ``binned``."""
+        self.sums[indices] = self.products(binned) if products is None else products
         self.filled[indices] = True
 
     def merge(self, other: "PositionSums") -> None:

@@ -159,7 +159,8 @@ class ScanState:
 
     def _process(self, idx: np.ndarray, raw: np.ndarray) -> None:
         binned = self.binner(raw)
-        totals = binned.reshape(len(idx), -1).sum(axis=1, dtype=np.float64)
+        products = self.positions.products(binned)  # the per-frame sums, computed once
+        totals = products[:, 0]
         ok = np.isfinite(totals) & (totals != 0)
         if not ok.all():
             nonfinite = ~np.isfinite(totals)
@@ -168,13 +169,13 @@ class ScanState:
             zero = np.isfinite(totals) & (totals == 0)
             if zero.any():
                 self.invalid("zero_sum", int(zero.sum()), f"frame sum is zero (no COM), first index {idx[zero][0]}")
-            idx, binned = idx[ok], binned[ok]
+            idx, binned, products = idx[ok], binned[ok], products[ok]
             if not len(idx):
                 return
         self.arrived[idx] = True
         with self._lock:
             self.sums.update(idx, binned)
-            self.positions.update(idx, binned)
+            self.positions.update(idx, binned, products)
         self.store.put(idx, binned)
         self.counters["received"] += len(idx)
         self.last_frame_at = time.perf_counter()
