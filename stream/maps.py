@@ -60,8 +60,12 @@ class PositionSums:
         return "mrad" if self.pixel_mrad else "px"
 
     def products(self, binned: np.ndarray) -> np.ndarray:
-        """(n, 5) float64 sums of each binned frame; column 0 is its total intensity."""
-        return binned.reshape(len(binned), -1).astype(np.float64) @ self._weights  # (n, P) x (P, 5)
+        """(n, 5) float64 sums of each binned frame; column 0 is its total intensity.
+
+        NaN or Inf pixels give non-finite sums, which the caller counts as invalid frames.
+        """
+        with np.errstate(invalid="ignore", over="ignore"):
+            return binned.reshape(len(binned), -1).astype(np.float64) @ self._weights  # (n, P) x (P, 5)
 
     def update(self, indices: np.ndarray, binned: np.ndarray, products: np.ndarray | None = None) -> None:
         """Take frames at ``indices``; pass ``products`` if already computed from ``binned``."""
