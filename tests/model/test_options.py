@@ -1,6 +1,7 @@
 """Options beyond the paper: the vector angle head and PCA-denoised inputs (known answers)."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from feeder import streamed_scan
 from rrstem.model import checkpoint, encode
 from rrstem.model.rrvae import RRVAE, RRVAEConfig
 from rrstem.model.trainer import OnlineTrainer, TrainerConfig
+from rrstem.stream.store import ScanData
 from test_trainer import FAST, tilted_discs
 
 
@@ -84,3 +86,16 @@ def test_trainer_refreshes_the_basis_while_running_and_freezes_it_at_scan_end():
     assert torch.equal(tr.model.basis, frozen)
     x = encode.prepare(tr.model, data.frames[:5], tr._mean, tr._gain, "cpu")  # the input contract applies it
     assert torch.allclose(tr.model.denoise(x), x, atol=1e-4)
+
+
+def test_learning_rate_falls_linearly_over_the_consolidation():
+    data = ScanData.from_array("done", tilted_discs())  # ended: consolidation from the first step
+    cfg = TrainerConfig(**{**FAST, "lr": 1e-3, "lr_final": 0.1, "consolidate_seconds": 10.0})
+    tr = OnlineTrainer(cfg)
+    tr._begin(data)
+    assert tr._try_build()
+    tr._begin_consolidation()
+    for elapsed, expect in ((5.0, 1e-3 * (1 - 0.9 * 0.5)), (20.0, 1e-4)):  # half-way, then past the deadline
+        tr._consolidation_t0 = time.monotonic() - elapsed
+        tr.step()
+        assert tr.opt.param_groups[0]["lr"] == pytest.approx(expect, rel=1e-3)
