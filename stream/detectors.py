@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from rrstem.stream.dectris import SimplonDecoder, Stream2Decoder
 from rrstem.stream.receiver import Decoder, RrstemDecoder
 
 #: protocol name -> factory(scan_shape or None) -> Decoder
 DECODERS: dict[str, Callable[[tuple[int, int] | None], Decoder]] = {
     "rrstem": lambda scan_shape: RrstemDecoder(),
+    "simplon": SimplonDecoder,  # DECTRIS SIMPLON stream v1 ("legacy"), stream/dectris.py
+    "stream2": Stream2Decoder,  # DECTRIS SIMPLON stream2 (CBOR), stream/dectris.py
 }
 
 

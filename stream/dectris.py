@@ -1,0 +1,450 @@
+"""DECTRIS SIMPLON stream adapters: legacy stream (v1, JSON multipart) and stream2 (CBOR).
+
+Both turn a detector series into one rrstem scan: the series header becomes a
+``start`` item (scan id from the series id, frame shape and dtype from the
+header, calibration where the header has it), every image a one-frame
+``frames`` item at the image number's scan index, and the series end an
+``end`` item. The scan shape is not part of either protocol; the decoder is
+given it (``rrstem serve --scan-shape``). Every malformed message becomes a
+``bad`` item with a reason; ``decode`` never raises.
+
+Legacy (``simplon``): ``dheader-1.0`` (header detail ``none``: one part;
+``basic``: + detector config JSON; ``all``: + flatfield, pixel mask and count
+rate table, each a JSON part and a data part), ``dimage-1.0`` (``dimage``
+JSON, ``dimage_d`` JSON with ``shape`` [x, y], ``type``, ``encoding``,
+``size``, the data, ``dconfig`` JSON) and ``dseries_end-1.0``. Encodings:
+``<`` / ``>`` (raw), ``lz4<`` (one LZ4 block), ``bs8|16|32-lz4<``
+(bitshuffle + LZ4 in the HDF5 filter's framing).
+
+stream2 (``stream2``): one CBOR map per message, ``type`` start / image /
+end. Image data is ``data: {channel: tag 40 [[h, w], typed array]}`` (RFC
+8746); the typed array's bytes may be a DECTRIS tag 56500
+``[algorithm, modifier, bytes]``, algorithm ``bslz4`` (modifier: element size)
+or ``lz4``, both in the HDF5 filters' framing. The start message carries no
+pixel type, so the scan starts at the first image, whose typed-array tag
+gives it. Only the first channel (threshold) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import bitshuffle
+import cbor2
+import lz4.block
+import numpy as np
+from pydantic import ValidationError
+
+from rrstem.stream.protocol import DTYPES, Calibration, End, Frames, Start
+from rrstem.stream.receiver import Item
+
+#: HDF5 LZ4 / bitshuffle filter framing: uncompressed bytes (u64) and block bytes (u32), big-endian.
+H5_HEADER = struct.Struct(">QI")
+_BLOCK_SIZE = struct.Struct(">I")
+#: RFC 8746 typed-array tags for the pixel types rrstem takes (little-endian, plus uint8).
+TYPED_ARRAY_TAGS = {64: "uint8", 69: "uint16", 70: "uint32", 77: "int16", 78: "int32", 85: "float32", 86: "float64"}
+MULTIDIM_ROW_MAJOR, DECTRIS_COMPRESSION = 40, 56500
+_SCAN_ID_CHARS = re.compile(r"[^A-Za-z0-9_.:+-]")
+_ENCODING = re.compile(r"(?:bs(?P<bits>8|16|32|64)-)?(?P<lz4>lz4)?(?P<order>[<>])")
+
+
+class BadMessage(ValueError):
+    """A message this adapter rejects; ``reason`` is the counter it is filed under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+# --- compression: the libraries do the codecs; only the HDF5 filter framing is read here ---------
+
+
+def decompress(data, algorithm: str, elem_size: int, nbytes: int) -> bytes | np.ndarray:
+    """Decompress ``data`` to exactly ``nbytes`` bytes.
+
+    ``algorithm``: ``lz4-block`` (one bare LZ4 block), ``lz4`` or ``bslz4``
+    (HDF5 framing). The framing is checked against ``nbytes`` before anything
+    is allocated, and the bitshuffle block sizes against the buffer before the
+    library reads it (it trusts them). Raises ``BadMessage``.
+    """
+    data = memoryview(data).cast("B")
+    try:
+        if algorithm == "lz4-block":
+            out = lz4.block.decompress(data, uncompressed_size=nbytes)
+        elif algorithm in ("lz4", "bslz4"):
+            if data.nbytes < H5_HEADER.size:
+                raise BadMessage("bad_compression", f"{algorithm} data of {data.nbytes} bytes has no 12-byte header")
+            total, block = H5_HEADER.unpack_from(data)
+            if total != nbytes:
+                raise BadMessage("bad_size", f"{algorithm} data holds {total} bytes, expected {nbytes}")
+            if algorithm == "lz4":
+                out = _lz4_blocks(data[H5_HEADER.size:], total, block)
+            else:
+                out = _bslz4(data[H5_HEADER.size:], total, block, elem_size)
+        else:
+            raise BadMessage("unsupported_compression", f"compression {algorithm!r} is not supported; "
+                             "use none, lz4 or bslz4")
+    except BadMessage:
+        raise
+    except Exception as exc:  # the codecs raise several types on corrupt input
+        raise BadMessage("bad_compression", f"{algorithm} data does not decompress ({type(exc).__name__}: {exc})")
+    got = out.nbytes if isinstance(out, np.ndarray) else len(out)
+    if got != nbytes:
+        raise BadMessage("bad_size", f"{algorithm} data decompressed to {got} bytes, expected {nbytes}")
+    return out
+
+
+def _lz4_blocks(data: memoryview, total: int, block: int) -> bytes:
+    if block == 0:
+        raise BadMessage("bad_compression", "lz4 block size is 0")
+    out, pos = [], 0
+    for start in range(0, total, block):
+        size = min(block, total - start)
+        (csize,) = _BLOCK_SIZE.unpack_from(data, pos)
+        chunk = data[pos + 4:pos + 4 + csize]
+        pos += 4 + csize
+        out.append(bytes(chunk) if csize == size else lz4.block.decompress(chunk, uncompressed_size=size))
+    return b"".join(out)
+
+
+def _bslz4(data: memoryview, total: int, block: int, elem_size: int) -> np.ndarray:
+    if elem_size not in (1, 2, 4, 8) or total % elem_size or block == 0 or block % (8 * elem_size):
+        raise BadMessage("bad_compression", f"bslz4 element size {elem_size} / block of {block} bytes "
+                         f"do not fit {total} bytes")
+    n, per_block = total // elem_size, block // elem_size
+    blocks = n // per_block + (n % per_block >= 8)
+    pos = 0
+    for _ in range(blocks):  # every block is a big-endian size and that many LZ4 bytes
+        if pos + 4 > data.nbytes:
+            raise BadMessage("bad_compression", "bslz4 data is truncated")
+        pos += 4 + _BLOCK_SIZE.unpack_from(data, pos)[0]
+    if pos + (n % 8) * elem_size != data.nbytes:
+        raise BadMessage("bad_compression", f"bslz4 blocks hold {data.nbytes} bytes, expected "
+                         f"{pos + (n % 8) * elem_size}")
+    return bitshuffle.decompress_lz4(np.frombuffer(data, np.uint8), (n,), np.dtype(f"u{elem_size}"), per_block)
+
+
+def compress(frame: np.ndarray, algorithm: str) -> bytes:
+    """The inverse of ``decompress`` for one C-contiguous array (used by the simulators)."""
+    raw = np.ascontiguousarray(frame).reshape(-1)
+    if algorithm == "lz4-block":
+        return lz4.block.compress(raw.tobytes(), store_size=False)
+    if algorithm == "lz4":
+        block, parts = 1 << 16, []
+        buf = raw.tobytes()
+        for start in range(0, len(buf), block):
+            packed = lz4.block.compress(buf[start:start + block], store_size=False)
+            plain = buf[start:start + block]
+            packed = packed if len(packed) < len(plain) else plain  # stored as is when LZ4 does not help
+            parts += [_BLOCK_SIZE.pack(len(packed)), packed]
+        return H5_HEADER.pack(len(buf), block) + b"".join(parts)
+    if algorithm == "bslz4":
+        per_block = max(8, 8192 // raw.itemsize // 8 * 8)  # the HDF5 filter's 8 kB default
+        payload = bitshuffle.compress_lz4(raw, per_block)
+        return H5_HEADER.pack(raw.nbytes, per_block * raw.itemsize) + payload.tobytes()
+    raise ValueError(f"compression {algorithm!r} is not supported; use lz4-block, lz4 or bslz4")
+
+
+# --- one detector series -> one rrstem scan ----------------------------------------------------
+
+
+@dataclass
+class _Series:
+    key: Any  # the detector's series id
+    scan_id: str
+    frame_shape: tuple[int, int] | None
+    dtype: str | None
+    calibration: dict[str, float]
+    metadata: dict[str, Any]
+    channel: str | None = None
+    start: Start | None = None
+    images: int = 0  # image messages seen, valid or not: the series' frames_sent
+
+
+def scan_id_for(series_id: int, unique_id: Any = None) -> str:
+    """The rrstem scan id of a series: its unique id where it has one (made safe), else ``series-N``."""
+    if isinstance(unique_id, str):
+        safe = _SCAN_ID_CHARS.sub("_", unique_id)[:128]
+        if safe.strip("_"):
+            return safe
+    return f"series-{series_id}"
+
+
+def calibration(energy_ev: Any, pixel_m: Any, distance_m: Any) -> dict[str, float]:
+    """Beam energy (eV) -> keV; pixel size and detector distance (m) -> mrad per pixel, where both are known."""
+    ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    cal = {}
+    if ok(energy_ev):
+        cal["energy_kev"] = energy_ev / 1000.0
+    if ok(pixel_m) and ok(distance_m):
+        cal["detector_pixel_mrad"] = 1000.0 * math.atan(pixel_m / distance_m)
+    return cal
+
+
+def _scalars(d: dict) -> dict[str, Any]:
+    """The JSON scalar fields of a header, for the results file's metadata."""
+    return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))
+            and not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def _uint(d: dict, key: str, what: str) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise BadMessage("bad_header", f"{what} has no non-negative integer {key!r} (got {v!r})")
+    return v
+
+
+class DetectorDecoder:
+    """Series bookkeeping shared by the DECTRIS decoders; subclasses implement ``_decode``."""
+
+    protocol = ""
+
+    def __init__(self, scan_shape: tuple[int, int] | None):
+        if scan_shape is None:
+            raise ValueError(f"the {self.protocol} protocol does not carry the scan shape: pass it with "
+                             f"--scan-shape NYxNX, e.g. rrstem serve --protocol {self.protocol} --scan-shape 64x64")
+        ny, nx = (int(v) for v in scan_shape)
+        if ny < 1 or nx < 1:
+            raise ValueError(f"scan shape must be positive, got {scan_shape!r}")
+        self.scan_shape = (ny, nx)
+        self.series: _Series | None = None
+
+    def decode(self, parts: list[Any]) -> Item | list[Item]:
+        try:
+            return self._decode(parts)
+        except BadMessage as exc:
+            return Item("bad", reason=exc.reason, detail=f"{self.protocol}: {exc}")
+        except Exception as exc:  # a malformed message must never stop the receiver
+            return Item("bad", reason="undecodable", detail=f"{self.protocol}: {type(exc).__name__}: {exc}")
+
+    def _decode(self, parts: list[Any]) -> Item | list[Item]:
+        raise NotImplementedError
+
+    def _begin(self, series: _Series) -> list[Item]:
+        """A series header: the scan starts now if its frame shape and dtype are known, else at its first image."""
+        self.series = series
+        return [self._start()] if series.frame_shape and series.dtype else []
+
+    def _start(self) -> Item:
+        s = self.series
+        try:
+            s.start = Start(scan_id=s.scan_id, scan_shape=self.scan_shape, frame_shape=s.frame_shape, dtype=s.dtype,
+                            calibration=Calibration(**s.calibration), metadata=s.metadata)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise BadMessage("bad_header", f"series {s.key} cannot start a scan: {where}: {first['msg']}") from None
+        return Item("start", s.start, scan_id=s.scan_id)
+
+    def _image(self, key: Any, index: int, parse: Callable[[], tuple[tuple[int, int], str, Callable]]) -> list[Item]:
+        """One image: ``parse()`` returns its (h, w), dtype and a function that returns its pixels."""
+        s = self.series
+        if s is None or s.key != key:
+            return [Item("bad", reason="no_start", detail=f"{self.protocol}: image {index} of series {key} arrived "
+                         "without its series header", count=1)]
+        s.images += 1
+        items = []
+        try:
+            shape, dtype, pixels = parse()
+            if s.start is None:
+                s.frame_shape, s.dtype = s.frame_shape or shape, s.dtype or dtype
+                items.append(self._start())
+            st = s.start
+            if shape != st.frame_shape or dtype != st.dtype:
+                raise BadMessage("bad_shape", f"image is {shape[0]}x{shape[1]} {dtype}; the series is "
+                                 f"{st.frame_shape[0]}x{st.frame_shape[1]} {st.dtype}")
+            frame = pixels().reshape(1, *shape)  # (1, h, w)
+            items.append(Item("frames", Frames(scan_id=s.scan_id, first=index, count=1), frames=frame,
+                              scan_id=s.scan_id, count=1))
+        except BadMessage as exc:
+            items.append(Item("bad", reason=exc.reason, detail=f"{self.protocol}: series {key} image {index}: {exc}",
+                              scan_id=s.scan_id, count=1))
+        return items
+
+    def _end(self, key: Any, scan_id: str) -> list[Item]:
+        s = self.series
+        if s is None or s.key != key:  # the service counts an end it has no scan for
+            return [Item("end", End(scan_id=scan_id, frames_sent=0), scan_id=scan_id)]
+        self.series = None
+        if s.start is None:
+            return [Item("bad", reason="empty_series", detail=f"{self.protocol}: series {key} ended without images",
+                         scan_id=s.scan_id)]
+        return [Item("end", End(scan_id=s.scan_id, frames_sent=s.images), scan_id=s.scan_id)]
+
+
+def _pixels(buffer, dtype: str, order: str, shape: tuple[int, int], algorithm: str | None, elem_size: int):
+    """A function returning the (h, w) little-endian pixels of ``buffer``, decompressed if need be."""
+    little = np.dtype(dtype).newbyteorder("<")
+    nbytes = shape[0] * shape[1] * little.itemsize
+
+    def pixels() -> np.ndarray:
+        raw = buffer if algorithm is None else decompress(buffer, algorithm, elem_size, nbytes)
+        got = memoryview(raw).nbytes
+        if got != nbytes:
+            raise BadMessage("bad_size", f"image data has {got} bytes, expected {nbytes} ({shape[0]}x{shape[1]} {dtype})")
+        arr = np.frombuffer(raw, dtype=little.newbyteorder(order))
+        return arr if order == "<" or little.itemsize == 1 else arr.astype(little)
+
+    return pixels
+
+
+# --- legacy SIMPLON stream (v1) -----------------------------------------------------------------
+
+
+def _json(part, what: str) -> dict:
+    buf = part.buffer if hasattr(part, "buffer") else part
+    try:
+        obj = json.loads(bytes(buf))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadMessage("undecodable", f"{what} is not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BadMessage("undecodable", f"{what} is not a JSON object")
+    return obj
+
+
+class SimplonDecoder(DetectorDecoder):
+    """SIMPLON stream v1 ("legacy"): JSON multipart messages, ``htype`` dheader / dimage / dseries_end."""
+
+    protocol = "simplon"
+    _PARTS = {"none": 1, "basic": 2, "all": 8}  # least parts of a dheader-1.0 message per header detail
+
+    def _decode(self, parts):
+        head = _json(parts[0], "part 0")
+        htype = head.get("htype")
+        if htype == "dheader-1.0":
+            return self._header(head, parts)
+        if htype == "dimage-1.0":
+            series, frame = _uint(head, "series", "dimage-1.0"), _uint(head, "frame", "dimage-1.0")
+            return self._image(series, frame, lambda: self._parse_image(parts, frame))
+        if htype == "dseries_end-1.0":
+            series = _uint(head, "series", "dseries_end-1.0")
+            return self._end(series, scan_id_for(series))
+        raise BadMessage("unknown_message", f"unknown htype {htype!r}; expected dheader-1.0, dimage-1.0 or "
+                         "dseries_end-1.0")
+
+    def _header(self, head: dict, parts) -> list[Item]:
+        series = _uint(head, "series", "dheader-1.0")
+        detail = head.get("header_detail", "basic")
+        need = self._PARTS.get(detail)
+        if need is None:
+            raise BadMessage("bad_header", f"header_detail {detail!r} is not one of all, basic, none")
+        if len(parts) < need:
+            raise BadMessage("missing_part", f"dheader-1.0 ({detail}) has {len(parts)} parts, expected {need} or more")
+        config = _json(parts[1], "detector config (dheader part 1)") if need > 1 else {}
+        w, h = config.get("x_pixels_in_detector"), config.get("y_pixels_in_detector")
+        shape = (h, w) if isinstance(w, int) and isinstance(h, int) else None
+        dtype = {8: "uint8", 16: "uint16", 32: "uint32"}.get(config.get("bit_depth_image"))
+        cal = calibration(config.get("incident_energy", config.get("photon_energy")), config.get("x_pixel_size"),
+                          config.get("detector_distance"))
+        meta = {**_scalars(config), "detector_protocol": "simplon", "series": series, "header_detail": detail}
+        return self._begin(_Series(series, scan_id_for(series), shape, dtype, cal, meta))
+
+    def _parse_image(self, parts, frame: int):
+        if len(parts) < 3:
+            raise BadMessage("missing_part", f"dimage-1.0 has {len(parts)} parts, expected 4 (dimage, dimage_d, "
+                             "data, dconfig)")
+        d = _json(parts[1], "dimage_d part")
+        if d.get("htype") != "dimage_d-1.0":
+            raise BadMessage("bad_header", f"part 1 of an image is {d.get('htype')!r}, expected dimage_d-1.0")
+        shape, dtype, enc = d.get("shape"), d.get("type"), d.get("encoding", "")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise BadMessage("bad_header", f"dimage_d shape {shape!r} is not [x, y]")
+        if dtype not in DTYPES:
+            raise BadMessage("bad_dtype", f"pixel type {dtype!r} is not one of {', '.join(DTYPES)}")
+        m = _ENCODING.fullmatch(enc) if isinstance(enc, str) else None
+        if m is None:
+            raise BadMessage("unsupported_compression", f"encoding {enc!r} is not <, lz4< or bs8/16/32-lz4<")
+        buffer = parts[2].buffer if hasattr(parts[2], "buffer") else parts[2]
+        size = d.get("size")
+        if size is not None and size != memoryview(buffer).nbytes:
+            raise BadMessage("bad_size", f"data part has {memoryview(buffer).nbytes} bytes, dimage_d says {size}")
+        algorithm = ("bslz4" if m["bits"] else "lz4-block") if m["lz4"] else None
+        elem = int(m["bits"]) // 8 if m["bits"] else 1
+        return (shape[1], shape[0]), dtype, _pixels(buffer, dtype, m["order"], (shape[1], shape[0]), algorithm, elem)
+
+
+# --- SIMPLON stream2 (CBOR) ---------------------------------------------------------------------
+
+
+def _tag(obj: Any, number: int, what: str):
+    if not isinstance(obj, cbor2.CBORTag) or obj.tag != number:
+        got = f"tag {obj.tag}" if isinstance(obj, cbor2.CBORTag) else type(obj).__name__
+        raise BadMessage("bad_data", f"{what} is {got}, expected CBOR tag {number}")
+    return obj.value
+
+
+class Stream2Decoder(DetectorDecoder):
+    """SIMPLON stream2: one CBOR map per message, ``type`` start / image / end."""
+
+    protocol = "stream2"
+
+    def _decode(self, parts):
+        if len(parts) != 1:
+            raise BadMessage("extra_part", f"stream2 messages have one part, this one has {len(parts)}")
+        buf = parts[0].buffer if hasattr(parts[0], "buffer") else parts[0]
+        try:
+            msg = cbor2.loads(buf)
+        except Exception as exc:  # cbor2 raises several types
+            raise BadMessage("undecodable", f"message is not CBOR ({type(exc).__name__}: {exc})") from None
+        if not isinstance(msg, dict):
+            raise BadMessage("undecodable", "message is not a CBOR map")
+        kind = msg.get("type")
+        if kind not in ("start", "image", "end"):
+            raise BadMessage("unknown_message", f"unknown message type {kind!r}; expected start, image or end")
+        series = _uint(msg, "series_id", f"stream2 {kind} message")
+        key = (series, msg.get("series_unique_id"))
+        if kind == "start":
+            return self._start_msg(msg, key)
+        if kind == "end":
+            return self._end(key, scan_id_for(*key))
+        index = _uint(msg, "image_id", "stream2 image message")
+        return self._image(key, index, lambda: self._parse_image(msg))
+
+    def _start_msg(self, msg: dict, key) -> list[Item]:
+        w, h = msg.get("image_size_x"), msg.get("image_size_y")
+        shape = (h, w) if isinstance(w, int) and isinstance(h, int) else None
+        translation = msg.get("detector_translation")
+        distance = msg.get("detector_distance")
+        if distance is None and isinstance(translation, (list, tuple)) and len(translation) == 3:
+            distance = translation[2]  # along the beam: sample to detector
+        cal = calibration(msg.get("incident_energy"), msg.get("pixel_size_x"), distance)
+        channels = msg.get("channels")
+        meta = {**_scalars(msg), "detector_protocol": "stream2"}
+        meta.pop("type", None)
+        series = _Series(key, scan_id_for(*key), shape, None, cal, meta)
+        series.channel = channels[0] if isinstance(channels, (list, tuple)) and channels else None
+        return self._begin(series)
+
+    def _parse_image(self, msg: dict):
+        data = msg.get("data")
+        if not isinstance(data, dict) or not data:
+            raise BadMessage("bad_data", "image message has no data map")
+        channel = self.series.channel if self.series.channel in data else next(iter(data))
+        value = _tag(data[channel], MULTIDIM_ROW_MAJOR, f"data[{channel!r}]")
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise BadMessage("bad_data", "multi-dimensional array is not [dimensions, array]")
+        dims, typed = value
+        if not (isinstance(dims, (list, tuple)) and len(dims) == 2 and all(isinstance(v, int) and v > 0 for v in dims)):
+            raise BadMessage("bad_data", f"image dimensions {dims!r} are not [height, width]")
+        if not isinstance(typed, cbor2.CBORTag) or typed.tag not in TYPED_ARRAY_TAGS:
+            got = typed.tag if isinstance(typed, cbor2.CBORTag) else type(typed).__name__
+            raise BadMessage("bad_dtype", f"typed array {got} is not one of the tags {sorted(TYPED_ARRAY_TAGS)}")
+        dtype, payload = TYPED_ARRAY_TAGS[typed.tag], typed.value
+        algorithm, elem = None, np.dtype(dtype).itemsize
+        if isinstance(payload, cbor2.CBORTag):
+            comp = _tag(payload, DECTRIS_COMPRESSION, "typed array data")
+            if not (isinstance(comp, (list, tuple)) and len(comp) == 3 and isinstance(comp[2], bytes)):
+                raise BadMessage("bad_data", "compressed data is not [algorithm, modifier, bytes]")
+            algorithm, modifier, payload = comp
+            if algorithm not in ("lz4", "bslz4"):
+                raise BadMessage("unsupported_compression", f"compression {algorithm!r} is not lz4 or bslz4")
+            elem = modifier if algorithm == "bslz4" else elem
+        elif not isinstance(payload, bytes):
+            raise BadMessage("bad_data", f"typed array holds {type(payload).__name__}, expected bytes")
+        shape = (int(dims[0]), int(dims[1]))
+        return shape, dtype, _pixels(payload, dtype, "<", shape, algorithm, elem)
