@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rrstem.simulators.dectris import COMPRESSIONS, HEADER_DETAILS, PROTOCOLS, stream_detector
 from rrstem.simulators.files import SUFFIXES, open_file
 from rrstem.simulators.graphene import DEFECTS, GrapheneSource
 from rrstem.simulators.source import Source, stream
@@ -65,6 +66,16 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=_positive(float), default=30.0, metavar="S",
                    help="give up if no receiver takes frames for this long (default 30 s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("detector protocol")
+    d.add_argument("--protocol", choices=("rrstem", *PROTOCOLS), default="rrstem",
+                   help="wire protocol: rrstem/1 (default), or a DECTRIS detector's SIMPLON stream v1 (simplon) "
+                        "or stream2; DECTRIS streams send one image per message and no scan shape "
+                        "(serve them with --protocol NAME --scan-shape NYxNX)")
+    d.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                   help="DECTRIS protocols: pixel data compression (default none)")
+    d.add_argument("--header-detail", choices=HEADER_DETAILS, default="basic",
+                   help="simplon: how much the series header says (default basic)")
+    d.add_argument("--series", type=int, default=1, metavar="N", help="DECTRIS protocols: series number (default 1)")
 
 
 def add_simulate_args(subparsers) -> argparse.ArgumentParser:
@@ -104,9 +115,15 @@ def _stream_args(args, source: Source, command: str) -> int:
         print(f"rrstem {command}: {verb} {endpoint}; scan {s.scan_id}: {s.scan_shape[0]}x{s.scan_shape[1]} "
               f"frames of {s.frame_shape[0]}x{s.frame_shape[1]} {s.dtype}", file=sys.stderr, flush=True)
 
-    stats = stream(source, args.to, bind=not args.connect, socket_type="pub" if args.pub else "push",
-                   rate=args.rate, frames_per_message=args.frames_per_message, progress=not args.no_progress,
-                   timeout=args.timeout, on_endpoint=announce)
+    common = dict(bind=not args.connect, socket_type="pub" if args.pub else "push", rate=args.rate,
+                  progress=not args.no_progress, timeout=args.timeout, on_endpoint=announce)
+    if args.protocol == "rrstem":
+        if args.compression != "none":
+            raise ValueError("--compression applies to the DECTRIS protocols; add --protocol simplon or stream2")
+        stats = stream(source, args.to, frames_per_message=args.frames_per_message, **common)
+    else:
+        stats = stream_detector(source, args.to, protocol=args.protocol, compression=args.compression,
+                                header_detail=args.header_detail, series=args.series, **common)
     print(f"rrstem {command}: sent {stats.frames} frames in {stats.seconds:.2f} s "
           f"({stats.frames_per_s:.0f} frames/s) to {stats.endpoint}", file=sys.stderr, flush=True)
     return 0

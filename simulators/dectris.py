@@ -1,0 +1,223 @@
+"""Stream any ``Source`` as a DECTRIS detector: SIMPLON stream v1 ("legacy") or stream2 (CBOR).
+
+An encoder turns one scan into the messages of one detector series (header,
+one message per image, series end); ``stream_detector`` sends them from a
+PUSH socket that binds by default, like the detector's data port, with the
+pacing, progress and timeouts of ``simulators.source.stream``. The image
+number is the row-major scan index. Pixel data can be sent raw or compressed
+as the detectors do (``lz4``, ``bslz4``); the codecs are the ones the
+decoders use (``stream/dectris.py``).
+
+What a detector cannot say about the scan is not sent: the scan shape (the
+receiver is told it with ``--scan-shape``), the scan id of the legacy stream
+(the series number stands for it), the convergence angle and scan step. The
+calibration goes out the way the detector reports it: the beam energy in eV
+and the pixel size and detector distance in metres (a pixel of
+``PIXEL_SIZE_M`` at the distance that gives the source's mrad per pixel).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import time
+from typing import Callable, Sequence
+
+import cbor2
+import numpy as np
+import zmq
+from tqdm import tqdm
+
+from rrstem.simulators.source import (Source, StreamStats, _open_socket, _plan, _send, _wait_for_subscriber,
+                                      default_frames_per_message)
+from rrstem.stream.dectris import DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS, compress
+from rrstem.stream.protocol import Start
+
+PROTOCOLS = ("simplon", "stream2")
+COMPRESSIONS = ("none", "lz4", "bslz4")
+HEADER_DETAILS = ("all", "basic", "none")
+#: Physical pixel size the simulators report (an ARINA-like 100 um pixel).
+PIXEL_SIZE_M = 100e-6
+_TAG_OF = {dtype: tag for tag, dtype in TYPED_ARRAY_TAGS.items()}
+
+
+def _detector_geometry(start: Start) -> dict[str, float]:
+    cal, out = start.calibration, {}
+    if cal.energy_kev:
+        out["incident_energy"] = cal.energy_kev * 1000.0
+    if cal.detector_pixel_mrad:
+        out["pixel_size"] = PIXEL_SIZE_M
+        out["detector_distance"] = PIXEL_SIZE_M / math.tan(cal.detector_pixel_mrad / 1000.0)
+    return out
+
+
+def _check(compression: str, header_detail: str = "basic") -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
+    if header_detail not in HEADER_DETAILS:
+        raise ValueError(f"header detail must be one of {', '.join(HEADER_DETAILS)}, not {header_detail!r}")
+
+
+class SimplonEncoder:
+    """The legacy SIMPLON stream (v1) messages of one series, as lists of parts."""
+
+    def __init__(self, start: Start, series: int = 1, compression: str = "none", header_detail: str = "basic"):
+        _check(compression, header_detail)
+        self.start, self.series, self.compression, self.detail = start, series, compression, header_detail
+        self.dtype = np.dtype(start.dtype).newbyteorder("<")
+        bits = 8 * self.dtype.itemsize
+        self.encoding = {"none": "<", "lz4": "lz4<", "bslz4": f"bs{bits}-lz4<"}[compression]
+
+    def header(self) -> list[bytes]:
+        h, w = self.start.frame_shape
+        parts = [_dumps(htype="dheader-1.0", series=self.series, header_detail=self.detail)]
+        if self.detail == "none":
+            return parts
+        geo = _detector_geometry(self.start)
+        config = {"description": "rrstem DECTRIS simulator", "detector_number": "SIM-0001",
+                  "x_pixels_in_detector": w, "y_pixels_in_detector": h, "nimages": self.start.n_positions,
+                  "ntrigger": 1, "beam_center_x": w / 2, "beam_center_y": h / 2, "count_time": 1e-3,
+                  "frame_time": 1e-3}
+        if self.dtype.kind == "u":  # the detector's bit depth only says which unsigned type it sends
+            config["bit_depth_image"] = 8 * self.dtype.itemsize
+        if "incident_energy" in geo:
+            config["incident_energy"] = geo["incident_energy"]
+        if "pixel_size" in geo:
+            config.update(x_pixel_size=geo["pixel_size"], y_pixel_size=geo["pixel_size"],
+                          detector_distance=geo["detector_distance"])
+        parts.append(json.dumps(config).encode())
+        if self.detail == "all":  # flatfield, pixel mask, count rate table: [x, y] shapes, JSON then data
+            for htype, dtype, array in (("dflatfield-1.0", "float32", np.ones((h, w), "<f4")),
+                                        ("dpixelmask-1.0", "uint32", np.zeros((h, w), "<u4")),
+                                        ("dcountrate_table-1.0", "float32", np.zeros((2, 16), "<f4"))):
+                parts += [_dumps(htype=htype, shape=[array.shape[1], array.shape[0]], type=dtype), array.tobytes()]
+        return parts
+
+    def image(self, index: int, frame: np.ndarray) -> list[bytes]:
+        frame = np.ascontiguousarray(frame, dtype=self.dtype)
+        blob = frame.tobytes() if self.compression == "none" else compress(
+            frame, "lz4-block" if self.compression == "lz4" else "bslz4")
+        t = int(index * 1e6)  # ns
+        return [_dumps(htype="dimage-1.0", series=self.series, frame=index, hash=hashlib.md5(blob).hexdigest()),
+                _dumps(htype="dimage_d-1.0", shape=[frame.shape[1], frame.shape[0]], type=self.start.dtype,
+                       encoding=self.encoding, size=len(blob)),
+                blob,
+                _dumps(htype="dconfig-1.0", start_time=t, stop_time=t + 1_000_000, real_time=1_000_000)]
+
+    def end(self) -> list[bytes]:
+        return [_dumps(htype="dseries_end-1.0", series=self.series)]
+
+
+class Stream2Encoder:
+    """The SIMPLON stream2 (CBOR) messages of one series, each a one-part list."""
+
+    channel = "threshold_1"
+
+    def __init__(self, start: Start, series: int = 1, compression: str = "none", header_detail: str = "basic"):
+        _check(compression)
+        self.start, self.series, self.compression = start, series, compression
+        self.dtype = np.dtype(start.dtype).newbyteorder("<")
+        self.date = datetime.datetime.now(datetime.timezone.utc)
+
+    def _ids(self, kind: str) -> dict:
+        return {"type": kind, "series_id": self.series, "series_unique_id": self.start.scan_id}
+
+    def header(self) -> list[bytes]:
+        h, w = self.start.frame_shape
+        geo = _detector_geometry(self.start)
+        msg = {**self._ids("start"), "arm_date": self.date, "channels": [self.channel],
+               "detector_description": "rrstem DECTRIS simulator", "detector_serial_number": "SIM-0001",
+               "image_size_x": w, "image_size_y": h, "number_of_images": self.start.n_positions,
+               "beam_center_x": w / 2, "beam_center_y": h / 2, "count_time": 1e-3, "frame_time": 1e-3}
+        if "incident_energy" in geo:
+            msg["incident_energy"] = geo["incident_energy"]
+        if "pixel_size" in geo:
+            msg.update(pixel_size_x=geo["pixel_size"], pixel_size_y=geo["pixel_size"],
+                       detector_translation=[0.0, 0.0, geo["detector_distance"]])
+        return [cbor2.dumps(msg)]
+
+    def image(self, index: int, frame: np.ndarray) -> list[bytes]:
+        frame = np.ascontiguousarray(frame, dtype=self.dtype)
+        payload = frame.tobytes()
+        if self.compression != "none":
+            modifier = self.dtype.itemsize if self.compression == "bslz4" else 0
+            payload = cbor2.CBORTag(DECTRIS_COMPRESSION, [self.compression, modifier,
+                                                          compress(frame, self.compression)])
+        data = cbor2.CBORTag(MULTIDIM_ROW_MAJOR, [list(frame.shape), cbor2.CBORTag(_TAG_OF[self.start.dtype], payload)])
+        t = index * 1000
+        msg = {**self._ids("image"), "image_id": index, "series_date": self.date, "start_time": [t, 1_000_000],
+               "stop_time": [t + 1000, 1_000_000], "real_time": [1000, 1_000_000], "data": {self.channel: data}}
+        return [cbor2.dumps(msg)]
+
+    def end(self) -> list[bytes]:
+        return [cbor2.dumps(self._ids("end"))]
+
+
+ENCODERS = {"simplon": SimplonEncoder, "stream2": Stream2Encoder}
+
+
+def _dumps(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def stream_detector(
+    source: Source,
+    endpoint: str,
+    *,
+    protocol: str = "simplon",
+    compression: str = "none",
+    header_detail: str = "basic",
+    series: int = 1,
+    bind: bool = True,
+    socket_type: str = "push",
+    rate: float | None = None,
+    progress: bool = True,
+    order: Sequence[int] | None = None,
+    timeout: float = 10.0,
+    on_endpoint: Callable[[str], None] | None = None,
+    context: zmq.Context | None = None,
+) -> StreamStats:
+    """Send ``source`` as one DECTRIS series: header, one message per image, series end.
+
+    ``protocol`` is ``simplon`` (stream v1) or ``stream2``; ``compression``
+    ``none``, ``lz4`` or ``bslz4``; ``header_detail`` (legacy only) ``all``,
+    ``basic`` or ``none``. The other options are those of
+    ``simulators.source.stream``.
+    """
+    if protocol not in ENCODERS:
+        raise ValueError(f"protocol must be one of {', '.join(ENCODERS)}, not {protocol!r}")
+    if (rate is not None and not rate > 0) or not timeout > 0:
+        raise ValueError(f"rate must be positive frames/s or None, and timeout positive seconds; got {rate!r}, {timeout!r}")
+    encoder = ENCODERS[protocol](source.start, series=series, compression=compression, header_detail=header_detail)
+    plan = _plan(source, default_frames_per_message(source.start.frame_nbytes, rate), order)
+    ctx = context or zmq.Context.instance()
+    sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, 256, int(timeout * 1000))
+    if on_endpoint is not None:
+        on_endpoint(endpoint)
+    sent = 0
+    bar = tqdm(total=sum(c for _, c in plan), unit="frame", unit_scale=True, disable=not progress,
+               desc=f"{protocol} series {series}", mininterval=0.5)
+    try:
+        if socket_type == "pub":
+            _wait_for_subscriber(sock, endpoint, timeout)
+        _send(sock, lambda: sock.send_multipart(encoder.header()), endpoint, timeout)
+        t0 = time.perf_counter()
+        for first, count in plan:
+            frames = source.chunk(first, count)
+            for k in range(count):
+                if rate is not None:  # a frame goes out once its dwell time is over
+                    delay = t0 + (sent + 1) / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                parts = encoder.image(first + k, frames[k])
+                _send(sock, lambda: sock.send_multipart(parts), endpoint, timeout)
+                sent += 1
+            bar.update(count)
+        _send(sock, lambda: sock.send_multipart(encoder.end()), endpoint, timeout)
+        seconds = time.perf_counter() - t0
+    finally:
+        bar.close()
+        sock.close()  # lingers up to `timeout` so queued messages still go out
+    return StreamStats(endpoint=endpoint, frames=sent, messages=sent + 2, seconds=seconds)
