@@ -178,13 +178,17 @@ def stream_detector(
     timeout: float = 10.0,
     on_endpoint: Callable[[str], None] | None = None,
     context: zmq.Context | None = None,
+    grace: float = 0.5,
 ) -> StreamStats:
     """Send ``source`` as one DECTRIS series: header, one message per image, series end.
 
     ``protocol`` is ``simplon`` (stream v1) or ``stream2``; ``compression``
     ``none``, ``lz4`` or ``bslz4``; ``header_detail`` (legacy only) ``all``,
     ``basic`` or ``none``. The other options are those of
-    ``simulators.source.stream``.
+    ``simulators.source.stream``. Like a detector, which stays up, the
+    socket stays open ``grace`` seconds after the series end: a receiver
+    under back-pressure still holds the last messages then, and ZeroMQ drops
+    a multipart message half taken when its connection closes.
     """
     if protocol not in ENCODERS:
         raise ValueError(f"protocol must be one of {', '.join(ENCODERS)}, not {protocol!r}")
@@ -192,7 +196,7 @@ def stream_detector(
         raise ValueError(f"rate must be positive frames/s or None, and timeout positive seconds; got {rate!r}, {timeout!r}")
     encoder = ENCODERS[protocol](source.start, series=series, compression=compression, header_detail=header_detail)
     plan = _plan(source, default_frames_per_message(source.start.frame_nbytes, rate), order)
-    ctx = context or zmq.Context.instance()
+    ctx = context or zmq.Context()  # our own, terminated at the end: queued images go out before we return
     sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, 256, int(timeout * 1000))
     if on_endpoint is not None:
         on_endpoint(endpoint)
@@ -217,7 +221,10 @@ def stream_detector(
             bar.update(count)
         _send(sock, lambda: sock.send_multipart(encoder.end()), endpoint, timeout)
         seconds = time.perf_counter() - t0
+        time.sleep(grace)
     finally:
         bar.close()
-        sock.close()  # lingers up to `timeout` so queued messages still go out
+        sock.close()  # lingers up to `timeout` so queued messages still go out ...
+        if context is None:
+            ctx.term()  # ... which only a context's termination waits for (a process exit drops them)
     return StreamStats(endpoint=endpoint, frames=sent, messages=sent + 2, seconds=seconds)
