@@ -210,7 +210,10 @@ def stream(
         raise ValueError(f"frames_per_message must be >= 1, not {fpm}")
     plan = _plan(source, fpm, order)
     hwm = max(4, QUEUE_BYTES // max(1, fpm * start.frame_nbytes))
-    ctx = context or zmq.Context.instance()
+    # Our own context unless one is shared (inproc): closing a socket does not wait for its queue,
+    # terminating its context does (up to the linger), so the last frames are never cut off at exit.
+    own = context is None
+    ctx = zmq.Context() if own else context
     sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, hwm, int(timeout * 1000))
     LAST_ENDPOINT = endpoint
     if on_endpoint is not None:
@@ -237,6 +240,8 @@ def stream(
     finally:
         bar.close()
         sock.close()  # lingers up to `timeout` so queued messages still go out
+        if own:
+            ctx.term()  # blocks until the queue is delivered or the linger runs out
     return StreamStats(endpoint=endpoint, frames=sent, messages=len(plan) + 2, seconds=seconds)
 
 
