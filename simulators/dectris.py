@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from rrstem.simulators.source import (Source, StreamStats, _open_socket, _plan, _send, _wait_for_subscriber,
                                       default_frames_per_message)
-from rrstem.stream.dectris import DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS, compress
+from rrstem.stream.codecs import compress
+from rrstem.stream.dectris import DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS
 from rrstem.stream.protocol import Start
 
 PROTOCOLS = ("simplon", "stream2")

@@ -10,7 +10,8 @@ import zmq
 from support import disc_frames, reference, wait_results
 from rrstem.simulators.dectris import SimplonEncoder, Stream2Encoder, stream_detector
 from rrstem.simulators.source import ArraySource
-from rrstem.stream.dectris import SimplonDecoder, Stream2Decoder, compress, decompress
+from rrstem.stream.codecs import compress, decompress
+from rrstem.stream.dectris import SimplonDecoder, Stream2Decoder
 from rrstem.stream.detectors import decoder_for
 from rrstem.stream.protocol import Start
 from rrstem.stream.receiver import Item
