@@ -39,11 +39,13 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from rrstem.model import metrics
+from rrstem.model.trainer import TrainerConfig
 from rrstem.simulators.graphene import GrapheneSource
 from rrstem.simulators.source import ArraySource, stream
 from rrstem.stream.preprocess import PreprocessConfig
@@ -121,7 +123,7 @@ def main() -> None:
     clean_frames = clean.array()
     ref = reference_com(clean_frames, BIN)
     report = {"scan": list(SCAN), "detector": DETECTOR, "bin": BIN, "rate_fps": RATE, "seed": args.seed,
-              "trainer": trainer, "runs": {}}
+              "trainer": trainer, "trainer_config": asdict(TrainerConfig(**trainer)), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for dose in doses:
             if dose is None:
