@@ -9,6 +9,7 @@ disabled.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -28,8 +29,21 @@ def ensure_app(offscreen: bool = False):
                 print("rrstem dashboard: no display found, rendering offscreen", file=sys.stderr)
             os.environ["QT_QPA_PLATFORM"] = "offscreen"
     import pyqtgraph as pg
+    from pyqtgraph.Qt import QtCore
 
+    QtCore.qInstallMessageHandler(_qt_message)
     return pg.mkQApp("rrstem dashboard")
+
+
+#: Qt warnings that say nothing a user can act on (the offscreen platform cannot resize windows).
+_QT_NOISE = ("does not support propagateSizeHints",)
+
+
+def _qt_message(mode, context, message: str) -> None:
+    """Qt's messages go to Python logging, minus known noise."""
+    if any(noise in message for noise in _QT_NOISE):
+        return
+    logging.getLogger("rrstem.gui.qt").warning("%s", message)
 
 
 def render_png(snapshot: Snapshot, path, frame_reply: dict | None = None, index=None, size=(1800, 1050)) -> Path:
