@@ -89,6 +89,7 @@ class Service:
         self.errors: list[str] = []
         self.results_written: list[tuple[str, Path]] = []
         self.results_event = threading.Event()
+        self._started = False
         self._finish_q: queue.Queue[ScanState] = queue.Queue()
         self.rate_window: deque[tuple[float, int]] = deque(maxlen=64)
         self._received_total = 0
@@ -126,6 +127,10 @@ class Service:
         return self.publisher.control_endpoint
 
     def start(self) -> "Service":
+        """Start the threads; calling it again (e.g. ``with Service(cfg).start() as svc``) does nothing."""
+        if self._started:
+            return self
+        self._started = True
         if self.trainer is not None:
             self.trainer.start()
         for t in self._threads:
@@ -283,8 +288,12 @@ class Service:
                 continue
             if self.trainer is not None and state.ready.is_set():
                 if not self.trainer.wait_done(self.cfg.finish_timeout):
-                    log.warning("scan %s: trainer did not finish within %.0f s; writing what it has",
-                                state.scan_id, self.cfg.finish_timeout)
+                    err = getattr(self.trainer, "error", None)
+                    if err is not None:
+                        log.error("scan %s: the rrVAE failed (%r); writing the maps without it", state.scan_id, err)
+                    else:
+                        log.warning("scan %s: rrVAE did not finish within %.0f s; writing what it has",
+                                    state.scan_id, self.cfg.finish_timeout)
             self.finished.append(state)
             if self.cfg.out is not None:
                 path = self.save(state)

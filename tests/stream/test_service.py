@@ -220,3 +220,12 @@ def test_a_scan_too_large_for_memory_is_refused_and_the_next_one_runs(make_servi
     res = read_scan(wait_results(svc))
     assert res["scan_id"] == "ok" and res["attrs"]["counters"]["received"] == 9
     assert svc.last_error() is None  # cleared by the accepted scan
+
+
+def test_start_twice_is_harmless(tmp_path):
+    from rrstem.stream.service import Service, ServiceConfig
+
+    cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=None, control=None, train=False,
+                        out=tmp_path / "r.h5")
+    with Service(cfg).start() as svc:
+        assert svc.start() is svc and svc.receiver.is_alive()
