@@ -19,6 +19,7 @@ import torch
 
 from rrstem.model import checkpoint, encode
 from rrstem.model.rrvae import RRVAE, RRVAEConfig
+from rrstem.model.system import lower_priority
 
 log = logging.getLogger("rrstem.model")
 
@@ -127,6 +128,7 @@ class FixedEncoder:
     # --- worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_priority(10)  # ingest first, as for the trainer
         try:
             while not self._stop.is_set():
                 self._wake.wait(self.refresh_seconds)
