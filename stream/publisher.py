@@ -8,7 +8,9 @@ banners honest.
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -17,10 +19,12 @@ import zmq
 from rrstem.stream import control as ctl
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader
 
+log = logging.getLogger("rrstem.publisher")
+
 
 class Publisher:
     def __init__(self, service, context: zmq.Context, publish: str | None, control: str | None):
-        self.service = service
+        self.service = weakref.proxy(service)  # no reference cycle: a closed service is freed at once
         self.seq = 0
         self._pub = self._rep = None
         self.publish_endpoint = self.control_endpoint = None  # actual endpoints (port 0 resolved)
@@ -60,14 +64,14 @@ class Publisher:
         h.scan_id, h.scan_shape, h.frame_shape = cur.scan_id, list(cur.start.scan_shape), list(cur.start.frame_shape)
         h.expected, h.counters = cur.start.n_positions, cur.counter_dict()
         h.calibration = cur.start.calibration.model_dump(mode="json", exclude_none=True)
-        if cur.geometry is not None:
+        if cur.ready.is_set():  # geometry, reductions and store all exist (set last in calibration)
             h.binned_shape, h.geometry = list(cur.geometry.binned_shape), cur.geometry.to_json()
             h.geometry.pop("masked")
             h.com_unit = cur.positions.unit
         training_state = h.training.get("state") if h.training else None
         if not cur.ended:
             h.state = "acquiring"
-        elif cur not in self.service.finished:
+        elif cur.scan_id not in self.service.finished:
             h.state = "consolidating" if training_state == "consolidating" else "finishing"
         else:
             h.state = "done"
@@ -103,14 +107,20 @@ class Publisher:
             next_pub = now + period
             key = self._change_key()
             if self._pub is not None and (key != last_key or now - last_sent >= 1.0):  # 1 Hz heartbeat when idle
-                self._pub.send_multipart(self.snapshot().encode(), copy=False)
+                try:
+                    parts = self.snapshot().encode()
+                except Exception as exc:  # a bad snapshot is reported; the service and later snapshots go on
+                    log.exception("snapshot failed")
+                    self.service.report(f"snapshot failed: {exc!r}")
+                    continue
+                self._pub.send_multipart(parts, copy=False)
                 last_key, last_sent = key, now
 
     def _change_key(self) -> tuple:
         cur = self.service.current
         step = self.service.trainer.status().get("step") if self.service.trainer is not None else None
         return (id(cur), cur and sum(cur.counters.values()), cur and cur.ended, step, len(self.service.errors),
-                sum(self.service.orphans.values()), cur in self.service.finished if cur else None)
+                sum(self.service.orphans.values()), cur.scan_id in self.service.finished if cur else None)
 
     def _control(self, raw: bytes) -> dict[str, Any]:
         try:

@@ -81,7 +81,8 @@ class Service:
         self.stop_event = threading.Event()
         self.queue: queue.Queue[Item] = queue.Queue(config.queue_size)
         self.current: ScanState | None = None
-        self.finished: deque[ScanState] = deque(maxlen=8)
+        self.finished: deque[str] = deque(maxlen=64)  # ids of scans whose results are written (not the scans:
+        # a finished scan's frame store is freed once the next scan replaces it)
         self.seen_ids: set[str] = set()
         self.rejected: set[str] = set()  # scans whose start was refused
         self.notice: str | None = None  # the latest refused input, shown until the next scan starts
@@ -175,7 +176,7 @@ class Service:
         try:
             loop()
         except BaseException as exc:
-            self._report(f"{threading.current_thread().name} failed: {exc!r}")
+            self.report(f"{threading.current_thread().name} failed: {exc!r}")
             log.exception("worker failed")
             self.stop_event.set()
 
@@ -188,7 +189,7 @@ class Service:
             return f"rrVAE {type(self.trainer).__name__} failed: {err!r}"
         return self.notice
 
-    def _report(self, message: str) -> None:
+    def report(self, message: str) -> None:
         self.errors.append(message)
         del self.errors[:-20]
 
@@ -204,7 +205,7 @@ class Service:
                 self._handle(item)
             except Exception as exc:  # a bug on one message must not stop ingest of the next
                 log.exception("pipeline error on a %s message", item.kind)
-                self._report(f"pipeline error on a {item.kind} message: {exc!r}")
+                self.report(f"pipeline error on a {item.kind} message: {exc!r}")
                 self.orphans["pipeline_error"] += 1
 
     def _handle(self, item: Item) -> None:
@@ -294,7 +295,7 @@ class Service:
                     else:
                         log.warning("scan %s: rrVAE did not finish within %.0f s; writing what it has",
                                     state.scan_id, self.cfg.finish_timeout)
-            self.finished.append(state)
+            self.finished.append(state.scan_id)
             if self.cfg.out is not None:
                 path = self.save(state)
                 self.results_written.append((state.scan_id, path))
