@@ -83,6 +83,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rrstem.simulators.graphene import GrapheneSource
     from rrstem.stream.service import Service, ServiceConfig
 
+    if not args.headless and not has_display():
+        print("rrstem demo: no display found (DISPLAY/WAYLAND_DISPLAY unset): running --headless; "
+              "the dashboard is saved as a PNG at the end", file=sys.stderr)
+        args.headless = True
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = pregenerate(GrapheneSource(args.scan, args.detector, dose=args.dose or None, defect=args.defect,
@@ -113,6 +117,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         png = render_headless(service, out_dir / "dashboard.png")
         print(f"dashboard screenshot: {png}")
     return code
+
+
+def has_display() -> bool:
+    """Whether a window can be shown: a display on Linux, always elsewhere (or if Qt is told a platform)."""
+    if sys.platform in ("win32", "darwin") or os.environ.get("QT_QPA_PLATFORM", "") not in ("", "offscreen"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def pregenerate(source):
