@@ -106,14 +106,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                       "--control", service.control_endpoint])
     sender, box = _stream_in_thread(src, service.listen_endpoint, rate=args.rate, context=None, bind=False,
                                     progress=False)
+    dashboard_failed = False
     if args.headless:
         code = run_service(service)
     else:
-        code = _run_with_dashboard(service, dashboard)
+        code, dashboard_failed = _run_with_dashboard(service, dashboard)
     sender.join(5)
     if "error" in box:
         return 1
-    if args.headless and code == 0:
+    if (args.headless or dashboard_failed) and code == 0:
         png = render_headless(service, out_dir / "dashboard.png")
         print(f"dashboard screenshot: {png}")
     return code
@@ -145,20 +146,33 @@ def pregenerate(source):
     return ArraySource(frames.reshape(*source.start.scan_shape, h, w), source.start)
 
 
-def _run_with_dashboard(service, dashboard: subprocess.Popen) -> int:
-    """Serve until the dashboard window is closed (or Ctrl-C)."""
-    stop = threading.Event()
+def _run_with_dashboard(service, dashboard: subprocess.Popen) -> tuple[int, bool]:
+    """Serve until the dashboard window is closed (or Ctrl-C). Returns (exit code, dashboard failed).
+
+    A dashboard that cannot start (exit code != 0) does not end the demo: the
+    scan runs to its end, and the results and a dashboard PNG are written as
+    with ``--headless``.
+    """
+    failed = threading.Event()
 
     def watch():
-        dashboard.wait()
-        stop.set()
-        service.stop()
+        if dashboard.wait() != 0:
+            failed.set()
+            log.error("the dashboard exited with code %s (its message is above); carrying on without it: the "
+                      "results and a dashboard PNG are written at scan end. On Linux, Qt's window needs the X11 "
+                      "libraries libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0 "
+                      "(apt-get install ...), or run 'rrstem demo --headless'", dashboard.returncode)
+            service.cfg.once = True  # stop once this scan's results are written
+            if service.results_written:
+                service.stop()
+        else:
+            service.stop()  # the window was closed
 
     threading.Thread(target=watch, daemon=True).start()
     code = run_service(service)
     if dashboard.poll() is None:
         dashboard.terminate()
-    return code
+    return code, failed.is_set()
 
 
 def render_headless(service, path: Path) -> Path:
