@@ -91,8 +91,6 @@ class FrameStore:
         self.filled[indices] = True
         self._count += len(indices)
 
-    def filled_indices(self) -> np.ndarray:
-        return np.flatnonzero(self.filled)
 
 
 class ScanData:
