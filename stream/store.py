@@ -92,7 +92,6 @@ class FrameStore:
         self._count += len(indices)
 
 
-
 class ScanData:
     """What the trainer sees of one scan.
 
