@@ -22,16 +22,13 @@ import datetime
 import hashlib
 import json
 import math
-import time
 from typing import Callable, Sequence
 
 import cbor2
 import numpy as np
 import zmq
-from tqdm import tqdm
 
-from rrstem.simulators.source import (Source, StreamStats, _open_socket, _plan, _send, _wait_for_subscriber,
-                                      default_frames_per_message)
+from rrstem.simulators.source import Source, StreamStats, stream
 from rrstem.stream.codecs import compress
 from rrstem.stream.dectris import DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS
 from rrstem.stream.protocol import Start
@@ -61,7 +58,21 @@ def _check(compression: str, header_detail: str = "basic") -> None:
         raise ValueError(f"header detail must be one of {', '.join(HEADER_DETAILS)}, not {header_detail!r}")
 
 
-class SimplonEncoder:
+class _PerFrame:
+    """A detector protocol sends one message per image (see ``simulators.source.stream``)."""
+
+    per_frame = True
+
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__.removesuffix('Encoder').lower()} series {self.series}"
+
+    def messages(self, first: int, frames: np.ndarray):
+        for k, frame in enumerate(frames):
+            yield self.image(first + k, frame), 1
+
+
+class SimplonEncoder(_PerFrame):
     """The legacy SIMPLON stream (v1) messages of one series, as lists of parts."""
 
     def __init__(self, start: Start, series: int = 1, compression: str = "none", header_detail: str = "basic"):
@@ -107,11 +118,11 @@ class SimplonEncoder:
                 blob,
                 _dumps(htype="dconfig-1.0", start_time=t, stop_time=t + 1_000_000, real_time=1_000_000)]
 
-    def end(self) -> list[bytes]:
+    def end(self, sent: int | None = None) -> list[bytes]:
         return [_dumps(htype="dseries_end-1.0", series=self.series)]
 
 
-class Stream2Encoder:
+class Stream2Encoder(_PerFrame):
     """The SIMPLON stream2 (CBOR) messages of one series, each a one-part list."""
 
     channel = "threshold_1"
@@ -152,7 +163,7 @@ class Stream2Encoder:
                "stop_time": [t + 1000, 1_000_000], "real_time": [1000, 1_000_000], "data": {self.channel: data}}
         return [cbor2.dumps(msg)]
 
-    def end(self) -> list[bytes]:
+    def end(self, sent: int | None = None) -> list[bytes]:
         return [cbor2.dumps(self._ids("end"))]
 
 
@@ -193,39 +204,6 @@ def stream_detector(
     """
     if protocol not in ENCODERS:
         raise ValueError(f"protocol must be one of {', '.join(ENCODERS)}, not {protocol!r}")
-    if (rate is not None and not rate > 0) or not timeout > 0:
-        raise ValueError(f"rate must be positive frames/s or None, and timeout positive seconds; got {rate!r}, {timeout!r}")
     encoder = ENCODERS[protocol](source.start, series=series, compression=compression, header_detail=header_detail)
-    plan = _plan(source, default_frames_per_message(source.start.frame_nbytes, rate), order)
-    ctx = context or zmq.Context()  # our own, terminated at the end: queued images go out before we return
-    sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, 256, int(timeout * 1000))
-    if on_endpoint is not None:
-        on_endpoint(endpoint)
-    sent = 0
-    bar = tqdm(total=sum(c for _, c in plan), unit="frame", unit_scale=True, disable=not progress,
-               desc=f"{protocol} series {series}", mininterval=0.5)
-    try:
-        if socket_type == "pub":
-            _wait_for_subscriber(sock, endpoint, timeout)
-        _send(sock, lambda: sock.send_multipart(encoder.header()), endpoint, timeout)
-        t0 = time.perf_counter()
-        for first, count in plan:
-            frames = source.chunk(first, count)
-            for k in range(count):
-                if rate is not None:  # a frame goes out once its dwell time is over
-                    delay = t0 + (sent + 1) / rate - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-                parts = encoder.image(first + k, frames[k])
-                _send(sock, lambda: sock.send_multipart(parts), endpoint, timeout)
-                sent += 1
-            bar.update(count)
-        _send(sock, lambda: sock.send_multipart(encoder.end()), endpoint, timeout)
-        seconds = time.perf_counter() - t0
-        time.sleep(grace)
-    finally:
-        bar.close()
-        sock.close()  # lingers up to `timeout` so queued messages still go out ...
-        if context is None:
-            ctx.term()  # ... which only a context's termination waits for (a process exit drops them)
-    return StreamStats(endpoint=endpoint, frames=sent, messages=sent + 2, seconds=seconds)
+    return stream(source, endpoint, bind=bind, socket_type=socket_type, rate=rate, progress=progress, order=order,
+                  timeout=timeout, on_endpoint=on_endpoint, context=context, encoder=encoder, grace=grace)

@@ -173,6 +173,28 @@ def _wait_for_subscriber(sock, endpoint: str, timeout: float) -> None:
     sock.recv()  # the subscription message
 
 
+class RrstemEncoder:
+    """``rrstem/1``: a start, one ``frames`` message per chunk of consecutive frames, an end."""
+
+    per_frame = False  # many frames per message
+
+    def __init__(self, start: Start):
+        self.start = start
+        self.label = start.scan_id
+
+    def header(self) -> list:
+        return [self.start.encode()]
+
+    def messages(self, first: int, frames: np.ndarray) -> Iterator[tuple[list, int]]:
+        """(parts, frames in them) for the chunk starting at scan index ``first``."""
+        frames = np.ascontiguousarray(frames)
+        head = protocol.Frames(scan_id=self.start.scan_id, first=first, count=len(frames)).encode()
+        yield [head, memoryview(frames.reshape(-1))], len(frames)
+
+    def end(self, sent: int) -> list:
+        return [protocol.End(scan_id=self.start.scan_id, frames_sent=sent).encode()]
+
+
 def stream(
     source: Source,
     endpoint: str,
@@ -186,8 +208,10 @@ def stream(
     timeout: float = 10.0,
     on_endpoint: Callable[[str], None] | None = None,
     context: zmq.Context | None = None,
+    encoder=None,
+    grace: float = 0.0,
 ) -> StreamStats:
-    """Send ``source`` as one ``rrstem/1`` scan: start, frames, end.
+    """Send ``source`` as one scan: header, frames, end (``rrstem/1`` unless another ``encoder``).
 
     ``bind=True`` (the default) binds ``endpoint`` like a detector does;
     ``tcp://127.0.0.1:0`` picks a free port, which is passed to
@@ -198,6 +222,9 @@ def stream(
     as fast as possible. ``order`` optionally lists the frame indices to send
     (a permutation, a subset, or with repeats, to exercise receivers). A send
     that no receiver takes within ``timeout`` seconds raises ``TimeoutError``.
+    ``encoder`` turns chunks into messages (``RrstemEncoder``, or a detector
+    protocol's: ``simulators/dectris.py``); the socket stays open ``grace``
+    seconds after the end, as a detector that stays up does.
     """
     global LAST_ENDPOINT
     if rate is not None and not rate > 0:
@@ -205,11 +232,12 @@ def stream(
     if timeout <= 0:
         raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
     start = source.start
+    encoder = encoder or RrstemEncoder(start)
     fpm = frames_per_message or default_frames_per_message(start.frame_nbytes, rate)
     if fpm < 1:
         raise ValueError(f"frames_per_message must be >= 1, not {fpm}")
     plan = _plan(source, fpm, order)
-    hwm = max(4, QUEUE_BYTES // max(1, fpm * start.frame_nbytes))
+    hwm = max(4, QUEUE_BYTES // max(1, (1 if encoder.per_frame else fpm) * start.frame_nbytes))
     # Our own context unless one is shared (inproc): closing a socket does not wait for its queue,
     # terminating its context does (up to the linger), so the last frames are never cut off at exit.
     own = context is None
@@ -218,31 +246,34 @@ def stream(
     LAST_ENDPOINT = endpoint
     if on_endpoint is not None:
         on_endpoint(endpoint)
-    sent = 0
+    sent = messages = 0
     bar = tqdm(total=sum(c for _, c in plan), unit="frame", unit_scale=True, disable=not progress,
-               desc=start.scan_id, mininterval=0.5)
+               desc=encoder.label, mininterval=0.5)
     try:
         if socket_type == "pub":
             _wait_for_subscriber(sock, endpoint, timeout)
-        _send(sock, lambda: protocol.send_start(sock, start), endpoint, timeout)
+        _send(sock, lambda: sock.send_multipart(encoder.header()), endpoint, timeout)
         t0 = time.perf_counter()  # the clock starts once a receiver has taken the start
         for first, count in plan:
-            if rate is not None:  # like a detector, a frame goes out once its dwell time is over
-                delay = t0 + (sent + count) / rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
             frames = source.chunk(first, count)
-            _send(sock, lambda: protocol.send_frames(sock, start.scan_id, first, frames), endpoint, timeout)
-            sent += count
+            for parts, n in encoder.messages(first, frames):
+                if rate is not None:  # like a detector, a frame goes out once its dwell time is over
+                    delay = t0 + (sent + n) / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                _send(sock, lambda: sock.send_multipart(parts, copy=False), endpoint, timeout)
+                sent += n
+                messages += 1
             bar.update(count)
-        _send(sock, lambda: protocol.send_end(sock, start.scan_id, sent), endpoint, timeout)
+        _send(sock, lambda: sock.send_multipart(encoder.end(sent)), endpoint, timeout)
         seconds = time.perf_counter() - t0
+        time.sleep(grace)
     finally:
         bar.close()
         sock.close()  # lingers up to `timeout` so queued messages still go out
         if own:
             ctx.term()  # blocks until the queue is delivered or the linger runs out
-    return StreamStats(endpoint=endpoint, frames=sent, messages=len(plan) + 2, seconds=seconds)
+    return StreamStats(endpoint=endpoint, frames=sent, messages=messages + 2, seconds=seconds)
 
 
 def _send(sock, send: Callable[[], None], endpoint: str, timeout: float) -> None:
