@@ -3,24 +3,13 @@
 A snapshot is a multipart message. Part 0 is a msgpack map validated by
 ``SnapshotHeader``; its ``arrays`` list names the arrays that follow, one
 part each, in order. Subscribers (dashboards, steering clients) keep only the
-newest snapshot: set ``zmq.CONFLATE`` or drain the socket, never queue.
+newest snapshot by draining the socket and decoding the last message.
+(``zmq.CONFLATE`` cannot be used: it breaks multipart messages.)
 
-Array names used by the service (all float32 unless noted):
-
-``vbf``, ``vadf``, ``com_x``, ``com_y``, ``com_magnitude``, ``com_angle``
-    (ny, nx) maps; NaN where no frame has arrived.
-``filled``
-    (ny, nx) uint8, 1 where a frame has arrived.
-``mean_pattern``
-    (h, w) the running mean of the binned frames.
-``rotation``, ``recon_error``
-    (ny, nx) rrVAE maps, present once the model has encoded the scan.
-``latent``
-    (d, ny, nx) rrVAE content latents.
-``training/<name>``
-    1-D training histories. ``step``, ``time`` and ``images_seen`` are per logged
-    step, beside ``loss`` and its terms; ``eval_step`` is per evaluation, beside
-    ``heldout_elbo``, ``rotation_r`` and ``latent_r_max``.
+The schema is declared once, here: the array names (``Arrays``), the
+training histories (``history_key`` over ``model.interface.HISTORIES``), the
+scan states (``STATES``) and the counters (``COUNTERS``). The service, the
+dashboard and the tests use these names, and nothing else.
 """
 
 from __future__ import annotations
@@ -33,15 +22,58 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from rrstem.model import interface as model_names
 from rrstem.stream.protocol import PROTOCOL, ProtocolError
 
 _SNAPSHOT_DTYPES = ("float32", "float64", "uint8", "int32", "int64", "uint16", "uint32")
+
+#: Per-scan counters, as in the snapshot header and the results file. ``missing`` is known
+#: only once the scan has ended.
+COUNTERS = ("received", "missing", "duplicate", "invalid", "stale", "dropped")
+
+#: Scan states: ``idle`` before the first scan; ``acquiring`` until its end; ``finishing`` while the
+#: results are made (``consolidating`` while the rrVAE consolidates); ``done`` once they are written.
+STATES = ("idle", "acquiring", "finishing", "consolidating", "done")
+
+
+class Arrays:
+    """Names of the arrays a snapshot carries (float32 unless noted)."""
+
+    VBF = "vbf"  #: (ny, nx) virtual bright field; NaN where no frame has arrived (so are all maps)
+    VADF = "vadf"  #: (ny, nx) virtual annular dark field
+    COM_X = "com_x"  #: (ny, nx) centre of mass relative to the mean pattern's, in ``com_unit``
+    COM_Y = "com_y"  #: (ny, nx)
+    COM_MAGNITUDE = "com_magnitude"  #: (ny, nx) hypot(com_x, com_y)
+    COM_ANGLE = "com_angle"  #: (ny, nx) atan2(com_y, com_x), rad
+    FILLED = "filled"  #: (ny, nx) uint8, 1 where a frame has arrived
+    MEAN_PATTERN = "mean_pattern"  #: (h, w) running mean of the binned frames
+    ROTATION = model_names.ROTATION  #: (ny, nx) rrVAE angle, rad; present once the model has encoded the scan
+    LATENT = model_names.LATENT  #: (d, ny, nx) rrVAE content latents
+    RECON_ERROR = model_names.RECON_ERROR  #: (ny, nx) rrVAE reconstruction error
+
+    #: the maps over the scan that the service derives from its sums
+    SCAN_MAPS = (VBF, VADF, COM_X, COM_Y, COM_MAGNITUDE, COM_ANGLE)
+    MODEL_MAPS = model_names.MAPS
+
+
+#: Prefix of the 1-D training histories: ``training/<name>`` for each name in
+#: ``model.interface.HISTORIES``; ``model.interface.HISTORY_AXIS`` names each curve's x axis.
+HISTORY_PREFIX = "training/"
+HISTORIES = model_names.HISTORIES
+HISTORY_AXIS = model_names.HISTORY_AXIS
+HISTORY_AXES = model_names.HISTORY_AXES
+LOSS_HISTORIES = model_names.LOSS_HISTORIES
+
+
+def history_key(name: str) -> str:
+    """The snapshot array name of training history ``name``."""
+    return HISTORY_PREFIX + name
 
 
 class ArraySpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    name: str = Field(description="Array name, see the module docstring.")
+    name: str = Field(description="An Arrays name, or history_key(name) of a training history.")
     dtype: str = Field(description="NumPy dtype name, little-endian.")
     shape: list[int] = Field(description="Array shape.")
 
@@ -56,13 +88,14 @@ class SnapshotHeader(BaseModel):
     seq: int = Field(0, description="Increases by one per published snapshot.")
     time: float = Field(default_factory=time.time, description="Unix time the snapshot was taken.")
     scan_id: str | None = Field(None, description="Current scan, None before the first start.")
-    state: str = Field("idle", description="idle | acquiring | consolidating | done")
+    state: str = Field("idle", description="One of STATES: idle | acquiring | finishing | consolidating | done.")
     scan_shape: list[int] | None = Field(None, description="(ny, nx).")
     frame_shape: list[int] | None = Field(None, description="(h, w) of the raw frames.")
     binned_shape: list[int] | None = Field(None, description="(h, w) after binning and crop.")
     expected: int = Field(0, description="Number of scan positions.")
-    counters: dict[str, int] = Field(default_factory=dict, description="received, missing, duplicate, ...")
-    frames_per_s: float = Field(0.0, description="Ingest rate over the last second.")
+    counters: dict[str, int] = Field(default_factory=dict, description="The COUNTERS of the current scan.")
+    latest_index: list[int] | None = Field(None, description="(y, x) of the newest frame taken, for the inspector.")
+    frames_per_s: float = Field(0.0, description="Ingest rate over the last 2 s.")
     calibration: dict[str, Any] = Field(default_factory=dict, description="Start message calibration.")
     geometry: dict[str, Any] = Field(default_factory=dict, description="Disc centre/radius, bin, crop.")
     com_unit: str = Field("px", description="Unit of com_x, com_y, com_magnitude.")
