@@ -31,7 +31,7 @@ from rrstem.stream.results import write_scan
 from rrstem.stream.scan import ScanState
 from rrstem.stream.detectors import decoder_for
 from rrstem.stream.publisher import Publisher
-from rrstem.stream.snapshot import Snapshot
+from rrstem.stream.snapshot import Snapshot, SnapshotHeader
 
 log = logging.getLogger("rrstem.service")
 
@@ -355,6 +355,16 @@ class Service:
     def snapshot(self) -> Snapshot:
         """The current maps, counters and training state, as published."""
         return self.publisher.snapshot()
+
+    def header(self) -> SnapshotHeader:
+        """The current scan's state, counters and training status, without the arrays."""
+        return self.publisher.header()
+
+    def stop_after_scan(self) -> None:
+        """Stop once the current scan's results are written (at once if they already are)."""
+        self.cfg.once = True
+        if self.results_written:
+            self.stop()
 
     def frame_reply(self, index: Any) -> dict[str, Any]:
         """The ``frame`` control reply for scan position ``index`` = [y, x] (arrays packed)."""
