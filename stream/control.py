@@ -18,13 +18,62 @@ fields. Arrays in replies are maps ``{"dtype", "shape", "data"}`` (see
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
 import zmq
 
 COMMANDS = ("status", "save", "stop", "pause_training", "resume_training", "reset_model", "frame")
+
+
+class ControlAPI(Protocol):
+    """What the control socket can ask of the service: one method per command."""
+
+    def header(self):
+        """The current snapshot header (a ``SnapshotHeader``)."""
+
+    def save(self) -> Path:
+        """Write the current scan's results now; returns the path."""
+
+    def stop(self) -> None:
+        """Shut the service down."""
+
+    def frame_reply(self, index: Any) -> dict[str, Any]:
+        """The ``frame`` reply for position ``index`` = [y, x], arrays packed."""
+
+    def pause_training(self) -> dict[str, Any]:
+        """The trainer's status after pausing."""
+
+    def resume_training(self) -> dict[str, Any]:
+        """The trainer's status after resuming."""
+
+    def reset_model(self) -> dict[str, Any]:
+        """The trainer's status after re-initialising the model."""
+
+
+def handle(api: ControlAPI, raw: bytes) -> dict[str, Any]:
+    """The reply map to one request; a failing command becomes ``ok: false`` with its error, never an exception."""
+    try:
+        req = unpack(raw)
+        cmd = req.get("cmd")
+        if cmd not in COMMANDS:
+            return {"ok": False, "error": f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}"}
+        if cmd == "status":
+            out = {"status": api.header().model_dump(mode="json")}
+        elif cmd == "save":
+            out = {"path": str(api.save())}
+        elif cmd == "stop":
+            api.stop()
+            out = {}
+        elif cmd == "frame":
+            out = api.frame_reply(req.get("index"))
+        else:
+            out = {"training": getattr(api, cmd)()}
+        return {"ok": True, **out}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def pack_array(arr: np.ndarray) -> dict[str, Any]:

@@ -3,7 +3,11 @@
 Each reduction has ``update(indices, binned)``, an in-place ``merge(other)``
 and ``snapshot()``, which derives the final quantities. Nothing derived from
 the running mean is stored: COM relative to the mean pattern's COM is formed
-only in ``snapshot()``, from raw sums.
+only in ``snapshot()``, from raw sums. This is the package's one COM
+computation.
+
+Which positions hold data is not a reduction's business: the scan owns the
+one ``filled`` mask and passes it to ``PositionSums.snapshot``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from rrstem.stream.preprocess import Geometry
+from rrstem.stream.snapshot import Arrays
 
 
 class FrameSum:
@@ -30,7 +35,7 @@ class FrameSum:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         mean = self.total / max(self.count, 1)
-        return {"mean_pattern": mean.astype(np.float32)}
+        return {Arrays.MEAN_PATTERN: mean.astype(np.float32)}
 
 
 class PositionSums:
@@ -51,8 +56,7 @@ class PositionSums:
         ky, kx = np.mgrid[0:h, 0:w].astype(np.float64)
         bf, adf = geometry.detector_masks()
         self._weights = np.stack([np.ones((h, w)), kx, ky, bf, adf]).reshape(5, h * w).T.copy()
-        self.sums = np.zeros((n, 5), dtype=np.float64)
-        self.filled = np.zeros(n, dtype=bool)
+        self.sums = np.zeros((n, 5), dtype=np.float64)  # zero where no frame was taken
         self.pixel_mrad = pixel_mrad
 
     @property
@@ -70,17 +74,19 @@ class PositionSums:
     def update(self, indices: np.ndarray, binned: np.ndarray, products: np.ndarray | None = None) -> None:
         """Take frames at ``indices``; pass ``products`` if already computed from ``binned``."""
         self.sums[indices] = self.products(binned) if products is None else products
-        self.filled[indices] = True
 
     def merge(self, other: "PositionSums") -> None:
         self.sums += other.sums
-        self.filled |= other.filled
 
-    def snapshot(self) -> dict[str, np.ndarray]:
+    def snapshot(self, filled: np.ndarray) -> dict[str, np.ndarray]:
+        """(ny, nx) float64 maps over the ``filled`` positions (a (ny*nx,) bool mask), NaN elsewhere.
+
+        COM is relative to the COM of the mean pattern of the filled positions.
+        """
         ny, nx = self.scan_shape
-        s = self.sums[self.filled]
-        maps = {name: np.full(ny * nx, np.nan, dtype=np.float64) for name in
-                ("vbf", "vadf", "com_x", "com_y", "com_magnitude", "com_angle")}
+        filled = filled.reshape(-1)
+        s = self.sums[filled]
+        maps = {name: np.full(ny * nx, np.nan, dtype=np.float64) for name in Arrays.SCAN_MAPS}
         if len(s):
             total = s[:, 0].sum()
             ref_x = s[:, 1].sum() / total  # COM of the mean pattern
@@ -88,12 +94,8 @@ class PositionSums:
             scale = self.pixel_mrad or 1.0
             com_x = (s[:, 1] / s[:, 0] - ref_x) * scale
             com_y = (s[:, 2] / s[:, 0] - ref_y) * scale
-            maps["vbf"][self.filled] = s[:, 3]
-            maps["vadf"][self.filled] = s[:, 4]
-            maps["com_x"][self.filled] = com_x
-            maps["com_y"][self.filled] = com_y
-            maps["com_magnitude"][self.filled] = np.hypot(com_x, com_y)
-            maps["com_angle"][self.filled] = np.arctan2(com_y, com_x)
-        out = {k: v.reshape(ny, nx) for k, v in maps.items()}
-        out["filled"] = self.filled.reshape(ny, nx).copy()
-        return out
+            for name, values in ((Arrays.VBF, s[:, 3]), (Arrays.VADF, s[:, 4]), (Arrays.COM_X, com_x),
+                                 (Arrays.COM_Y, com_y), (Arrays.COM_MAGNITUDE, np.hypot(com_x, com_y)),
+                                 (Arrays.COM_ANGLE, np.arctan2(com_y, com_x))):
+                maps[name][filled] = values
+        return {k: v.reshape(ny, nx) for k, v in maps.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,28 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
 
 
-def write_scan(path: str | os.PathLike, scan_id: str, *, attrs: dict[str, Any], maps: dict[str, np.ndarray],
-               com_unit: str = "px", pixel_mask: np.ndarray | None = None,
-               model: dict[str, Any] | None = None) -> Path:
-    """Write (or replace) one scan group in the results file at ``path``.
+@dataclass
+class ScanResults:
+    """One scan's group of the results file, made by ``Scan.results()``.
 
-    ``maps`` holds ``mean_pattern`` and the (ny, nx) maps (``latent`` is (d, ny, nx)).
-    ``model`` is the trainer's ``export()``: ``training`` histories, ``metrics``,
+    ``attrs`` are the group's attributes (lists and dicts are stored as JSON);
+    ``maps`` holds ``mean_pattern`` and the (ny, nx) maps (``latent`` is (d, ny, nx));
+    ``model`` is the encoder's ``export()``: ``training`` histories, ``metrics``,
     ``config`` (JSON-able), ``state`` (name -> array) and ``step``.
     """
+
+    scan_id: str
+    attrs: dict[str, Any]
+    maps: dict[str, np.ndarray]
+    com_unit: str = "px"
+    pixel_mask: np.ndarray | None = None
+    model: dict[str, Any] | None = None
+
+
+def write_scan(path: str | os.PathLike, results: ScanResults) -> Path:
+    """Write (or replace) one scan group in the results file at ``path``."""
     path = Path(path)
+    scan_id = results.scan_id
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with _lock:
@@ -50,29 +63,29 @@ def write_scan(path: str | os.PathLike, scan_id: str, *, attrs: dict[str, Any], 
                         for name in old.get("scans", {}):
                             if name != scan_id:
                                 old.copy(old["scans"][name], scans, name=name)
-                _fill_scan(scans.create_group(scan_id), attrs, maps, com_unit, pixel_mask, model)
+                _fill_scan(scans.create_group(scan_id), results)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     return path
 
 
-def _fill_scan(g: h5py.Group, attrs: dict[str, Any], maps: dict[str, np.ndarray], com_unit: str,
-               pixel_mask: np.ndarray | None, model: dict[str, Any] | None) -> None:
-    for key, value in attrs.items():
+def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
+    maps, model = r.maps, r.model
+    for key, value in r.attrs.items():
         g.attrs[key] = _json(value) if isinstance(value, (dict, list)) and key not in ("scan_shape", "frame_shape",
                                                                                        "binned_shape") else value
     if "mean_pattern" in maps:
         g.create_dataset("mean_pattern", data=maps["mean_pattern"].astype(np.float32))
-    if pixel_mask is not None:
-        g.create_dataset("pixel_mask", data=pixel_mask.astype(bool), compression="gzip")
+    if r.pixel_mask is not None:
+        g.create_dataset("pixel_mask", data=r.pixel_mask.astype(bool), compression="gzip")
     m = g.create_group("maps")
     for name, arr in maps.items():
         if name == "mean_pattern":
             continue
         ds = m.create_dataset(name, data=arr.astype(bool) if name == "filled" else arr)
         if name.startswith("com_"):
-            ds.attrs["unit"] = "rad" if name == "com_angle" else com_unit
+            ds.attrs["unit"] = "rad" if name == "com_angle" else r.com_unit
         elif name == "rotation":
             ds.attrs["unit"] = "rad"
     if model is None:
@@ -118,3 +131,14 @@ def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, 
             mg["state"].visititems(lambda name, obj: state.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
             out["model"] = {"config": json.loads(mg.attrs["config"]), "step": int(mg.attrs["step"]), "state": state}
         return out
+
+
+def read_model(path: str | os.PathLike, scan_id: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], int]:
+    """(model config JSON, state dict of arrays, training step) of the rrVAE stored with a scan.
+
+    Raises ValueError naming the file when the scan holds no trained model.
+    """
+    res = read_scan(path, scan_id)
+    if "model" not in res or not res["model"]["state"]:
+        raise ValueError(f"{path} holds no trained model (was it written with --no-train?)")
+    return res["model"]["config"], res["model"]["state"], res["model"]["step"]

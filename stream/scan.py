@@ -1,8 +1,15 @@
-"""One scan in the service: validation, counters, calibration, reductions and store.
+"""One scan: its start, counters, calibration, reductions, frame store and the one filled mask.
 
-Only the pipeline thread calls ``add`` and ``finish``; other threads call
-``snapshot`` (which takes the lock briefly to copy the sums) and read the
-store through ``data``.
+A ``Scan`` owns everything about one scan, and everything published or
+written about it is derived from what it owns: ``maps()`` from the merged
+sums and the ``filled`` mask, ``results()`` from the same, plus counters and
+geometry. It is also the read-only view the rrVAE trains on
+(``model.interface.ScanView``).
+
+Threads: only the pipeline thread calls ``add``, ``invalid``, ``stale`` and
+``finish``. Any thread may call the readers; they take the lock only to copy
+the sums. The frame store is read without a lock: a row is written before its
+``filled`` flag is set, and never changes afterwards.
 """
 
 from __future__ import annotations
@@ -12,22 +19,22 @@ import os
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from rrstem.stream.maps import FrameSum, PositionSums
 from rrstem.stream.preprocess import Binner, Geometry, PreprocessConfig, calibrate
 from rrstem.stream.protocol import Start
-from rrstem.stream.store import FrameStore, ScanData
+from rrstem.stream.results import ScanResults
+from rrstem.stream.snapshot import COUNTERS, Arrays
+from rrstem.stream.store import FrameStore
 
 log = logging.getLogger("rrstem.scan")
 
 #: Bytes of float64 work per sub-batch. Larger temporaries are mapped fresh by malloc on every
 #: batch and page-fault each time (measured: 3x the CPU per frame at 96x96, bin 1).
 _WORK_BYTES = 4 << 20
-
-#: Counter names, as in the results file.
-COUNTERS = ("received", "missing", "duplicate", "invalid", "stale", "dropped")
 
 
 class RateLimitedLog:
@@ -48,7 +55,7 @@ class RateLimitedLog:
 def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) -> None:
     """Refuse a scan whose preallocated frame store could not fit in this machine's memory."""
     h, w = start.frame_shape
-    need = start.n_positions * (-(-h // cfg.bin)) * (-(-w // cfg.bin)) * 4  # float32 binned frames
+    need = FrameStore.nbytes(start.n_positions, (-(-h // cfg.bin), -(-w // cfg.bin)))
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on Linux: no check
@@ -59,75 +66,71 @@ def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) ->
                          f"this machine has {total / 2**30:.1f} GiB: use a larger --bin or --crop")
 
 
-def _readers(sums: FrameSum, positions: PositionSums, lock: threading.Lock):
-    """The trainer's views of the running mean and COM.
+class Scan:
+    """One scan in the service; implements ``model.interface.ScanView``."""
 
-    Closures over the reductions, not methods of the ``ScanState``: a bound
-    method would make state and data a reference cycle, freed only by the
-    cyclic garbage collector, which can keep a finished scan's frame store
-    (gigabytes) alive long after the next scan has started.
-    """
-
-    def mean_pattern() -> np.ndarray:
-        with lock:
-            return sums.snapshot()["mean_pattern"]
-
-    def com_maps() -> dict[str, np.ndarray]:
-        with lock:
-            maps = positions.snapshot()
-        return {k: maps[k] for k in ("com_magnitude", "com_angle")}
-
-    return mean_pattern, com_maps
-
-
-class ScanState:
     def __init__(self, start: Start, cfg: PreprocessConfig, lossy: bool = False):
         check_memory(start, cfg)
         self.start = start
         self.cfg = cfg
         self.lossy = lossy  # SUB mode: positions that never arrived were dropped, not missing
+        self.scan_id = start.scan_id
+        self.scan_shape = tuple(start.scan_shape)
         n = start.n_positions
         self.counters: Counter[str] = Counter({k: 0 for k in COUNTERS})
         self.reasons: Counter[str] = Counter()  # invalid frames by reason
-        self.arrived = np.zeros(n, dtype=bool)  # a valid frame for this position was accepted
-        self.touched = np.zeros(n, dtype=bool)  # any in-range frame came for this position
+        self._filled = np.zeros(n, dtype=bool)  # THE mask: a valid frame for this position is in the store
+        self._n_filled = 0
+        self._rejected: set[int] = set()  # positions that got only invalid frames so far (rare: bad input)
         self.frames_sent: int | None = None
         self.started_at = time.time()
         self.ended_at: float | None = None
+        self.end_reason: str | None = None  # "end" (the sender's end message), "superseded", "failed"
+        self.failure: BaseException | None = None  # what stopped this scan's processing, if anything
+        self.results_path: Path | None = None  # where the results went, once written
+        self.done = False  # results made (and written, if the service writes results)
         self.first_frame_at: float | None = None  # perf_counter of the first and last frames taken
         self.last_frame_at: float | None = None
+        self.latest_index: int | None = None  # scan index of the newest frame taken
         self.geometry: Geometry | None = None
-        self.binner: Binner | None = None
-        self.sums: FrameSum | None = None
-        self.positions: PositionSums | None = None
-        self.store: FrameStore | None = None
-        self.data: ScanData | None = None
-        self.ready = threading.Event()  # geometry fixed, store and reductions exist
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._binner: Binner | None = None
+        self._sums: FrameSum | None = None
+        self._positions: PositionSums | None = None
+        self._store: FrameStore | None = None
+        self._ready = False  # geometry fixed, store and reductions exist (set last)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # frames before calibration
         self._pending_count = 0
         self._highest = -1
         self._lock = threading.Lock()
         self.log = RateLimitedLog(log)
 
+    # --- state --------------------------------------------------------------------------
+
     @property
-    def scan_id(self) -> str:
-        return self.start.scan_id
+    def ready(self) -> bool:
+        """Calibrated: geometry, reductions and frame store exist."""
+        return self._ready
 
     @property
     def ended(self) -> bool:
         return self.ended_at is not None
 
-    def invalid(self, reason: str, count: int, detail: str) -> None:
-        self.counters["invalid"] += count
-        self.reasons[reason] += count
-        self.log.warning(reason, "scan %s: %d invalid frame(s): %s", self.scan_id, count, detail)
+    @property
+    def complete(self) -> bool:
+        """Ended by its sender's end message (not superseded, failed or saved mid-scan)."""
+        return self.end_reason == "end"
 
-    # --- ingest (pipeline thread) -------------------------------------------------
+    def counter_dict(self) -> dict[str, int]:
+        """Counters so far; ``missing`` is known only once the scan has ended."""
+        return {k: int(self.counters[k]) for k in COUNTERS}
 
-    def add(self, first: int, frames: np.ndarray) -> None:
-        """Validate and take ``frames`` (n, h, w) for scan indices first .. first + n - 1."""
+    # --- ingest (pipeline thread) -------------------------------------------------------
+
+    def add(self, first: int, frames: np.ndarray) -> int:
+        """Validate and take ``frames`` (n, h, w) for scan indices first .. first + n - 1; returns how many were taken."""
         if self.first_frame_at is None:
             self.first_frame_at = time.perf_counter()
+        before = self.counters["received"]
         n_pos = self.start.n_positions
         idx = np.arange(first, first + len(frames))
         inside = idx < n_pos
@@ -139,58 +142,64 @@ class ScanState:
             gap = int(idx[0] - self._highest - 1)
             self.counters["dropped"] += gap
             self.log.warning("gap", "scan %s: %d frame(s) dropped before index %d", self.scan_id, gap, idx[0])
-        if len(idx):
-            self._highest = max(self._highest, int(idx[-1]))
-            self.touched[idx] = True
-        dup = self.arrived[idx]
+        if not len(idx):
+            return 0
+        self._highest = max(self._highest, int(idx[-1]))
+        if self._binner is None:
+            self._pending.append((idx, np.array(frames)))  # copy: the socket buffer is released after this
+            self._pending_count += len(idx)
+            if self._pending_count >= min(self.cfg.calibration_frames, n_pos):
+                self._calibrate()
+        else:
+            self._take(idx, frames)
+        return self.counters["received"] - before
+
+    def invalid(self, reason: str, count: int, detail: str) -> None:
+        self.counters["invalid"] += count
+        self.reasons[reason] += count
+        self.log.warning(reason, "scan %s: %d invalid frame(s): %s", self.scan_id, count, detail)
+
+    def stale(self, count: int, other: str) -> None:
+        """``count`` frames of an earlier scan ``other`` arrived during this one."""
+        self.counters["stale"] += count
+        self.log.warning("stale", "scan %s: %d stale frame(s) of earlier scan %s", self.scan_id, count, other)
+
+    def _calibrate(self) -> None:
+        pending, self._pending, self._pending_count = self._pending, [], 0
+        raw = np.concatenate([f for _, f in pending])
+        if raw.dtype.kind == "f":
+            finite = np.isfinite(raw.reshape(len(raw), -1).sum(axis=1))
+            raw = np.nan_to_num(raw[finite] if finite.any() else raw, nan=0.0, posinf=0.0, neginf=0.0)
+        g = calibrate(raw, self.cfg)
+        cal = self.start.calibration
+        pixel_mrad = cal.detector_pixel_mrad * g.bin if cal.detector_pixel_mrad else None
+        with self._lock:
+            self.geometry = g
+            self._binner = Binner(g, np.dtype(self.start.dtype), self.cfg.mask_saturated)
+            self._sums = FrameSum(g.binned_shape)
+            self._positions = PositionSums(self.start.scan_shape, g, pixel_mrad)
+            self._store = FrameStore(self.start.n_positions, g.binned_shape)
+        log.info("scan %s: disc at (%.1f, %.1f) r=%.1f binned px, binned %s, %d masked pixel(s)",
+                 self.scan_id, *g.center, g.radius, g.binned_shape, len(g.masked))
+        self._ready = True
+        for idx, frames in pending:  # in arrival order, so a repeat among them counts as a duplicate
+            self._take(idx, frames)
+
+    def _take(self, idx: np.ndarray, frames: np.ndarray) -> None:
+        dup = self._filled[idx]
         if dup.any():
             self.counters["duplicate"] += int(dup.sum())
             self.log.warning("duplicate", "scan %s: %d duplicate frame(s), first index %d",
                              self.scan_id, int(dup.sum()), idx[dup][0])
             idx, frames = idx[~dup], frames[~dup]
-        if not len(idx):
-            return
-        if self.binner is None:
-            self._pending.append((idx, np.array(frames)))  # copy: the socket buffer is released after this
-            self._pending_count += len(idx)
-            self.arrived[idx] = True  # reserve now so duplicates among pending frames are caught
-            if self._pending_count >= min(self.cfg.calibration_frames, n_pos):
-                self._calibrate()
-            return
-        self._process(idx, frames)
-
-    def _calibrate(self) -> None:
-        idx = np.concatenate([i for i, _ in self._pending])
-        raw = np.concatenate([f for _, f in self._pending])
-        self._pending, self._pending_count = [], 0
-        self.arrived[idx] = False  # _process marks them again if valid
-        finite = np.isfinite(raw.reshape(len(raw), -1).sum(axis=1)) if raw.dtype.kind == "f" else np.ones(len(raw), bool)
-        use = raw[finite] if finite.any() else raw
-        g = calibrate(np.nan_to_num(use, nan=0.0, posinf=0.0, neginf=0.0) if raw.dtype.kind == "f" else use, self.cfg)
-        cal = self.start.calibration
-        pixel_mrad = cal.detector_pixel_mrad * g.bin if cal.detector_pixel_mrad else None
-        with self._lock:
-            self.geometry = g
-            self.binner = Binner(g, np.dtype(self.start.dtype), self.cfg.mask_saturated)
-            self.sums = FrameSum(g.binned_shape)
-            self.positions = PositionSums(self.start.scan_shape, g, pixel_mrad)
-            self.store = FrameStore(self.start.n_positions, g.binned_shape)
-            self.data = ScanData(self.scan_id, self.start.scan_shape, self.store,
-                                 *_readers(self.sums, self.positions, self._lock))
-        log.info("scan %s: disc at (%.1f, %.1f) r=%.1f binned px, binned %s, %d masked pixel(s)",
-                 self.scan_id, *g.center, g.radius, g.binned_shape, len(g.masked))
-        self.ready.set()
-        self._process(idx, raw)
-
-    def _process(self, idx: np.ndarray, raw: np.ndarray) -> None:
-        """Bin, validate and reduce, in sub-batches whose temporaries stay small and in cache."""
+        # Bin, validate and reduce in sub-batches whose temporaries stay small and in cache.
         per = max(1, _WORK_BYTES // (8 * int(np.prod(self.geometry.binned_shape))))  # float64 sums dominate
         for lo in range(0, len(idx), per):
-            self._process_batch(idx[lo:lo + per], raw[lo:lo + per])
+            self._take_batch(idx[lo:lo + per], frames[lo:lo + per])
 
-    def _process_batch(self, idx: np.ndarray, raw: np.ndarray) -> None:
-        binned = self.binner(raw)
-        products = self.positions.products(binned)  # the per-frame sums, computed once
+    def _take_batch(self, idx: np.ndarray, raw: np.ndarray) -> None:
+        binned = self._binner(raw)
+        products = self._positions.products(binned)  # the per-frame sums, computed once
         totals = products[:, 0]
         ok = np.isfinite(totals) & (totals != 0)
         if not ok.all():
@@ -200,40 +209,141 @@ class ScanState:
             zero = np.isfinite(totals) & (totals == 0)
             if zero.any():
                 self.invalid("zero_sum", int(zero.sum()), f"frame sum is zero (no COM), first index {idx[zero][0]}")
+            self._rejected.update(idx[~ok].tolist())
             idx, binned, products = idx[ok], binned[ok], products[ok]
             if not len(idx):
                 return
-        self.arrived[idx] = True
         with self._lock:
-            self.sums.update(idx, binned)
-            self.positions.update(idx, binned, products)
-        self.store.put(idx, binned)
+            self._sums.update(idx, binned)
+            self._positions.update(idx, binned, products)
+        self._store.put(idx, binned)
+        self._filled[idx] = True  # after the store: a reader that sees the flag reads a whole frame
+        self._n_filled += len(idx)
         self.counters["received"] += len(idx)
+        self.latest_index = int(idx[-1])
         self.last_frame_at = time.perf_counter()
 
-    def finish(self, frames_sent: int | None) -> None:
-        """The scan ended: calibrate if it never did, and count what never arrived."""
-        if self.binner is None and self._pending:
+    def finish(self, frames_sent: int | None, reason: str = "end") -> None:
+        """The scan ended (``reason``): calibrate if it never did, and count what never arrived."""
+        if self._binner is None and self._pending:
             self._calibrate()
         self.frames_sent = frames_sent
-        lost = int(self.start.n_positions - self.touched.sum())
+        seen = self._n_filled + sum(1 for i in self._rejected if not self._filled[i])
+        lost = int(self.start.n_positions - seen)
         self.counters["dropped" if self.lossy else "missing"] = lost
         if lost:
             log.warning("scan %s ended with %d of %d positions %s", self.scan_id, lost, self.start.n_positions,
                         "dropped" if self.lossy else "missing")
+        self.end_reason = reason
         self.ended_at = time.time()
-        if self.data is not None:
-            self.data.ended.set()
 
-    # --- readers (any thread) ------------------------------------------------------
+    def fail(self, exc: BaseException) -> None:
+        """Processing this scan raised ``exc``: it ends here, marked failed; what it has is kept."""
+        self.failure = exc
+        if not self.ended:
+            try:
+                self.finish(None, reason="failed")
+            except Exception:  # the scan is already broken; the counters stay as they were
+                log.exception("scan %s: could not close it after its failure", self.scan_id)
+                self.end_reason, self.ended_at = "failed", time.time()
 
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """Current maps and mean pattern; empty before calibration."""
-        if not self.ready.is_set():
-            return {}
+    # --- the model's view (model.interface.ScanView) ------------------------------------
+
+    @property
+    def binned_shape(self) -> tuple[int, int]:
+        return self.geometry.binned_shape
+
+    @property
+    def frames(self) -> np.ndarray:
+        """(ny*nx, h, w) float32 binned frames; rows are valid where ``filled``."""
+        return self._store.frames
+
+    @property
+    def filled(self) -> np.ndarray:
+        """(ny*nx,) bool, live: which positions hold a frame. Read-only for everyone but this scan."""
+        return self._filled
+
+    def n_filled(self) -> int:
+        return self._n_filled
+
+    def mean_pattern(self) -> np.ndarray:
         with self._lock:
-            return {**self.sums.snapshot(), **self.positions.snapshot()}
+            return self._sums.snapshot()[Arrays.MEAN_PATTERN]
 
-    def counter_dict(self) -> dict[str, int]:
-        """Counters so far; ``missing`` is known only once the scan has ended."""
-        return {k: int(self.counters[k]) for k in COUNTERS}
+    def com_maps(self) -> dict[str, np.ndarray]:
+        maps = self.maps()
+        return {k: maps[k].astype(np.float32) for k in (Arrays.COM_MAGNITUDE, Arrays.COM_ANGLE)}
+
+    # --- what is published and written --------------------------------------------------
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """The scan maps (float64, NaN where missing), ``filled`` (ny, nx) bool and the mean pattern; {} before calibration."""
+        if not self._ready:
+            return {}
+        filled = self._filled.copy()
+        with self._lock:
+            out = {**self._sums.snapshot(), **self._positions.snapshot(filled)}
+        out[Arrays.FILLED] = filled.reshape(self.scan_shape)
+        return out
+
+    @property
+    def com_unit(self) -> str:
+        return self._positions.unit if self._positions is not None else "px"
+
+    def position(self, index) -> int:
+        """The scan index of position ``index`` = [y, x]; ValueError if it is not one."""
+        ny, nx = self.scan_shape
+        if not (isinstance(index, (list, tuple)) and len(index) == 2
+                and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in index)):
+            raise ValueError(f"index must be [y, x] integers, got {index!r}")
+        y, x = (int(v) for v in index)
+        if not (0 <= y < ny and 0 <= x < nx):
+            raise ValueError(f"position ({y}, {x}) is outside the {ny}x{nx} scan")
+        return y * nx + x
+
+    def frame(self, index) -> np.ndarray:
+        """The binned frame at position ``index`` = [y, x]; ValueError if there is none."""
+        i = self.position(index)
+        if not self._ready or not self._filled[i]:
+            raise ValueError(f"no frame at ({index[0]}, {index[1]}) yet")
+        return self._store.frames[i].copy()
+
+    def header_fields(self) -> dict:
+        """This scan's fields of the snapshot header."""
+        s = self.start
+        fields = dict(scan_id=s.scan_id, scan_shape=list(s.scan_shape), frame_shape=list(s.frame_shape),
+                      expected=s.n_positions, counters=self.counter_dict(),
+                      calibration=s.calibration.model_dump(mode="json", exclude_none=True))
+        if self.latest_index is not None:
+            fields["latest_index"] = list(divmod(self.latest_index, self.scan_shape[1]))
+        if self._ready:
+            geometry = self.geometry.to_json()
+            geometry.pop("masked")
+            fields.update(binned_shape=list(self.geometry.binned_shape), geometry=geometry, com_unit=self.com_unit)
+        return fields
+
+    def results(self) -> ScanResults:
+        """Everything the results file keeps of this scan, but the model and the service's config."""
+        g, s = self.geometry, self.start
+        mask = None
+        if g is not None:
+            mask = np.zeros(g.frame_shape, dtype=bool)
+            for i, j in g.masked:
+                mask[i, j] = True
+        attrs = {
+            "scan_shape": list(s.scan_shape),
+            "frame_shape": list(s.frame_shape),
+            "binned_shape": list(g.binned_shape) if g else [0, 0],
+            "dtype": s.dtype,
+            "counters": self.counter_dict(),
+            "invalid_reasons": dict(self.reasons),
+            "frames_sent": -1 if self.frames_sent is None else self.frames_sent,
+            "complete": self.complete,
+            "end_reason": self.end_reason or "running",
+            "geometry": g.to_json() if g else {},
+            "calibration": s.calibration.model_dump(mode="json"),
+            "metadata": s.metadata,
+        }
+        if self.failure is not None:
+            attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
+        return ScanResults(self.scan_id, attrs, self.maps(), self.com_unit, mask)

@@ -1,13 +1,20 @@
-"""The rrstem service: receiver -> pipeline -> maps/store -> trainer, publisher, control, results.
+"""The rrstem service: threads, dispatch and the scan lifecycle.
 
-Threads (each stores its exception; the service reports it in every snapshot
-and ``check()`` re-raises it):
+One frame's path: the receiver thread (``stream/receiver.py``) reads a
+message and decodes it (``stream/detectors/``) into an ``Item`` on a bounded
+queue; the pipeline thread hands it to ``Service.dispatch``, which gives a
+``frames`` item to the current ``Scan`` (``stream/scan.py``: validation,
+binning, the merged sums, the frame store and the one filled mask). The
+encoder (``model/``: the online trainer, or a fixed trained model) reads the
+scan through ``model.interface.ScanView``. At the scan's end the finisher
+thread waits for the encoder's final maps and writes ``Scan.results()`` plus
+the model to the results file (``stream/results.py``). Meanwhile the
+publisher thread (``stream/publisher.py``) asks the service for snapshots
+(``Service.snapshot``) and routes control requests to it.
 
-- receiver: socket -> decoded items -> bounded queue (``stream/receiver.py``)
-- pipeline: items -> ``ScanState`` (validation, binning, reductions, store)
-- trainer: the rrVAE, reading the store (``model/trainer.py``); never blocks ingest
-- finisher: at scan end waits for the trainer's consolidation, writes results
-- publisher: snapshots on PUB at <= ``snapshot_hz`` and the REP control socket (``stream/publisher.py``)
+Every worker stores the exception that stopped it; ``check()`` re-raises
+the original. A failure in one scan's processing ends that scan (its results
+are written, marked failed) and the service goes on with the next.
 """
 
 from __future__ import annotations
@@ -17,21 +24,22 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Hashable, Literal
 
-import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
+from rrstem.model.interface import Encoder
+from rrstem.stream import control
+from rrstem.stream.detectors import decoder_for
 from rrstem.stream.preprocess import PreprocessConfig
-from rrstem.stream.protocol import Start
+from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import Item, Receiver
 from rrstem.stream.results import write_scan
-from rrstem.stream.scan import ScanState
-from rrstem.stream.detectors import decoder_for
-from rrstem.stream.publisher import Publisher
-from rrstem.stream.snapshot import Snapshot, SnapshotHeader
+from rrstem.stream.scan import Scan
+from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key
 
 log = logging.getLogger("rrstem.service")
 
@@ -44,7 +52,7 @@ class ServiceConfig(BaseModel):
     listen: str = Field("tcp://127.0.0.1:5555", description="Frames endpoint (detector or simulator).")
     bind: bool = Field(False, description="Bind the frames socket instead of connecting to the sender.")
     mode: Literal["pull", "sub"] = Field("pull", description="pull: lossless; sub: tap a PUB stream.")
-    protocol: str = Field("rrstem", description="Wire protocol of the sender (see stream/detectors.py).")
+    protocol: str = Field("rrstem", description="Wire protocol of the sender (see stream/detectors/).")
     publish: str | None = Field("tcp://127.0.0.1:5556", description="Snapshot PUB endpoint (bound); None: off.")
     control: str | None = Field("tcp://127.0.0.1:5557", description="Control REP endpoint (bound); None: off.")
     out: Path | None = Field(Path("rrstem-results.h5"), description="Results file; None: do not write.")
@@ -53,7 +61,7 @@ class ServiceConfig(BaseModel):
     queue_size: int = Field(32, ge=1, description="Messages buffered between receiver and pipeline.")
     snapshot_hz: float = Field(10.0, gt=0, le=10.0, description="Snapshot rate limit.")
     train: bool = Field(True, description="Train the rrVAE online.")
-    trainer: dict[str, Any] = Field(default_factory=dict, description="TrainerConfig fields.")
+    trainer: dict[str, Any] = Field(default_factory=dict, description="TrainerConfig fields (flat or nested).")
     device: str = Field("cpu", description="Torch device for the trainer (cpu, cuda, cuda:1, mps).")
     model: Path | None = Field(None, description="Encode with this trained rrVAE (.pt or results .h5); no training.")
     finish_timeout: float = Field(120.0, gt=0, description="Longest wait for the trainer at scan end, s.")
@@ -73,47 +81,113 @@ def limit_blas_threads() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
+def make_encoder(cfg: ServiceConfig) -> Encoder | None:
+    """The encoder ``cfg`` asks for: a fixed trained model (``model``), the online trainer (``train``), or none."""
+    if cfg.model is not None:
+        from rrstem.model.inference import FixedEncoder
+
+        path = Path(cfg.model)
+        if path.suffix.lower() in (".h5", ".hdf5"):
+            from rrstem.model import checkpoint
+            from rrstem.stream.results import read_model
+
+            config, state, step = read_model(path)
+            model = checkpoint.from_state(config, state, cfg.device)
+            return FixedEncoder(model, float(config.get("gain") or 1.0), step, str(path), device=cfg.device)
+        return FixedEncoder.from_checkpoint(path, cfg.device)
+    if cfg.train:
+        from rrstem.model.trainer import OnlineTrainer, TrainerConfig
+
+        return OnlineTrainer(TrainerConfig.from_dict(cfg.trainer), device=cfg.device)
+    return None
+
+
+@dataclass
+class Failure:
+    """Something that failed: where, the original exception (with its traceback), and the scan it hit."""
+
+    where: str
+    error: BaseException
+    scan_id: str | None = None
+
+    def __str__(self) -> str:
+        on = f" on scan {self.scan_id}" if self.scan_id else ""
+        return f"{self.where} failed{on}: {type(self.error).__name__}: {self.error}"
+
+
+class Worker(threading.Thread):
+    """A daemon thread that stores the exception that ended it and hands it to ``on_failure``."""
+
+    def __init__(self, name: str, target: Callable[..., None], on_failure: Callable[[str, BaseException], None],
+                 args: tuple = ()):
+        super().__init__(name=name, daemon=True)
+        self._body, self._body_args, self._on_failure = target, args, on_failure
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._body(*self._body_args)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("%s failed", self.name)
+            self._on_failure(self.name, exc)
+        finally:
+            del self._body, self._body_args, self._on_failure  # no reference to the service once ended
+
+
+class RateMeter:
+    """Frames per second over the last ``window`` seconds, from (time, running total) samples."""
+
+    def __init__(self, window: float = 2.0):
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque(maxlen=64)
+        self._total = 0
+
+    def add(self, n: int) -> None:
+        self._total += n
+        self._samples.append((time.monotonic(), self._total))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._samples) if now - t <= self.window]  # copy: the pipeline appends
+        if len(recent) < 2:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / max(now - recent[0][0], 1e-3)
+
+
 class Service:
+    """Receives scans, keeps their maps current, trains the encoder on them, publishes and writes results."""
+
     def __init__(self, config: ServiceConfig, context: zmq.Context | None = None):
         limit_blas_threads()
         self.cfg = config
         self.ctx = context or zmq.Context.instance()
         self.stop_event = threading.Event()
-        self.queue: queue.Queue[Item] = queue.Queue(config.queue_size)
-        self.current: ScanState | None = None
-        self.finished: deque[str] = deque(maxlen=64)  # ids of scans whose results are written (not the scans:
-        # a finished scan's frame store is freed once the next scan replaces it)
-        self.seen_ids: set[str] = set()
-        self.rejected: set[str] = set()  # scans whose start was refused
-        self.notice: str | None = None  # the latest refused input, shown until the next scan starts
+        self.current: Scan | None = None  # the newest scan (kept, done, until the next start)
         self.orphans: Counter[str] = Counter()  # bad input that belongs to no scan, by reason
-        self.errors: list[str] = []
+        self.failures: list[Failure] = []  # every failure the service survived or died of, oldest first
+        self.notice: str | None = None  # the latest refused input, shown until the next scan starts
         self.results_written: list[tuple[str, Path]] = []
         self.results_event = threading.Event()
+        self._once = config.once
         self._started = False
-        self._finish_q: queue.Queue[ScanState] = queue.Queue()
-        self.rate_window: deque[tuple[float, int]] = deque(maxlen=64)
-        self._received_total = 0
-        self.trainer = None
-        if config.model is not None:
-            from rrstem.model.inference import FixedEncoder
-
-            self.trainer = FixedEncoder(config.model, device=config.device)
-        elif config.train:
-            from rrstem.model.trainer import OnlineTrainer, TrainerConfig
-
-            self.trainer = OnlineTrainer(TrainerConfig(**config.trainer), device=config.device)
-        self.receiver = Receiver(self.ctx, config.listen, self.queue, self.stop_event, bind=config.bind,
+        self._seen_ids: set[str] = set()
+        self._refused: dict[str, str] = {}  # scan id -> orphan reason for its frames (rejected or failed scans)
+        self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
+        self._finish_q: queue.Queue[Scan] = queue.Queue()
+        self._rate = RateMeter()
+        self.encoder: Encoder | None = make_encoder(config)
+        self.receiver = Receiver(self.ctx, config.listen, self._queue, self.stop_event, bind=config.bind,
                                  mode=config.mode, decoder=decoder_for(config.protocol, config.scan_shape))
-        self.publisher = Publisher(self, self.ctx, config.publish, config.control)
-        self._threads = [
-            self.receiver,
-            threading.Thread(target=self._guard, args=(self._pipeline_loop,), name="rrstem-pipeline", daemon=True),
-            threading.Thread(target=self._guard, args=(self._finish_loop,), name="rrstem-finisher", daemon=True),
-            threading.Thread(target=self._guard, args=(self.publisher.run,), name="rrstem-publisher", daemon=True),
+        self.publisher = Publisher(self.ctx, config.publish, config.control)
+        self._workers = [
+            Worker("rrstem-pipeline", self._pipeline_loop, self._died),
+            Worker("rrstem-finisher", self._finish_loop, self._died),
+            Worker("rrstem-publisher", self.publisher.run, self._died,
+                   args=(self, self.stop_event, config.snapshot_hz)),
         ]
 
-    # --- lifecycle ------------------------------------------------------------------
+    # --- lifecycle ----------------------------------------------------------------------
 
     @property
     def listen_endpoint(self) -> str:
@@ -132,9 +206,10 @@ class Service:
         if self._started:
             return self
         self._started = True
-        if self.trainer is not None:
-            self.trainer.start()
-        for t in self._threads:
+        if self.encoder is not None:
+            self.encoder.start()
+        self.receiver.start()
+        for t in self._workers:
             t.start()
         log.info("listening on %s (%s, %s); snapshots on %s; control on %s", self.listen_endpoint, self.cfg.mode,
                  "bound" if self.cfg.bind else "connected", self.publish_endpoint, self.control_endpoint)
@@ -143,6 +218,12 @@ class Service:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def stop_after_scan(self) -> None:
+        """Stop once the current scan's results are written (at once if they already are)."""
+        self._once = True
+        if self.results_written:
+            self.stop()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the service stops (control ``stop``, ``once``); False on timeout."""
         return self.stop_event.wait(timeout)
@@ -150,11 +231,11 @@ class Service:
     def close(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
         deadline = time.monotonic() + timeout
-        for t in self._threads:
+        for t in (self.receiver, *self._workers):
             if t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
-        if self.trainer is not None:
-            self.trainer.close(timeout=max(0.5, deadline - time.monotonic()))
+        if self.encoder is not None:
+            self.encoder.close(timeout=max(0.5, deadline - time.monotonic()))
         self.publisher.close()
 
     def __enter__(self) -> "Service":
@@ -163,209 +244,252 @@ class Service:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def check(self) -> None:
-        """Re-raise a worker thread's failure, if any."""
-        if self.receiver.error is not None:
-            raise RuntimeError("receiver thread failed") from self.receiver.error
-        if self.trainer is not None and getattr(self.trainer, "error", None) is not None:
-            raise RuntimeError("trainer thread failed") from self.trainer.error
-        if self.errors:
-            raise RuntimeError(self.errors[-1])
+    # --- failures -----------------------------------------------------------------------
 
-    def _guard(self, loop) -> None:
-        try:
-            loop()
-        except BaseException as exc:
-            self.report(f"{threading.current_thread().name} failed: {exc!r}")
-            log.exception("worker failed")
-            self.stop_event.set()
+    def report(self, where: str, exc: BaseException, scan_id: str | None = None) -> None:
+        """Record a failure the service survives (it shows in snapshots and the log)."""
+        self.failures.append(Failure(where, exc, scan_id))
+        del self.failures[:-50]
+
+    def _died(self, where: str, exc: BaseException) -> None:
+        self.report(where, exc)
+        self.stop_event.set()
+
+    def worker_failures(self) -> list[Failure]:
+        """Failures of threads that ended: the service cannot go on after any of these."""
+        out = [Failure(t.name, t.error) for t in (self.receiver, *self._workers) if t.error is not None]
+        if self.encoder is not None and self.encoder.error is not None:
+            out.append(Failure(f"rrVAE {type(self.encoder).__name__}", self.encoder.error))
+        return out
+
+    def check(self) -> None:
+        """Re-raise the first worker thread's failure, the original exception with its traceback."""
+        failed = self.worker_failures()
+        if failed:
+            raise failed[0].error
 
     def last_error(self) -> str | None:
-        """The newest worker failure, else the latest refused scan, for the dashboard's banner."""
-        if self.errors:
-            return self.errors[-1]
-        err = getattr(self.trainer, "error", None)
-        if err is not None:
-            return f"rrVAE {type(self.trainer).__name__} failed: {err!r}"
+        """The newest failure, else the latest refused scan, for the dashboard's banner."""
+        failed = self.worker_failures()
+        if self.failures or failed:
+            return str(failed[-1] if failed else self.failures[-1])
         return self.notice
-
-    def report(self, message: str) -> None:
-        self.errors.append(message)
-        del self.errors[:-20]
 
     # --- pipeline thread ----------------------------------------------------------------
 
     def _pipeline_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
-                item = self.queue.get(timeout=0.1)
+                item = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            try:
-                self._handle(item)
-            except Exception as exc:  # a bug on one message must not stop ingest of the next
-                log.exception("pipeline error on a %s message", item.kind)
-                self.report(f"pipeline error on a {item.kind} message: {exc!r}")
-                self.orphans["pipeline_error"] += 1
+            self.dispatch(item)
 
-    def _handle(self, item: Item) -> None:
+    def dispatch(self, item: Item) -> None:
+        """Act on one decoded message. A failure ends the scan it concerns; the service goes on."""
         cur = self.current
-        if item.kind == "start":
-            start: Start = item.message
-            if self.cfg.scan_shape is not None and tuple(start.scan_shape) != self.cfg.scan_shape:
-                log.info("scan %s: scan shape %s overridden to %s", start.scan_id, start.scan_shape, self.cfg.scan_shape)
-                start = start.model_copy(update={"scan_shape": self.cfg.scan_shape})
-            if cur is not None and not cur.ended:
-                log.warning("scan %s had no end message; it ends at the start of scan %s", cur.scan_id, start.scan_id)
-                self._end_scan(cur, None)
-            try:
-                state = ScanState(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub")
-            except ValueError as exc:  # the scan cannot be taken; its frames are counted, not processed
-                self.rejected.add(start.scan_id)
-                self.orphans["rejected_start"] += 1
-                self.notice = f"scan {start.scan_id} rejected: {exc}"
-                log.error("scan %s rejected: %s", start.scan_id, exc)
-                return
-            if start.scan_id in self.seen_ids:
-                log.warning("scan id %s seen before: its results will be replaced", start.scan_id)
-            self.seen_ids.add(start.scan_id)
-            self.rejected.discard(start.scan_id)
-            self.current, self.notice = state, None
-            log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
-                     start.dtype)
-        elif item.kind == "frames":
-            if cur is None or item.scan_id != cur.scan_id or cur.ended:
-                self._stale(item, cur)
-                return
-            was_ready = cur.ready.is_set()
-            before = cur.counters["received"]
-            cur.add(item.message.first, item.frames)
-            self._count(cur.counters["received"] - before)
-            if not was_ready and cur.ready.is_set() and self.trainer is not None:
-                self.trainer.attach(cur.data)
-        elif item.kind == "end":
-            if cur is not None and item.scan_id == cur.scan_id and not cur.ended:
-                self._end_scan(cur, item.message.frames_sent)
-            else:
-                reason = "end_repeated" if item.scan_id in self.seen_ids else "end_without_start"
-                self.orphans[reason] += 1
-                log.warning("%s for scan %s ignored", reason.replace("_", " "), item.scan_id)
-        else:
-            if cur is not None and item.scan_id == cur.scan_id and not cur.ended and item.count:
+        try:
+            if item.kind == "start":
+                self._start_scan(item.message)
+            elif item.kind == "frames":
+                self._frames(item, cur)
+            elif item.kind == "end":
+                self._end(item, cur)
+            elif cur is not None and item.scan_id == cur.scan_id and not cur.ended and item.count:
                 cur.invalid(item.reason, item.count, item.detail)
             else:
                 self.orphans[item.reason] += max(item.count, 1)
                 log.warning("rejected message (%s): %s", item.reason, item.detail)
+        except Exception as exc:  # a bug or bad data in one scan must not stop ingest of the next
+            scan = self.current if self.current is not None and self.current.scan_id == item.scan_id else None
+            log.exception("pipeline error on a %s message of scan %s", item.kind, item.scan_id)
+            self.report("pipeline", exc, item.scan_id)
+            if scan is None or scan.ended:
+                self.orphans["pipeline_error"] += 1
+                return
+            scan.fail(exc)
+            self._refused[scan.scan_id] = "failed_scan"
+            self._finish_q.put(scan)
 
-    def _stale(self, item: Item, cur: ScanState | None) -> None:
+    def _start_scan(self, start) -> None:
+        cur = self.current
+        if self.cfg.scan_shape is not None and tuple(start.scan_shape) != self.cfg.scan_shape:
+            log.info("scan %s: scan shape %s overridden to %s", start.scan_id, start.scan_shape, self.cfg.scan_shape)
+            start = start.model_copy(update={"scan_shape": self.cfg.scan_shape})
+        if cur is not None and not cur.ended:
+            log.warning("scan %s had no end message; it ends at the start of scan %s", cur.scan_id, start.scan_id)
+            self._end_scan(cur, None, "superseded")
+        try:
+            scan = Scan(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub")
+        except ValueError as exc:  # the scan cannot be taken; its frames are counted, not processed
+            self._refused[start.scan_id] = "rejected_scan"
+            self.orphans["rejected_start"] += 1
+            self.notice = f"scan {start.scan_id} rejected: {exc}"
+            log.error("scan %s rejected: %s", start.scan_id, exc)
+            return
+        if start.scan_id in self._seen_ids:
+            log.warning("scan id %s seen before: its results will be replaced", start.scan_id)
+        self._seen_ids.add(start.scan_id)
+        self._refused.pop(start.scan_id, None)
+        self.current, self.notice = scan, None
+        log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
+                 start.dtype)
+
+    def _frames(self, item: Item, cur: Scan | None) -> None:
         n = item.message.count
-        if item.scan_id in self.rejected:
-            self.orphans["rejected_scan"] += n
-            return  # the rejection was logged once, at its start
-        if cur is not None and not cur.ended and item.scan_id in self.seen_ids:
-            cur.counters["stale"] += n
-            cur.log.warning("stale", "scan %s: %d stale frame(s) of earlier scan %s", cur.scan_id, n, item.scan_id)
+        if cur is None or item.scan_id != cur.scan_id or cur.ended:
+            if item.scan_id in self._refused:
+                self.orphans[self._refused[item.scan_id]] += n  # the refusal was logged once, at its start
+            elif cur is not None and not cur.ended and item.scan_id in self._seen_ids:
+                cur.stale(n, item.scan_id)
+            else:
+                self.orphans["stale"] += n
+                log.warning("%d frame(s) of scan %s arrived after it ended", n, item.scan_id)
+            return
+        was_ready = cur.ready
+        self._rate.add(cur.add(item.message.first, item.frames))
+        if not was_ready and cur.ready and self.encoder is not None:
+            self.encoder.attach(cur)
+
+    def _end(self, item: Item, cur: Scan | None) -> None:
+        if cur is not None and item.scan_id == cur.scan_id and not cur.ended:
+            self._end_scan(cur, item.message.frames_sent, "end")
         else:
-            self.orphans["stale"] += n
-            log.warning("%d frame(s) of scan %s arrived after it ended", n, item.scan_id)
+            reason = "end_repeated" if item.scan_id in self._seen_ids else "end_without_start"
+            self.orphans[reason] += 1
+            log.warning("%s for scan %s ignored", reason.replace("_", " "), item.scan_id)
 
-    def _count(self, n: int) -> None:
-        self._received_total += n
-        self.rate_window.append((time.monotonic(), self._received_total))
+    def _end_scan(self, scan: Scan, frames_sent: int | None, reason: str) -> None:
+        scan.finish(frames_sent, reason)
+        log.info("scan %s ended (%s): %s", scan.scan_id, reason,
+                 ", ".join(f"{k} {v}" for k, v in scan.counter_dict().items()))
+        self._finish_q.put(scan)
 
-    def _end_scan(self, state: ScanState, frames_sent: int | None) -> None:
-        state.finish(frames_sent)
-        c = state.counter_dict()
-        log.info("scan %s ended: %s", state.scan_id, ", ".join(f"{k} {v}" for k, v in c.items()))
-        self._finish_q.put(state)
-
-    # --- finisher thread -------------------------------------------------------------
+    # --- finisher thread ----------------------------------------------------------------
 
     def _finish_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
-                state = self._finish_q.get(timeout=0.1)
+                scan = self._finish_q.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if self.trainer is not None and state.ready.is_set():
-                if not self.trainer.wait_done(self.cfg.finish_timeout):
-                    err = getattr(self.trainer, "error", None)
-                    if err is not None:
-                        log.error("scan %s: the rrVAE failed (%r); writing the maps without it", state.scan_id, err)
-                    else:
-                        log.warning("scan %s: rrVAE did not finish within %.0f s; writing what it has",
-                                    state.scan_id, self.cfg.finish_timeout)
-            self.finished.append(state.scan_id)
-            if self.cfg.out is not None:
-                path = self.save(state)
-                self.results_written.append((state.scan_id, path))
-            self.results_event.set()
-            if self.cfg.once:
-                self.stop_event.set()
+            self._finish(scan)
 
-    def save(self, state: ScanState | None = None) -> Path:
-        """Write the results of ``state`` (default: the current scan) now."""
-        state = state or self.current
-        if state is None:
+    def _finish(self, scan: Scan) -> None:
+        enc = self.encoder
+        if enc is not None and scan.ready and scan.failure is None and not enc.wait_done(self.cfg.finish_timeout):
+            if enc.error is not None:
+                log.error("scan %s: the rrVAE failed (%r); writing the maps without it", scan.scan_id, enc.error)
+            else:
+                log.warning("scan %s: rrVAE did not finish within %.0f s; writing what it has", scan.scan_id,
+                            self.cfg.finish_timeout)
+        if self.cfg.out is not None:
+            try:
+                path = self.save(scan)
+            except Exception as exc:
+                log.exception("scan %s: writing its results to %s failed", scan.scan_id, self.cfg.out)
+                self.report("results", exc, scan.scan_id)
+            else:
+                self.results_written.append((scan.scan_id, path))
+        scan.done = True
+        self.results_event.set()
+        if self._once:
+            self.stop_event.set()
+
+    def save(self, scan: Scan | None = None) -> Path:
+        """Write the results of ``scan`` (default: the current scan) now."""
+        scan = scan or self.current
+        if scan is None:
             raise ValueError("no scan yet: nothing to save")
         if self.cfg.out is None:
             raise ValueError("the service was started without a results file (--out)")
-        maps = state.snapshot()
-        model = None
-        tmaps = self._trainer_maps(state)
-        if tmaps:
-            maps.update(tmaps)
-            model = self.trainer.export()
-        g = state.geometry
-        mask = None
-        if g is not None:
-            mask = np.zeros(g.frame_shape, dtype=bool)
-            for i, j in g.masked:
-                mask[i, j] = True
-        attrs = {
-            "scan_shape": list(state.start.scan_shape),
-            "frame_shape": list(state.start.frame_shape),
-            "binned_shape": list(g.binned_shape) if g else [0, 0],
-            "dtype": state.start.dtype,
-            "counters": state.counter_dict(),
-            "invalid_reasons": dict(state.reasons),
-            "frames_sent": -1 if state.frames_sent is None else state.frames_sent,
-            "complete": state.ended,
-            "geometry": g.to_json() if g else {},
-            "calibration": state.start.calibration.model_dump(mode="json"),
-            "config": self.cfg.model_dump(mode="json"),
-            "metadata": state.start.metadata,
-        }
-        unit = state.positions.unit if state.positions else "px"
-        path = write_scan(self.cfg.out, state.scan_id, attrs=attrs, maps=maps, com_unit=unit, pixel_mask=mask,
-                          model=model)
-        log.info("scan %s: results written to %s", state.scan_id, path)
+        results = scan.results()
+        results.attrs["config"] = self.cfg.model_dump(mode="json")
+        model_maps = self._model_maps(scan)
+        if model_maps:
+            results.maps.update(model_maps)
+            results.model = self.encoder.export()
+        path = write_scan(self.cfg.out, results)
+        scan.results_path = path
+        log.info("scan %s: results written to %s", scan.scan_id, path)
         return path
 
-    def _trainer_maps(self, state: ScanState) -> dict[str, np.ndarray]:
-        if self.trainer is None or not state.ready.is_set():
+    def _model_maps(self, scan: Scan) -> dict[str, Any]:
+        """The encoder's newest maps of ``scan``, if it has any."""
+        if self.encoder is None or not scan.ready:
             return {}
-        maps = self.trainer.maps()
-        if not maps or maps.get("scan_id", state.scan_id) != state.scan_id:
-            return {}
-        return {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
+        maps = self.encoder.maps()
+        return maps.arrays if maps is not None and maps.scan_id == scan.scan_id else {}
 
-    # --- views for callers (the publisher thread builds these too) ---------------------------
+    # --- what the publisher and the control socket ask for ------------------------------
 
-    def snapshot(self) -> Snapshot:
-        """The current maps, counters and training state, as published."""
-        return self.publisher.snapshot()
+    def state(self, scan: Scan) -> str:
+        """``acquiring``, ``finishing``, ``consolidating`` (the rrVAE's last phase) or ``done``."""
+        if not scan.ended:
+            return "acquiring"
+        if scan.done:
+            return "done"
+        training = self.encoder.status() if self.encoder is not None else {}
+        if training.get("state") == "consolidating" and training.get("scan_id") == scan.scan_id:
+            return "consolidating"
+        return "finishing"
 
     def header(self) -> SnapshotHeader:
         """The current scan's state, counters and training status, without the arrays."""
-        return self.publisher.header()
+        h = SnapshotHeader(error=self.last_error(), frames_per_s=self._rate.rate(), control=self.control_endpoint,
+                           orphans=dict(self.orphans))
+        if self.encoder is not None:
+            h.training = self.encoder.status()
+        cur = self.current
+        if cur is not None:
+            for key, value in cur.header_fields().items():
+                setattr(h, key, value)
+            h.state = self.state(cur)
+        return h
 
-    def stop_after_scan(self) -> None:
-        """Stop once the current scan's results are written (at once if they already are)."""
-        self.cfg.once = True
-        if self.results_written:
-            self.stop()
+    def snapshot(self) -> Snapshot:
+        """The current maps, counters and training state, as published."""
+        header = self.header()
+        cur = self.current
+        if cur is None:
+            return Snapshot(header)
+        # float32 is plenty for display and halves what every subscriber receives
+        arrays = {k: v.astype("float32") if v.dtype == "float64" else v for k, v in cur.maps().items()}
+        arrays.update(self._model_maps(cur))
+        if self.encoder is not None and cur.ready:
+            arrays.update({history_key(k): v for k, v in self.encoder.histories().items()})
+        return Snapshot(header, arrays)
+
+    def snapshot_key(self) -> Hashable:
+        cur = self.current
+        step = self.encoder.status().get("step") if self.encoder is not None else None
+        scan = (id(cur), sum(cur.counters.values()), cur.ended, cur.done) if cur is not None else None
+        return scan, step, len(self.failures), sum(self.orphans.values())
 
     def frame_reply(self, index: Any) -> dict[str, Any]:
         """The ``frame`` control reply for scan position ``index`` = [y, x] (arrays packed)."""
-        return self.publisher.frame_reply(index)
+        cur = self.current
+        if cur is None or not cur.ready:
+            raise ValueError("no frames yet")
+        out = {"index": [int(v) for v in index] if isinstance(index, (list, tuple)) else index,
+               "frame": control.pack_array(cur.frame(index)), "mean": control.pack_array(cur.mean_pattern())}
+        if self._model_maps(cur):
+            inp, recon = self.encoder.reconstruct(cur.position(index))
+            out.update(input=control.pack_array(inp), recon=control.pack_array(recon),
+                       residual=control.pack_array(inp - recon))
+        return out
+
+    def _training(self, action: str) -> dict[str, Any]:
+        if self.encoder is None:
+            raise ValueError("training is disabled (serve was started with --no-train)")
+        getattr(self.encoder, action)()
+        return self.encoder.status()
+
+    def pause_training(self) -> dict[str, Any]:
+        return self._training("pause")
+
+    def resume_training(self) -> dict[str, Any]:
+        return self._training("resume")
+
+    def reset_model(self) -> dict[str, Any]:
+        return self._training("reset_model")

@@ -17,7 +17,7 @@ def test_single_bright_pixel_has_exact_com():
     frames[0, 2, 7] = 10.0  # COM at (y=2, x=7)
     frames[1, 6, 1] = 10.0  # COM at (y=6, x=1)
     pos.update(np.array([0, 1]), frames)
-    m = pos.snapshot()
+    m = pos.snapshot(np.ones(2, bool))
     # relative to the mean pattern's COM at (4, 4)
     np.testing.assert_allclose(m["com_x"][0], [3.0, -3.0])
     np.testing.assert_allclose(m["com_y"][0], [-2.0, 2.0])
@@ -28,12 +28,12 @@ def test_single_bright_pixel_has_exact_com():
     np.testing.assert_array_equal(m["vadf"][0], [10, 10])
 
 
-def test_missing_positions_are_nan_and_not_filled():
+def test_positions_outside_the_filled_mask_are_nan():
     pos = PositionSums((2, 2), geometry(), pixel_mrad=0.5)
     pos.update(np.array([3]), np.ones((1, 9, 9), np.float32))
-    m = pos.snapshot()
-    assert m["filled"].tolist() == [[False, False], [False, True]]
-    assert np.isnan(m["vbf"][0]).all() and m["vbf"][1, 1] == 13  # pixels within r <= 2
+    m = pos.snapshot(np.array([False, False, False, True]))
+    assert np.isnan(m["vbf"][0]).all() and np.isnan(m["vbf"][1, 0]) and m["vbf"][1, 1] == 13  # pixels within r <= 2
+    assert m["com_x"][1, 1] == 0 and np.isnan(m["com_x"][0]).all()  # the only frame is its own reference
     assert pos.unit == "mrad"
 
 

@@ -229,3 +229,41 @@ def test_start_twice_is_harmless(tmp_path):
                         out=tmp_path / "r.h5")
     with Service(cfg).start() as svc:
         assert svc.start() is svc and svc.receiver.is_alive()
+
+
+def test_a_scan_whose_processing_fails_is_written_as_failed_and_the_next_one_runs(make_service, sender_for):
+    svc = make_service(preprocess={"bin": 4, "calibration_frames": 2})
+    s = sender_for(svc)
+    s.start("tiny", (2, 2), (2, 2))  # 2x2 frames cannot be binned by 4: calibration raises
+    s.frames("tiny", 0, np.ones((4, 2, 2), np.uint16))
+    s.frames("tiny", 0, np.ones((1, 2, 2), np.uint16))  # more frames of the failed scan: counted, not processed
+    frames = disc_frames(3, 3, seed=10)
+    s.start("next", (3, 3), (32, 32))
+    s.frames("next", 0, frames.reshape(9, 32, 32))
+    s.end("next", 9)
+    path = wait_results(svc, n=2)
+    failed = read_scan(path, "tiny")["attrs"]
+    assert failed["complete"] == 0 and failed["end_reason"] == "failed"
+    assert failed["error"] == "ValueError: bin 4 is larger than the 2x2 frame"
+    assert svc.orphans["failed_scan"] == 1
+    assert str(svc.failures[0]) == "pipeline failed on scan tiny: ValueError: bin 4 is larger than the 2x2 frame"
+    assert isinstance(svc.failures[0].error, ValueError) and svc.failures[0].error.__traceback__ is not None
+    nxt = read_scan(path, "next")
+    assert nxt["attrs"]["complete"] == 1 and nxt["attrs"]["end_reason"] == "end"
+    assert nxt["attrs"]["counters"]["received"] == 9
+    svc.check()  # a failed scan is not a failed service
+
+
+def test_a_worker_stores_the_exception_that_ended_it():
+    from rrstem.stream.service import Worker
+
+    boom = RuntimeError("broke")
+    seen = []
+
+    def body(x):
+        raise boom
+
+    w = Worker("w", body, lambda where, exc: seen.append((where, exc)), args=(1,))
+    w.start()
+    w.join(5)
+    assert w.error is boom and seen == [("w", boom)] and boom.__traceback__ is not None
