@@ -1,6 +1,7 @@
 """The command line: the one parser, its scan shapes, and runs as a user would (real processes, sockets, files)."""
 
 import argparse
+import io
 import re
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_serve_defaults_are_the_documented_ones():
                                                                                    False, "rrstem")
 
 
-def test_progress_follows_the_service_header(make_service, sender_for, capsys):
+def test_progress_follows_the_service_header(make_service, sender_for, monkeypatch, capsys):
     """run_service draws the scan's bar from Service.header(), prints the results and closes the service."""
     svc = make_service()
     frames = disc_frames(3, 4, seed=13)
@@ -96,18 +97,20 @@ def test_progress_follows_the_service_header(make_service, sender_for, capsys):
     while svc.header().state != "done":
         assert time.monotonic() < deadline, f"scan not done: {svc.header()}"
         time.sleep(0.05)
+    bars = io.StringIO()  # tqdm writes here from the runner thread; read without truncating, nothing is lost
+    monkeypatch.setattr(sys, "stderr", bars)
     box = {}
     runner = threading.Thread(target=lambda: box.setdefault("code", run_service(svc)), daemon=True)
     runner.start()
-    seen, deadline = "", time.monotonic() + 20
-    while "12/12" not in seen:  # tqdm's "received/expected"
-        assert time.monotonic() < deadline, f"no full bar in {seen!r}"
+    deadline = time.monotonic() + 20
+    while "12/12" not in bars.getvalue():  # tqdm's received/expected, from header().counters and .expected
+        assert time.monotonic() < deadline, f"no full bar in {bars.getvalue()!r}"
         time.sleep(0.05)
-        seen += capsys.readouterr().err
     svc.stop()
     runner.join(20)
     assert box["code"] == 0
-    assert "bar" in seen and "results of scan bar: " in capsys.readouterr().out
+    assert bars.getvalue().startswith("\rbar: ")  # the bar is named by header().scan_id
+    assert "results of scan bar: " in capsys.readouterr().out
 
 
 def test_analyze_writes_the_maps_of_the_file(tmp_path):
