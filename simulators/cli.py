@@ -1,6 +1,6 @@
-"""``rrstem simulate`` and ``rrstem replay``: argparse subcommands that stream a source.
+"""What the simulators contribute to the ``rrstem`` command line: ``simulate`` and ``replay``.
 
-The main CLI (``rrstem.stream.cli``) registers them with
+The one parser (``rrstem.cli``) registers them with
 ``add_simulate_args(subparsers)`` and ``add_replay_args(subparsers)``; each
 sets ``func``, which takes the parsed arguments and returns an exit code.
 Both share one set of streaming options (``--to``, ``--rate``, ``--connect``,
@@ -16,18 +16,7 @@ from rrstem.simulators.dectris import COMPRESSIONS, HEADER_DETAILS, PROTOCOLS, s
 from rrstem.simulators.files import SUFFIXES, open_file
 from rrstem.simulators.graphene import DEFECTS, GrapheneSource
 from rrstem.simulators.source import Source, stream
-
-
-def parse_scan(text: str) -> tuple[int, int]:
-    """``"64x32"`` -> (64, 32); ``"64"`` -> (64, 64)."""
-    parts = text.lower().split("x")
-    try:
-        ny, nx = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
-    except ValueError:
-        ny = nx = None
-    if not ny or not nx or ny < 1 or nx < 1:
-        raise argparse.ArgumentTypeError(f"scan shape must look like 64x64 (NYxNX), not {text!r}")
-    return ny, nx
+from rrstem.stream.cli import parse_scan_shape
 
 
 def parse_dose(text: str) -> float | None:
@@ -58,7 +47,8 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
                    help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555 (port 0 picks a free one) or ipc:///tmp/x")
     g.add_argument("--rate", type=_positive(float), default=None, metavar="FPS",
                    help="frames per second (default: as fast as possible)")
-    g.add_argument("--connect", action="store_true", help="connect to EP instead of binding it (the receiver binds)")
+    g.add_argument("--connect", action="store_true",
+                   help="connect to EP instead of binding it, for a receiver that binds it (serve --bind)")
     g.add_argument("--pub", action="store_true", help="PUB socket instead of PUSH (lossy tap; waits for a subscriber)")
     g.add_argument("--scan-id", default=None, help="scan id in the start message (default: derived from the source)")
     g.add_argument("--frames-per-message", type=_positive(int), default=None, metavar="N",
@@ -83,7 +73,8 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "simulate", help="stream a synthetic graphene 4D-STEM scan",
         description="Stream a synthetic 60 kV graphene scan (phase-object CBED, 31 mrad probe) like a detector.")
-    p.add_argument("--scan", type=parse_scan, default=(64, 64), metavar="NYxNX", help="scan shape (default 64x64)")
+    p.add_argument("--scan", type=parse_scan_shape, default=(64, 64), metavar="NYxNX",
+                   help="scan shape: 64x48, or 64 for 64x64 (default 64x64)")
     p.add_argument("--detector", type=int, default=128, metavar="N", help="detector edge in pixels, 64..256 (default 128)")
     p.add_argument("--dose", type=parse_dose, default=3e6, metavar="D",
                    help="electrons per pattern, Poisson noise (default 3e6); 'none' for noise-free")

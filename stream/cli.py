@@ -1,28 +1,38 @@
-"""The ``rrstem`` command line: serve, simulate, replay, analyze, dashboard, demo.
+"""What the stream package contributes to the ``rrstem`` command line (``rrstem.cli``).
+
+- ``add_serve_args(subparsers)``: the ``serve`` subcommand.
+- ``add_processing_args(parser)``, ``preprocess_config(args)``, ``trainer_overrides(args)``:
+  the preprocessing and training options of every command that runs a service
+  (serve, analyze, demo), and the ``ServiceConfig`` parts they make.
+- ``run_service(service)``: run a started service to its end with a progress bar.
+- ``parse_scan_shape(text)``: the one parser of ``NY`` / ``NYxNX`` scan shapes,
+  for every ``--scan`` and ``--scan-shape`` option of every package.
 
 argparse is the standard library's parser, and tqdm draws the progress bars.
+This module imports nothing from ``gui/`` or ``simulators/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import time
 from pathlib import Path
 
 log = logging.getLogger("rrstem")
 
+#: Scan states in which every frame of the scan is in (see ``stream.snapshot.STATES``).
+ALL_FRAMES_IN = ("finishing", "consolidating", "done")
 
-def shape_arg(text: str) -> tuple[int, int]:
-    """Parse ``NYxNX`` (e.g. ``64x64``)."""
-    try:
-        ny, nx = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NYxNX such as 64x64, got {text!r}") from None
-    if ny < 1 or nx < 1:
-        raise argparse.ArgumentTypeError(f"scan shape must be positive, got {text!r}")
-    return ny, nx
+
+def parse_scan_shape(text: str) -> tuple[int, int]:
+    """``"64x48"`` -> (64, 48); ``"64"`` -> (64, 64). Anything else is refused with one message."""
+    parts = text.strip().lower().split("x")
+    if len(parts) <= 2 and all(p.isascii() and p.isdigit() for p in parts):
+        ny, nx = int(parts[0]), int(parts[-1])
+        if ny > 0 and nx > 0:
+            return ny, nx
+    raise argparse.ArgumentTypeError(
+        f"scan shape must be NYxNX or N (a square scan) in positive integers, such as 64x48 or 64; got {text!r}")
 
 
 def add_processing_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +55,7 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
 
 
 def preprocess_config(args: argparse.Namespace):
+    """The ``PreprocessConfig`` of the options ``add_processing_args`` added."""
     from rrstem.stream.preprocess import PreprocessConfig
 
     disc = args.disc
@@ -54,6 +65,7 @@ def preprocess_config(args: argparse.Namespace):
 
 
 def trainer_overrides(args: argparse.Namespace) -> dict:
+    """``ServiceConfig.trainer``: the trainer fields the options set, e.g. {"consolidate_seconds": 5.0}."""
     out = {}
     if args.consolidate is not None:
         out["consolidate_seconds"] = args.consolidate
@@ -62,54 +74,55 @@ def trainer_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_service(service, progress: bool = True, stop_after: float | None = None) -> int:
-    """Run until the service stops, with a progress bar per scan; Ctrl-C stops it cleanly."""
-    from tqdm import tqdm
+def run_service(service, progress: bool = True) -> int:
+    """Run a started service until it stops, with a progress bar per scan; Ctrl-C stops it cleanly.
 
+    Closes the service, prints the results files written and returns the exit
+    code: 1 if a worker failed (its message is logged), else 0.
+    """
+    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar, bar_scan, ended = None, None, False
-    t0 = time.monotonic()
-    redirect = logging_redirect_tqdm()  # log lines print above the bar instead of breaking it
-    redirect.__enter__()
+    bar, bar_scan, all_in = None, None, False
     try:
-        while not service.wait(0.2):
-            if stop_after is not None and time.monotonic() - t0 > stop_after:
-                break
-            cur = service.current
-            if not progress or cur is None:
-                continue
-            if cur.scan_id != bar_scan:
-                if bar is not None:
+        with logging_redirect_tqdm():  # log lines print above the bar instead of breaking it
+            try:
+                while not service.wait(0.2):
+                    if not progress:
+                        continue
+                    h = service.header()
+                    if h.scan_id is None:
+                        continue
+                    if h.scan_id != bar_scan:
+                        if bar is not None:
+                            bar.close()
+                        bar = tqdm(total=h.expected, desc=h.scan_id, unit="frame", dynamic_ncols=True)
+                        bar_scan, all_in = h.scan_id, False
+                    if all_in:
+                        continue
+                    bar.n = h.counters.get("received", 0)
+                    extra = {k: v for k, v in h.counters.items() if v and k != "received"}
+                    if h.training:
+                        extra["train"] = f"{h.training.get('state')}@{h.training.get('step', 0)}"
+                    bar.set_postfix(extra, refresh=False)
+                    bar.refresh()
+                    if h.state in ALL_FRAMES_IN:  # the rate would only decay from here: say what happens next
+                        bar.close()
+                        all_in = True
+                        if h.training and h.state != "done":
+                            log.info("scan %s: all frames in; finishing the rrVAE (consolidation, final encode)",
+                                     h.scan_id)
+            except KeyboardInterrupt:
+                log.info("interrupted: stopping")
+            finally:
+                if bar is not None and not all_in:
                     bar.close()
-                bar, bar_scan, ended = tqdm(total=cur.start.n_positions, desc=cur.scan_id, unit="frame",
-                                            dynamic_ncols=True), cur.scan_id, False
-            if ended:
-                continue
-            bar.n = cur.counters["received"]
-            extra = {k: v for k, v in cur.counter_dict().items() if v and k != "received"}
-            if service.trainer is not None:
-                st = service.trainer.status()
-                extra["train"] = f"{st.get('state')}@{st.get('step', 0)}"
-            bar.set_postfix(extra, refresh=False)
-            bar.refresh()
-            if cur.ended:  # the rate would only decay from here: close the bar, say what happens next
-                bar.close()
-                ended = True
-                if service.trainer is not None and cur.ready.is_set():
-                    log.info("scan %s: all frames in; finishing the rrVAE (consolidation, final encode)",
-                             cur.scan_id)
-    except KeyboardInterrupt:
-        log.info("interrupted: stopping")
     finally:
-        if bar is not None and not ended:
-            bar.close()
-        redirect.__exit__(None, None, None)
         service.close()
     try:
         service.check()
-    except RuntimeError as exc:
-        log.error("%s", exc)
+    except Exception as exc:  # a worker's failure, re-raised: report it, with its traceback under -vv
+        log.error("%s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
     for scan_id, path in service.results_written:
         print(f"results of scan {scan_id}: {path}")
@@ -129,55 +142,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_service(service, progress=not args.no_progress)
 
 
-def add_serve_args(sub) -> None:
-    p = sub.add_parser("serve", help="receive frames and keep maps, model and results current")
+def add_serve_args(subparsers) -> argparse.ArgumentParser:
+    """Register ``serve``: receive frames and keep maps, model and results current."""
+    p = subparsers.add_parser("serve", help="receive frames and keep maps, model and results current")
     p.add_argument("--listen", default="tcp://127.0.0.1:5555", metavar="EP",
                    help="frames endpoint; connects to the sender unless --bind (default tcp://127.0.0.1:5555)")
-    p.add_argument("--bind", action="store_true", help="bind the frames endpoint instead of connecting")
+    p.add_argument("--bind", action="store_true",
+                   help="bind the frames endpoint instead of connecting (the sender then connects: "
+                        "replay/simulate --connect)")
     p.add_argument("--sub", action="store_true", help="tap a PUB stream (lossy; losses are counted)")
     p.add_argument("--protocol", default="rrstem", help="sender's wire protocol (default rrstem; see docs/protocol.md)")
     p.add_argument("--publish", default="tcp://127.0.0.1:5556", metavar="EP", help="snapshot PUB endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", metavar="EP", help="control REP endpoint")
     p.add_argument("--out", type=Path, default=Path("rrstem-results.h5"), metavar="RESULTS.h5",
                    help="results file (default rrstem-results.h5)")
-    p.add_argument("--scan-shape", type=shape_arg, default=None, metavar="NYxNX",
-                   help="override the scan shape the sender announces")
+    p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
+                   help="override the scan shape the sender announces (64x48, or 64 for 64x64)")
     p.add_argument("--once", action="store_true", help="exit after the first scan's results are written")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_processing_args(p)
     p.set_defaults(func=cmd_serve)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rrstem", description="Live 4D-STEM analysis beside the microscope.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from rrstem.gui import add_dashboard_args
-    from rrstem.simulators.cli import add_replay_args, add_simulate_args
-    from rrstem.stream.commands import add_analyze_args, add_demo_args
-
-    add_demo_args(sub)
-    add_serve_args(sub)
-    add_simulate_args(sub)
-    add_replay_args(sub)
-    add_analyze_args(sub)
-    add_dashboard_args(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    if args.command in ("serve", "demo", "analyze") and args.verbose == 0:
-        level = logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"rrstem {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return p

@@ -1,4 +1,7 @@
-"""``rrstem simulate`` / ``rrstem replay`` subcommands, parsed and run against a real PULL socket."""
+"""``rrstem simulate`` / ``rrstem replay`` subcommands, parsed and run against a real PULL socket.
+
+Their scan shapes go through the one parser, ``rrstem.stream.cli.parse_scan_shape``: tests/stream/test_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from rrstem.simulators.cli import add_replay_args, add_simulate_args, parse_scan
+from rrstem.simulators.cli import add_replay_args, add_simulate_args
 from rrstem.simulators.graphene import GrapheneSource
 
 
@@ -37,11 +40,6 @@ def test_simulate_defaults_match_the_design(parser):
                               "--to", "ipc:///tmp/x", "--rate", "500", "--pub", "--connect"])
     assert (args.scan, args.dose, args.defect, args.rate, args.pub, args.connect) == ((32, 48), None, "si", 500.0,
                                                                                    True, True)
-
-
-@pytest.mark.parametrize("text, shape", [("64x32", (64, 32)), ("16", (16, 16)), ("8X8", (8, 8))])
-def test_parse_scan(text, shape):
-    assert parse_scan(text) == shape
 
 
 @pytest.mark.parametrize("argv", [["simulate", "--scan", "0x4", "--to", "x"], ["simulate", "--scan", "axb", "--to", "x"],

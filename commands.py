@@ -1,9 +1,11 @@
-"""``rrstem analyze`` and ``rrstem demo``: a source streamed into a service in one process.
+"""``rrstem analyze`` and ``rrstem demo``: the commands that compose packages.
 
-Both run the real pipeline. ``analyze`` feeds a file over an ``inproc://``
-socket (zero-copy, lossless PUSH/PULL) so its results are exactly what the
-live service would have written. ``demo`` streams the synthetic graphene scan
-over TCP loopback, as a detector would, and opens the dashboard beside it.
+Each streams a source from ``simulators/`` into a ``stream/`` service in one
+process and runs the real pipeline. ``analyze`` feeds a file over an
+``inproc://`` socket (zero-copy, lossless PUSH/PULL), so its results are
+exactly what the live service would have written. ``demo`` streams the
+synthetic graphene scan over TCP loopback, as a detector would, and opens the
+``gui/`` dashboard beside it. ``rrstem.cli`` registers both.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import threading
 import uuid
 from pathlib import Path
 
-from rrstem.stream.cli import add_processing_args, preprocess_config, run_service, trainer_overrides
+import zmq
+
+from rrstem.stream.cli import add_processing_args, parse_scan_shape, preprocess_config, run_service, trainer_overrides
 
 log = logging.getLogger("rrstem")
 
@@ -52,9 +56,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
                         preprocess=preprocess_config(args), train=not args.no_train, model=args.model,
                         trainer=trainer_overrides(args), device=args.device, once=True)
+    ctx = zmq.Context.instance()  # inproc:// joins only sockets of one context: the service's and the sender's
     with src:
-        service = Service(cfg).start()
-        sender, box = _stream_in_thread(src, endpoint, rate=None, context=service.ctx, bind=False,
+        service = Service(cfg, context=ctx).start()
+        sender, box = _stream_in_thread(src, endpoint, rate=None, context=ctx, bind=False,
                                         progress=not args.no_progress)
         code = run_service(service, progress=False)
         sender.join(5)
@@ -162,9 +167,7 @@ def _run_with_dashboard(service, dashboard: subprocess.Popen) -> tuple[int, bool
                       "results and a dashboard PNG are written at scan end. On Linux, Qt's window needs the X11 "
                       "libraries libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0 "
                       "(apt-get install ...), or run 'rrstem demo --headless'", dashboard.returncode)
-            service.cfg.once = True  # stop once this scan's results are written
-            if service.results_written:
-                service.stop()
+            service.stop_after_scan()
         else:
             service.stop()  # the window was closed
 
@@ -187,13 +190,11 @@ def render_headless(service, path: Path) -> Path:
 
 
 def add_demo_args(sub) -> None:
-    from rrstem.stream.cli import shape_arg
-
     p = sub.add_parser("demo", help="simulated graphene scan + service + dashboard, in one command")
     p.add_argument("--headless", action="store_true",
                    help="no window: run one scan, write results and a dashboard screenshot, exit")
     p.add_argument("--out", default="rrstem-demo", metavar="DIR", help="folder for results.h5 and dashboard.png")
-    p.add_argument("--scan", type=shape_arg, default=(64, 64), metavar="NYxNX", help="scan shape (default 64x64)")
+    p.add_argument("--scan", type=parse_scan_shape, default=(64, 64), metavar="NYxNX", help="scan shape: 64x48, or 64 for 64x64 (default 64x64)")
     p.add_argument("--detector", type=int, default=128, help="detector pixels, 64..256 (default 128)")
     p.add_argument("--dose", type=float, default=1e6, help="electrons per pattern; 0 = noise-free (default 1e6)")
     p.add_argument("--defect", choices=("none", "vacancy", "si"), default="si", help="lattice defect (default si)")
