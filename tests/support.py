@@ -86,7 +86,7 @@ def wait_results(service, n=1, timeout=20.0):
 
     deadline = time.monotonic() + timeout
     while len(service.results_written) < n:
-        assert time.monotonic() < deadline, f"no results after {timeout} s: {service.errors}"
+        assert time.monotonic() < deadline, f"no results after {timeout} s: {[str(f) for f in service.failures]}"
         service.results_event.wait(0.1)
         service.results_event.clear()
     service.check()

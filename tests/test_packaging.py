@@ -16,15 +16,15 @@ def test_wheel_holds_only_the_rrstem_namespace_and_imports(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"rrstem"}  # no generic "stream", "model", "tests" in site-packages
-    for module in ("rrstem/__init__.py", "rrstem/stream/service.py", "rrstem/model/rrvae.py",
+    for module in ("rrstem/__init__.py", "rrstem/cli.py", "rrstem/stream/service.py", "rrstem/model/rrvae.py",
                    "rrstem/gui/window.py", "rrstem/simulators/graphene.py"):
         assert module in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "rrstem = rrstem.stream.cli:main" in entry
+    assert "rrstem = rrstem.cli:main" in entry
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
-    code = ("import rrstem, rrstem.stream.cli, rrstem.model.trainer, rrstem.gui, rrstem.simulators.graphene;"
-            "print(rrstem.__file__); print(rrstem.stream.cli.__file__)")
+    code = ("import rrstem, rrstem.cli, rrstem.model.trainer, rrstem.gui, rrstem.simulators.graphene;"
+            "print(rrstem.__file__); print(rrstem.cli.__file__)")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(unpacked), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr
