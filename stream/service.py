@@ -24,115 +24,23 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Literal
+from typing import Any, Hashable
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
 
 from rrstem.model.interface import Encoder
 from rrstem.stream import control
+from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
 from rrstem.stream.detectors import decoder_for
-from rrstem.stream.preprocess import PreprocessConfig
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import Item, Receiver
 from rrstem.stream.results import write_scan
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key
+from rrstem.stream.workers import Failure, Worker
 
 log = logging.getLogger("rrstem.service")
-
-
-class ServiceConfig(BaseModel):
-    """Everything ``rrstem serve`` can be told. Endpoints may use port 0 when bound."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    listen: str = Field("tcp://127.0.0.1:5555", description="Frames endpoint (detector or simulator).")
-    bind: bool = Field(False, description="Bind the frames socket instead of connecting to the sender.")
-    mode: Literal["pull", "sub"] = Field("pull", description="pull: lossless; sub: tap a PUB stream.")
-    protocol: str = Field("rrstem", description="Wire protocol of the sender (see stream/detectors/).")
-    publish: str | None = Field("tcp://127.0.0.1:5556", description="Snapshot PUB endpoint (bound); None: off.")
-    control: str | None = Field("tcp://127.0.0.1:5557", description="Control REP endpoint (bound); None: off.")
-    out: Path | None = Field(Path("rrstem-results.h5"), description="Results file; None: do not write.")
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    scan_shape: tuple[int, int] | None = Field(None, description="Override the start message's scan shape.")
-    queue_size: int = Field(32, ge=1, description="Messages buffered between receiver and pipeline.")
-    snapshot_hz: float = Field(10.0, gt=0, le=10.0, description="Snapshot rate limit.")
-    train: bool = Field(True, description="Train the rrVAE online.")
-    trainer: dict[str, Any] = Field(default_factory=dict, description="TrainerConfig fields (flat or nested).")
-    device: str = Field("cpu", description="Torch device for the trainer (cpu, cuda, cuda:1, mps).")
-    model: Path | None = Field(None, description="Encode with this trained rrVAE (.pt or results .h5); no training.")
-    finish_timeout: float = Field(120.0, gt=0, description="Longest wait for the trainer at scan end, s.")
-    once: bool = Field(False, description="Stop after the first scan's results are written.")
-
-
-def limit_blas_threads() -> None:
-    """One BLAS thread for the whole process.
-
-    The service budgets its cores explicitly (ingest on one, the trainer on the
-    other). OpenBLAS's own pool would spin on both cores for the small
-    per-batch products and starve the ZeroMQ I/O thread: with it, ingest ran
-    2-3x slower on a 2-core machine.
-    """
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
-
-
-def make_encoder(cfg: ServiceConfig) -> Encoder | None:
-    """The encoder ``cfg`` asks for: a fixed trained model (``model``), the online trainer (``train``), or none."""
-    if cfg.model is not None:
-        from rrstem.model.inference import FixedEncoder
-
-        path = Path(cfg.model)
-        if path.suffix.lower() in (".h5", ".hdf5"):
-            from rrstem.model import checkpoint
-            from rrstem.stream.results import read_model
-
-            config, state, step = read_model(path)
-            model = checkpoint.from_state(config, state, cfg.device)
-            return FixedEncoder(model, float(config.get("gain") or 1.0), step, str(path), device=cfg.device)
-        return FixedEncoder.from_checkpoint(path, cfg.device)
-    if cfg.train:
-        from rrstem.model.trainer import OnlineTrainer, TrainerConfig
-
-        return OnlineTrainer(TrainerConfig.from_dict(cfg.trainer), device=cfg.device)
-    return None
-
-
-@dataclass
-class Failure:
-    """Something that failed: where, the original exception (with its traceback), and the scan it hit."""
-
-    where: str
-    error: BaseException
-    scan_id: str | None = None
-
-    def __str__(self) -> str:
-        on = f" on scan {self.scan_id}" if self.scan_id else ""
-        return f"{self.where} failed{on}: {type(self.error).__name__}: {self.error}"
-
-
-class Worker(threading.Thread):
-    """A daemon thread that stores the exception that ended it and hands it to ``on_failure``."""
-
-    def __init__(self, name: str, target: Callable[..., None], on_failure: Callable[[str, BaseException], None],
-                 args: tuple = ()):
-        super().__init__(name=name, daemon=True)
-        self._body, self._body_args, self._on_failure = target, args, on_failure
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._body(*self._body_args)
-        except BaseException as exc:
-            self.error = exc
-            log.exception("%s failed", self.name)
-            self._on_failure(self.name, exc)
-        finally:
-            del self._body, self._body_args, self._on_failure  # no reference to the service once ended
 
 
 class RateMeter:
