@@ -8,7 +8,7 @@ paper subtracts each scan's own mean).
 
 It takes a model already loaded: from a ``.pt`` checkpoint with
 ``FixedEncoder.from_checkpoint(path)``, or from the config and weights a
-results file stores with ``FixedEncoder.from_state(config, state, step)``
+results file stores with ``FixedEncoder.from_state(config, state, step, source)``
 (reading the results file is the stream package's business).
 
 States: waiting (no scan yet), running (encoding the attached scan every
