@@ -39,13 +39,12 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from rrstem.model import metrics
-from rrstem.model.trainer import TrainerConfig
+from rrstem.model.config import TrainerConfig
 from rrstem.simulators.graphene import GrapheneSource
 from rrstem.simulators.source import ArraySource, stream
 from rrstem.stream.preprocess import PreprocessConfig
@@ -112,7 +111,8 @@ def main() -> None:
     ap.add_argument("--doses", default="none,1e6", help="comma-separated: none (noise-free) or e/pattern")
     ap.add_argument("--seed", type=int, default=0, help="simulator seed")
     ap.add_argument("--trainer-seed", type=int, default=None, help="TrainerConfig.seed (default: its default)")
-    ap.add_argument("--trainer", default="{}", help="JSON TrainerConfig overrides (default: the defaults)")
+    ap.add_argument("--trainer", default="{}",
+                    help="JSON TrainerConfig overrides, model options flat (default: the defaults)")
     args = ap.parse_args()
     doses = [None if d.strip().lower() == "none" else float(d) for d in args.doses.split(",")]
     trainer = json.loads(args.trainer)
@@ -123,7 +123,7 @@ def main() -> None:
     clean_frames = clean.array()
     ref = reference_com(clean_frames, BIN)
     report = {"scan": list(SCAN), "detector": DETECTOR, "bin": BIN, "rate_fps": RATE, "seed": args.seed,
-              "trainer": trainer, "trainer_config": asdict(TrainerConfig(**trainer)), "runs": {}}
+              "trainer": trainer, "trainer_config": TrainerConfig.from_dict(trainer).to_dict(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for dose in doses:
             if dose is None:

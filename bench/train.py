@@ -8,8 +8,9 @@ the content), fixed seeds, after warm-up steps. Cases:
 - ``reference``: the paper's configuration written plainly, as atomai does it:
   rotate a (B, P, 2) coordinate grid per image, concatenate the content latents
   to every pixel, run the full MLP decoder over all 4096 pixels;
-- ``rrstem_full``: ``model/rrvae.py`` with the same configuration (no mask,
-  all pixels): the rotation folded into the first layer;
+- ``rrstem_full``: ``model/rrvae.py`` with the same configuration (the
+  paper's scalar angle head, no mask, all pixels): the rotation folded into
+  the first layer;
 - ``rrstem_mask``: with the circular mask (radius 1: 3,228 of 4,096 pixels);
 - ``rrstem_sub<k>``: with the mask and ``k`` random pixels per step.
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from rrstem.model.rrvae import RRVAE, RRVAEConfig, angle_kl, backward_in_chunks, coordinate_grid
-from rrstem.model.trainer import tune_malloc
+from rrstem.model.system import tune_malloc
 
 
 class ReferenceRVAE(nn.Module):
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
         for name, mask, k in [("rrstem_full", None, None), ("rrstem_mask", 1.0, None)] + [
                 (f"rrstem_sub{k}", 1.0, k) for k in args.subsample]:
             torch.manual_seed(0)
-            m = RRVAE(RRVAEConfig(mask_radius=mask)).to(dev)
+            m = RRVAE(RRVAEConfig(mask_radius=mask, angle_head="scalar")).to(dev)  # the paper's head, as the reference
             cases[name] = time_steps(make_rrstem_step(m, frames, k), args.seconds)
         for name, t in cases.items():
             out["cases"][f"{name}_b{batch}"] = {

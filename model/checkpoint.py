@@ -4,13 +4,15 @@ A checkpoint is one ``torch.save`` file holding only tensors and plain
 Python values, so it loads with ``torch.load(..., weights_only=True)``:
 ``{"format": "rrstem-rrvae", "version": 1, "config": RRVAEConfig JSON,
 "step": int, "state": state_dict, "extra": {...}}``. ``extra`` carries what
-the trainer needs to reuse a model on new frames (the intensity scale, the
-trainer config) and must be JSON-like.
+the trainer needs to reuse a model on new frames (the input ``gain``, the
+trainer config) and must be JSON-like. ``from_state`` also makes the model
+stored in a results file (its config and a state dict of NumPy arrays).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,24 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[R
     return model, {"step": int(payload["step"]), "config": payload["config"], "extra": payload.get("extra", {})}
 
 
-def from_state(config: dict, state: dict[str, Any], device: str | torch.device = "cpu") -> RRVAE:
-    """A model from a config JSON and a state dict of tensors or NumPy arrays (as in a results file)."""
-    model = RRVAE(RRVAEConfig.from_json(config))
+def model_config(config: dict[str, Any]) -> RRVAEConfig:
+    """The ``RRVAEConfig`` in a checkpoint's config or a results file's model config.
+
+    A results file stores the model's options beside the trainer's (``trainer``,
+    ``gain``, ``best_step``, ...): only the model's are read. A config written
+    before ``angle_head`` existed is the paper's scalar head, as those models had.
+    """
+    names = {f.name for f in fields(RRVAEConfig)}
+    if "image_shape" not in config:
+        raise ValueError(f"not an rrVAE model config (no image_shape): keys {sorted(config)}")
+    return RRVAEConfig.from_json({"angle_head": "scalar", **{k: v for k, v in config.items() if k in names}})
+
+
+def from_state(config: dict[str, Any], state: dict[str, Any], device: str | torch.device = "cpu") -> RRVAE:
+    """A model on ``device``, in eval mode, from a config JSON and a state dict of tensors or NumPy arrays.
+
+    ``config`` is a checkpoint's ``config`` or a results file's ``/model`` config (see ``model_config``).
+    """
+    model = RRVAE(model_config(config))
     model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
     return model.to(device).eval()

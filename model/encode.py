@@ -1,15 +1,17 @@
 """The input contract of the rrVAE and encoding whole scans into maps.
 
 Input contract: the model sees ``(frame - mean) * gain`` on the pixels of its
-mask (projected on the model's PCA ``basis`` if it has one), where ``mean`` is the current running mean pattern (subtracted when a
-batch is assembled, never stored) and ``gain`` is fixed for a scan:
+mask (projected on the model's PCA ``basis`` if it has one), where ``mean``
+is the current running mean pattern (subtracted when a batch is assembled,
+never stored) and ``gain`` is fixed for a scan:
 ``input_std / std(first frames - their mean)``, frozen when training starts.
 
-Maps: ``rotation`` (ny, nx) = the angle's posterior mean phi (rad, see
-``rrvae.py`` for its sign), ``latent`` (d, ny, nx) = the content posterior
-means, ``recon_error`` (ny, nx) = mean squared error per pixel of the
-reconstruction from the posterior means, in input units, estimated on a fixed
-subset of pixels. NaN where no frame has arrived.
+Maps (named in ``interface.MAPS``): ``rotation`` (ny, nx) = the angle's
+posterior mean phi (rad, see ``rrvae.py`` for its sign), ``latent``
+(d, ny, nx) = the content posterior means, ``recon_error`` (ny, nx) = mean
+squared error per pixel of the reconstruction from the posterior means, in
+input units, estimated on a fixed subset of pixels. NaN where no frame has
+arrived.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rrstem.model.interface import LATENT, RECON_ERROR, ROTATION
 from rrstem.model.rrvae import RRVAE, coordinate_grid
 
 ROWS = 16384  #: images x pixels per decoder call: keeps activations small (see rrvae.backward_in_chunks)
@@ -87,5 +90,5 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
         target = x if recon_pixels is None else x[:, recon_pixels]
         err = ((model.decode(mu, recon_pixels) - target) ** 2).mean(1)
         recon_error[part] = err.cpu().numpy()
-    return {"rotation": rotation.reshape(ny, nx), "latent": latent.reshape(d, ny, nx),
-            "recon_error": recon_error.reshape(ny, nx)}
+    return {ROTATION: rotation.reshape(ny, nx), LATENT: latent.reshape(d, ny, nx),  # (N,) -> (ny, nx)
+            RECON_ERROR: recon_error.reshape(ny, nx)}

@@ -1,152 +1,174 @@
-"""A trained rrVAE applied to a new scan, with no training: ``rrstem analyze --model``.
+"""A trained rrVAE applied to new scans, with no training: ``rrstem analyze --model``.
 
-``FixedEncoder`` has the trainer's interface as far as the service uses it
-(``attach``, ``wait_done``, ``maps``, ``status``, ``reconstruct``, ``export``,
-...), so the service treats "train a model" and "use a trained model" alike.
-The model's input contract travels with it: its intensity gain is the one the
-model was trained with; the mean pattern subtracted is that of the new scan
-(as the paper subtracts each scan's own mean).
+``FixedEncoder`` is an ``interface.Encoder``, like the trainer, so the service
+treats "train a model" and "use a trained model" alike. The model's input
+contract travels with it: its intensity ``gain`` is the one the model was
+trained with; the mean pattern subtracted is that of the new scan (as the
+paper subtracts each scan's own mean).
+
+It takes a model already loaded: from a ``.pt`` checkpoint with
+``FixedEncoder.from_checkpoint(path)``, or from the config and weights a
+results file stores with ``FixedEncoder.from_state(config, state, step, source)``
+(reading the results file is the stream package's business).
+
+States: waiting (no scan yet), running (encoding the attached scan every
+``refresh_seconds``), done (the ended scan's final maps are made), failed.
+A scan whose frames do not fit the model is refused: ``error`` holds the
+ValueError, the state is "failed" and ``wait_done`` is False, until a scan
+that fits is attached. A failure in the thread ends it, as the trainer's does.
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import os
 import threading
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
 from rrstem.model import checkpoint, encode
-from rrstem.model.rrvae import RRVAE, RRVAEConfig
+from rrstem.model.interface import ModelMaps, ScanView
+from rrstem.model.rrvae import RRVAE
 from rrstem.model.system import lower_priority
-
-log = logging.getLogger("rrstem.model")
-
-_MODEL_KEYS = set(RRVAEConfig.__dataclass_fields__)
+from rrstem.model.worker import EncoderThread, check_scan, describe
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[RRVAE, float, int]:
-    """(model, input gain, training step) from a ``.pt`` checkpoint or an rrstem results ``.h5`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file {path}")
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        from rrstem.stream.results import read_scan
+class FixedEncoder(EncoderThread):
+    """Encodes each attached scan with one trained ``model``, live and at the end; never trains.
 
-        res = read_scan(path)
-        if "model" not in res or not res["model"]["state"]:
-            raise ValueError(f"{path} holds no trained model (was it written with --no-train?)")
-        config = res["model"]["config"]
-        model = checkpoint.from_state({k: v for k, v in config.items() if k in _MODEL_KEYS}, res["model"]["state"],
-                                      device)
-        return model, float(config.get("gain") or 1.0), int(res["model"]["step"])
-    model, info = checkpoint.load(path, device)
-    return model, float(info["extra"].get("gain") or 1.0), info["step"]
+    ``gain``: the input gain the model was trained with; ``trained_steps``: its training steps (reported as
+    ``step``); ``source``: where it came from (a path), for the status and the results file.
+    """
 
-
-class FixedEncoder:
-    """Encodes each attached scan with one trained model, live and at the end; never trains."""
-
-    def __init__(self, path: str | Path, device: str = "cpu", refresh_seconds: float = 1.0):
-        self.path = Path(path)
+    def __init__(self, model: RRVAE, gain: float, trained_steps: int, source: str, device: str = "cpu",
+                 refresh_seconds: float = 1.0, nice: int = 10):
+        super().__init__("rrstem-encoder")
+        if not (math.isfinite(gain) and gain > 0):
+            raise ValueError(f"the input gain must be a positive number, not {gain!r}")
+        if refresh_seconds <= 0:
+            raise ValueError(f"refresh_seconds must be positive, not {refresh_seconds!r}")
         self.device = torch.device(device)
-        self.model, self.gain, self.trained_steps = load_model(path, device)
-        self.refresh_seconds = refresh_seconds
-        self.error: BaseException | None = None
-        self.scan = None
-        self._maps: dict | None = None
+        self.model = model.to(self.device).eval()
+        self.gain, self.trained_steps, self.source = float(gain), int(trained_steps), str(source)
+        self.refresh_seconds, self.nice = refresh_seconds, nice
+        self.scan: ScanView | None = None
+        self._maps: ModelMaps | None = None
         self._state = "waiting"
-        self._done = threading.Event()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._refusal: ValueError | None = None  # the last scan refused: as ``error``, it ends with the next scan
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="rrstem-encoder", daemon=True)
 
-    # --- lifecycle (the trainer's interface) -----------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", **kw) -> "FixedEncoder":
+        """The model of a ``.pt`` checkpoint (``checkpoint.save``; loaded with ``weights_only=True``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file {path}")
+        model, info = checkpoint.load(path, device)
+        return cls(model, float(info["extra"].get("gain") or 1.0), info["step"], str(path), device, **kw)
 
-    def start(self) -> "FixedEncoder":
-        self._thread.start()
-        return self
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, Any], step: int, source: str,
+                   device: str = "cpu", **kw) -> "FixedEncoder":
+        """The model a trainer's ``export()`` describes, as a results file stores it: ``config`` (the model
+        config JSON with ``gain``), ``state`` (name -> array) and ``step``."""
+        if not state:
+            raise ValueError(f"{source} holds no trained model (was it written with --no-train?)")
+        if config.get("gain") is None:
+            raise ValueError(f"{source}: the model config has no input gain ('gain')")
+        return cls(checkpoint.from_state(config, state, device), float(config["gain"]), step, source, device, **kw)
 
-    def close(self, timeout: float = 10.0) -> bool:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+    # --- requests (any thread) ------------------------------------------------------------
 
-    def attach(self, scan) -> None:
+    def attach(self, scan: ScanView) -> None:
+        """Encode ``scan`` from now on; one whose binned frames differ from the model's is refused (``error``)."""
+        check_scan(scan)
         h, w = self.model.cfg.image_shape
         if tuple(scan.binned_shape) != (h, w):
-            self.error = ValueError(f"the model takes {h}x{w} frames but scan {scan.scan_id} bins to "
-                                    f"{scan.binned_shape[0]}x{scan.binned_shape[1]}: choose --bin to match")
-            log.error("%s", self.error)
-            self._state = "failed"
-            self._done.set()
+            try:
+                raise ValueError(f"the model takes {h}x{w} frames but scan {scan.scan_id} bins to "
+                                 f"{scan.binned_shape[0]}x{scan.binned_shape[1]}: choose --bin to match")
+            except ValueError as exc:
+                refusal = exc
+            with self._lock:
+                self.error = self._refusal = refusal
+                self.scan, self._maps, self._state = scan, None, "failed"
+                self._done.set()
             return
         with self._lock:
-            self.scan, self._maps, self._state = scan, None, "running"
-        self._done.clear()
+            if self.error is not None and self.error is self._refusal:  # a scan that fits: the refusal is over
+                self.error = None
+            if self.error is None:
+                self.scan, self._maps, self._state = scan, None, "running"
+                self._done.clear()
         self._wake.set()
 
     def pause(self) -> None:
         raise ValueError("this service encodes with a fixed model (--model); there is no training to pause")
 
-    resume = reset_model = pause
+    def resume(self) -> None:
+        raise ValueError("this service encodes with a fixed model (--model); there is no training to resume")
 
-    def wait_done(self, timeout: float) -> bool:
-        return self._done.wait(timeout) and self._state == "done"
+    def reset_model(self) -> None:
+        raise ValueError("this service encodes with a fixed model (--model); there is no training to reset")
 
-    def maps(self) -> dict | None:
+    # --- readers (any thread) -------------------------------------------------------------
+
+    def maps(self) -> ModelMaps | None:
         with self._lock:
-            return None if self._maps is None else dict(self._maps)
+            return None if self._maps is None else self._maps.copy()
 
     def status(self) -> dict:
-        return {"state": self._state, "step": self.trained_steps, "model": str(self.path),
-                "error": None if self.error is None else repr(self.error)}
+        """``state``, ``scan_id``, ``step`` (the model's training steps), ``model`` (its source), ``error``."""
+        with self._lock:
+            state = "failed" if self.error is not None else self._state
+            return {"state": state, "scan_id": getattr(self.scan, "scan_id", None), "step": self.trained_steps,
+                    "model": self.source, "error": describe(self.error)}
 
     def histories(self) -> dict[str, np.ndarray]:
         return {}
 
     def reconstruct(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        scan = self.scan
-        if scan is None or not scan.filled[index]:
+        """(input, reconstruction) of scan index ``index``, both (h, w), NaN outside the model's mask."""
+        scan, m = self.scan, self.model
+        if scan is None or self._state == "failed" or not scan.filled[index]:
             raise ValueError(f"no frame at scan index {index}")
         with torch.no_grad():
-            x = encode.prepare(self.model, scan.frames[index:index + 1], scan.mean_pattern(), self.gain,
-                               self.device)  # (1, P)
-            recon = self.model.decode(self.model.encode(x)[0])  # (1, P)
-            inp, rec = self.model.unflatten(x, math.nan), self.model.unflatten(recon, math.nan)  # (1, h, w)
+            x = encode.prepare(m, scan.frames[index:index + 1], scan.mean_pattern(), self.gain, self.device)  # (1, P)
+            recon = m.decode(m.encode(x)[0])  # (1, P)
+            inp, rec = m.unflatten(x, math.nan), m.unflatten(recon, math.nan)  # (1, h, w)
         return inp[0].cpu().numpy(), rec[0].cpu().numpy()
 
     def export(self) -> dict:
+        """As the trainer's: no histories or metrics; ``config`` is the model's JSON with ``gain`` and ``source``."""
         return {"training": {}, "metrics": {}, "step": self.trained_steps,
                 "state": {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()},
-                "config": {**self.model.cfg.to_json(), "gain": self.gain, "source": str(self.path)}}
+                "config": {**self.model.cfg.to_json(), "gain": self.gain, "source": self.source}}
 
-    # --- worker ------------------------------------------------------------------------
+    def encode(self, scan: ScanView) -> ModelMaps:
+        """The maps of the frames of ``scan`` filled now, with its current mean pattern."""
+        arrays = encode.encode_scan(self.model, scan.frames, scan.filled.copy(), scan.scan_shape,
+                                    scan.mean_pattern(), self.gain, self.device)
+        return ModelMaps(scan.scan_id, self.trained_steps, arrays)
 
-    def _run(self) -> None:
-        lower_priority(10)  # ingest first, as for the trainer
-        try:
-            while not self._stop.is_set():
-                self._wake.wait(self.refresh_seconds)
-                self._wake.clear()
-                scan = self.scan
-                if scan is None or self._state != "running" or scan.n_filled() == 0:
-                    continue
-                ended = scan.ended.is_set()  # read before encoding: the final encode sees every frame
-                maps = encode.encode_scan(self.model, scan.frames, scan.filled.copy(), scan.scan_shape,
-                                          scan.mean_pattern(), self.gain, self.device)
-                with self._lock:
-                    if scan is self.scan:
-                        self._maps = {**maps, "scan_id": scan.scan_id, "step": self.trained_steps}
-                if ended and scan is self.scan:
-                    self._state = "done"
-                    self._done.set()
-        except BaseException as exc:  # stored; the service reports it
-            self.error = exc
-            self._state = "failed"
-            self._done.set()
-            log.exception("encoder failed")
+    # --- worker ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        lower_priority(self.nice)  # ingest first, as for the trainer
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_seconds)
+            self._wake.clear()
+            with self._lock:
+                scan, state = self.scan, self._state
+            if scan is None or state != "running":
+                continue
+            ended = scan.ended  # read before encoding: the final encode sees every frame
+            maps = self.encode(scan) if scan.n_filled() else None
+            with self._lock:
+                if scan is self.scan and self._state == "running":
+                    self._maps = maps if maps is not None else self._maps
+                    if ended:
+                        self._state = "done"
+                        self._done.set()

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from rrstem.model.interface import LATENT, ROTATION
+
 #: The smallest fold whose |r| is within this of the best is reported: if phi is
 #: defined modulo 2 pi / n, it is also modulo 2 pi / (2n), so multiples fit as well.
 FOLD_TOLERANCE = 0.01
+
 
 def _valid(*arrays: np.ndarray, filled: np.ndarray | None = None) -> np.ndarray:
     ok = np.ones(arrays[0].shape, dtype=bool) if filled is None else np.asarray(filled, dtype=bool).copy()
@@ -103,8 +106,8 @@ def com_metrics(maps: dict[str, np.ndarray], com: dict[str, np.ndarray], weighte
     ``latent_r_max`` (largest |r|).
     """
     mag, ang = com["com_magnitude"], com["com_angle"]
-    rot = rotation_correlation(maps["rotation"], ang, weights=mag if weighted else None, max_fold=max_fold)
-    lat = latent_pearson(maps["latent"], mag)
+    rot = rotation_correlation(maps[ROTATION], ang, weights=mag if weighted else None, max_fold=max_fold)
+    lat = latent_pearson(maps[LATENT], mag)
     finite = [abs(r) for r in lat if np.isfinite(r)]
     return {"rotation_r": rot["r"], "rotation_fold": rot["fold"], "rotation_sign": rot["sign"],
             "rotation_offset": rot["offset"], "latent_r": lat,

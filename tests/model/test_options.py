@@ -1,18 +1,15 @@
 """Options beyond the paper: the vector angle head and PCA-denoised inputs (known answers)."""
 
 import math
-import time
 
-import numpy as np
 import pytest
 import torch
 
-from feeder import streamed_scan
+from feeder import FAST, ArrayScan, tilted_discs
 from rrstem.model import checkpoint, encode
+from rrstem.model.config import TrainerConfig
 from rrstem.model.rrvae import RRVAE, RRVAEConfig
-from rrstem.model.trainer import OnlineTrainer, TrainerConfig
-from rrstem.stream.store import ScanData
-from test_trainer import FAST, tilted_discs
+from rrstem.model.training import TrainingRun
 
 
 def test_vector_angle_head_is_atan2_of_two_outputs():
@@ -67,35 +64,21 @@ def test_pca_basis_travels_with_the_checkpoint(tmp_path):
 
 
 def test_trainer_refreshes_the_basis_while_running_and_freezes_it_at_scan_end():
-    data, feeder = streamed_scan(tilted_discs())
-    feeder.feed(40)
-    tr = OnlineTrainer(TrainerConfig(**{**FAST, "pca": 4, "angle_head": "vector", "consolidate_seconds": 1.0}))
-    tr._begin(data)
-    assert tr._try_build()
-    first = tr.model.basis.clone()
+    scan = ArrayScan(tilted_discs())
+    scan.feed(40)
+    run = TrainingRun(scan, TrainerConfig.from_dict({**FAST, "pca": 4, "consolidate_seconds": 1.0}))
+    assert run.build()
+    first = run.model.basis.clone()
     assert torch.allclose(first.T @ first, torch.eye(4), atol=1e-4)
-    feeder.feed(100)
-    tr.step()
-    tr.refresh_basis()
-    assert not torch.allclose(tr.model.basis, first)  # recomputed from the frames that arrived since
-    data.ended.set()
-    tr._begin_consolidation()
-    frozen = tr.model.basis.clone()
+    scan.feed(100)
+    run.step()
+    run.refresh_basis()
+    assert not torch.allclose(run.model.basis, first)  # recomputed from the frames that arrived since
+    scan.end()
+    run.begin_consolidation()
+    frozen = run.model.basis.clone()
     for _ in range(3):
-        tr.step()
-    assert torch.equal(tr.model.basis, frozen)
-    x = encode.prepare(tr.model, data.frames[:5], tr._mean, tr._gain, "cpu")  # the input contract applies it
-    assert torch.allclose(tr.model.denoise(x), x, atol=1e-4)
-
-
-def test_learning_rate_falls_linearly_over_the_consolidation():
-    data = ScanData.from_array("done", tilted_discs())  # ended: consolidation from the first step
-    cfg = TrainerConfig(**{**FAST, "lr": 1e-3, "lr_final": 0.1, "consolidate_seconds": 10.0})
-    tr = OnlineTrainer(cfg)
-    tr._begin(data)
-    assert tr._try_build()
-    tr._begin_consolidation()
-    for elapsed, expect in ((5.0, 1e-3 * (1 - 0.9 * 0.5)), (20.0, 1e-4)):  # half-way, then past the deadline
-        tr._consolidation_t0 = time.monotonic() - elapsed
-        tr.step()
-        assert tr.opt.param_groups[0]["lr"] == pytest.approx(expect, rel=1e-3)
+        run.step()
+    assert torch.equal(run.model.basis, frozen)
+    x = encode.prepare(run.model, scan.frames[:5], run.mean, run.gain, "cpu")  # the input contract applies it
+    assert torch.allclose(run.model.denoise(x), x, atol=1e-4)

@@ -1,0 +1,182 @@
+"""The trainer's synchronous core, ``TrainingRun``, driven one public call at a time (no thread)."""
+
+import numpy as np
+import pytest
+import torch
+
+from feeder import FAST, ArrayScan, FakeClock, tilted_discs
+from rrstem.model import checkpoint
+from rrstem.model.config import TrainerConfig
+from rrstem.model.interface import EVAL_STEP, HELDOUT_ELBO, LATENT, RECON_ERROR, ROTATION, STEP_HISTORIES, ModelMaps
+from rrstem.model.rrvae import RRVAE
+from rrstem.model.training import TrainingRun, learning_rate
+
+
+def config(**kw) -> TrainerConfig:
+    return TrainerConfig.from_dict({**FAST, **kw})
+
+
+def test_build_waits_for_min_frames_then_freezes_the_gain():
+    scan = ArrayScan(tilted_discs())
+    scan.feed(10)
+    run = TrainingRun(scan, config(input_std=0.5))
+    assert not run.build() and run.phase == "waiting" and run.model is None
+    assert run.advance() is None
+    with pytest.raises(ValueError, match="no model yet"):
+        run.step()
+    scan.feed(40)
+    assert run.build() and run.phase == "running" and run.built
+    first = tilted_discs().reshape(100, 16, 16)[:16].astype(np.float64)  # the first min_frames frames
+    assert run.gain == pytest.approx(0.5 / (first - first.mean(axis=0)).std(), rel=1e-5)
+    assert run.model.n_pixels == 256 and run.model.cfg.image_shape == (16, 16)  # mask=None: every pixel
+    assert run.model.cfg.angle_head == "vector" and run.model.cfg.hidden == 24
+    np.testing.assert_allclose(run.mean, tilted_discs().reshape(100, 16, 16)[:40].mean(axis=0), rtol=1e-5)
+    scan.feed(100)
+    scan.end()
+    assert run.build()  # built once: the gain stays
+    assert run.gain == pytest.approx(0.5 / (first - first.mean(axis=0)).std(), rel=1e-5)
+
+
+def test_a_scan_that_ends_with_one_frame_is_done_without_a_model():
+    scan = ArrayScan(tilted_discs())
+    scan.feed(1)
+    scan.end()
+    run = TrainingRun(scan, config())
+    assert not run.build() and run.phase == "done" and run.model is None
+    assert run.advance() is None and run.maps() is None and run.export()["state"] == {}
+
+
+def test_a_scan_that_ends_early_trains_on_what_arrived():
+    scan = ArrayScan(tilted_discs())
+    scan.feed(5)  # fewer than min_frames, but ended: 5 frames are all there will be
+    scan.end()
+    run = TrainingRun(scan, config())
+    assert run.build() and run.phase == "running"
+    first = tilted_discs().reshape(100, 16, 16)[:5].astype(np.float64)
+    assert run.gain == pytest.approx(0.3 / (first - first.mean(axis=0)).std(), rel=1e-5)
+
+
+def test_step_returns_floats_and_loss_falls():
+    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(lr=3e-3))
+    assert run.build()
+    first = run.step()
+    assert set(first) == {"loss", "reconstruction", "content_kl", "angle_kl"}
+    assert all(isinstance(v, float) for v in first.values())
+    assert first["loss"] == pytest.approx(first["reconstruction"] + first["content_kl"] + first["angle_kl"])
+    losses = [run.step()["loss"] for _ in range(300)]
+    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:30])
+    assert run.step_count == 301 and run.images_seen == 301 * FAST["batch_size"]
+    h = run.histories()
+    assert set(STEP_HISTORIES) <= set(h) and len(h["step"]) == 301  # log_every=1
+    np.testing.assert_array_equal(h["step"], np.arange(1, 302))
+    assert h["loss"][-1] == pytest.approx(losses[-1])
+
+
+def test_learning_rate_falls_linearly_over_the_consolidation():
+    cfg = config(lr=1e-3, lr_final=0.1, consolidate_seconds=10.0)
+    assert learning_rate(cfg, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 0.5) == pytest.approx(1e-3 * (1 - 0.9 * 0.5))
+    assert learning_rate(cfg, 3.0) == pytest.approx(1e-4)  # clipped past the end
+    clock = FakeClock(100.0)
+    run = TrainingRun(ArrayScan.complete(tilted_discs()), cfg, clock=clock)
+    assert run.build()
+    run.step()
+    assert run.lr == pytest.approx(1e-3)  # before the consolidation: the full rate
+    run.begin_consolidation()
+    for elapsed, expect in ((0.0, 1e-3), (5.0, 1e-3 * (1 - 0.9 * 0.5)), (20.0, 1e-4)):  # start, half-way, past it
+        clock.t = 100.0 + elapsed
+        run.step()
+        assert run.consolidation_progress() == pytest.approx(min(elapsed / 10.0, 1.0))
+        assert run.lr == pytest.approx(expect, rel=1e-6)
+
+
+def test_consolidation_ends_at_the_step_bound_with_the_best_model():
+    clock = FakeClock()  # stands still: only the step bound ends the consolidation
+    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(consolidate_steps=25, lr=3e-3), clock=clock)
+    n = 0
+    while run.advance() is not None:
+        n += 1
+        clock.t += 0.05  # an evaluation every 4 steps (eval_seconds 0.2)
+    assert run.phase == "done" and n == run.step_count == 25
+    h = run.histories()
+    elbos, at = h[HELDOUT_ELBO], h[EVAL_STEP]
+    assert len(elbos) >= 6 and np.isfinite(elbos).all()
+    assert run.best_step == at[np.argmin(elbos)]
+    assert run.evaluate() == pytest.approx(elbos.min(), rel=1e-6)  # the best model is the one kept
+    assert run.maps().step == 25
+
+
+def test_the_consolidation_deadline_ends_it():
+    clock = FakeClock()
+    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(consolidate_seconds=5.0), clock=clock)
+    for _ in range(3):
+        run.advance()
+    assert run.phase == "consolidating"
+    clock.t = 5.0
+    run.advance()
+    assert run.phase == "done" and run.step_count == 4
+    assert run.advance() is None and run.step_count == 4
+
+
+def test_refresh_updates_recon_error_for_a_rotating_slice_and_all_at_the_end():
+    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(recon_budget=30), clock=FakeClock())
+    assert run.build()
+    run.step()
+    counts = [np.isfinite(run.refresh().arrays[RECON_ERROR]).sum() for _ in range(4)]
+    assert counts == [30, 60, 90, 100]  # the slices keep the values already computed
+    run.begin_consolidation()
+    final = run.finish()
+    assert np.isfinite(final.arrays[RECON_ERROR]).all() and (final.arrays[RECON_ERROR] >= 0).all()
+
+
+def test_maps_are_the_models_posterior_means_and_encode_publishes_nothing():
+    scan = ArrayScan(tilted_discs())
+    scan.feed(60)
+    run = TrainingRun(scan, config())
+    assert run.build()
+    for _ in range(5):
+        run.step()
+    maps = run.encode()
+    assert isinstance(maps, ModelMaps) and run.maps() is None  # not published
+    model, filled = run.model, scan.filled
+    x = model.flatten(torch.from_numpy((scan.frames[filled] - run.mean) * run.gain))  # (60, P)
+    mu = model.encode(x)[0].numpy()
+    np.testing.assert_allclose(maps.arrays[ROTATION].ravel()[filled], mu[:, 0], atol=1e-5)
+    np.testing.assert_allclose(maps.arrays[LATENT].reshape(2, -1)[:, filled], mu[:, 1:].T, atol=1e-5)
+    assert np.isnan(maps.arrays[ROTATION].ravel()[~filled]).all()
+    published = run.refresh()
+    np.testing.assert_allclose(published.arrays[ROTATION], maps.arrays[ROTATION], atol=1e-6, equal_nan=True)
+    assert run.maps().scan_id == "streamed" and run.maps().step == 5
+    assert 0.0 <= run.status()["metrics"]["rotation_r"] <= 1.0
+
+
+def test_warm_start_copies_the_previous_model_if_the_frame_size_fits():
+    first = TrainingRun(ArrayScan.complete(tilted_discs(), "a"), config())
+    assert first.build()
+    for _ in range(20):
+        first.step()
+    warm = TrainingRun(ArrayScan.complete(tilted_discs(), "b"), config(), model=first.model)
+    assert warm.build() and warm.model is not first.model
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(warm.model.state_dict()[k], v), k
+    other = TrainingRun(ArrayScan.complete(tilted_discs(h=8, w=8), "c"), config(), model=first.model)
+    assert other.build() and other.model.cfg.image_shape == (8, 8)
+    torch.manual_seed(FAST.get("seed", 0))  # a fresh model: the seeded initialisation
+    fresh = RRVAE(other.model.cfg)
+    assert torch.equal(other.model.encoder.body[0].weight, fresh.encoder.body[0].weight)
+
+
+def test_export_carries_what_reloading_needs():
+    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(latent_dim=3), clock=FakeClock())
+    assert run.export()["state"] == {} and run.export()["config"]["gain"] is None  # before the model
+    assert run.build()
+    run.step()
+    ex = run.export()
+    cfg = ex["config"]
+    assert cfg["image_shape"] == [16, 16] and cfg["latent_dim"] == 3 and cfg["gain"] == run.gain
+    assert TrainerConfig.from_dict(cfg["trainer"]) == run.cfg  # the trainer config, JSON-able and reloadable
+    again = checkpoint.from_state(cfg, ex["state"])  # as the stream side reloads a results file's model
+    x = torch.randn(4, again.n_pixels)
+    assert torch.equal(again.encode(x)[0], run.model.eval().encode(x)[0])
+    assert ex["step"] == 1 and ex["training"]["loss"].dtype == np.float64
+    assert run.status()["heldout_elbo"] is None  # no evaluation yet
