@@ -20,6 +20,8 @@ that fits is attached. A failure in the thread ends it, as the trainer's does.
 
 from __future__ import annotations
 
+import logging
+
 import math
 import os
 import threading
@@ -34,6 +36,8 @@ from rrstem.model.interface import ModelMaps, ScanView
 from rrstem.model.rrvae import RRVAE
 from rrstem.model.system import lower_priority
 from rrstem.model.worker import EncoderThread, check_scan, describe
+
+log = logging.getLogger("rrstem.model")
 
 
 class FixedEncoder(EncoderThread):
@@ -57,7 +61,6 @@ class FixedEncoder(EncoderThread):
         self.scan: ScanView | None = None
         self._maps: ModelMaps | None = None
         self._state = "waiting"
-        self._refusal: ValueError | None = None  # the last scan refused: as ``error``, it ends with the next scan
         self._lock = threading.Lock()
 
     @classmethod
@@ -93,16 +96,14 @@ class FixedEncoder(EncoderThread):
             except ValueError as exc:
                 refusal = exc
             with self._lock:
-                self.error = self._refusal = refusal
+                self.error = refusal
                 self.scan, self._maps, self._state = scan, None, "failed"
                 self._done.set()
             return
         with self._lock:
-            if self.error is not None and self.error is self._refusal:  # a scan that fits: the refusal is over
-                self.error = None
-            if self.error is None:
-                self.scan, self._maps, self._state = scan, None, "running"
-                self._done.clear()
+            self.error = None  # a scan that fits: an earlier scan's failure is over
+            self.scan, self._maps, self._state = scan, None, "running"
+            self._done.clear()
         self._wake.set()
 
     def pause(self) -> None:
@@ -165,7 +166,15 @@ class FixedEncoder(EncoderThread):
             if scan is None or state != "running":
                 continue
             ended = scan.ended  # read before encoding: the final encode sees every frame
-            maps = self.encode(scan) if scan.n_filled() else None
+            try:
+                maps = self.encode(scan) if scan.n_filled() else None
+            except Exception as exc:  # this scan fails; the thread waits for the next one
+                log.error("encoding scan %s failed: %s", scan.scan_id, describe(exc), exc_info=exc)
+                with self._lock:
+                    if scan is self.scan:
+                        self.error, self._state = exc, "failed"
+                        self._done.set()
+                continue
             with self._lock:
                 if scan is self.scan and self._state == "running":
                     self._maps = maps if maps is not None else self._maps

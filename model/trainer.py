@@ -13,8 +13,10 @@ one. The thread adds what needs a thread:
   ``reset_model()`` starts the current scan again from a fresh model.
 - ``wait_done(timeout)``: True once the attached scan has ended and its final
   maps are made.
-- a failure in the thread ends it: the exception is kept in ``error``, the
-  state is "failed" and ``wait_done`` returns False (``worker.py``).
+- a failure while training one scan is kept in ``error`` (the exception,
+  with its traceback), the state is "failed" and ``wait_done`` returns False;
+  the thread lives on, and the next attached scan trains afresh (and clears
+  ``error``). A failure outside a scan's training ends the thread (``worker.py``).
 
 The states (``status()["state"]``, ``interface.STATES``) are the run's phase
 (waiting, running, consolidating, done), "paused" while the worker idles for
@@ -23,6 +25,7 @@ a pause, and "failed".
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Mapping
 
@@ -36,6 +39,8 @@ from rrstem.model.training import TrainingRun, empty_export
 from rrstem.model.worker import EncoderThread, check_scan, describe
 
 __all__ = ["OnlineTrainer", "TrainerConfig", "STATES"]
+
+log = logging.getLogger("rrstem.model")
 
 
 class OnlineTrainer(EncoderThread):
@@ -55,6 +60,7 @@ class OnlineTrainer(EncoderThread):
         self._paused = False  # asked for
         self._idle_paused = False  # the worker idles because of the pause
         self._reset_requested = False
+        self._failed: TrainingRun | None = None  # the run whose training raised ``error``
 
     # --- requests (any thread) ------------------------------------------------------------
 
@@ -122,21 +128,32 @@ class OnlineTrainer(EncoderThread):
             self._take_requests()
             run = self.run
             self._idle_paused = self._paused and (run is None or run.phase in ("waiting", "running"))
-            if run is None or run.phase == "done" or self._idle_paused:
+            if run is None or run.phase == "done" or self._idle_paused or run is self._failed:
                 self._idle(0.05)
-            elif run.advance() is None and run.phase != "done":
+            elif self._advance(run) is None and run.phase != "done":
                 self._idle(0.01)  # too few frames yet
             if run is not None and run.phase == "done":
                 with self._lock:
                     if self._pending is None and run is self.run:
                         self._done.set()
 
+    def _advance(self, run: TrainingRun) -> Any:
+        """``run.advance()``; a failure is kept in ``error`` and ends this scan's training, not the thread."""
+        try:
+            return run.advance()
+        except Exception as exc:
+            self.error, self._failed = exc, run
+            log.error("rrVAE training of scan %s failed: %s", run.scan.scan_id, describe(exc), exc_info=exc)
+            self._done.set()
+            return False
+
     def _take_requests(self) -> None:
         with self._lock:
             scan, self._pending = self._pending, None
         if scan is not None:
-            previous = self.run.model if self.run is not None and self.cfg.warm_start else None
+            previous = self.run.model if self.run is not None and self.cfg.warm_start and self._failed is None else None
             self.run = TrainingRun(scan, self.cfg, self.device, model=previous)
+            self.error = self._failed = None
         if self._reset_requested:
             self._reset_requested = False
             if self.run is not None:

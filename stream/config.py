@@ -55,15 +55,12 @@ def make_encoder(cfg: ServiceConfig) -> Encoder | None:
 
         path = Path(cfg.model)
         if path.suffix.lower() in (".h5", ".hdf5"):
-            from rrstem.model import checkpoint
             from rrstem.stream.results import read_model
 
-            config, state, step = read_model(path)
-            model = checkpoint.from_state(config, state, cfg.device)
-            return FixedEncoder(model, float(config.get("gain") or 1.0), step, str(path), device=cfg.device)
+            return FixedEncoder.from_state(*read_model(path), str(path), device=cfg.device)
         return FixedEncoder.from_checkpoint(path, cfg.device)
     if cfg.train:
-        from rrstem.model.trainer import OnlineTrainer, TrainerConfig
+        from rrstem.model.trainer import OnlineTrainer
 
-        return OnlineTrainer(TrainerConfig.from_dict(cfg.trainer), device=cfg.device)
+        return OnlineTrainer(cfg.trainer, device=cfg.device)
     return None

@@ -87,6 +87,7 @@ class Scan:
         self.ended_at: float | None = None
         self.end_reason: str | None = None  # "end" (the sender's end message), "superseded", "failed"
         self.failure: BaseException | None = None  # what stopped this scan's processing, if anything
+        self.model_failure: BaseException | None = None  # what stopped the rrVAE on this scan, if anything
         self.results_path: Path | None = None  # where the results went, once written
         self.done = False  # results made (and written, if the service writes results)
         self.first_frame_at: float | None = None  # perf_counter of the first and last frames taken
@@ -346,4 +347,6 @@ class Scan:
         }
         if self.failure is not None:
             attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
+        if self.model_failure is not None:
+            attrs["model_error"] = f"{type(self.model_failure).__name__}: {self.model_failure}"
         return ScanResults(self.scan_id, attrs, self.maps(), self.com_unit, mask)

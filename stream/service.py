@@ -164,11 +164,12 @@ class Service:
         self.stop_event.set()
 
     def worker_failures(self) -> list[Failure]:
-        """Failures of threads that ended: the service cannot go on after any of these."""
-        out = [Failure(t.name, t.error) for t in (self.receiver, *self._workers) if t.error is not None]
-        if self.encoder is not None and self.encoder.error is not None:
-            out.append(Failure(f"rrVAE {type(self.encoder).__name__}", self.encoder.error))
-        return out
+        """Failures of the service's threads that ended: the service cannot go on after any of these.
+
+        (The encoder's failures are per scan: its thread goes on with the next scan, so they are
+        reported, in the log, the snapshots and the scan's results, not re-raised.)
+        """
+        return [Failure(t.name, t.error) for t in (self.receiver, *self._workers) if t.error is not None]
 
     def check(self) -> None:
         """Re-raise the first worker thread's failure, the original exception with its traceback."""
@@ -177,10 +178,12 @@ class Service:
             raise failed[0].error
 
     def last_error(self) -> str | None:
-        """The newest failure, else the latest refused scan, for the dashboard's banner."""
-        failed = self.worker_failures()
-        if self.failures or failed:
-            return str(failed[-1] if failed else self.failures[-1])
+        """The newest failure, else the encoder's, else the latest refused scan, for the dashboard's banner."""
+        failed = self.worker_failures() or self.failures
+        if failed:
+            return str(failed[-1])
+        if self.encoder is not None and self.encoder.error is not None:
+            return str(Failure(f"rrVAE {type(self.encoder).__name__}", self.encoder.error))
         return self.notice
 
     # --- pipeline thread ----------------------------------------------------------------
@@ -287,7 +290,10 @@ class Service:
         enc = self.encoder
         if enc is not None and scan.ready and scan.failure is None and not enc.wait_done(self.cfg.finish_timeout):
             if enc.error is not None:
-                log.error("scan %s: the rrVAE failed (%r); writing the maps without it", scan.scan_id, enc.error)
+                scan.model_failure = enc.error
+                self.report(f"rrVAE {type(enc).__name__}", enc.error, scan.scan_id)
+                log.error("scan %s: the rrVAE failed (%s: %s); writing the maps without it", scan.scan_id,
+                          type(enc.error).__name__, enc.error)
             else:
                 log.warning("scan %s: rrVAE did not finish within %.0f s; writing what it has", scan.scan_id,
                             self.cfg.finish_timeout)

@@ -123,6 +123,12 @@ def test_a_failure_is_kept_as_the_exception(make_encoder):
         assert isinstance(enc.error, RuntimeError) and str(enc.error) == "boom"
         assert enc.error.__traceback__ is not None  # the original, for the caller to re-raise
         assert enc.status()["error"] == "RuntimeError: boom" and enc.status()["state"] in STATES
+        good = ArrayScan(tilted_discs(), "good")  # the next scan is encoded as if nothing had happened
+        good.feed(100)
+        good.end()
+        enc.attach(good)
+        assert enc.wait_done(30) and enc.error is None and enc.status()["state"] == "done"
+        assert enc.maps().scan_id == "good" and np.isfinite(enc.maps().arrays[ROTATION]).all()
 
 
 class EventScan(ArrayScan):

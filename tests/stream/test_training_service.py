@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from support import disc_frames, wait_results
-from rrstem.model.inference import FixedEncoder
 from rrstem.stream.results import read_scan
 
 FAST = {"consolidate_seconds": 2.0, "min_frames": 16, "refresh_seconds": 0.2, "eval_seconds": 0.5}
@@ -59,13 +58,20 @@ def test_a_trained_model_encodes_a_scan_without_training(trained, make_service, 
     assert res["model"]["step"] == before["model"]["step"]
 
 
-def test_a_model_of_another_frame_size_is_refused_clearly(trained):
-    from rrstem.stream.store import ScanData
+def test_a_model_of_another_frame_size_is_refused_clearly_and_the_scan_is_still_written(trained, make_service,
+                                                                                         sender_for):
+    from rrstem.stream.control import ControlClient, ControlError
 
-    _, path = trained
-    enc = FixedEncoder(path)
-    enc.attach(ScanData.from_array("small", np.ones((2, 2, 16, 16), np.float32)))
-    assert not enc.wait_done(1)
-    assert "takes 32x32 frames" in str(enc.error) and "--bin" in str(enc.error)
-    with pytest.raises(ValueError, match="fixed model"):
-        enc.pause()
+    frames, path = trained
+    svc = make_service(model=path, preprocess={"bin": 2})  # 32x32 frames bin to 16x16; the model takes 32x32
+    s = sender_for(svc)
+    s.start("binned", (8, 8), (32, 32))
+    s.frames("binned", 0, frames.reshape(64, 32, 32))
+    s.end("binned", 64)
+    res = read_scan(wait_results(svc, timeout=30), "binned")
+    assert res["attrs"]["counters"]["received"] == 64 and "rotation" not in res["maps"]
+    assert "takes 32x32 frames" in res["attrs"]["model_error"] and "--bin" in res["attrs"]["model_error"]
+    assert isinstance(svc.failures[-1].error, ValueError) and svc.failures[-1].scan_id == "binned"
+    assert "takes 32x32 frames" in svc.last_error()  # what the dashboard's banner shows
+    with ControlClient(svc.control_endpoint, timeout=5) as ctl, pytest.raises(ControlError, match="fixed model"):
+        ctl.request("pause_training")
