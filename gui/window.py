@@ -15,21 +15,34 @@ import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
 from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
-from rrstem.gui.panels import HISTORY_AXES, Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
+from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
-from rrstem.stream.snapshot import Snapshot
+from rrstem.stream.snapshot import HISTORY_AXES, HISTORY_PREFIX, Arrays, Snapshot
 
 MAP_COLUMNS = 4
-# (snapshot array, title); "com_direction" is drawn from com_angle and com_magnitude
+#: the one map panel that shows no snapshot array of its own: it colours Arrays.COM_ANGLE by Arrays.COM_MAGNITUDE
+COM_DIRECTION = "com_direction"
+#: (panel name, title); a panel is named after the snapshot array it shows
 FIXED_MAPS = [
-    ("vbf", "virtual bright field"),
-    ("vadf", "virtual annular dark field"),
-    ("com_magnitude", "COM magnitude"),
-    ("com_direction", "COM direction"),
-    ("rotation", "rrVAE rotation (rad)"),
-    ("recon_error", "reconstruction error"),
+    (Arrays.VBF, "virtual bright field"),
+    (Arrays.VADF, "virtual annular dark field"),
+    (Arrays.COM_MAGNITUDE, "COM magnitude"),
+    (COM_DIRECTION, "COM direction"),
+    (Arrays.ROTATION, "rrVAE rotation (rad)"),
+    (Arrays.RECON_ERROR, "reconstruction error"),
 ]
+#: maps that only the rrVAE makes; their panels say so until the first arrives
+MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR)
+
+
+#: one panel per channel of Arrays.LATENT, named LATENT_PANEL + channel
+LATENT_PANEL = Arrays.LATENT + "/"
+
+
+def latent_panel(i: int) -> str:
+    """Panel name of content latent ``i``."""
+    return f"{LATENT_PANEL}{i}"
 
 
 def scan_step(calibration: dict) -> tuple[float, float] | None:
@@ -94,7 +107,7 @@ class Dashboard(QtWidgets.QMainWindow):
         self.maps: dict[str, ImagePanel] = {}
         for name, title in FIXED_MAPS:
             self._add_map(name, title)
-        self._add_wheel_legend(self.maps["com_direction"])
+        self._add_wheel_legend(self.maps[COM_DIRECTION])
         grid = self.maps_view.ci.layout
         for col in range(MAP_COLUMNS):  # equal columns, whatever the titles and legends need
             grid.setColumnPreferredWidth(col, 100)
@@ -130,9 +143,9 @@ class Dashboard(QtWidgets.QMainWindow):
         self.resize(1800, 1050)
 
     def _add_map(self, name: str, title: str) -> ImagePanel:
-        cmap = CYCLIC if name == "rotation" else "viridis"
-        fixed = (-np.pi, np.pi) if name == "rotation" else None
-        panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != "com_direction")
+        cmap = CYCLIC if name == Arrays.ROTATION else "viridis"
+        fixed = (-np.pi, np.pi) if name == Arrays.ROTATION else None
+        panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != COM_DIRECTION)
         i = len(self.maps)
         self.maps_view.addItem(panel.plot, row=i // MAP_COLUMNS, col=i % MAP_COLUMNS)
         self.map_views.add(panel)
@@ -196,28 +209,30 @@ class Dashboard(QtWidgets.QMainWindow):
         for name, panel in self.maps.items():
             panel.set_scale(*(step or (1.0, 1.0)), unit)
             if name in a:
-                panel.set_data(wrap_angle(a[name]) if name == "rotation" else a[name])
-            if name in ("rotation", "recon_error"):
+                panel.set_data(wrap_angle(a[name]) if name == Arrays.ROTATION else a[name])
+            if name in MODEL_PANELS:
                 panel.set_waiting(name not in a, "no model yet")
-        if "com_angle" in a and "com_magnitude" in a:
-            levels = self.maps["com_magnitude"].image.levels
-            vmax = float(levels[1]) if levels is not None else float(np.nanmax(a["com_magnitude"]))
-            self.maps["com_direction"].set_data(direction_rgba(a["com_angle"], a["com_magnitude"], vmax))
-        latent = a.get("latent")
+        if Arrays.COM_ANGLE in a and Arrays.COM_MAGNITUDE in a:
+            magnitude = a[Arrays.COM_MAGNITUDE]
+            levels = self.maps[Arrays.COM_MAGNITUDE].image.levels
+            vmax = float(levels[1]) if levels is not None else float(np.nanmax(magnitude))
+            self.maps[COM_DIRECTION].set_data(direction_rgba(a[Arrays.COM_ANGLE], magnitude, vmax))
+        latent = a.get(Arrays.LATENT)
         if latent is not None:
             for i in range(latent.shape[0]):
-                panel = self.maps.get(f"latent/{i}") or self._add_map(f"latent/{i}", f"rrVAE latent {i}")
+                name = latent_panel(i)
+                panel = self.maps.get(name) or self._add_map(name, f"rrVAE latent {i}")
                 panel.set_scale(*(step or (1.0, 1.0)), unit)
                 panel.set_data(latent[i])
-        if "mean_pattern" in a:
-            self.patterns["mean"].set_data(a["mean_pattern"])
+        if Arrays.MEAN_PATTERN in a:
+            self.patterns["mean"].set_data(a[Arrays.MEAN_PATTERN])
         self._show_histories(a)
         self.status.update(snap)
         self.redraws += 1
 
     def _show_histories(self, a: dict) -> None:
-        hist = {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith("training/")}
-        axes = [hist[k] for k in HISTORY_AXES if k in hist]
+        hist = {k.removeprefix(HISTORY_PREFIX): v for k, v in a.items() if k.startswith(HISTORY_PREFIX)}
+        axes = {k: v for k, v in hist.items() if k in HISTORY_AXES}
         curves = {k: v for k, v in hist.items() if k not in HISTORY_AXES}
         self.loss_plot.set_histories({k: v for k, v in curves.items() if is_loss_history(k)}, axes)
         self.metric_plot.set_histories({k: v for k, v in curves.items() if not is_loss_history(k)}, axes)
@@ -225,7 +240,7 @@ class Dashboard(QtWidgets.QMainWindow):
     def _new_scan(self) -> None:
         for panel in [*self.maps.values(), *self.patterns.values()]:
             panel.set_auto(self.controls.auto_levels.isChecked())
-        for name in [n for n in self.maps if n.startswith("latent/")]:
+        for name in [n for n in self.maps if n.startswith(LATENT_PANEL)]:
             self.maps[name].clear()
         self.select(None)
         self.loss_plot.clear()
