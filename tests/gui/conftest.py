@@ -4,13 +4,17 @@ import os
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"  # before any Qt import
 
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
 from rrstem.stream.control import pack, pack_array, unpack
+
+sys.path.insert(0, str(Path(__file__).parent))  # demo_data: the synthetic snapshots, for tests and bench/
 
 
 class Publisher:

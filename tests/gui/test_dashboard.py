@@ -5,7 +5,7 @@ import pytest
 import zmq
 from pyqtgraph.Qt import QtCore
 
-from rrstem.gui.demo_data import synthetic_snapshot
+from demo_data import synthetic_snapshot
 from rrstem.gui.source import SnapshotSource
 from rrstem.gui.window import Dashboard
 

@@ -12,7 +12,7 @@ import pytest
 from pyqtgraph.Qt import QtGui
 
 from rrstem.gui import add_dashboard_args, render_png
-from rrstem.gui.demo_data import synthetic_frame_reply, synthetic_snapshot
+from demo_data import synthetic_frame_reply, synthetic_snapshot
 from rrstem.gui.maps import StableLevels, direction_rgba, wrap_angle
 from rrstem.stream.control import pack_array
 
@@ -106,3 +106,40 @@ def test_exit_after_exits_by_itself(publisher, tmp_path):
     drawn = int(re.search(r"(\d+) snapshots drawn", err).group(1))
     assert drawn >= 1
     assert shot.stat().st_size > 1000
+
+
+def test_each_history_is_drawn_against_its_named_axis(qapp):
+    from rrstem.gui.panels import HistoryPlot
+
+    plot = HistoryPlot("t", "y")
+    step = np.arange(10.0) * 7
+    eval_step = np.array([20.0, 41.0, 62.0])
+    # the metric has the step axis's length by chance: it must still take eval_step, by name
+    plot.set_histories({"loss": np.linspace(5, 1, 10), "rotation_r": np.array([0.1, 0.5, 0.8])},
+                       {"step": step, "eval_step": eval_step, "time": np.arange(10.0) * 0.5})
+    np.testing.assert_array_equal(plot.curves["loss"].xData, step)
+    np.testing.assert_array_equal(plot.curves["rotation_r"].xData, eval_step)
+
+
+def test_history_without_its_axis_falls_back_to_an_index(qapp):
+    from rrstem.gui.panels import HistoryPlot
+
+    plot = HistoryPlot("t", "y")
+    plot.set_histories({"heldout_elbo": np.array([3.0, 2.0, 1.5]), "loss": np.ones(4), "new_metric": np.ones(2)},
+                       {"step": np.arange(5.0) * 10})  # eval_step missing, step of another length
+    np.testing.assert_array_equal(plot.curves["heldout_elbo"].xData, [0, 1, 2])
+    np.testing.assert_array_equal(plot.curves["loss"].xData, [0, 1, 2, 3])
+    np.testing.assert_array_equal(plot.curves["new_metric"].xData, [0, 1])
+    plot.set_histories({"loss": np.ones(5)}, {"step": np.arange(5.0) * 10})  # the axis caught up
+    np.testing.assert_array_equal(plot.curves["loss"].xData, np.arange(5.0) * 10)
+
+
+def test_loss_histories_by_schema_and_unknown_names_by_wording():
+    from rrstem.gui.panels import is_loss_history
+    from rrstem.stream.snapshot import HISTORIES, HISTORY_AXES, LOSS_HISTORIES
+
+    curves = [h for h in HISTORIES if h not in HISTORY_AXES]
+    assert [h for h in curves if is_loss_history(h)] == list(LOSS_HISTORIES)
+    assert not is_loss_history("rotation_r") and not is_loss_history("latent_r_max")
+    assert is_loss_history("heldout_kl_v2")  # a name the schema does not know yet, that reads like a loss
+    assert not is_loss_history("corr_rotation_com_angle")
