@@ -180,3 +180,21 @@ def test_control_endpoint_from_snapshot_header(qtbot, publisher, control_server)
     publish_until_shown(qtbot, publisher, dash, snap)
     assert dash.control_endpoint == control_server.endpoint
     assert dash.controls.buttons["save"].isEnabled()
+
+
+def test_a_long_title_does_not_widen_its_map(qtbot):
+    dash = Dashboard()
+    qtbot.addWidget(dash)
+    dash.show()
+    qtbot.waitExposed(dash)
+    dash.show_snapshot(synthetic_snapshot(ny=16, nx=16, detector=8))
+    plots = [dash.maps[name].plot for name in ("vbf", "vadf", "com_magnitude")]
+    qtbot.waitUntil(lambda: plots[0].width() > 0, timeout=WAIT)
+    width = plots[0].width()
+    dash.maps["vbf"].set_title("a very long title " * 12)
+    assert plots[0].titleLabel.minimumWidth() == 0
+    qtbot.waitUntil(lambda: plots[0].titleLabel.text.startswith("a very long"), timeout=WAIT)
+    dash.maps_view.ci.layout.activate()
+    for plot in plots:
+        assert plot.width() == pytest.approx(width, abs=1)
+    assert plots[0].geometry().right() <= plots[1].geometry().left() + 1  # no overlap with its neighbour

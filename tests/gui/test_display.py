@@ -54,11 +54,16 @@ def test_wrap_angle_keeps_in_range_data_unchanged():
     np.testing.assert_allclose(wrap_angle(np.array([3 * np.pi / 2])), [-np.pi / 2])
 
 
-def test_colour_bar_ticks_stay_distinct_on_a_narrow_range():
-    from rrstem.gui.maps import _compact_tick_strings
+def test_colour_bar_ticks_stay_distinct_on_a_narrow_range(qapp):
+    from rrstem.gui.maps import CompactAxis, ImagePanel, compact_tick_strings
 
-    labels = _compact_tick_strings([2915000.0, 2920000.0, 2925000.0], 1.0, 5000.0)
+    labels = compact_tick_strings([2915000.0, 2920000.0, 2925000.0], 1.0, 5000.0)
     assert labels == ["2.915e+06", "2.92e+06", "2.925e+06"]
+    panel = ImagePanel("counts")
+    axis = panel.bar.axis  # the axis the colour bar draws is the compact one
+    assert isinstance(axis, CompactAxis) and panel.bar.getAxis("right") is axis
+    assert axis.tickStrings([2915000.0, 2920000.0, 2925000.0], 1.0, 5000.0) == labels
+    assert axis.fixedWidth == 60 and axis.style["showValues"]  # the colour bar styled it as its value axis
 
 
 def test_render_png_from_snapshot_and_frame(qapp, tmp_path):
