@@ -14,13 +14,12 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
-from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
+from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, MapGrid, ViewGroup, colour_wheel, direction_rgba, wrap_angle
 from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
 from rrstem.stream.snapshot import HISTORY_AXES, HISTORY_PREFIX, Arrays, Snapshot
 
-MAP_COLUMNS = 4
 #: the one map panel that shows no snapshot array of its own: it colours Arrays.COM_ANGLE by Arrays.COM_MAGNITUDE
 COM_DIRECTION = "com_direction"
 #: (panel name, title); a panel is named after the snapshot array it shows
@@ -101,22 +100,21 @@ class Dashboard(QtWidgets.QMainWindow):
         column.addWidget(split, 1)
         self.setCentralWidget(central)
 
-        self.maps_view = pg.GraphicsLayoutWidget()
+        # maps and patterns each in a grid whose cells take the images' shape (MapGrid)
+        self.maps_view, self.map_grid = pg.GraphicsView(), MapGrid()
+        self.maps_view.setCentralItem(self.map_grid)
         self.map_views = ViewGroup()
         split.addWidget(self.maps_view)
         self.maps: dict[str, ImagePanel] = {}
         for name, title in FIXED_MAPS:
             self._add_map(name, title)
         self._add_wheel_legend(self.maps[COM_DIRECTION])
-        grid = self.maps_view.ci.layout
-        for col in range(MAP_COLUMNS):  # equal columns, whatever the titles and legends need
-            grid.setColumnPreferredWidth(col, 100)
-            grid.setColumnStretchFactor(col, 1)
         self.maps_view.scene().sigMouseClicked.connect(self._on_click)
 
         right = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
         split.addWidget(right)
-        self.patterns_view = pg.GraphicsLayoutWidget()
+        self.patterns_view, self.pattern_grid = pg.GraphicsView(), MapGrid()
+        self.patterns_view.setCentralItem(self.pattern_grid)
         right.addWidget(self.patterns_view)
         self.patterns = {
             "mean": ImagePanel("mean pattern"),
@@ -125,8 +123,8 @@ class Dashboard(QtWidgets.QMainWindow):
             "residual": ImagePanel("residual", cmap=DIVERGING, symmetric=True),
         }
         self.pattern_views = ViewGroup()
-        for i, panel in enumerate(self.patterns.values()):
-            self.patterns_view.addItem(panel.plot, row=i // 2, col=i % 2)
+        for panel in self.patterns.values():
+            self.pattern_grid.add(panel.plot)
             self.pattern_views.add(panel)
         self.loss_plot = HistoryPlot("training loss", "loss")
         self.metric_plot = HistoryPlot("correlation metrics", "r", legend_offset=(-5, -30))
@@ -146,8 +144,7 @@ class Dashboard(QtWidgets.QMainWindow):
         cmap = CYCLIC if name == Arrays.ROTATION else "viridis"
         fixed = (-np.pi, np.pi) if name == Arrays.ROTATION else None
         panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != COM_DIRECTION)
-        i = len(self.maps)
-        self.maps_view.addItem(panel.plot, row=i // MAP_COLUMNS, col=i % MAP_COLUMNS)
+        self.map_grid.add(panel.plot)
         self.map_views.add(panel)
         panel.set_auto(self.controls.auto_levels.isChecked())
         self.maps[name] = panel
@@ -160,8 +157,7 @@ class Dashboard(QtWidgets.QMainWindow):
         box.setRange(xRange=(0, wheel.shape[1]), yRange=(0, wheel.shape[0]), padding=0.0)
         box.setFixedWidth(48)
         box.setFixedHeight(48)
-        panel.plot.layout.addItem(box, 2, 5)
-        panel.plot.layout.setColumnFixedWidth(4, 5)
+        panel.add_legend(box)
         self.wheel_legend = box
 
     # ---- snapshot ----------------------------------------------------------------------------
@@ -206,6 +202,12 @@ class Dashboard(QtWidgets.QMainWindow):
 
         step = scan_step(h.calibration)
         unit = "nm" if step else "px"
+        sy, sx = step or (1.0, 1.0)
+        shape = h.scan_shape or (a[Arrays.VBF].shape if Arrays.VBF in a else None)
+        if shape:
+            self.map_grid.set_aspect(shape[0] * sy / (shape[1] * sx))
+        if Arrays.MEAN_PATTERN in a:
+            self.pattern_grid.set_aspect(a[Arrays.MEAN_PATTERN].shape[0] / a[Arrays.MEAN_PATTERN].shape[1])
         for name, panel in self.maps.items():
             panel.set_scale(*(step or (1.0, 1.0)), unit)
             if name in a:
