@@ -54,6 +54,10 @@ def scan_step(calibration: dict) -> tuple[float, float] | None:
     return float(step), float(step)
 
 
+#: the frame inspector's title while it follows the newest frame
+NEWEST_TITLE = "newest frame"
+
+
 class Dashboard(QtWidgets.QMainWindow):
     """Live view of one service. Without ``connect`` it only shows what it is given.
 
@@ -61,10 +65,12 @@ class Dashboard(QtWidgets.QMainWindow):
     control:       control endpoint; when None, the header field ``control`` is used if present
                    (and ``use_advertised_control``)
     stale_after:   seconds without a snapshot before the unreachable banner shows
+    follow_interval: seconds between two requests for the newest frame (``header.latest_index``),
+                   which the frame inspector shows until the user clicks a map
     """
 
     def __init__(self, connect=None, control=None, stale_after=3.0, poll_ms=50, control_timeout=2.0,
-                 export_dir=".", use_advertised_control=True):
+                 export_dir=".", use_advertised_control=True, follow_interval=0.5):
         super().__init__()
         self.setWindowTitle(f"rrstem dashboard - {connect or 'offline'}")
         self.stale_after = stale_after
@@ -75,7 +81,10 @@ class Dashboard(QtWidgets.QMainWindow):
         self.control_endpoint: str | None = None
         self.worker: ControlWorker | None = None
         self.snapshot: Snapshot | None = None
-        self.selected: tuple[int, int] | None = None
+        self.selected: tuple[int, int] | None = None  # the user's position; None: follow the newest frame
+        self.follow_interval = follow_interval
+        self._newest_requested: tuple[int, int] | None = None  # the latest_index last asked for
+        self._newest_time = -float("inf")  # monotonic time of that request
         self.redraws = 0
         self._started = time.monotonic()
         self._last_probe = 0.0
@@ -118,7 +127,7 @@ class Dashboard(QtWidgets.QMainWindow):
         right.addWidget(self.patterns_view)
         self.patterns = {
             "mean": ImagePanel("mean pattern"),
-            "frame": ImagePanel("frame (click a map)"),
+            "frame": ImagePanel(f"{NEWEST_TITLE} (click a map to pick one)"),
             "recon": ImagePanel("reconstruction"),
             "residual": ImagePanel("residual", cmap=DIVERGING, symmetric=True),
         }
@@ -181,6 +190,7 @@ class Dashboard(QtWidgets.QMainWindow):
         if self.worker is not None:
             for reply in self.worker.replies():
                 self._on_reply(reply)
+            self._follow_newest()  # a request that the rate limit held back goes out here
             now = time.monotonic()
             if "control" in self.banner.problems and now - self._last_probe > max(self.control_timeout, 1.0):
                 self._last_probe = now
@@ -230,6 +240,7 @@ class Dashboard(QtWidgets.QMainWindow):
             self.patterns["mean"].set_data(a[Arrays.MEAN_PATTERN])
         self._show_histories(a)
         self.status.update(snap)
+        self._follow_newest()
         self.redraws += 1
 
     def _show_histories(self, a: dict) -> None:
@@ -244,7 +255,9 @@ class Dashboard(QtWidgets.QMainWindow):
             panel.set_auto(self.controls.auto_levels.isChecked())
         for name in [n for n in self.maps if n.startswith(LATENT_PANEL)]:
             self.maps[name].clear()
-        self.select(None)
+        for key in ("frame", "recon", "residual"):  # the last scan's frame
+            self.patterns[key].clear()
+        self.select(None)  # a new scan: follow its newest frame again
         self.loss_plot.clear()
         self.metric_plot.clear()
 
@@ -266,23 +279,43 @@ class Dashboard(QtWidgets.QMainWindow):
                 return
 
     def select(self, index: tuple[int, int] | None) -> None:
-        """Mark (y, x) on every map and ask the service for that frame."""
+        """Mark (y, x) on every map and ask the service for that frame; None: follow the newest frame."""
         self.selected = index
         for panel in self.maps.values():
             panel.set_crosshair(*(index or (None, None)))
-        if index is None:
+        if index is None:  # the next snapshot or tick asks for the newest frame, at once
+            self._newest_requested, self._newest_time = None, -float("inf")
+            self.patterns["frame"].set_title(f"{NEWEST_TITLE} (click a map to pick one)")
             return
         self.patterns["frame"].set_title(f"frame ({index[0]}, {index[1]}) requested")
         if self.worker is not None:
             self.worker.submit("frame", index=[int(index[0]), int(index[1])])
 
-    def show_frame(self, index, reply: dict) -> None:
-        """Show a ``frame`` reply (arrays unpacked) for scan position ``index``."""
+    def _follow_newest(self) -> None:
+        """Until the user picks a position, ask for the frame at ``header.latest_index``.
+
+        Only when it has changed, and at most once per ``follow_interval``; a
+        change held back by that limit is asked for on a later tick.
+        """
+        if self.selected is not None or self.worker is None or self.snapshot is None:
+            return
+        latest = self.snapshot.header.latest_index
+        if latest is None:
+            return
+        index = (int(latest[0]), int(latest[1]))
+        now = time.monotonic()
+        if index == self._newest_requested or now - self._newest_time < self.follow_interval:
+            return
+        if self.worker.submit("frame", index=list(index)):
+            self._newest_requested, self._newest_time = index, now
+
+    def show_frame(self, index, reply: dict, newest: bool = False) -> None:
+        """Show a ``frame`` reply (arrays unpacked) for scan position ``index``; ``newest``: one it followed."""
         frame = reply.get("frame")
         y, x = index
         if frame is None:
             return
-        self.patterns["frame"].set_title(f"frame ({y}, {x})")
+        self.patterns["frame"].set_title(f"{NEWEST_TITLE} ({y}, {x})" if newest else f"frame ({y}, {x})")
         self.patterns["frame"].set_data(frame)
         for key, title in (("recon", "reconstruction"), ("residual", "residual")):
             arr = reply.get(key)
@@ -292,6 +325,19 @@ class Dashboard(QtWidgets.QMainWindow):
             else:
                 self.patterns[key].set_title(f"{title} ({y}, {x})")
                 self.patterns[key].set_data(arr)
+
+    def _on_frame_reply(self, r: ControlReply) -> None:
+        index = tuple(r.args["index"])
+        newest = self.selected is None
+        if index != (self._newest_requested if newest else self.selected):
+            return  # the answer to a request replaced since: by a click, a newer frame or a new scan
+        if not r.ok:
+            if newest:
+                self.patterns["frame"].set_title(f"{NEWEST_TITLE} {index}: {r.error}")
+            else:
+                self.controls.reply.setText(f"frame failed: {r.error}")
+            return
+        self.show_frame(index, r.reply, newest=newest)
 
     # ---- control -----------------------------------------------------------------------------
     def set_control_endpoint(self, endpoint: str) -> None:
@@ -321,11 +367,10 @@ class Dashboard(QtWidgets.QMainWindow):
             self.banner.set_problem("control", f"Control socket {self.control_endpoint} not answering ({r.cmd})")
         else:
             self.banner.set_problem("control", None)
-        if not r.ok:
-            self.controls.reply.setText(f"{r.cmd} failed: {r.error}")
-            return
         if r.cmd == "frame":
-            self.show_frame(tuple(r.args["index"]), r.reply)
+            self._on_frame_reply(r)
+        elif not r.ok:
+            self.controls.reply.setText(f"{r.cmd} failed: {r.error}")
         elif r.cmd == "save":
             self.controls.reply.setText(f"saved {r.reply.get('path', '')}")
         elif r.cmd != "status":
