@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
-    endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+    pub.bind("tcp://127.0.0.1:0")
+    endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
     # a handful of distinct fill states, reused with increasing seq numbers
     fills = np.linspace(args.size // 8, args.size, 8).astype(int)
     snaps = [synthetic_snapshot(ny=args.size, nx=args.size, latent_dim=args.latents, filled_rows=int(r),

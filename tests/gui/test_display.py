@@ -101,11 +101,20 @@ def test_exit_after_exits_by_itself(publisher, tmp_path):
     snap = synthetic_snapshot(ny=32, nx=32, detector=16)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and time.monotonic() - t0 < 60:
-        snap.header.seq += 1
-        publisher.send(snap)
-        time.sleep(0.1)  # the publisher's 10 Hz pace, not a wait for a result
-    _, err = proc.communicate(timeout=60)
+    try:
+        while time.monotonic() - t0 < 60:
+            snap.header.seq += 1
+            publisher.send(snap)
+            try:
+                proc.wait(timeout=0.1)  # the publisher's 10 Hz pace; returns as soon as the dashboard exits
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        _, err = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, err
     assert time.monotonic() - t0 >= 1.5
     drawn = int(re.search(r"(\d+) snapshots drawn", err).group(1))
