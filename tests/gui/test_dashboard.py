@@ -10,6 +10,7 @@ from pyqtgraph.Qt import QtCore
 from demo_data import synthetic_snapshot
 from rrstem.gui.source import SnapshotSource
 from rrstem.gui.window import Dashboard
+from rrstem.stream.snapshot import HISTORY_AXIS, LOSS_HISTORIES, history_key
 
 WAIT = 5000  # ms, upper bound for every wait
 
@@ -74,6 +75,13 @@ def test_maps_hold_exactly_the_published_data(qtbot, publisher, dashboard):
     assert "received 1280" in dashboard.status.counters.text()
     assert "step 490" in dashboard.status.training.text()
     assert len(dashboard.loss_plot.curves["loss"].xData) == 50
+    # every curve of the schema on its plot, against its own axis
+    assert set(dashboard.loss_plot.curves) == set(LOSS_HISTORIES)
+    assert set(dashboard.metric_plot.curves) == set(HISTORY_AXIS) - set(LOSS_HISTORIES)
+    for name, axis in HISTORY_AXIS.items():
+        plot = dashboard.loss_plot if name in LOSS_HISTORIES else dashboard.metric_plot
+        np.testing.assert_array_equal(plot.curves[name].xData, a[history_key(axis)], err_msg=name)
+        np.testing.assert_array_equal(plot.curves[name].yData, a[history_key(name)], err_msg=name)
 
 
 def test_axes_in_nm_when_calibrated(qtbot, publisher, dashboard):

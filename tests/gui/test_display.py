@@ -157,3 +157,15 @@ def test_loss_histories_by_schema_and_unknown_names_by_wording():
     assert not is_loss_history("rotation_r") and not is_loss_history("latent_r_max")
     assert is_loss_history("heldout_kl_v2")  # a name the schema does not know yet, that reads like a loss
     assert not is_loss_history("corr_rotation_com_angle")
+
+
+def test_synthetic_snapshots_use_only_the_schemas_names():
+    from rrstem.stream.snapshot import COUNTERS, HISTORIES, HISTORY_AXIS, Arrays, Snapshot, history_key
+
+    snap = Snapshot.decode(synthetic_snapshot(ny=6, nx=5, filled_rows=4, detector=8).encode())
+    maps = {Arrays.FILLED, Arrays.MEAN_PATTERN, *Arrays.SCAN_MAPS, *Arrays.MODEL_MAPS}
+    assert set(snap.arrays) == maps | {history_key(h) for h in HISTORIES}
+    for curve, axis in HISTORY_AXIS.items():  # each curve as long as its axis
+        assert len(snap.arrays[history_key(curve)]) == len(snap.arrays[history_key(axis)]) > 0, curve
+    assert list(snap.header.counters) == list(COUNTERS)
+    assert snap.header.latest_index == [3, 4]  # last position of the last filled row
