@@ -1,4 +1,5 @@
-"""Image panels: one scan map (or pattern) with a colour bar, stable levels and a crosshair.
+"""Image panels: one scan map (or pattern) with a colour bar, stable levels and a crosshair,
+and the grid (``MapGrid``) that gives each panel the shape of its image.
 
 Display transforms only: level choice, wrapping of angles into one turn and
 the HSV colouring of the COM direction. The arrays shown are the snapshot's

@@ -2,7 +2,9 @@
 
 Only the GUI thread runs this code. A QTimer calls ``tick``, which takes the
 newest snapshot off the SUB socket (older ones are dropped unread), draws it,
-and hands finished control replies to their panels.
+and hands finished control replies to their panels. The frame inspector shows
+the newest frame the service took (``header.latest_index``, asked for over the
+control socket) until the user clicks a map, then the clicked position.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ FIXED_MAPS = [
 ]
 #: maps that only the rrVAE makes; their panels say so until the first arrives
 MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR)
-
-
 #: one panel per channel of Arrays.LATENT, named LATENT_PANEL + channel
 LATENT_PANEL = Arrays.LATENT + "/"
+#: the frame inspector's title while it follows the newest frame
+NEWEST_TITLE = "newest frame"
 
 
 def latent_panel(i: int) -> str:
@@ -52,10 +54,6 @@ def scan_step(calibration: dict) -> tuple[float, float] | None:
     if isinstance(step, (list, tuple)):
         return float(step[0]), float(step[1])
     return float(step), float(step)
-
-
-#: the frame inspector's title while it follows the newest frame
-NEWEST_TITLE = "newest frame"
 
 
 class Dashboard(QtWidgets.QMainWindow):
