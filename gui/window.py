@@ -16,7 +16,8 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
-from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, MapGrid, ViewGroup, colour_wheel, direction_rgba, wrap_angle
+from rrstem.gui.grid import MapGrid
+from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
 from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
