@@ -4,9 +4,10 @@ What is measured: one redraw = take the newest snapshot off a real SUB socket
 (published over tcp on 127.0.0.1 by a PUB socket in this process), decode
 it, set every map, pattern, curve and status widget (``Dashboard.show_snapshot``),
 and paint the whole window synchronously (``QWidget.repaint``, offscreen).
-The snapshots are synthetic honeycomb scans (``rrstem.gui.demo_data``, seed
-0) that fill in row by row, so the NaN mask and the levels change as in a
-live scan. Warm-up redraws are not timed. Prints JSON; the target is >= 10
+The snapshots are synthetic honeycomb scans that fill in row by row, so the
+NaN mask and the levels change as in a live scan; they come from the
+dashboard tests' fixture ``tests/gui/demo_data.py`` (built from the snapshot
+schema; seed 0), imported from there. Warm-up redraws are not timed. Prints JSON; the target is >= 10
 redraws/s.
 
     python bench/dashboard.py [--size 256] [--latents 4] [--redraws 60] [--warmup 10]
@@ -18,15 +19,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "gui"))  # the tests' snapshots
+
+from demo_data import synthetic_snapshot  # noqa: E402
 from rrstem.gui.app import ensure_app  # noqa: E402
-from rrstem.gui.demo_data import synthetic_snapshot  # noqa: E402
 from rrstem.gui.window import Dashboard  # noqa: E402
 
 
@@ -42,7 +47,8 @@ def main(argv=None) -> None:
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
-    endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+    pub.bind("tcp://127.0.0.1:0")
+    endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
     # a handful of distinct fill states, reused with increasing seq numbers
     fills = np.linspace(args.size // 8, args.size, 8).astype(int)
     snaps = [synthetic_snapshot(ny=args.size, nx=args.size, latent_dim=args.latents, filled_rows=int(r),

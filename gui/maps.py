@@ -15,6 +15,10 @@ BLANK = "#5a5a5a"  # scan positions without data (NaN, drawn transparent) show a
 CYCLIC = "CET-C6"  # cyclic map for the rrVAE rotation
 SEQUENTIAL = "viridis"
 DIVERGING = "CET-D1"  # residuals
+#: fixed sizes around a panel's view box, so that every panel of a grid needs the same room (gui/grid.py)
+LEFT_AXIS_WIDTH = 54  # fits four-digit tick labels and the axis label
+BAR_WIDTH = 12  # the colour bar itself
+LEGEND_WIDTH = 76  # the column right of the view box: colour bar and its 60 px axis, or another legend
 
 
 class StableLevels:
@@ -96,13 +100,68 @@ def _small_font():
     return font
 
 
-def _compact_tick_strings(values, scale, spacing):
+def compact_tick_strings(values, scale, spacing) -> list[str]:
     """Short tick labels with enough digits to tell neighbouring ticks apart."""
     if not values:
         return []
     top = max(abs(v * scale) for v in values)
     digits = 3 if top == 0 or spacing <= 0 else max(3, int(np.ceil(np.log10(top / (spacing * scale)))) + 1)
     return [f"{v * scale:.{min(digits, 8)}g}" for v in values]
+
+
+class CompactAxis(pg.AxisItem):
+    """An axis with ``compact_tick_strings`` labels, so that large counts fit a colour bar's width."""
+
+    def tickStrings(self, values, scale, spacing):
+        return compact_tick_strings(values, scale, spacing)
+
+
+class ColourBar(pg.ColorBarItem):
+    """A ColorBarItem whose value axis (the right one) is a ``CompactAxis``.
+
+    ColorBarItem builds its axes through PlotItem's ``setAxisItems`` and then
+    styles the right axis as its value axis; supplying a CompactAxis there lets
+    it style ours.
+    """
+
+    def setAxisItems(self, axisItems=None):
+        axisItems = dict(axisItems or {})
+        if "right" not in self.axes:  # while PlotItem builds its axes; never replace one later
+            axisItems.setdefault("right", CompactAxis("right"))
+        super().setAxisItems(axisItems)
+
+
+class TitleLabel(pg.LabelItem):
+    """A plot title that asks for no width.
+
+    LabelItem makes its text's width its minimum width, so a long title would
+    squeeze the neighbouring maps out of the grid. This one asks only for its
+    text's height (the title row has a fixed height anyway); a title longer
+    than its plot overhangs it.
+    """
+
+    def updateMin(self):
+        super().updateMin()
+        self.setMinimumWidth(0)
+
+    def sizeHint(self, which, constraint=QtCore.QSizeF()):
+        hint = super().sizeHint(which, constraint)
+        if which in (QtCore.Qt.SizeHint.MinimumSize, QtCore.Qt.SizeHint.PreferredSize):
+            hint.setWidth(0)
+        return hint
+
+
+class ImagePlot(pg.PlotItem):
+    """A PlotItem whose title is a ``TitleLabel``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        default = self.titleLabel
+        self.layout.removeItem(default)
+        default.setParentItem(None)
+        self.titleLabel = TitleLabel("", size="11pt", parent=self)
+        self.layout.addItem(self.titleLabel, 0, 1)
+        self.setTitle(None)  # hidden until set, as PlotItem's own
 
 
 class ViewGroup:
@@ -135,10 +194,7 @@ class ImagePanel:
 
     def __init__(self, title, cmap=SEQUENTIAL, fixed_levels=None, colour_bar=True, symmetric=False):
         self.title = title
-        self.plot = pg.PlotItem()
-        # pyqtgraph makes a title's width the minimum width of its plot, so long titles
-        # squeeze neighbouring maps out of the grid; the title row has a fixed height anyway.
-        self.plot.titleLabel.updateMin = lambda: None
+        self.plot = ImagePlot()  # a long title does not widen its plot
         self.set_title(title)
         self.plot.setMenuEnabled(False)
         self.plot.hideButtons()
@@ -154,6 +210,7 @@ class ImagePanel:
         self.plot.addItem(self.blank, ignoreBounds=True)
         for axis in ("left", "bottom"):
             self.plot.getAxis(axis).enableAutoSIPrefix(False)  # no "(x0.001)" on nm axes
+        self.plot.getAxis("left").setWidth(LEFT_AXIS_WIDTH)  # not the tick labels' width: a MapGrid needs it fixed
         self.image = pg.ImageItem(axisOrder="row-major")
         self.plot.addItem(self.image)
         self.fixed_levels = fixed_levels
@@ -161,13 +218,13 @@ class ImagePanel:
         self.levels = StableLevels()
         self.bar = None
         if colour_bar:
-            self.bar = pg.ColorBarItem(
-                values=fixed_levels or (0, 1), colorMap=pg.colormap.get(cmap), interactive=False, width=12
+            self.bar = ColourBar(
+                values=fixed_levels or (0, 1), colorMap=pg.colormap.get(cmap), interactive=False, width=BAR_WIDTH
             )
-            self.bar.setImageItem(self.image, insert_in=self.plot)
-            self.bar.axis.setWidth(60)
+            self.bar.setImageItem(self.image, insert_in=self.plot)  # into plot.layout at (2, 5)
+            self.bar.axis.setWidth(LEGEND_WIDTH - BAR_WIDTH - 4)
             self.bar.axis.setStyle(tickFont=_small_font())
-            self.bar.axis.tickStrings = _compact_tick_strings  # large counts fit the bar's width
+            self.plot.layout.setColumnFixedWidth(5, LEGEND_WIDTH)
         self.cross_v = pg.InfiniteLine(angle=90, pen=pg.mkPen("w", width=1, style=QtCore.Qt.PenStyle.DashLine))
         self.cross_h = pg.InfiniteLine(angle=0, pen=pg.mkPen("w", width=1, style=QtCore.Qt.PenStyle.DashLine))
         for line in (self.cross_v, self.cross_h):
@@ -176,6 +233,15 @@ class ImagePanel:
             self.plot.addItem(line, ignoreBounds=True)
         self._shape: tuple[int, ...] | None = None
         self._scale = (1.0, 1.0)
+
+    def add_legend(self, item: QtWidgets.QGraphicsLayoutItem) -> None:
+        """Put ``item`` where a colour bar goes, for a panel made without one."""
+        if self.bar is not None:
+            raise ValueError(f"panel {self.title!r} has a colour bar where the legend would go")
+        self.plot.layout.addItem(item, 2, 5)
+        self.plot.layout.setAlignment(item, QtCore.Qt.AlignmentFlag.AlignHCenter | QtCore.Qt.AlignmentFlag.AlignTop)
+        self.plot.layout.setColumnFixedWidth(4, 5)
+        self.plot.layout.setColumnFixedWidth(5, LEGEND_WIDTH)
 
     def set_waiting(self, waiting: bool, why: str) -> None:
         """Say in the title why the panel is empty."""

@@ -6,23 +6,26 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
-from rrstem.stream.snapshot import Snapshot
+from rrstem.stream.snapshot import COUNTERS, HISTORIES, HISTORY_AXIS, LOSS_HISTORIES, Arrays, Snapshot
 
 _PENS = ["#4cc9f0", "#f72585", "#ffd166", "#06d6a0", "#b5179e", "#f8961e", "#90be6d", "#bbbbbb"]
+#: how a history the schema does not know is sorted onto the loss plot
 _LOSS_WORDS = ("loss", "elbo", "kl", "recon")
-#: Training histories that are abscissae or bookkeeping, never curves. A curve is plotted
-#: against the first of these whose length matches it (losses per logged step, metrics
-#: per evaluation).
-HISTORY_AXES = ("step", "eval_step", "time", "images_seen")
 
 
 def is_loss_history(name: str) -> bool:
-    """Loss-like histories go on the loss plot; everything else on the metrics plot."""
+    """Losses go on the loss plot, everything else on the metrics plot.
+
+    The schema's ``LOSS_HISTORIES`` decides for the histories it names; a
+    name it does not know (a newer service) counts as a loss if it reads like one.
+    """
+    if name in HISTORIES:
+        return name in LOSS_HISTORIES
     return any(word in name.lower() for word in _LOSS_WORDS)
 
 
 class HistoryPlot:
-    """One PlotWidget with a curve per ``training/<name>`` history, against its step axis."""
+    """One PlotWidget with a curve per training history, each against its own axis (``HISTORY_AXIS``)."""
 
     def __init__(self, title: str, y_label: str, legend_offset=(-5, 5)):
         self.widget = pg.PlotWidget(title=title)
@@ -33,33 +36,39 @@ class HistoryPlot:
         self.widget.getAxis("left").enableAutoSIPrefix(False)
         self.legend = self.widget.addLegend(offset=legend_offset, labelTextSize="8pt")
         self.curves: dict[str, pg.PlotDataItem] = {}
-        self._lengths: dict[str, int] = {}
+        self._drawn: dict[str, tuple] = {}
 
-    def set_histories(self, histories: dict[str, np.ndarray], axes: list[np.ndarray] | np.ndarray | None) -> None:
-        """``axes``: candidate x arrays; each curve takes the first of the same length (else 0..n-1)."""
-        if axes is None or isinstance(axes, np.ndarray):
-            axes = [] if axes is None else [axes]
+    def set_histories(self, histories: dict[str, np.ndarray], axes: dict[str, np.ndarray]) -> None:
+        """Draw each curve of ``histories`` (name -> values) against ``axes[HISTORY_AXIS[name]]``.
+
+        A curve whose axis is unknown, missing from ``axes`` or of another
+        length is drawn against 0..n-1 instead: an index is honest, a wrong axis is not.
+        """
         for name, values in histories.items():
-            if self._lengths.get(name) == len(values):
+            x = axes.get(HISTORY_AXIS.get(name, ""))
+            if x is None or len(x) != len(values):
+                x = np.arange(len(values))
+            # histories only grow, so length, axis length and last values tell a changed curve
+            key = (len(values), len(x), values[-1:].tobytes(), x[-1:].tobytes())
+            if self._drawn.get(name) == key:
                 continue  # unchanged since the last snapshot
             curve = self.curves.get(name)
             if curve is None:
                 pen = pg.mkPen(_PENS[len(self.curves) % len(_PENS)], width=1.5)
                 curve = self.curves[name] = self.widget.plot(name=name, pen=pen)
-            x = next((a for a in axes if len(a) == len(values)), np.arange(len(values)))
             curve.setData(x, values)
-            self._lengths[name] = len(values)
+            self._drawn[name] = key
 
     def clear(self) -> None:
         for curve in self.curves.values():
             curve.setData([], [])
-        self._lengths.clear()
+        self._drawn.clear()
 
 
 class StatusPanel:
     """Widgets for the status bar: scan id, progress, rate, counters, training."""
 
-    COUNTERS = ("received", "missing", "duplicate", "invalid", "dropped")
+    COUNTERS = COUNTERS
 
     def __init__(self, bar: QtWidgets.QStatusBar):
         self.scan = QtWidgets.QLabel("no scan")
@@ -79,7 +88,7 @@ class StatusPanel:
     def update(self, snap: Snapshot) -> None:
         h = snap.header
         self.scan.setText(f"scan {h.scan_id or '-'} [{h.state}]")
-        filled = snap.arrays.get("filled")
+        filled = snap.arrays.get(Arrays.FILLED)
         done = int(np.count_nonzero(filled)) if filled is not None else h.counters.get("received", 0)
         self.progress.setValue(int(1000 * done / h.expected) if h.expected else 0)
         self.progress.setFormat(f"{done}/{h.expected}  %p%")

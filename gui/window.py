@@ -2,7 +2,9 @@
 
 Only the GUI thread runs this code. A QTimer calls ``tick``, which takes the
 newest snapshot off the SUB socket (older ones are dropped unread), draws it,
-and hands finished control replies to their panels.
+and hands finished control replies to their panels. The frame inspector shows
+the newest frame the service took (``header.latest_index``, asked for over the
+control socket) until the user clicks a map, then the clicked position.
 """
 
 from __future__ import annotations
@@ -14,22 +16,35 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
+from rrstem.gui.grid import MapGrid
 from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
-from rrstem.gui.panels import HISTORY_AXES, Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
+from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
-from rrstem.stream.snapshot import Snapshot
+from rrstem.stream.snapshot import HISTORY_AXES, HISTORY_PREFIX, Arrays, Snapshot
 
-MAP_COLUMNS = 4
-# (snapshot array, title); "com_direction" is drawn from com_angle and com_magnitude
+#: the one map panel that shows no snapshot array of its own: it colours Arrays.COM_ANGLE by Arrays.COM_MAGNITUDE
+COM_DIRECTION = "com_direction"
+#: (panel name, title); a panel is named after the snapshot array it shows
 FIXED_MAPS = [
-    ("vbf", "virtual bright field"),
-    ("vadf", "virtual annular dark field"),
-    ("com_magnitude", "COM magnitude"),
-    ("com_direction", "COM direction"),
-    ("rotation", "rrVAE rotation (rad)"),
-    ("recon_error", "reconstruction error"),
+    (Arrays.VBF, "virtual bright field"),
+    (Arrays.VADF, "virtual annular dark field"),
+    (Arrays.COM_MAGNITUDE, "COM magnitude"),
+    (COM_DIRECTION, "COM direction"),
+    (Arrays.ROTATION, "rrVAE rotation (rad)"),
+    (Arrays.RECON_ERROR, "reconstruction error"),
 ]
+#: maps that only the rrVAE makes; their panels say so until the first arrives
+MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR)
+#: one panel per channel of Arrays.LATENT, named LATENT_PANEL + channel
+LATENT_PANEL = Arrays.LATENT + "/"
+#: the frame inspector's title while it follows the newest frame
+NEWEST_TITLE = "newest frame"
+
+
+def latent_panel(i: int) -> str:
+    """Panel name of content latent ``i``."""
+    return f"{LATENT_PANEL}{i}"
 
 
 def scan_step(calibration: dict) -> tuple[float, float] | None:
@@ -49,10 +64,12 @@ class Dashboard(QtWidgets.QMainWindow):
     control:       control endpoint; when None, the header field ``control`` is used if present
                    (and ``use_advertised_control``)
     stale_after:   seconds without a snapshot before the unreachable banner shows
+    follow_interval: seconds between two requests for the newest frame (``header.latest_index``),
+                   which the frame inspector shows until the user clicks a map
     """
 
     def __init__(self, connect=None, control=None, stale_after=3.0, poll_ms=50, control_timeout=2.0,
-                 export_dir=".", use_advertised_control=True):
+                 export_dir=".", use_advertised_control=True, follow_interval=0.5):
         super().__init__()
         self.setWindowTitle(f"rrstem dashboard - {connect or 'offline'}")
         self.stale_after = stale_after
@@ -63,7 +80,10 @@ class Dashboard(QtWidgets.QMainWindow):
         self.control_endpoint: str | None = None
         self.worker: ControlWorker | None = None
         self.snapshot: Snapshot | None = None
-        self.selected: tuple[int, int] | None = None
+        self.selected: tuple[int, int] | None = None  # the user's position; None: follow the newest frame
+        self.follow_interval = follow_interval
+        self._newest_requested: tuple[int, int] | None = None  # the latest_index last asked for
+        self._newest_time = -float("inf")  # monotonic time of that request
         self.redraws = 0
         self._started = time.monotonic()
         self._last_probe = 0.0
@@ -88,32 +108,31 @@ class Dashboard(QtWidgets.QMainWindow):
         column.addWidget(split, 1)
         self.setCentralWidget(central)
 
-        self.maps_view = pg.GraphicsLayoutWidget()
+        # maps and patterns each in a grid whose cells take the images' shape (MapGrid)
+        self.maps_view, self.map_grid = pg.GraphicsView(), MapGrid()
+        self.maps_view.setCentralItem(self.map_grid)
         self.map_views = ViewGroup()
         split.addWidget(self.maps_view)
         self.maps: dict[str, ImagePanel] = {}
         for name, title in FIXED_MAPS:
             self._add_map(name, title)
-        self._add_wheel_legend(self.maps["com_direction"])
-        grid = self.maps_view.ci.layout
-        for col in range(MAP_COLUMNS):  # equal columns, whatever the titles and legends need
-            grid.setColumnPreferredWidth(col, 100)
-            grid.setColumnStretchFactor(col, 1)
+        self._add_wheel_legend(self.maps[COM_DIRECTION])
         self.maps_view.scene().sigMouseClicked.connect(self._on_click)
 
         right = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
         split.addWidget(right)
-        self.patterns_view = pg.GraphicsLayoutWidget()
+        self.patterns_view, self.pattern_grid = pg.GraphicsView(), MapGrid()
+        self.patterns_view.setCentralItem(self.pattern_grid)
         right.addWidget(self.patterns_view)
         self.patterns = {
             "mean": ImagePanel("mean pattern"),
-            "frame": ImagePanel("frame (click a map)"),
+            "frame": ImagePanel(f"{NEWEST_TITLE} (click a map to pick one)"),
             "recon": ImagePanel("reconstruction"),
             "residual": ImagePanel("residual", cmap=DIVERGING, symmetric=True),
         }
         self.pattern_views = ViewGroup()
-        for i, panel in enumerate(self.patterns.values()):
-            self.patterns_view.addItem(panel.plot, row=i // 2, col=i % 2)
+        for panel in self.patterns.values():
+            self.pattern_grid.add(panel.plot)
             self.pattern_views.add(panel)
         self.loss_plot = HistoryPlot("training loss", "loss")
         self.metric_plot = HistoryPlot("correlation metrics", "r", legend_offset=(-5, -30))
@@ -130,11 +149,10 @@ class Dashboard(QtWidgets.QMainWindow):
         self.resize(1800, 1050)
 
     def _add_map(self, name: str, title: str) -> ImagePanel:
-        cmap = CYCLIC if name == "rotation" else "viridis"
-        fixed = (-np.pi, np.pi) if name == "rotation" else None
-        panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != "com_direction")
-        i = len(self.maps)
-        self.maps_view.addItem(panel.plot, row=i // MAP_COLUMNS, col=i % MAP_COLUMNS)
+        cmap = CYCLIC if name == Arrays.ROTATION else "viridis"
+        fixed = (-np.pi, np.pi) if name == Arrays.ROTATION else None
+        panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != COM_DIRECTION)
+        self.map_grid.add(panel.plot)
         self.map_views.add(panel)
         panel.set_auto(self.controls.auto_levels.isChecked())
         self.maps[name] = panel
@@ -147,8 +165,7 @@ class Dashboard(QtWidgets.QMainWindow):
         box.setRange(xRange=(0, wheel.shape[1]), yRange=(0, wheel.shape[0]), padding=0.0)
         box.setFixedWidth(48)
         box.setFixedHeight(48)
-        panel.plot.layout.addItem(box, 2, 5)
-        panel.plot.layout.setColumnFixedWidth(4, 5)
+        panel.add_legend(box)
         self.wheel_legend = box
 
     # ---- snapshot ----------------------------------------------------------------------------
@@ -172,6 +189,7 @@ class Dashboard(QtWidgets.QMainWindow):
         if self.worker is not None:
             for reply in self.worker.replies():
                 self._on_reply(reply)
+            self._follow_newest()  # a request that the rate limit held back goes out here
             now = time.monotonic()
             if "control" in self.banner.problems and now - self._last_probe > max(self.control_timeout, 1.0):
                 self._last_probe = now
@@ -193,31 +211,40 @@ class Dashboard(QtWidgets.QMainWindow):
 
         step = scan_step(h.calibration)
         unit = "nm" if step else "px"
+        sy, sx = step or (1.0, 1.0)
+        shape = h.scan_shape or (a[Arrays.VBF].shape if Arrays.VBF in a else None)
+        if shape:
+            self.map_grid.set_aspect(shape[0] * sy / (shape[1] * sx))
+        if Arrays.MEAN_PATTERN in a:
+            self.pattern_grid.set_aspect(a[Arrays.MEAN_PATTERN].shape[0] / a[Arrays.MEAN_PATTERN].shape[1])
         for name, panel in self.maps.items():
             panel.set_scale(*(step or (1.0, 1.0)), unit)
             if name in a:
-                panel.set_data(wrap_angle(a[name]) if name == "rotation" else a[name])
-            if name in ("rotation", "recon_error"):
+                panel.set_data(wrap_angle(a[name]) if name == Arrays.ROTATION else a[name])
+            if name in MODEL_PANELS:
                 panel.set_waiting(name not in a, "no model yet")
-        if "com_angle" in a and "com_magnitude" in a:
-            levels = self.maps["com_magnitude"].image.levels
-            vmax = float(levels[1]) if levels is not None else float(np.nanmax(a["com_magnitude"]))
-            self.maps["com_direction"].set_data(direction_rgba(a["com_angle"], a["com_magnitude"], vmax))
-        latent = a.get("latent")
+        if Arrays.COM_ANGLE in a and Arrays.COM_MAGNITUDE in a:
+            magnitude = a[Arrays.COM_MAGNITUDE]
+            levels = self.maps[Arrays.COM_MAGNITUDE].image.levels
+            vmax = float(levels[1]) if levels is not None else float(np.nanmax(magnitude))
+            self.maps[COM_DIRECTION].set_data(direction_rgba(a[Arrays.COM_ANGLE], magnitude, vmax))
+        latent = a.get(Arrays.LATENT)
         if latent is not None:
             for i in range(latent.shape[0]):
-                panel = self.maps.get(f"latent/{i}") or self._add_map(f"latent/{i}", f"rrVAE latent {i}")
+                name = latent_panel(i)
+                panel = self.maps.get(name) or self._add_map(name, f"rrVAE latent {i}")
                 panel.set_scale(*(step or (1.0, 1.0)), unit)
                 panel.set_data(latent[i])
-        if "mean_pattern" in a:
-            self.patterns["mean"].set_data(a["mean_pattern"])
+        if Arrays.MEAN_PATTERN in a:
+            self.patterns["mean"].set_data(a[Arrays.MEAN_PATTERN])
         self._show_histories(a)
         self.status.update(snap)
+        self._follow_newest()
         self.redraws += 1
 
     def _show_histories(self, a: dict) -> None:
-        hist = {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith("training/")}
-        axes = [hist[k] for k in HISTORY_AXES if k in hist]
+        hist = {k.removeprefix(HISTORY_PREFIX): v for k, v in a.items() if k.startswith(HISTORY_PREFIX)}
+        axes = {k: v for k, v in hist.items() if k in HISTORY_AXES}
         curves = {k: v for k, v in hist.items() if k not in HISTORY_AXES}
         self.loss_plot.set_histories({k: v for k, v in curves.items() if is_loss_history(k)}, axes)
         self.metric_plot.set_histories({k: v for k, v in curves.items() if not is_loss_history(k)}, axes)
@@ -225,9 +252,11 @@ class Dashboard(QtWidgets.QMainWindow):
     def _new_scan(self) -> None:
         for panel in [*self.maps.values(), *self.patterns.values()]:
             panel.set_auto(self.controls.auto_levels.isChecked())
-        for name in [n for n in self.maps if n.startswith("latent/")]:
+        for name in [n for n in self.maps if n.startswith(LATENT_PANEL)]:
             self.maps[name].clear()
-        self.select(None)
+        for key in ("frame", "recon", "residual"):  # the last scan's frame
+            self.patterns[key].clear()
+        self.select(None)  # a new scan: follow its newest frame again
         self.loss_plot.clear()
         self.metric_plot.clear()
 
@@ -249,23 +278,43 @@ class Dashboard(QtWidgets.QMainWindow):
                 return
 
     def select(self, index: tuple[int, int] | None) -> None:
-        """Mark (y, x) on every map and ask the service for that frame."""
+        """Mark (y, x) on every map and ask the service for that frame; None: follow the newest frame."""
         self.selected = index
         for panel in self.maps.values():
             panel.set_crosshair(*(index or (None, None)))
-        if index is None:
+        if index is None:  # the next snapshot or tick asks for the newest frame, at once
+            self._newest_requested, self._newest_time = None, -float("inf")
+            self.patterns["frame"].set_title(f"{NEWEST_TITLE} (click a map to pick one)")
             return
         self.patterns["frame"].set_title(f"frame ({index[0]}, {index[1]}) requested")
         if self.worker is not None:
             self.worker.submit("frame", index=[int(index[0]), int(index[1])])
 
-    def show_frame(self, index, reply: dict) -> None:
-        """Show a ``frame`` reply (arrays unpacked) for scan position ``index``."""
+    def _follow_newest(self) -> None:
+        """Until the user picks a position, ask for the frame at ``header.latest_index``.
+
+        Only when it has changed, and at most once per ``follow_interval``; a
+        change held back by that limit is asked for on a later tick.
+        """
+        if self.selected is not None or self.worker is None or self.snapshot is None:
+            return
+        latest = self.snapshot.header.latest_index
+        if latest is None:
+            return
+        index = (int(latest[0]), int(latest[1]))
+        now = time.monotonic()
+        if index == self._newest_requested or now - self._newest_time < self.follow_interval:
+            return
+        if self.worker.submit("frame", index=list(index)):
+            self._newest_requested, self._newest_time = index, now
+
+    def show_frame(self, index, reply: dict, newest: bool = False) -> None:
+        """Show a ``frame`` reply (arrays unpacked) for scan position ``index``; ``newest``: one it followed."""
         frame = reply.get("frame")
         y, x = index
         if frame is None:
             return
-        self.patterns["frame"].set_title(f"frame ({y}, {x})")
+        self.patterns["frame"].set_title(f"{NEWEST_TITLE} ({y}, {x})" if newest else f"frame ({y}, {x})")
         self.patterns["frame"].set_data(frame)
         for key, title in (("recon", "reconstruction"), ("residual", "residual")):
             arr = reply.get(key)
@@ -275,6 +324,19 @@ class Dashboard(QtWidgets.QMainWindow):
             else:
                 self.patterns[key].set_title(f"{title} ({y}, {x})")
                 self.patterns[key].set_data(arr)
+
+    def _on_frame_reply(self, r: ControlReply) -> None:
+        index = tuple(r.args["index"])
+        newest = self.selected is None
+        if index != (self._newest_requested if newest else self.selected):
+            return  # the answer to a request replaced since: by a click, a newer frame or a new scan
+        if not r.ok:
+            if newest:
+                self.patterns["frame"].set_title(f"{NEWEST_TITLE} {index}: {r.error}")
+            else:
+                self.controls.reply.setText(f"frame failed: {r.error}")
+            return
+        self.show_frame(index, r.reply, newest=newest)
 
     # ---- control -----------------------------------------------------------------------------
     def set_control_endpoint(self, endpoint: str) -> None:
@@ -304,11 +366,10 @@ class Dashboard(QtWidgets.QMainWindow):
             self.banner.set_problem("control", f"Control socket {self.control_endpoint} not answering ({r.cmd})")
         else:
             self.banner.set_problem("control", None)
-        if not r.ok:
-            self.controls.reply.setText(f"{r.cmd} failed: {r.error}")
-            return
         if r.cmd == "frame":
-            self.show_frame(tuple(r.args["index"]), r.reply)
+            self._on_frame_reply(r)
+        elif not r.ok:
+            self.controls.reply.setText(f"{r.cmd} failed: {r.error}")
         elif r.cmd == "save":
             self.controls.reply.setText(f"saved {r.reply.get('path', '')}")
         elif r.cmd != "status":

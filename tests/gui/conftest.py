@@ -4,7 +4,9 @@ import os
 
 os.environ["QT_QPA_PLATFORM"] = "offscreen"  # before any Qt import
 
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +14,24 @@ import zmq
 
 from rrstem.stream.control import pack, pack_array, unpack
 
+sys.path.insert(0, str(Path(__file__).parent))  # demo_data: the synthetic snapshots, for tests and bench/
+
+
+def bind(sock, endpoint: str) -> str:
+    """Bind ``sock``; a tcp endpoint without a port gets one from the system (port 0). Returns the bound endpoint."""
+    if endpoint.startswith("tcp://") and endpoint.count(":") == 1:
+        endpoint += ":0"
+    sock.bind(endpoint)
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
 
 class Publisher:
-    """PUB socket on a random 127.0.0.1 port."""
+    """PUB socket on a free 127.0.0.1 port."""
 
     def __init__(self, ctx):
         self.sock = ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.endpoint = bind(self.sock, "tcp://127.0.0.1")
 
     def send(self, snapshot):
         self.sock.send_multipart(snapshot.encode(), copy=False)
@@ -37,12 +48,7 @@ class ControlServer:
     def __init__(self, ctx, endpoint="tcp://127.0.0.1"):
         self.sock = ctx.socket(zmq.REP)
         self.sock.setsockopt(zmq.LINGER, 0)
-        if endpoint.startswith("tcp://") and endpoint.count(":") == 1:
-            port = self.sock.bind_to_random_port(endpoint)
-            self.endpoint = f"{endpoint}:{port}"
-        else:
-            self.sock.bind(endpoint)
-            self.endpoint = endpoint
+        self.endpoint = bind(self.sock, endpoint)
         self.requests = []
         self.replies = {
             "status": {"ok": True, "status": {"state": "acquiring"}},
@@ -92,7 +98,7 @@ def publisher(zctx):
 
 @pytest.fixture
 def make_control_server(zctx):
-    """Factory: a control server on ``endpoint`` (default: a random tcp port)."""
+    """Factory: a control server on ``endpoint`` (default: a free tcp port)."""
     servers = []
 
     def make(endpoint="tcp://127.0.0.1"):

@@ -1,25 +1,32 @@
 """The dashboard against a real PUB publisher and a real REP control server."""
 
+import time
+
 import numpy as np
 import pytest
 import zmq
 from pyqtgraph.Qt import QtCore
 
-from rrstem.gui.demo_data import synthetic_snapshot
+from demo_data import synthetic_snapshot
 from rrstem.gui.source import SnapshotSource
 from rrstem.gui.window import Dashboard
+from rrstem.stream.snapshot import HISTORY_AXIS, LOSS_HISTORIES, history_key
 
 WAIT = 5000  # ms, upper bound for every wait
 
 
-@pytest.fixture
-def dashboard(qtbot, publisher, control_server):
+def make_dashboard(qtbot, publisher, control_server, **kwargs):
     dash = Dashboard(connect=publisher.endpoint, control=control_server.endpoint, stale_after=5.0,
-                     poll_ms=20, control_timeout=1.0)
+                     poll_ms=20, control_timeout=1.0, **kwargs)
     qtbot.addWidget(dash)
     dash.show()
     qtbot.waitExposed(dash)
     return dash
+
+
+@pytest.fixture
+def dashboard(qtbot, publisher, control_server):
+    return make_dashboard(qtbot, publisher, control_server)
 
 
 def publish_until_shown(qtbot, publisher, dash, snap):
@@ -30,6 +37,24 @@ def publish_until_shown(qtbot, publisher, dash, snap):
         return dash.snapshot is not None and dash.snapshot.header.seq == snap.header.seq
 
     qtbot.waitUntil(shown, timeout=WAIT)
+
+
+def click_map(qtbot, dash, y, x, name="vadf"):
+    """A left click on pixel (y, x) of map ``name``."""
+    panel = dash.maps[name]
+    # the layout settles on the next paint; wait until pixel -> scene -> pixel is consistent
+    qtbot.waitUntil(lambda: panel.index_at(panel.scene_pos_of(y, x)) == (y, x), timeout=WAIT)
+    view_pos = dash.maps_view.mapFromScene(panel.scene_pos_of(y, x))
+    qtbot.mouseClick(dash.maps_view.viewport(), QtCore.Qt.MouseButton.LeftButton, pos=view_pos)
+
+
+def shows_frame(dash, expected) -> bool:
+    img = dash.patterns["frame"].image.image
+    return img is not None and np.array_equal(img, expected)
+
+
+def frame_title(dash) -> str:
+    return dash.patterns["frame"].plot.titleLabel.text
 
 
 def test_maps_hold_exactly_the_published_data(qtbot, publisher, dashboard):
@@ -50,6 +75,13 @@ def test_maps_hold_exactly_the_published_data(qtbot, publisher, dashboard):
     assert "received 1280" in dashboard.status.counters.text()
     assert "step 490" in dashboard.status.training.text()
     assert len(dashboard.loss_plot.curves["loss"].xData) == 50
+    # every curve of the schema on its plot, against its own axis
+    assert set(dashboard.loss_plot.curves) == set(LOSS_HISTORIES)
+    assert set(dashboard.metric_plot.curves) == set(HISTORY_AXIS) - set(LOSS_HISTORIES)
+    for name, axis in HISTORY_AXIS.items():
+        plot = dashboard.loss_plot if name in LOSS_HISTORIES else dashboard.metric_plot
+        np.testing.assert_array_equal(plot.curves[name].xData, a[history_key(axis)], err_msg=name)
+        np.testing.assert_array_equal(plot.curves[name].yData, a[history_key(name)], err_msg=name)
 
 
 def test_axes_in_nm_when_calibrated(qtbot, publisher, dashboard):
@@ -86,18 +118,9 @@ def test_click_on_a_map_shows_that_positions_frame(qtbot, publisher, control_ser
     snap = synthetic_snapshot(ny=24, nx=24, step_nm=0.1, detector=16)
     publish_until_shown(qtbot, publisher, dashboard, snap)
     y, x = 7, 15
-    panel = dashboard.maps["vadf"]
-    # the layout settles on the next paint; wait until pixel -> scene -> pixel is consistent
-    qtbot.waitUntil(lambda: panel.index_at(panel.scene_pos_of(y, x)) == (y, x), timeout=WAIT)
-    view_pos = dashboard.maps_view.mapFromScene(panel.scene_pos_of(y, x))
-    qtbot.mouseClick(dashboard.maps_view.viewport(), QtCore.Qt.MouseButton.LeftButton, pos=view_pos)
+    click_map(qtbot, dashboard, y, x)
     expected = frame_for(y, x)
-
-    def frame_shown():
-        img = dashboard.patterns["frame"].image.image
-        return img is not None and np.array_equal(img, expected)
-
-    qtbot.waitUntil(frame_shown, timeout=WAIT)
+    qtbot.waitUntil(lambda: shows_frame(dashboard, expected), timeout=WAIT)
     assert {"cmd": "frame", "index": [y, x]} in control_server.requests
     np.testing.assert_array_equal(dashboard.patterns["recon"].image.image, expected * 0.5)
     np.testing.assert_array_equal(dashboard.patterns["residual"].image.image, expected * 0.5 - 1)
@@ -180,3 +203,111 @@ def test_control_endpoint_from_snapshot_header(qtbot, publisher, control_server)
     publish_until_shown(qtbot, publisher, dash, snap)
     assert dash.control_endpoint == control_server.endpoint
     assert dash.controls.buttons["save"].isEnabled()
+
+
+def test_a_long_title_does_not_widen_its_map(qtbot):
+    dash = Dashboard()
+    qtbot.addWidget(dash)
+    dash.show()
+    qtbot.waitExposed(dash)
+    dash.show_snapshot(synthetic_snapshot(ny=16, nx=16, detector=8))
+    plots = [dash.maps[name].plot for name in ("vbf", "vadf", "com_magnitude")]
+    qtbot.waitUntil(lambda: plots[0].width() > 0, timeout=WAIT)
+    width = plots[0].width()
+    dash.maps["vbf"].set_title("a very long title " * 12)
+    assert plots[0].titleLabel.minimumWidth() == 0
+    dash.map_grid.arrange()  # a plot's minimum size bounds the geometry the grid gives it
+    for plot in plots:
+        assert plot.width() == pytest.approx(width, abs=1)
+    assert plots[0].geometry().right() <= plots[1].geometry().left()  # no overlap with its neighbour
+
+
+@pytest.mark.parametrize("ny, nx, with_model", [(48, 48, True), (48, 48, False), (64, 64, True), (32, 80, True)])
+def test_each_map_fills_its_panel(qtbot, ny, nx, with_model):
+    """The view range of every map is its image in one dimension and barely more in the other."""
+    dash = Dashboard()  # the window's normal size
+    qtbot.addWidget(dash)
+    dash.show()
+    qtbot.waitExposed(dash)
+    dash.show_snapshot(synthetic_snapshot(ny=ny, nx=nx, detector=32, with_model=with_model))
+    shown = [p for p in dash.maps.values() if p.image.image is not None]
+    assert len(shown) == (10 if with_model else 4)
+    dash.grab()  # paint once: the axes size themselves to their tick labels
+
+    def fills():
+        for panel in shown:
+            vb = panel.view_box()
+            (x0, x1), (y0, y1) = vb.viewRange()
+            rect = panel.image.mapRectToParent(panel.image.boundingRect())
+            w, h = rect.width(), rect.height()
+            assert (w, h) == pytest.approx((nx * 0.05, ny * 0.05))
+            tol = 0.01
+            assert x0 <= rect.left() + tol * w and x1 >= rect.right() - tol * w, panel.title  # all of the image
+            assert y0 <= rect.top() + tol * h and y1 >= rect.bottom() - tol * h, panel.title
+            assert abs((x1 - x0) - w) <= tol * w or abs((y1 - y0) - h) <= tol * h, panel.title
+            box_aspect = vb.height() / vb.width()
+            assert x1 - x0 <= max(w, h / box_aspect) * (1 + tol), panel.title  # no more than the aspect needs
+            assert y1 - y0 <= max(h, w * box_aspect) * (1 + tol), panel.title
+            # and the view box has the image's shape, so that "what the aspect needs" is the image itself
+            assert x1 - x0 <= 1.05 * w and y1 - y0 <= 1.05 * h, (panel.title, vb.viewRange(), w, h)
+
+    qtbot.waitUntil(fills, timeout=WAIT)  # until the layout has settled; the last failure is reported
+
+
+def snapshot_at(latest, seq, scan_id="synthetic"):
+    snap = synthetic_snapshot(ny=8, nx=8, detector=8, seq=seq, scan_id=scan_id)
+    snap.header.latest_index = latest
+    return snap
+
+
+def round_trip(qtbot, dash):
+    """Save through the control worker and wait for the reply: requests submitted before are answered."""
+    qtbot.mouseClick(dash.controls.buttons["save"], QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "saved" in dash.controls.reply.text(), timeout=WAIT)
+    dash.controls.reply.setText("")
+
+
+def test_frame_inspector_follows_the_newest_frame_until_a_click(qtbot, publisher, control_server, frame_for):
+    dash = make_dashboard(qtbot, publisher, control_server, follow_interval=0.0)
+    publish_until_shown(qtbot, publisher, dash, snapshot_at([3, 4], seq=1))
+    qtbot.waitUntil(lambda: shows_frame(dash, frame_for(3, 4)), timeout=WAIT)
+    assert {"cmd": "frame", "index": [3, 4]} in control_server.requests
+    assert frame_title(dash) == "newest frame (3, 4)"
+    assert dash.selected is None and not dash.maps["vbf"].cross_v.isVisible()
+
+    click_map(qtbot, dash, 1, 2)
+    qtbot.waitUntil(lambda: shows_frame(dash, frame_for(1, 2)), timeout=WAIT)
+    assert frame_title(dash) == "frame (1, 2)"
+    publish_until_shown(qtbot, publisher, dash, snapshot_at([5, 5], seq=2))
+    round_trip(qtbot, dash)  # a request for [5, 5] from that snapshot would have come before the save
+    assert {"cmd": "frame", "index": [5, 5]} not in control_server.requests
+    assert shows_frame(dash, frame_for(1, 2)) and dash.selected == (1, 2)
+
+    # a new scan: follow its newest frame again
+    publish_until_shown(qtbot, publisher, dash, snapshot_at([2, 6], seq=3, scan_id="next"))
+    qtbot.waitUntil(lambda: shows_frame(dash, frame_for(2, 6)), timeout=WAIT)
+    assert frame_title(dash) == "newest frame (2, 6)" and dash.selected is None
+
+
+def test_newest_frame_is_asked_for_only_when_it_changes(qtbot, publisher, control_server, frame_for):
+    dash = make_dashboard(qtbot, publisher, control_server, follow_interval=0.0)
+    for seq in range(1, 5):  # four snapshots, one newest frame
+        publish_until_shown(qtbot, publisher, dash, snapshot_at([6, 1], seq=seq))
+    qtbot.waitUntil(lambda: shows_frame(dash, frame_for(6, 1)), timeout=WAIT)
+    round_trip(qtbot, dash)
+    assert [r for r in control_server.requests if r["cmd"] == "frame"] == [{"cmd": "frame", "index": [6, 1]}]
+
+
+def test_newest_frame_requests_are_rate_limited(qtbot, publisher, control_server, frame_for):
+    interval = 0.5
+    dash = make_dashboard(qtbot, publisher, control_server, follow_interval=interval)
+    t0 = time.monotonic()
+    for i in range(8):  # a new newest frame in every snapshot, faster than the limit
+        publish_until_shown(qtbot, publisher, dash, snapshot_at([0, i], seq=i + 1))
+    # the last change, held back by the limit, is asked for on a later tick
+    qtbot.waitUntil(lambda: shows_frame(dash, frame_for(0, 7)), timeout=WAIT)
+    elapsed = time.monotonic() - t0
+    frames = [r["index"] for r in control_server.requests if r["cmd"] == "frame"]
+    assert frames[-1] == [0, 7] and len(frames) == len({tuple(f) for f in frames})  # each index once
+    assert len(frames) <= 1 + elapsed / interval  # a slow machine makes fewer requests, never more
+    assert frame_title(dash) == "newest frame (0, 7)"

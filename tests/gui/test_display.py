@@ -12,7 +12,7 @@ import pytest
 from pyqtgraph.Qt import QtGui
 
 from rrstem.gui import add_dashboard_args, render_png
-from rrstem.gui.demo_data import synthetic_frame_reply, synthetic_snapshot
+from demo_data import synthetic_frame_reply, synthetic_snapshot
 from rrstem.gui.maps import StableLevels, direction_rgba, wrap_angle
 from rrstem.stream.control import pack_array
 
@@ -54,11 +54,16 @@ def test_wrap_angle_keeps_in_range_data_unchanged():
     np.testing.assert_allclose(wrap_angle(np.array([3 * np.pi / 2])), [-np.pi / 2])
 
 
-def test_colour_bar_ticks_stay_distinct_on_a_narrow_range():
-    from rrstem.gui.maps import _compact_tick_strings
+def test_colour_bar_ticks_stay_distinct_on_a_narrow_range(qapp):
+    from rrstem.gui.maps import CompactAxis, ImagePanel, compact_tick_strings
 
-    labels = _compact_tick_strings([2915000.0, 2920000.0, 2925000.0], 1.0, 5000.0)
+    labels = compact_tick_strings([2915000.0, 2920000.0, 2925000.0], 1.0, 5000.0)
     assert labels == ["2.915e+06", "2.92e+06", "2.925e+06"]
+    panel = ImagePanel("counts")
+    axis = panel.bar.axis  # the axis the colour bar draws is the compact one
+    assert isinstance(axis, CompactAxis) and panel.bar.getAxis("right") is axis
+    assert axis.tickStrings([2915000.0, 2920000.0, 2925000.0], 1.0, 5000.0) == labels
+    assert axis.fixedWidth == 60 and axis.style["showValues"]  # the colour bar styled it as its value axis
 
 
 def test_render_png_from_snapshot_and_frame(qapp, tmp_path):
@@ -96,13 +101,71 @@ def test_exit_after_exits_by_itself(publisher, tmp_path):
     snap = synthetic_snapshot(ny=32, nx=32, detector=16)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and time.monotonic() - t0 < 60:
-        snap.header.seq += 1
-        publisher.send(snap)
-        time.sleep(0.1)  # the publisher's 10 Hz pace, not a wait for a result
-    _, err = proc.communicate(timeout=60)
+    try:
+        while time.monotonic() - t0 < 60:
+            snap.header.seq += 1
+            publisher.send(snap)
+            try:
+                proc.wait(timeout=0.1)  # the publisher's 10 Hz pace; returns as soon as the dashboard exits
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        _, err = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, err
     assert time.monotonic() - t0 >= 1.5
     drawn = int(re.search(r"(\d+) snapshots drawn", err).group(1))
     assert drawn >= 1
     assert shot.stat().st_size > 1000
+
+
+def test_each_history_is_drawn_against_its_named_axis(qapp):
+    from rrstem.gui.panels import HistoryPlot
+
+    plot = HistoryPlot("t", "y")
+    step = np.arange(10.0) * 7
+    eval_step = np.array([20.0, 41.0, 62.0])
+    # the metric has the step axis's length by chance: it must still take eval_step, by name
+    plot.set_histories({"loss": np.linspace(5, 1, 10), "rotation_r": np.array([0.1, 0.5, 0.8])},
+                       {"step": step, "eval_step": eval_step, "time": np.arange(10.0) * 0.5})
+    np.testing.assert_array_equal(plot.curves["loss"].xData, step)
+    np.testing.assert_array_equal(plot.curves["rotation_r"].xData, eval_step)
+
+
+def test_history_without_its_axis_falls_back_to_an_index(qapp):
+    from rrstem.gui.panels import HistoryPlot
+
+    plot = HistoryPlot("t", "y")
+    plot.set_histories({"heldout_elbo": np.array([3.0, 2.0, 1.5]), "loss": np.ones(4), "new_metric": np.ones(2)},
+                       {"step": np.arange(5.0) * 10})  # eval_step missing, step of another length
+    np.testing.assert_array_equal(plot.curves["heldout_elbo"].xData, [0, 1, 2])
+    np.testing.assert_array_equal(plot.curves["loss"].xData, [0, 1, 2, 3])
+    np.testing.assert_array_equal(plot.curves["new_metric"].xData, [0, 1])
+    plot.set_histories({"loss": np.ones(5)}, {"step": np.arange(5.0) * 10})  # the axis caught up
+    np.testing.assert_array_equal(plot.curves["loss"].xData, np.arange(5.0) * 10)
+
+
+def test_loss_histories_by_schema_and_unknown_names_by_wording():
+    from rrstem.gui.panels import is_loss_history
+    from rrstem.stream.snapshot import HISTORIES, HISTORY_AXES, LOSS_HISTORIES
+
+    curves = [h for h in HISTORIES if h not in HISTORY_AXES]
+    assert [h for h in curves if is_loss_history(h)] == list(LOSS_HISTORIES)
+    assert not is_loss_history("rotation_r") and not is_loss_history("latent_r_max")
+    assert is_loss_history("heldout_kl_v2")  # a name the schema does not know yet, that reads like a loss
+    assert not is_loss_history("corr_rotation_com_angle")
+
+
+def test_synthetic_snapshots_use_only_the_schemas_names():
+    from rrstem.stream.snapshot import COUNTERS, HISTORIES, HISTORY_AXIS, Arrays, Snapshot, history_key
+
+    snap = Snapshot.decode(synthetic_snapshot(ny=6, nx=5, filled_rows=4, detector=8).encode())
+    maps = {Arrays.FILLED, Arrays.MEAN_PATTERN, *Arrays.SCAN_MAPS, *Arrays.MODEL_MAPS}
+    assert set(snap.arrays) == maps | {history_key(h) for h in HISTORIES}
+    for curve, axis in HISTORY_AXIS.items():  # each curve as long as its axis
+        assert len(snap.arrays[history_key(curve)]) == len(snap.arrays[history_key(axis)]) > 0, curve
+    assert list(snap.header.counters) == list(COUNTERS)
+    assert snap.header.latest_index == [3, 4]  # last position of the last filled row
