@@ -7,6 +7,11 @@ the index gaps as dropped frames.
 
 Frame buffers are received without copying: an item holds a NumPy view of the
 ZeroMQ frame, which stays alive as long as the view does.
+
+Exactly one side of a stream binds its endpoint. ``bind_or_connect`` opens a
+socket for either side (the senders in ``simulators/`` use it too) and turns a
+failure into a ``ValueError`` that says what to do; ``EndpointInUse`` when the
+endpoint is already bound.
 """
 
 from __future__ import annotations
@@ -21,6 +26,38 @@ from rrstem.stream.detectors import Decoder, Item
 from rrstem.stream.detectors.rrstem import RrstemDecoder
 
 log = logging.getLogger("rrstem.receiver")
+
+
+class EndpointInUse(ValueError):
+    """Binding failed because another socket holds the endpoint, most often the other side of the stream."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(
+            f"cannot bind {endpoint}: address already in use. Another process is bound to it: perhaps the other "
+            "side of the stream, which also binds by default, or an earlier rrstem still running. Only one side "
+            "may bind; let the other connect: add --connect to `rrstem simulate` or `rrstem replay`, or leave "
+            "out --bind on `rrstem serve`")
+        self.endpoint = endpoint
+
+
+def bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
+    """Bind or connect ``sock`` to ``endpoint``; returns it, with the real port when a bind asked for port 0.
+
+    On failure the socket is closed and a ``ValueError`` says how to fix the
+    endpoint: ``EndpointInUse`` if another socket is bound to it.
+    """
+    try:
+        if not bind:
+            sock.connect(endpoint)
+            return endpoint
+        sock.bind(endpoint)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        if bind and exc.errno == zmq.EADDRINUSE:
+            raise EndpointInUse(endpoint) from None
+        verb, example = ("bind to", "tcp://127.0.0.1:0") if bind else ("connect to", "tcp://HOST:PORT")
+        raise ValueError(f"cannot {verb} {endpoint!r}: {exc}; use e.g. {example} or ipc:///tmp/name") from None
 
 
 class Receiver(threading.Thread):
@@ -39,11 +76,7 @@ class Receiver(threading.Thread):
         self.sock.setsockopt(zmq.LINGER, 0)
         if mode == "sub":
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        if bind:
-            self.sock.bind(endpoint)
-        else:
-            self.sock.connect(endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+        self.endpoint = bind_or_connect(self.sock, endpoint, bind)
         self.messages = 0
 
     def run(self) -> None:
