@@ -6,7 +6,7 @@ PUSH socket that binds by default, like the detector's data port, with the
 pacing, progress and timeouts of ``simulators.source.stream``. The image
 number is the row-major scan index. Pixel data can be sent raw or compressed
 as the detectors do (``lz4``, ``bslz4``); the codecs are the ones the
-decoders use (``stream/dectris.py``).
+decoders use (``stream/detectors/codecs.py``).
 
 What a detector cannot say about the scan is not sent: the scan shape (the
 receiver is told it with ``--scan-shape``), the scan id of the legacy stream
@@ -29,8 +29,8 @@ import numpy as np
 import zmq
 
 from rrstem.simulators.source import Source, StreamStats, stream
-from rrstem.stream.codecs import compress
-from rrstem.stream.dectris import DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS
+from rrstem.stream.detectors.codecs import compress
+from rrstem.stream.detectors.dectris import DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS
 from rrstem.stream.protocol import Start
 
 PROTOCOLS = ("simplon", "stream2")

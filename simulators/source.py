@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from rrstem.stream import protocol
 from rrstem.stream.protocol import Start
+from rrstem.stream.receiver import bind_or_connect
 
 #: The endpoint the most recent ``stream`` call bound or connected to, with the
 #: real port when ``tcp://...:0`` was asked for.
@@ -154,17 +155,7 @@ def _open_socket(ctx: zmq.Context, endpoint: str, bind: bool, socket_type: str, 
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
     sock.setsockopt(zmq.LINGER, timeout_ms)
-    try:
-        if bind:
-            sock.bind(endpoint)
-            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            sock.connect(endpoint)
-    except zmq.ZMQError as exc:
-        sock.close(0)
-        verb = "bind to" if bind else "connect to"
-        raise ValueError(f"cannot {verb} {endpoint!r}: {exc}; use e.g. tcp://127.0.0.1:0 or ipc:///tmp/name") from None
-    return sock, endpoint
+    return sock, bind_or_connect(sock, endpoint, bind)  # a ValueError that says what to do if it fails
 
 
 def _wait_for_subscriber(sock, endpoint: str, timeout: float) -> None:

@@ -1,4 +1,4 @@
-"""The receiver thread: ZeroMQ socket -> decoded, size-checked items -> bounded queue.
+"""The receiver thread: ZeroMQ socket -> decoder (``stream/detectors/``) -> items -> bounded queue.
 
 PULL (default) is lossless: when the queue is full the receiver stops reading,
 ZeroMQ's high-water mark fills, and the sender blocks (back-pressure). SUB taps
@@ -7,6 +7,11 @@ the index gaps as dropped frames.
 
 Frame buffers are received without copying: an item holds a NumPy view of the
 ZeroMQ frame, which stays alive as long as the view does.
+
+Exactly one side of a stream binds its endpoint. ``bind_or_connect`` opens a
+socket for either side (the senders in ``simulators/`` use it too) and turns a
+failure into a ``ValueError`` that says what to do; ``EndpointInUse`` when the
+endpoint is already bound.
 """
 
 from __future__ import annotations
@@ -14,34 +19,45 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
-from typing import Any, Protocol
 
-import numpy as np
 import zmq
 
-from rrstem.stream.protocol import End, Frames, ProtocolError, Start, decode_header, frames_array
+from rrstem.stream.detectors import Decoder, Item
+from rrstem.stream.detectors.rrstem import RrstemDecoder
 
 log = logging.getLogger("rrstem.receiver")
 
 
-@dataclass
-class Item:
-    """One decoded message, or a rejected one (``kind == "bad"``)."""
+class EndpointInUse(ValueError):
+    """Binding failed because another socket holds the endpoint, most often the other side of the stream."""
 
-    kind: str  # start | frames | end | bad
-    message: Start | Frames | End | None = None
-    frames: np.ndarray | None = None  # (count, h, w) view of the socket buffer
-    reason: str = ""  # for bad items
-    detail: str = ""
-    scan_id: str | None = None
-    count: int = 0  # frames affected, for bad frames messages
+    def __init__(self, endpoint: str):
+        super().__init__(
+            f"cannot bind {endpoint}: address already in use. Another process is bound to it: perhaps the other "
+            "side of the stream, which also binds by default, or an earlier rrstem still running. Only one side "
+            "may bind; let the other connect: add --connect to `rrstem simulate` or `rrstem replay`, or leave "
+            "out --bind on `rrstem serve`")
+        self.endpoint = endpoint
 
 
-class Decoder(Protocol):
-    """Turns one multipart message into items. Detector adapters implement this too."""
+def bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
+    """Bind or connect ``sock`` to ``endpoint``; returns it, with the real port when a bind asked for port 0.
 
-    def decode(self, parts: list[Any]) -> Item | list[Item]: ...
+    On failure the socket is closed and a ``ValueError`` says how to fix the
+    endpoint: ``EndpointInUse`` if another socket is bound to it.
+    """
+    try:
+        if not bind:
+            sock.connect(endpoint)
+            return endpoint
+        sock.bind(endpoint)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        if bind and exc.errno == zmq.EADDRINUSE:
+            raise EndpointInUse(endpoint) from None
+        verb, example = ("bind to", "tcp://127.0.0.1:0") if bind else ("connect to", "tcp://HOST:PORT")
+        raise ValueError(f"cannot {verb} {endpoint!r}: {exc}; use e.g. {example} or ipc:///tmp/name") from None
 
 
 class Receiver(threading.Thread):
@@ -60,11 +76,7 @@ class Receiver(threading.Thread):
         self.sock.setsockopt(zmq.LINGER, 0)
         if mode == "sub":
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        if bind:
-            self.sock.bind(endpoint)
-        else:
-            self.sock.connect(endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
+        self.endpoint = bind_or_connect(self.sock, endpoint, bind)
         self.messages = 0
 
     def run(self) -> None:
@@ -90,43 +102,3 @@ class Receiver(threading.Thread):
                 return
             except queue.Full:
                 continue  # back-pressure: stop reading the socket until the pipeline catches up
-
-
-
-class RrstemDecoder:
-    """The ``rrstem/1`` protocol: headers validated, frame buffers size-checked against their scan's start."""
-
-    def __init__(self):
-        self._starts: dict[str, Start] = {}
-
-    def decode(self, parts: list[Any]) -> Item:
-        try:
-            msg = decode_header(parts[0].buffer)
-        except ProtocolError as exc:
-            return Item("bad", reason="undecodable", detail=str(exc))
-        if isinstance(msg, Start):
-            if len(parts) != 1:
-                return Item("bad", reason="extra_part", detail=f"start message has {len(parts)} parts, expected 1",
-                            scan_id=msg.scan_id)
-            self._starts[msg.scan_id] = msg
-            if len(self._starts) > 64:  # keep only recent scans for validation
-                self._starts.pop(next(iter(self._starts)))
-            return Item("start", msg, scan_id=msg.scan_id)
-        if isinstance(msg, End):
-            if len(parts) != 1:
-                return Item("bad", reason="extra_part", detail=f"end message has {len(parts)} parts, expected 1",
-                            scan_id=msg.scan_id)
-            return Item("end", msg, scan_id=msg.scan_id)
-        if len(parts) != 2:
-            return Item("bad", reason="missing_part" if len(parts) < 2 else "extra_part",
-                        detail=f"frames message has {len(parts)} parts, expected 2 (header, buffer)",
-                        scan_id=msg.scan_id, count=msg.count)
-        start = self._starts.get(msg.scan_id)
-        if start is None:
-            return Item("bad", reason="no_start", detail=f"frames for scan {msg.scan_id!r} before its start message",
-                        scan_id=msg.scan_id, count=msg.count)
-        try:
-            frames = frames_array(start, msg, parts[1].buffer)
-        except ProtocolError as exc:
-            return Item("bad", reason="bad_size", detail=str(exc), scan_id=msg.scan_id, count=msg.count)
-        return Item("frames", msg, frames=frames, scan_id=msg.scan_id, count=msg.count)

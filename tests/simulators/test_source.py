@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 import zmq
 
 from rrstem.simulators import source as source_mod
+from rrstem.simulators.dectris import stream_detector
 from rrstem.simulators.graphene import GrapheneSource
 from rrstem.simulators.source import ArraySource, default_frames_per_message, stream
 from rrstem.stream.protocol import Calibration, Start
+from rrstem.stream.receiver import EndpointInUse
 
 
 def array_source(ny=6, nx=5, h=16, w=12, dtype="uint16", scan_id="t1") -> ArraySource:
@@ -121,6 +124,20 @@ def test_bad_stream_arguments():
         stream(src, "tcp://127.0.0.1:0", socket_type="req")
     with pytest.raises(ValueError, match=r"cannot bind to 'bogus://x'"):
         stream(src, "bogus://x", progress=False)
+
+
+def test_bind_on_a_bound_endpoint_says_to_connect(zctx):
+    """``rrstem replay --to EP`` (binds by default) while ``rrstem serve --bind`` holds EP: the error says what to do."""
+    with zctx.socket(zmq.PULL) as receiver:
+        receiver.bind("tcp://127.0.0.1:0")
+        endpoint = receiver.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port
+        with pytest.raises(EndpointInUse, match=rf"cannot bind {re.escape(endpoint)}: address already in use\. "
+                           r"Another process is bound to it: perhaps the other side of the stream.*"
+                           r"add --connect to `rrstem simulate` or `rrstem replay`, or leave out --bind on "
+                           r"`rrstem serve`"):
+            stream(array_source(), endpoint, progress=False, context=zctx)
+        with pytest.raises(ValueError, match="address already in use.*--connect"):  # the DECTRIS sender: the same
+            stream_detector(array_source(), endpoint, protocol="stream2", progress=False, context=zctx)
 
 
 def test_default_frames_per_message():

@@ -10,11 +10,10 @@ import zmq
 from support import disc_frames, reference, wait_results
 from rrstem.simulators.dectris import SimplonEncoder, Stream2Encoder, stream_detector
 from rrstem.simulators.source import ArraySource
-from rrstem.stream.codecs import compress, decompress
-from rrstem.stream.dectris import SimplonDecoder, Stream2Decoder
-from rrstem.stream.detectors import decoder_for
+from rrstem.stream.detectors import Item, decoder_for
+from rrstem.stream.detectors.codecs import compress, decompress
+from rrstem.stream.detectors.dectris import SimplonDecoder, Stream2Decoder
 from rrstem.stream.protocol import Start
-from rrstem.stream.receiver import Item
 from rrstem.stream.results import read_scan
 from rrstem.stream.service import Service, ServiceConfig
 

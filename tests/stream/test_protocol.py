@@ -1,8 +1,14 @@
+import queue
+import re
+import threading
+
 import msgpack
 import numpy as np
 import pytest
+import zmq
 
 from rrstem.stream import protocol as P
+from rrstem.stream.receiver import EndpointInUse, Receiver
 
 
 def test_start_round_trip_keeps_every_field():
@@ -46,3 +52,21 @@ def test_buffer_size_mismatch_is_rejected_before_allocation():
     start = P.Start(scan_id="s", scan_shape=(2, 2), frame_shape=(4, 4), dtype="uint16")
     with pytest.raises(P.ProtocolError, match=r"has 30 bytes, expected 32"):
         P.frames_array(start, P.Frames(scan_id="s", first=0, count=1), b"\0" * 30)
+
+
+def test_receiver_bind_on_a_bound_endpoint_says_to_connect():
+    """``rrstem serve --bind`` where the sender already binds (as it does by default): the error says what to do."""
+    ctx = zmq.Context()
+    try:
+        with ctx.socket(zmq.PUSH) as sender:
+            sender.bind("tcp://127.0.0.1:0")
+            endpoint = sender.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port
+            with pytest.raises(EndpointInUse, match=rf"cannot bind {re.escape(endpoint)}: address already in use\. "
+                               r"Another process is bound to it: perhaps the other side of the stream.*"
+                               r"add --connect to `rrstem simulate` or `rrstem replay`, or leave out --bind") as err:
+                Receiver(ctx, endpoint, queue.Queue(), threading.Event(), bind=True)
+        assert isinstance(err.value, ValueError) and err.value.endpoint == endpoint  # the CLI reports ValueErrors
+        with pytest.raises(ValueError, match=r"cannot connect to 'bogus://x'.*use e\.g\. tcp://HOST:PORT"):
+            Receiver(ctx, "bogus://x", queue.Queue(), threading.Event())
+    finally:
+        ctx.destroy(linger=0)

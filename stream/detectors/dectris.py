@@ -6,7 +6,8 @@ header, calibration where the header has it), every image a one-frame
 ``frames`` item at the image number's scan index, and the series end an
 ``end`` item. The scan shape is not part of either protocol; the decoder is
 given it (``rrstem serve --scan-shape``). Every malformed message becomes a
-``bad`` item with a reason; ``decode`` never raises.
+``bad`` item with a reason; ``decode`` never raises. The series bookkeeping is
+``DetectorDecoder`` (``base.py``); decompression is ``codecs.py``.
 
 Legacy (``simplon``): ``dheader-1.0`` (header detail ``none``: one part;
 ``basic``: + detector config JSON; ``all``: + flatfield, pixel mask and count
@@ -30,16 +31,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cbor2
 import numpy as np
-from pydantic import ValidationError
 
-from rrstem.stream.codecs import BadMessage, decompress
-from rrstem.stream.protocol import DTYPES, Calibration, End, Frames, Start
-from rrstem.stream.receiver import Item
+from rrstem.stream.detectors.base import BadMessage, DetectorDecoder, Item, Series
+from rrstem.stream.detectors.codecs import decompress
+from rrstem.stream.protocol import DTYPES
 
 #: RFC 8746 typed-array tags for the pixel types rrstem takes (little-endian, plus uint8).
 TYPED_ARRAY_TAGS = {64: "uint8", 69: "uint16", 70: "uint32", 77: "int16", 78: "int32", 85: "float32", 86: "float64"}
@@ -48,20 +47,7 @@ _SCAN_ID_CHARS = re.compile(r"[^A-Za-z0-9_.:+-]")
 _ENCODING = re.compile(r"(?:bs(?P<bits>8|16|32|64)-)?(?P<lz4>lz4)?(?P<order>[<>])")
 
 
-# --- one detector series -> one rrstem scan ----------------------------------------------------
-
-
-@dataclass
-class _Series:
-    key: Any  # the detector's series id
-    scan_id: str
-    frame_shape: tuple[int, int] | None
-    dtype: str | None
-    calibration: dict[str, float]
-    metadata: dict[str, Any]
-    channel: str | None = None
-    start: Start | None = None
-    images: int = 0  # image messages seen, valid or not: the series' frames_sent
+# --- shared by both protocols: scan ids, calibration, header fields, pixels ------------------
 
 
 def scan_id_for(series_id: int, unique_id: Any = None) -> str:
@@ -95,84 +81,6 @@ def _uint(d: dict, key: str, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise BadMessage("bad_header", f"{what} has no non-negative integer {key!r} (got {v!r})")
     return v
-
-
-class DetectorDecoder:
-    """Series bookkeeping shared by the DECTRIS decoders; subclasses implement ``_decode``."""
-
-    protocol = ""
-
-    def __init__(self, scan_shape: tuple[int, int] | None):
-        if scan_shape is None:
-            raise ValueError(f"the {self.protocol} protocol does not carry the scan shape: pass it with "
-                             f"--scan-shape NYxNX, e.g. rrstem serve --protocol {self.protocol} --scan-shape 64x64")
-        ny, nx = (int(v) for v in scan_shape)
-        if ny < 1 or nx < 1:
-            raise ValueError(f"scan shape must be positive, got {scan_shape!r}")
-        self.scan_shape = (ny, nx)
-        self.series: _Series | None = None
-
-    def decode(self, parts: list[Any]) -> Item | list[Item]:
-        try:
-            return self._decode(parts)
-        except BadMessage as exc:
-            return Item("bad", reason=exc.reason, detail=f"{self.protocol}: {exc}")
-        except Exception as exc:  # a malformed message must never stop the receiver
-            return Item("bad", reason="undecodable", detail=f"{self.protocol}: {type(exc).__name__}: {exc}")
-
-    def _decode(self, parts: list[Any]) -> Item | list[Item]:
-        raise NotImplementedError
-
-    def _begin(self, series: _Series) -> list[Item]:
-        """A series header: the scan starts now if its frame shape and dtype are known, else at its first image."""
-        self.series = series
-        return [self._start()] if series.frame_shape and series.dtype else []
-
-    def _start(self) -> Item:
-        s = self.series
-        try:
-            s.start = Start(scan_id=s.scan_id, scan_shape=self.scan_shape, frame_shape=s.frame_shape, dtype=s.dtype,
-                            calibration=Calibration(**s.calibration), metadata=s.metadata)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise BadMessage("bad_header", f"series {s.key} cannot start a scan: {where}: {first['msg']}") from None
-        return Item("start", s.start, scan_id=s.scan_id)
-
-    def _image(self, key: Any, index: int, parse: Callable[[], tuple[tuple[int, int], str, Callable]]) -> list[Item]:
-        """One image: ``parse()`` returns its (h, w), dtype and a function that returns its pixels."""
-        s = self.series
-        if s is None or s.key != key:
-            return [Item("bad", reason="no_start", detail=f"{self.protocol}: image {index} of series {key} arrived "
-                         "without its series header", count=1)]
-        s.images += 1
-        items = []
-        try:
-            shape, dtype, pixels = parse()
-            if s.start is None:
-                s.frame_shape, s.dtype = s.frame_shape or shape, s.dtype or dtype
-                items.append(self._start())
-            st = s.start
-            if shape != st.frame_shape or dtype != st.dtype:
-                raise BadMessage("bad_shape", f"image is {shape[0]}x{shape[1]} {dtype}; the series is "
-                                 f"{st.frame_shape[0]}x{st.frame_shape[1]} {st.dtype}")
-            frame = pixels().reshape(1, *shape)  # (1, h, w)
-            items.append(Item("frames", Frames(scan_id=s.scan_id, first=index, count=1), frames=frame,
-                              scan_id=s.scan_id, count=1))
-        except BadMessage as exc:
-            items.append(Item("bad", reason=exc.reason, detail=f"{self.protocol}: series {key} image {index}: {exc}",
-                              scan_id=s.scan_id, count=1))
-        return items
-
-    def _end(self, key: Any, scan_id: str) -> list[Item]:
-        s = self.series
-        if s is None or s.key != key:  # the service counts an end it has no scan for
-            return [Item("end", End(scan_id=scan_id, frames_sent=0), scan_id=scan_id)]
-        self.series = None
-        if s.start is None:
-            return [Item("bad", reason="empty_series", detail=f"{self.protocol}: series {key} ended without images",
-                         scan_id=s.scan_id)]
-        return [Item("end", End(scan_id=s.scan_id, frames_sent=s.images), scan_id=s.scan_id)]
 
 
 def _pixels(buffer, dtype: str, order: str, shape: tuple[int, int], algorithm: str | None, elem_size: int):
@@ -240,7 +148,7 @@ class SimplonDecoder(DetectorDecoder):
         cal = calibration(config.get("incident_energy", config.get("photon_energy")), config.get("x_pixel_size"),
                           config.get("detector_distance"))
         meta = {**_scalars(config), "detector_protocol": "simplon", "series": series, "header_detail": detail}
-        return self._begin(_Series(series, scan_id_for(series), shape, dtype, cal, meta))
+        return self._begin(Series(series, scan_id_for(series), shape, dtype, cal, meta))
 
     def _parse_image(self, parts, frame: int):
         if len(parts) < 3:
@@ -314,7 +222,7 @@ class Stream2Decoder(DetectorDecoder):
         channels = msg.get("channels")
         meta = {**_scalars(msg), "detector_protocol": "stream2"}
         meta.pop("type", None)
-        series = _Series(key, scan_id_for(*key), shape, None, cal, meta)
+        series = Series(key, scan_id_for(*key), shape, None, cal, meta)
         series.channel = channels[0] if isinstance(channels, (list, tuple)) and channels else None
         return self._begin(series)
 

@@ -2,8 +2,8 @@
 
 The codecs are the ``lz4`` and ``bitshuffle`` libraries; only the framing
 (sizes and block lengths) is read here, and checked against the buffer before
-a library trusts it. Used by the DECTRIS adapters (``stream/dectris.py``) and
-their simulators.
+a library trusts it. Used by the DECTRIS adapters (``stream/detectors/dectris.py``)
+and their simulators (``simulators/dectris.py``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,11 @@ import bitshuffle
 import lz4.block
 import numpy as np
 
+from rrstem.stream.detectors.base import BadMessage
+
 #: HDF5 LZ4 / bitshuffle filter framing: uncompressed bytes (u64) and block bytes (u32), big-endian.
 H5_HEADER = struct.Struct(">QI")
 _BLOCK_SIZE = struct.Struct(">I")
-
-class BadMessage(ValueError):
-    """A message this adapter rejects; ``reason`` is the counter it is filed under."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
 
 
 def decompress(data, algorithm: str, elem_size: int, nbytes: int) -> bytes | np.ndarray:

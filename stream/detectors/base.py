@@ -1,0 +1,150 @@
+"""What every detector decoder shares: the items it emits, its interface, and detector-series bookkeeping.
+
+A decoder turns one multipart message into ``Item``s: ``start``, ``frames``
+and ``end``, exactly as ``rrstem/1`` carries them, or ``bad`` with the
+reason it is counted under. ``decode`` never raises on bad input.
+
+``DetectorDecoder`` is the base of the adapters for detectors that stream a
+*series* (a header, one message per image, maybe an end) and do not carry the
+scan shape: it is given the scan shape (``rrstem serve --scan-shape``), turns
+a series into one rrstem scan and files every ``BadMessage`` raised while
+decoding as a ``bad`` item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from pydantic import ValidationError
+
+from rrstem.stream.protocol import Calibration, End, Frames, Start
+
+
+@dataclass
+class Item:
+    """One decoded message, or a rejected one (``kind == "bad"``)."""
+
+    kind: str  # start | frames | end | bad
+    message: Start | Frames | End | None = None
+    frames: np.ndarray | None = None  # (count, h, w) view of the socket buffer
+    reason: str = ""  # for bad items
+    detail: str = ""
+    scan_id: str | None = None
+    count: int = 0  # frames affected, for bad frames messages
+
+
+class Decoder(Protocol):
+    """Turns one multipart message into items. Every detector protocol implements this."""
+
+    def decode(self, parts: list[Any]) -> Item | list[Item]: ...
+
+
+class BadMessage(ValueError):
+    """A message this adapter rejects; ``reason`` is the counter it is filed under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+# --- one detector series -> one rrstem scan ----------------------------------------------------
+
+
+@dataclass
+class Series:
+    """The detector series being received; it becomes the scan ``scan_id``."""
+
+    key: Any  # the detector's series id
+    scan_id: str
+    frame_shape: tuple[int, int] | None  # None: taken from the first image
+    dtype: str | None  # None: taken from the first image
+    calibration: dict[str, float]  # Calibration fields
+    metadata: dict[str, Any]
+    channel: str | None = None  # the detector channel (threshold) whose images are used
+    start: Start | None = None
+    images: int = 0  # image messages seen, valid or not: the series' frames_sent
+
+
+class DetectorDecoder:
+    """Series bookkeeping shared by the detector decoders; subclasses implement ``_decode``.
+
+    ``_decode(parts)`` returns items and may raise ``BadMessage`` anywhere; it
+    calls ``_begin`` on a series header, ``_image`` for each image and
+    ``_end`` at the series end.
+    """
+
+    protocol = ""  # the name in DECODERS, used in messages
+
+    def __init__(self, scan_shape: tuple[int, int] | None):
+        if scan_shape is None:
+            raise ValueError(f"the {self.protocol} protocol does not carry the scan shape: pass it with "
+                             f"--scan-shape NYxNX, e.g. rrstem serve --protocol {self.protocol} --scan-shape 64x64")
+        ny, nx = (int(v) for v in scan_shape)
+        if ny < 1 or nx < 1:
+            raise ValueError(f"scan shape must be positive, got {scan_shape!r}")
+        self.scan_shape = (ny, nx)
+        self.series: Series | None = None
+
+    def decode(self, parts: list[Any]) -> Item | list[Item]:
+        try:
+            return self._decode(parts)
+        except BadMessage as exc:
+            return Item("bad", reason=exc.reason, detail=f"{self.protocol}: {exc}")
+        except Exception as exc:  # a malformed message must never stop the receiver
+            return Item("bad", reason="undecodable", detail=f"{self.protocol}: {type(exc).__name__}: {exc}")
+
+    def _decode(self, parts: list[Any]) -> Item | list[Item]:
+        raise NotImplementedError
+
+    def _begin(self, series: Series) -> list[Item]:
+        """A series header: the scan starts now if its frame shape and dtype are known, else at its first image."""
+        self.series = series
+        return [self._start()] if series.frame_shape and series.dtype else []
+
+    def _start(self) -> Item:
+        s = self.series
+        try:
+            s.start = Start(scan_id=s.scan_id, scan_shape=self.scan_shape, frame_shape=s.frame_shape, dtype=s.dtype,
+                            calibration=Calibration(**s.calibration), metadata=s.metadata)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise BadMessage("bad_header", f"series {s.key} cannot start a scan: {where}: {first['msg']}") from None
+        return Item("start", s.start, scan_id=s.scan_id)
+
+    def _image(self, key: Any, index: int, parse: Callable[[], tuple[tuple[int, int], str, Callable]]) -> list[Item]:
+        """One image: ``parse()`` returns its (h, w), dtype and a function that returns its pixels."""
+        s = self.series
+        if s is None or s.key != key:
+            return [Item("bad", reason="no_start", detail=f"{self.protocol}: image {index} of series {key} arrived "
+                         "without its series header", count=1)]
+        s.images += 1
+        items = []
+        try:
+            shape, dtype, pixels = parse()
+            if s.start is None:
+                s.frame_shape, s.dtype = s.frame_shape or shape, s.dtype or dtype
+                items.append(self._start())
+            st = s.start
+            if shape != st.frame_shape or dtype != st.dtype:
+                raise BadMessage("bad_shape", f"image is {shape[0]}x{shape[1]} {dtype}; the series is "
+                                 f"{st.frame_shape[0]}x{st.frame_shape[1]} {st.dtype}")
+            frame = pixels().reshape(1, *shape)  # (1, h, w)
+            items.append(Item("frames", Frames(scan_id=s.scan_id, first=index, count=1), frames=frame,
+                              scan_id=s.scan_id, count=1))
+        except BadMessage as exc:
+            items.append(Item("bad", reason=exc.reason, detail=f"{self.protocol}: series {key} image {index}: {exc}",
+                              scan_id=s.scan_id, count=1))
+        return items
+
+    def _end(self, key: Any, scan_id: str) -> list[Item]:
+        s = self.series
+        if s is None or s.key != key:  # the service counts an end it has no scan for
+            return [Item("end", End(scan_id=scan_id, frames_sent=0), scan_id=scan_id)]
+        self.series = None
+        if s.start is None:
+            return [Item("bad", reason="empty_series", detail=f"{self.protocol}: series {key} ended without images",
+                         scan_id=s.scan_id)]
+        return [Item("end", End(scan_id=s.scan_id, frames_sent=s.images), scan_id=s.scan_id)]
