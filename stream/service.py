@@ -32,9 +32,9 @@ import zmq
 from rrstem.model.interface import Encoder
 from rrstem.stream import control
 from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
-from rrstem.stream.detectors import decoder_for
+from rrstem.stream.detectors import Item, decoder_for
 from rrstem.stream.publisher import Publisher
-from rrstem.stream.receiver import Item, Receiver
+from rrstem.stream.receiver import Receiver
 from rrstem.stream.results import write_scan
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key

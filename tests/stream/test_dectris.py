@@ -201,7 +201,7 @@ def test_a_detector_protocol_without_scan_shape_is_refused_clearly():
 
 
 def test_cli_replays_a_file_as_stream2(make_service, tmp_path, capsys):
-    from rrstem.stream.cli import main
+    from rrstem.cli import main
 
     frames, _ = scan(seed=8)
     np.save(tmp_path / "scan.npy", frames)
