@@ -233,7 +233,12 @@ def stream(
     # terminating its context does (up to the linger), so the last frames are never cut off at exit.
     own = context is None
     ctx = zmq.Context() if own else context
-    sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, hwm, int(timeout * 1000))
+    try:
+        sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, hwm, int(timeout * 1000))
+    except BaseException:
+        if own:
+            ctx.term()  # its socket is closed already: nothing to wait for
+        raise
     LAST_ENDPOINT = endpoint
     if on_endpoint is not None:
         on_endpoint(endpoint)

@@ -94,16 +94,18 @@ def test_pub_waits_for_a_subscriber_then_delivers(zctx, run_in_thread, receive):
 
 
 def test_rate_is_paced_by_the_clock(zctx, run_in_thread, receive):
+    """Pacing means never faster than asked. A loaded machine may send slower, so only the lower
+    bound of the time taken is tight; the upper one only says it did not stall."""
     src = array_source(ny=10, nx=30)  # 300 frames
     pull = zctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     join = run_in_thread(stream, src, f"tcp://127.0.0.1:{port}", bind=False, progress=False, rate=1000.0)
     got = receive(pull)
     stats = join()
-    assert stats.frames_per_s == pytest.approx(1000.0, rel=0.15)
     assert len(got["messages"]) == 6  # 1000 frames/s -> 50 frames per message, 20 messages/s
-    span = got["times"][-1] - got["times"][0]  # 250 frames after the first message -> 0.25 s
-    assert span == pytest.approx(0.25, abs=0.06)
+    span = got["times"][-1] - got["times"][0]  # 250 frames after the first message: at least 0.25 s
+    assert 0.24 <= span < 5.0
+    assert 50.0 < stats.frames_per_s <= 1000.0 * 1.05
 
 
 def test_no_receiver_raises_timeout_instead_of_hanging():
@@ -111,7 +113,7 @@ def test_no_receiver_raises_timeout_instead_of_hanging():
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"no receiver took frames from tcp://127\.0\.0\.1:\d+ within 0\.3 s"):
         stream(src, "tcp://127.0.0.1:0", progress=False, timeout=0.3)
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 10.0  # the 0.3 s timeout, not the default 30 s
     with pytest.raises(TimeoutError, match="no subscriber connected"):
         stream(src, "tcp://127.0.0.1:0", progress=False, timeout=0.2, socket_type="pub")
 
