@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,7 @@ class FixedEncoder(EncoderThread):
                 maps = self.encode(scan) if scan.n_filled() else None
             except Exception as exc:  # this scan fails; the thread waits for the next one
                 log.error("encoding scan %s failed: %s", scan.scan_id, describe(exc), exc_info=exc)
+                traceback.clear_frames(exc.__traceback__)  # keep the traceback, not the frames' locals
                 with self._lock:
                     if scan is self.scan:
                         self.error, self._state = exc, "failed"

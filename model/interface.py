@@ -24,6 +24,10 @@ LATENT = "latent"  #: (d, ny, nx) content latents' posterior means
 RECON_ERROR = "recon_error"  #: mean squared reconstruction error per pixel, in input units
 MAPS = (ROTATION, LATENT, RECON_ERROR)
 
+# --- the COM maps a scan gives the model (``ScanView.com_maps``), to judge its maps against ---
+COM_MAGNITUDE = "com_magnitude"  #: (ny, nx) COM deflection magnitude
+COM_ANGLE = "com_angle"  #: (ny, nx) COM deflection direction, rad
+
 # --- training histories, 1-D float64; each is plotted against its axis (HISTORY_AXIS) ---
 STEP, TIME, IMAGES_SEEN = "step", "time", "images_seen"
 LOSS, RECONSTRUCTION, CONTENT_KL, ANGLE_KL = "loss", "reconstruction", "content_kl", "angle_kl"
@@ -79,7 +83,7 @@ class ScanView(Protocol):
         """(h, w) float32: the running mean of the frames that have arrived (a fresh copy)."""
 
     def com_maps(self) -> dict[str, np.ndarray]:
-        """(ny, nx) float32 ``com_magnitude`` and ``com_angle`` (rad), NaN where missing (fresh copies)."""
+        """(ny, nx) float32 maps ``COM_MAGNITUDE`` and ``COM_ANGLE`` (rad), NaN where missing (fresh copies)."""
 
 
 @dataclass
@@ -108,6 +112,9 @@ class Encoder(Protocol):
 
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the worker; True if it ended within ``timeout``."""
+
+    def is_alive(self) -> bool:
+        """The worker thread runs (a failure on one scan does not end it)."""
 
     def attach(self, scan: ScanView) -> None:
         """Encode (and train on) ``scan`` from now on; whatever the previous scan was doing ends."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rrstem.model.interface import LATENT, ROTATION
+from rrstem.model.interface import COM_ANGLE, COM_MAGNITUDE, LATENT, ROTATION
 
 #: The smallest fold whose |r| is within this of the best is reported: if phi is
 #: defined modulo 2 pi / n, it is also modulo 2 pi / (2n), so multiples fit as well.
@@ -105,7 +105,7 @@ def com_metrics(maps: dict[str, np.ndarray], com: dict[str, np.ndarray], weighte
     ``rotation_fold``, ``rotation_sign``, ``rotation_offset``, ``latent_r`` (per latent) and
     ``latent_r_max`` (largest |r|).
     """
-    mag, ang = com["com_magnitude"], com["com_angle"]
+    mag, ang = com[COM_MAGNITUDE], com[COM_ANGLE]
     rot = rotation_correlation(maps[ROTATION], ang, weights=mag if weighted else None, max_fold=max_fold)
     lat = latent_pearson(maps[LATENT], mag)
     finite = [abs(r) for r in lat if np.isfinite(r)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from typing import Any, Mapping
 
 import numpy as np
@@ -81,7 +82,9 @@ class OnlineTrainer(EncoderThread):
 
     def reset_model(self) -> None:
         """Start the current scan's training again from a fresh initialisation."""
-        self._reset_requested = True
+        with self._lock:
+            self._reset_requested = True
+            self._done.clear()  # now, so that a wait_done() right after waits for the fresh run
         self._wake.set()
 
     # --- readers (any thread) -------------------------------------------------------------
@@ -125,27 +128,28 @@ class OnlineTrainer(EncoderThread):
             tune_malloc()
         lower_priority(self.cfg.nice)
         while not self._stop.is_set():
-            self._take_requests()
-            run = self.run
-            self._idle_paused = self._paused and (run is None or run.phase in ("waiting", "running"))
-            if run is None or run.phase == "done" or self._idle_paused or run is self._failed:
-                self._idle(0.05)
-            elif self._advance(run) is None and run.phase != "done":
-                self._idle(0.01)  # too few frames yet
-            if run is not None and run.phase == "done":
-                with self._lock:
-                    if self._pending is None and run is self.run:
-                        self._done.set()
+            try:
+                self._iterate()
+            except Exception as exc:  # this scan's training fails; the thread waits for the next scan
+                self.error, self._failed = exc, self.run
+                scan_id = self.run.scan.scan_id if self.run is not None else None
+                log.error("rrVAE training of scan %s failed: %s", scan_id, describe(exc), exc_info=exc)
+                traceback.clear_frames(exc.__traceback__)  # keep the traceback, not the frames' locals
+                self._done.set()
 
-    def _advance(self, run: TrainingRun) -> Any:
-        """``run.advance()``; a failure is kept in ``error`` and ends this scan's training, not the thread."""
-        try:
-            return run.advance()
-        except Exception as exc:
-            self.error, self._failed = exc, run
-            log.error("rrVAE training of scan %s failed: %s", run.scan.scan_id, describe(exc), exc_info=exc)
-            self._done.set()
-            return False
+    def _iterate(self) -> None:
+        """One turn of the worker: take requests, then advance the current run or idle."""
+        self._take_requests()
+        run = self.run
+        self._idle_paused = self._paused and (run is None or run.phase in ("waiting", "running"))
+        if run is None or run.phase == "done" or self._idle_paused or run is self._failed:
+            self._idle(0.05)
+        elif run.advance() is None and run.phase != "done":
+            self._idle(0.01)  # too few frames yet
+        if run is not None and run.phase == "done":
+            with self._lock:
+                if self._pending is None and run is self.run:
+                    self._done.set()
 
     def _take_requests(self) -> None:
         with self._lock:
@@ -160,6 +164,7 @@ class OnlineTrainer(EncoderThread):
                 with self._lock:
                     self._done.clear()
                 self.run = TrainingRun(self.run.scan, self.cfg, self.device)
+                self.error = self._failed = None  # a fresh start of the same scan
 
     def _idle(self, seconds: float) -> None:
         self._wake.wait(seconds)

@@ -3,15 +3,18 @@
 ``EncoderThread`` is the part of ``interface.Encoder`` that the trainer and
 the fixed encoder share. A subclass implements ``_work()``, the loop that
 runs in the thread until ``_stop`` is set; ``_wake`` cuts its waits short and
-``_done`` says the attached scan's final maps are made. An exception raised
-in the thread ends it: it is logged, kept in ``error`` (with its traceback,
-for the caller to re-raise) and ``wait_done`` returns False from then on.
+``_done`` says the attached scan's final maps are made. An exception that
+reaches ``_main`` ends the thread: it is logged, kept in ``error`` (with its
+traceback, for the caller to re-raise), ``is_alive()`` is False and
+``wait_done`` returns False from then on. (The encoders catch a failure on
+one scan inside their loops, so that only ends that scan.)
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import traceback
 
 import numpy as np
 
@@ -68,8 +71,15 @@ class EncoderThread:
     def __exit__(self, *exc):
         self.close()
 
+    def is_alive(self) -> bool:
+        """The thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait_done(self, timeout: float) -> bool:
-        """True once the attached scan has ended and its final maps are made; False on timeout or failure."""
+        """True once the attached scan has ended and its final maps are made; False on timeout or failure
+        (at once if the thread has ended)."""
+        if self._thread is not None and not self._thread.is_alive():
+            return False
         return self._done.wait(timeout) and self.error is None
 
     def _main(self) -> None:
@@ -78,6 +88,7 @@ class EncoderThread:
         except BaseException as exc:  # kept and reported, never lost
             self.error = exc
             log.error("%s failed: %s", self._name, describe(exc), exc_info=exc)
+            traceback.clear_frames(exc.__traceback__)  # keep the traceback, not the scans in its frames
             self._done.set()
 
     def _work(self) -> None:

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 import rrstem
+from rrstem.stream.snapshot import Arrays
 
 FORMAT = "rrstem-results"
 FORMAT_VERSION = 1
@@ -75,18 +76,18 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
     for key, value in r.attrs.items():
         g.attrs[key] = _json(value) if isinstance(value, (dict, list)) and key not in ("scan_shape", "frame_shape",
                                                                                        "binned_shape") else value
-    if "mean_pattern" in maps:
-        g.create_dataset("mean_pattern", data=maps["mean_pattern"].astype(np.float32))
+    if Arrays.MEAN_PATTERN in maps:
+        g.create_dataset(Arrays.MEAN_PATTERN, data=maps[Arrays.MEAN_PATTERN].astype(np.float32))
     if r.pixel_mask is not None:
         g.create_dataset("pixel_mask", data=r.pixel_mask.astype(bool), compression="gzip")
     m = g.create_group("maps")
     for name, arr in maps.items():
-        if name == "mean_pattern":
+        if name == Arrays.MEAN_PATTERN:
             continue
-        ds = m.create_dataset(name, data=arr.astype(bool) if name == "filled" else arr)
-        if name.startswith("com_"):
-            ds.attrs["unit"] = "rad" if name == "com_angle" else r.com_unit
-        elif name == "rotation":
+        ds = m.create_dataset(name, data=arr.astype(bool) if name == Arrays.FILLED else arr)
+        if name in Arrays.SCAN_MAPS and name.startswith("com_"):
+            ds.attrs["unit"] = "rad" if name == Arrays.COM_ANGLE else r.com_unit
+        elif name == Arrays.ROTATION:
             ds.attrs["unit"] = "rad"
     if model is None:
         return
@@ -119,7 +120,7 @@ def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, 
             out["attrs"][key] = value
         out["maps"] = {k: v[()] for k, v in g["maps"].items()}
         out["units"] = {k: v.attrs["unit"] for k, v in g["maps"].items() if "unit" in v.attrs}
-        for key in ("mean_pattern", "pixel_mask"):
+        for key in (Arrays.MEAN_PATTERN, "pixel_mask"):
             if key in g:
                 out[key] = g[key][()]
         if "training" in g:

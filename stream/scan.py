@@ -6,9 +6,10 @@ sums and the ``filled`` mask, ``results()`` from the same, plus counters and
 geometry. It is also the read-only view the rrVAE trains on
 (``model.interface.ScanView``).
 
-Threads: only the pipeline thread calls ``add``, ``invalid``, ``stale`` and
-``finish``. Any thread may call the readers; they take the lock only to copy
-the sums. The frame store is read without a lock: a row is written before its
+Threads: only the pipeline thread calls ``add``, ``invalid``, ``stale``,
+``finish`` and ``fail``. Any thread may call the readers (``maps``,
+``results``, ``frame``, ...), also while the pipeline writes; they take the
+lock only to copy the sums, and read the counters as they are. The frame store is read without a lock: a row is written before its
 ``filled`` flag is set, and never changes afterwards.
 """
 
@@ -81,12 +82,18 @@ class Scan:
         self.reasons: Counter[str] = Counter()  # invalid frames by reason
         self._filled = np.zeros(n, dtype=bool)  # THE mask: a valid frame for this position is in the store
         self._n_filled = 0
-        self._rejected: set[int] = set()  # positions that got only invalid frames so far (rare: bad input)
+        self._rejected: np.ndarray | None = None  # (n,) bool, made on the first invalid frame: positions that
+        # got an invalid frame (a position also filled later counts as filled)
         self.frames_sent: int | None = None
         self.started_at = time.time()
         self.ended_at: float | None = None
         self.end_reason: str | None = None  # "end" (the sender's end message), "superseded", "failed"
         self.failure: BaseException | None = None  # what stopped this scan's processing, if anything
+        # What the encoder made of this scan, kept once it left the scan (``model_taken``): the scan's
+        # own results, whatever the encoder does next. Until then the service asks the encoder.
+        self.model_taken = False
+        self.model_maps: dict[str, np.ndarray] | None = None
+        self.model_export: dict | None = None
         self.model_failure: BaseException | None = None  # what stopped the rrVAE on this scan, if anything
         self.results_path: Path | None = None  # where the results went, once written
         self.done = False  # results made (and written, if the service writes results)
@@ -100,7 +107,7 @@ class Scan:
         self._store: FrameStore | None = None
         self._ready = False  # geometry fixed, store and reductions exist (set last)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # frames before calibration
-        self._pending_count = 0
+        self._pending_positions: set[int] = set()  # their distinct positions (at most calibration_frames)
         self._highest = -1
         self._lock = threading.Lock()
         self.log = RateLimitedLog(log)
@@ -148,8 +155,8 @@ class Scan:
         self._highest = max(self._highest, int(idx[-1]))
         if self._binner is None:
             self._pending.append((idx, np.array(frames)))  # copy: the socket buffer is released after this
-            self._pending_count += len(idx)
-            if self._pending_count >= min(self.cfg.calibration_frames, n_pos):
+            self._pending_positions.update(idx.tolist())
+            if len(self._pending_positions) >= min(self.cfg.calibration_frames, n_pos):
                 self._calibrate()
         else:
             self._take(idx, frames)
@@ -166,7 +173,8 @@ class Scan:
         self.log.warning("stale", "scan %s: %d stale frame(s) of earlier scan %s", self.scan_id, count, other)
 
     def _calibrate(self) -> None:
-        pending, self._pending, self._pending_count = self._pending, [], 0
+        pending, self._pending = self._pending, []
+        self._pending_positions = set()
         raw = np.concatenate([f for _, f in pending])
         if raw.dtype.kind == "f":
             finite = np.isfinite(raw.reshape(len(raw), -1).sum(axis=1))
@@ -210,7 +218,9 @@ class Scan:
             zero = np.isfinite(totals) & (totals == 0)
             if zero.any():
                 self.invalid("zero_sum", int(zero.sum()), f"frame sum is zero (no COM), first index {idx[zero][0]}")
-            self._rejected.update(idx[~ok].tolist())
+            if self._rejected is None:
+                self._rejected = np.zeros(self.start.n_positions, dtype=bool)
+            self._rejected[idx[~ok]] = True
             idx, binned, products = idx[ok], binned[ok], products[ok]
             if not len(idx):
                 return
@@ -229,7 +239,9 @@ class Scan:
         if self._binner is None and self._pending:
             self._calibrate()
         self.frames_sent = frames_sent
-        seen = self._n_filled + sum(1 for i in self._rejected if not self._filled[i])
+        seen = self._n_filled
+        if self._rejected is not None:
+            seen += int(np.count_nonzero(self._rejected & ~self._filled))
         lost = int(self.start.n_positions - seen)
         self.counters["dropped" if self.lossy else "missing"] = lost
         if lost:

@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Hashable
@@ -33,6 +34,7 @@ from rrstem.model.interface import Encoder
 from rrstem.stream import control
 from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
 from rrstem.stream.detectors import Item, decoder_for
+from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import Receiver
 from rrstem.stream.results import write_scan
@@ -79,12 +81,14 @@ class Service:
         self.results_event = threading.Event()
         self._once = config.once
         self._started = False
+        self._n_failures = 0  # failures ever reported (the list keeps the newest 50)
         self._seen_ids: set[str] = set()
         self._refused: dict[str, str] = {}  # scan id -> orphan reason for its frames (rejected or failed scans)
         self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
         self._finish_q: queue.Queue[Scan] = queue.Queue()
         self._rate = RateMeter()
         self.encoder: Encoder | None = make_encoder(config)
+        self._slot = EncoderSlot(self.encoder) if self.encoder is not None else None
         self.receiver = Receiver(self.ctx, config.listen, self._queue, self.stop_event, bind=config.bind,
                                  mode=config.mode, decoder=decoder_for(config.protocol, config.scan_shape))
         self.publisher = Publisher(self.ctx, config.publish, config.control)
@@ -127,9 +131,9 @@ class Service:
         self.stop_event.set()
 
     def stop_after_scan(self) -> None:
-        """Stop once the current scan's results are written (at once if they already are)."""
-        self._once = True
-        if self.results_written:
+        """Stop once the current scan is done (at once if it already is)."""
+        self._once = True  # set before looking: the finisher sets ``done`` before it looks at this
+        if self.current is not None and self.current.done:
             self.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -158,18 +162,24 @@ class Service:
         """Record a failure the service survives (it shows in snapshots and the log)."""
         self.failures.append(Failure(where, exc, scan_id))
         del self.failures[:-50]
+        self._n_failures += 1
 
     def _died(self, where: str, exc: BaseException) -> None:
         self.report(where, exc)
         self.stop_event.set()
 
     def worker_failures(self) -> list[Failure]:
-        """Failures of the service's threads that ended: the service cannot go on after any of these.
+        """Failures of threads that ended: the service cannot go on after any of these.
 
-        (The encoder's failures are per scan: its thread goes on with the next scan, so they are
-        reported, in the log, the snapshots and the scan's results, not re-raised.)
+        (The encoder's failures on one scan are not among them: its thread goes on with the next
+        scan, so they are reported, in the log, the snapshots and the scan's results. Its thread
+        dying is.)
         """
-        return [Failure(t.name, t.error) for t in (self.receiver, *self._workers) if t.error is not None]
+        out = [Failure(t.name, t.error) for t in (self.receiver, *self._workers) if t.error is not None]
+        enc = self.encoder
+        if enc is not None and self._started and enc.error is not None and not enc.is_alive():
+            out.append(Failure(f"rrVAE {type(enc).__name__}", enc.error))
+        return out
 
     def check(self) -> None:
         """Re-raise the first worker thread's failure, the original exception with its traceback."""
@@ -178,8 +188,13 @@ class Service:
             raise failed[0].error
 
     def last_error(self) -> str | None:
-        """The newest failure, else the encoder's, else the latest refused scan, for the dashboard's banner."""
-        failed = self.worker_failures() or self.failures
+        """What the dashboard's banner shows: a dead thread, else the newest failure that concerns the
+        current scan (its own, or the service's since it started), else the encoder's, else the latest
+        refused scan. A failure of an earlier scan stays in ``failures`` and its results, not on the banner."""
+        cur = self.current
+        since = cur.started_at if cur is not None else 0.0
+        failed = self.worker_failures() or [f for f in self.failures if (cur is not None and f.scan_id == cur.scan_id)
+                                            or (f.scan_id is None and f.time >= since)]
         if failed:
             return str(failed[-1])
         if self.encoder is not None and self.encoder.error is not None:
@@ -194,33 +209,43 @@ class Service:
                 item = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self.dispatch(item)
+            try:
+                self.dispatch(item)
+            except Exception as exc:  # a bug or bad data in one scan must not stop ingest of the next
+                self._dispatch_failed(item, exc)
+                # Keep the exception, not the frames it ran through: their locals hold the scan and
+                # its frame store. (This loop's own frame cannot be cleared, and holds nothing old.)
+                traceback.clear_frames(exc.__traceback__)
 
     def dispatch(self, item: Item) -> None:
-        """Act on one decoded message. A failure ends the scan it concerns; the service goes on."""
+        """Act on one decoded message (pipeline thread)."""
         cur = self.current
-        try:
-            if item.kind == "start":
-                self._start_scan(item.message)
-            elif item.kind == "frames":
-                self._frames(item, cur)
-            elif item.kind == "end":
-                self._end(item, cur)
-            elif cur is not None and item.scan_id == cur.scan_id and not cur.ended and item.count:
-                cur.invalid(item.reason, item.count, item.detail)
-            else:
-                self.orphans[item.reason] += max(item.count, 1)
-                log.warning("rejected message (%s): %s", item.reason, item.detail)
-        except Exception as exc:  # a bug or bad data in one scan must not stop ingest of the next
-            scan = self.current if self.current is not None and self.current.scan_id == item.scan_id else None
-            log.exception("pipeline error on a %s message of scan %s", item.kind, item.scan_id)
-            self.report("pipeline", exc, item.scan_id)
-            if scan is None or scan.ended:
-                self.orphans["pipeline_error"] += 1
-                return
-            scan.fail(exc)
-            self._refused[scan.scan_id] = "failed_scan"
-            self._finish_q.put(scan)
+        if item.kind == "start":
+            self._start_scan(item.message)
+        elif item.kind == "frames":
+            self._frames(item, cur)
+        elif item.kind == "end":
+            self._end(item, cur)
+        elif cur is not None and item.scan_id == cur.scan_id and not cur.ended and item.count:
+            cur.invalid(item.reason, item.count, item.detail)
+        else:
+            self.orphans[item.reason] += max(item.count, 1)
+            log.warning("rejected message (%s): %s", item.reason, item.detail)
+
+    def _dispatch_failed(self, item: Item, exc: Exception) -> None:
+        """``dispatch`` raised: the scan the message belongs to ends, marked failed; the service goes on."""
+        log.error("pipeline error on a %s message of scan %s", item.kind, item.scan_id, exc_info=exc)
+        self.report("pipeline", exc, item.scan_id)
+        scan = self.current if self.current is not None and self.current.scan_id == item.scan_id else None
+        if scan is None or scan.ended or scan.failure is not None:
+            self.orphans["pipeline_error"] += 1
+            return
+        self._fail_scan(scan, exc)
+
+    def _fail_scan(self, scan: Scan, exc: BaseException) -> None:
+        scan.fail(exc)
+        self._refused[scan.scan_id] = "failed_scan"
+        self._finish_q.put(scan)
 
     def _start_scan(self, start) -> None:
         cur = self.current
@@ -229,7 +254,13 @@ class Service:
             start = start.model_copy(update={"scan_shape": self.cfg.scan_shape})
         if cur is not None and not cur.ended:
             log.warning("scan %s had no end message; it ends at the start of scan %s", cur.scan_id, start.scan_id)
-            self._end_scan(cur, None, "superseded")
+            try:
+                self._end_scan(cur, None, "superseded")
+            except Exception as exc:  # the old scan fails; the new one starts all the same
+                log.error("scan %s could not be closed", cur.scan_id, exc_info=exc)
+                self.report("pipeline", exc, cur.scan_id)
+                self._fail_scan(cur, exc)
+                traceback.clear_frames(exc.__traceback__)
         try:
             scan = Scan(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub")
         except ValueError as exc:  # the scan cannot be taken; its frames are counted, not processed
@@ -257,10 +288,19 @@ class Service:
                 self.orphans["stale"] += n
                 log.warning("%d frame(s) of scan %s arrived after it ended", n, item.scan_id)
             return
-        was_ready = cur.ready
         self._rate.add(cur.add(item.message.first, item.frames))
-        if not was_ready and cur.ready and self.encoder is not None:
-            self.encoder.attach(cur)
+        self._attach_if_ready(cur)
+
+    def _attach_if_ready(self, scan: Scan) -> None:
+        left = self._slot.attached if self._slot is not None else None
+        failure = self._slot.attach_if_ready(scan) if self._slot is not None else None
+        if failure is not None:
+            self._model_failed(left, failure)
+
+    def _model_failed(self, scan: Scan, exc: BaseException) -> None:
+        self.report(f"rrVAE {type(self.encoder).__name__}", exc, scan.scan_id)
+        log.error("scan %s: the rrVAE failed (%s: %s); its maps are written without the model", scan.scan_id,
+                  type(exc).__name__, exc)
 
     def _end(self, item: Item, cur: Scan | None) -> None:
         if cur is not None and item.scan_id == cur.scan_id and not cur.ended:
@@ -271,10 +311,13 @@ class Service:
             log.warning("%s for scan %s ignored", reason.replace("_", " "), item.scan_id)
 
     def _end_scan(self, scan: Scan, frames_sent: int | None, reason: str) -> None:
-        scan.finish(frames_sent, reason)
+        scan.finish(frames_sent, reason)  # a scan with fewer frames than calibration needs calibrates here
         log.info("scan %s ended (%s): %s", scan.scan_id, reason,
                  ", ".join(f"{k} {v}" for k, v in scan.counter_dict().items()))
-        self._finish_q.put(scan)
+        try:
+            self._attach_if_ready(scan)
+        finally:
+            self._finish_q.put(scan)  # an ended scan always reaches the results file
 
     # --- finisher thread ----------------------------------------------------------------
 
@@ -287,16 +330,10 @@ class Service:
             self._finish(scan)
 
     def _finish(self, scan: Scan) -> None:
-        enc = self.encoder
-        if enc is not None and scan.ready and scan.failure is None and not enc.wait_done(self.cfg.finish_timeout):
-            if enc.error is not None:
-                scan.model_failure = enc.error
-                self.report(f"rrVAE {type(enc).__name__}", enc.error, scan.scan_id)
-                log.error("scan %s: the rrVAE failed (%s: %s); writing the maps without it", scan.scan_id,
-                          type(enc.error).__name__, enc.error)
-            else:
-                log.warning("scan %s: rrVAE did not finish within %.0f s; writing what it has", scan.scan_id,
-                            self.cfg.finish_timeout)
+        if self._slot is not None:
+            failure = self._slot.finish(scan, self.cfg.finish_timeout, self.stop_event)
+            if failure is not None:
+                self._model_failed(scan, failure)
         if self.cfg.out is not None:
             try:
                 path = self.save(scan)
@@ -319,21 +356,14 @@ class Service:
             raise ValueError("the service was started without a results file (--out)")
         results = scan.results()
         results.attrs["config"] = self.cfg.model_dump(mode="json")
-        model_maps = self._model_maps(scan)
+        model_maps, export = self._slot.model(scan) if self._slot is not None else ({}, None)
         if model_maps:
             results.maps.update(model_maps)
-            results.model = self.encoder.export()
+            results.model = export
         path = write_scan(self.cfg.out, results)
         scan.results_path = path
         log.info("scan %s: results written to %s", scan.scan_id, path)
         return path
-
-    def _model_maps(self, scan: Scan) -> dict[str, Any]:
-        """The encoder's newest maps of ``scan``, if it has any."""
-        if self.encoder is None or not scan.ready:
-            return {}
-        maps = self.encoder.maps()
-        return maps.arrays if maps is not None and maps.scan_id == scan.scan_id else {}
 
     # --- what the publisher and the control socket ask for ------------------------------
 
@@ -348,13 +378,13 @@ class Service:
             return "consolidating"
         return "finishing"
 
-    def header(self) -> SnapshotHeader:
-        """The current scan's state, counters and training status, without the arrays."""
+    def header(self, cur: Scan | None = None) -> SnapshotHeader:
+        """The state, counters and training status of ``cur`` (default: the current scan), without the arrays."""
         h = SnapshotHeader(error=self.last_error(), frames_per_s=self._rate.rate(), control=self.control_endpoint,
                            orphans=dict(self.orphans))
         if self.encoder is not None:
             h.training = self.encoder.status()
-        cur = self.current
+        cur = cur or self.current
         if cur is not None:
             for key, value in cur.header_fields().items():
                 setattr(h, key, value)
@@ -363,22 +393,22 @@ class Service:
 
     def snapshot(self) -> Snapshot:
         """The current maps, counters and training state, as published."""
-        header = self.header()
-        cur = self.current
+        cur = self.current  # once: header and arrays describe the same scan
+        header = self.header(cur)
         if cur is None:
             return Snapshot(header)
         # float32 is plenty for display and halves what every subscriber receives
         arrays = {k: v.astype("float32") if v.dtype == "float64" else v for k, v in cur.maps().items()}
-        arrays.update(self._model_maps(cur))
-        if self.encoder is not None and cur.ready:
-            arrays.update({history_key(k): v for k, v in self.encoder.histories().items()})
+        if self._slot is not None:
+            arrays.update(self._slot.model(cur, export=False)[0])
+            arrays.update({history_key(k): v for k, v in self._slot.histories(cur).items()})
         return Snapshot(header, arrays)
 
     def snapshot_key(self) -> Hashable:
         cur = self.current
         step = self.encoder.status().get("step") if self.encoder is not None else None
         scan = (id(cur), sum(cur.counters.values()), cur.ended, cur.done) if cur is not None else None
-        return scan, step, len(self.failures), sum(self.orphans.values())
+        return scan, step, self._n_failures, sum(self.orphans.values())
 
     def frame_reply(self, index: Any) -> dict[str, Any]:
         """The ``frame`` control reply for scan position ``index`` = [y, x] (arrays packed)."""
@@ -387,8 +417,9 @@ class Service:
             raise ValueError("no frames yet")
         out = {"index": [int(v) for v in index] if isinstance(index, (list, tuple)) else index,
                "frame": control.pack_array(cur.frame(index)), "mean": control.pack_array(cur.mean_pattern())}
-        if self._model_maps(cur):
-            inp, recon = self.encoder.reconstruct(cur.position(index))
+        pair = self._slot.reconstruct(cur, cur.position(index)) if self._slot is not None else None
+        if pair is not None:
+            inp, recon = pair
             out.update(input=control.pack_array(inp), recon=control.pack_array(recon),
                        residual=control.pack_array(inp - recon))
         return out

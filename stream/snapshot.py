@@ -43,9 +43,9 @@ class Arrays:
     VADF = "vadf"  #: (ny, nx) virtual annular dark field
     COM_X = "com_x"  #: (ny, nx) centre of mass relative to the mean pattern's, in ``com_unit``
     COM_Y = "com_y"  #: (ny, nx)
-    COM_MAGNITUDE = "com_magnitude"  #: (ny, nx) hypot(com_x, com_y)
-    COM_ANGLE = "com_angle"  #: (ny, nx) atan2(com_y, com_x), rad
-    FILLED = "filled"  #: (ny, nx) uint8, 1 where a frame has arrived
+    COM_MAGNITUDE = model_names.COM_MAGNITUDE  #: (ny, nx) hypot(com_x, com_y)
+    COM_ANGLE = model_names.COM_ANGLE  #: (ny, nx) atan2(com_y, com_x), rad
+    FILLED = "filled"  #: (ny, nx) bool where a frame has arrived (sent as uint8)
     MEAN_PATTERN = "mean_pattern"  #: (h, w) running mean of the binned frames
     ROTATION = model_names.ROTATION  #: (ny, nx) rrVAE angle, rad; present once the model has encoded the scan
     LATENT = model_names.LATENT  #: (d, ny, nx) rrVAE content latents

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+import traceback
+from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("rrstem.service")
@@ -17,6 +19,7 @@ class Failure:
     where: str
     error: BaseException
     scan_id: str | None = None
+    time: float = field(default_factory=time.time)  #: Unix time it was recorded
 
     def __str__(self) -> str:
         on = f" on scan {self.scan_id}" if self.scan_id else ""
@@ -38,6 +41,7 @@ class Worker(threading.Thread):
         except BaseException as exc:
             self.error = exc
             log.exception("%s failed", self.name)
+            traceback.clear_frames(exc.__traceback__)  # the frames' locals (scans, stores) go; the traceback stays
             self._on_failure(self.name, exc)
         finally:
             del self._body, self._body_args, self._on_failure  # no reference to the service once ended

@@ -84,3 +84,28 @@ def test_warm_start_starts_the_next_scan_from_the_last_model():
             assert torch.equal(start[k], torch.from_numpy(v)), k
         tr.resume()
         assert tr.wait_done(60) and tr.status()["step"] == 20
+
+
+class FlakyScan(ArrayScan):
+    """A scan whose mean pattern fails once, then works."""
+
+    failed = False
+
+    def mean_pattern(self):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("flaky")
+        return super().mean_pattern()
+
+
+def test_reset_after_a_failure_trains_the_same_scan_afresh():
+    scan = FlakyScan(tilted_discs(), "flaky")
+    scan.feed(100)
+    scan.end()
+    with OnlineTrainer(FAST) as tr:
+        tr.attach(scan)
+        assert wait_for(lambda: tr.status()["state"] == "failed") and str(tr.error) == "flaky"
+        assert tr.is_alive()  # a failure on one scan does not end the thread
+        tr.reset_model()
+        assert tr.wait_done(30) and tr.error is None and tr.status()["state"] == "done"
+        assert tr.maps().scan_id == "flaky" and np.isfinite(tr.maps().arrays["rotation"]).all()

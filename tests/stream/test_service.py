@@ -267,3 +267,63 @@ def test_a_worker_stores_the_exception_that_ended_it():
     w.start()
     w.join(5)
     assert w.error is boom and seen == [("w", boom)] and boom.__traceback__ is not None
+
+
+def test_a_failed_scan_is_freed_once_the_next_scan_is_done(make_service, sender_for):
+    """The failure keeps the exception (and its traceback), not the frames it ran through."""
+    import gc
+    import weakref
+
+    svc = make_service(preprocess={"bin": 4, "calibration_frames": 2})
+    s = sender_for(svc)
+    s.start("tiny", (2, 2), (2, 2))
+    deadline = time.monotonic() + 10
+    while svc.current is None or svc.current.scan_id != "tiny":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    failed = weakref.ref(svc.current)
+    s.frames("tiny", 0, np.ones((4, 2, 2), np.uint16))  # calibration raises: bin 4 > 2x2
+    s.start("next", (3, 3), (32, 32))
+    s.frames("next", 0, disc_frames(3, 3, seed=11).reshape(9, 32, 32))
+    s.end("next", 9)
+    wait_results(svc, n=2)
+    gc.collect()
+    assert failed() is None
+    assert svc.failures[0].scan_id == "tiny" and "bin 4 is larger" in str(svc.failures[0])
+
+
+def test_a_superseded_scan_whose_close_fails_is_written_as_failed_and_the_new_scan_runs(make_service, sender_for):
+    svc = make_service(preprocess={"bin": 4, "calibration_frames": 8})
+    s = sender_for(svc)
+    s.start("tiny", (2, 2), (2, 2))
+    s.frames("tiny", 0, np.ones((2, 2, 2), np.uint16))  # too few to calibrate: they wait
+    frames = disc_frames(3, 3, seed=12)
+    s.start("next", (3, 3), (32, 32))  # closing "tiny" calibrates it, which raises
+    s.frames("next", 0, frames.reshape(9, 32, 32))
+    s.end("next", 9)
+    path = wait_results(svc, n=2)
+    tiny = read_scan(path, "tiny")["attrs"]
+    assert tiny["end_reason"] == "failed" and tiny["complete"] == 0 and "bin 4 is larger" in tiny["error"]
+    nxt = read_scan(path, "next")
+    assert nxt["attrs"]["counters"]["received"] == 9 and nxt["attrs"]["end_reason"] == "end"
+    assert_maps_match(nxt, frames)
+
+
+def test_repeats_before_calibration_do_not_count_towards_it(make_service, sender_for):
+    frames = disc_frames(2, 4, seed=13).reshape(8, 32, 32)
+    svc = make_service(preprocess={"calibration_frames": 8})
+    s = sender_for(svc)
+    s.start("r", (2, 4), (32, 32))
+    s.frames("r", 0, frames[:4])
+    s.frames("r", 0, frames[:4])  # 8 frames, 4 positions
+    s.raw([b"\xc1 barrier"])  # processed after the frames: once it is counted, so are they
+    deadline = time.monotonic() + 10
+    while svc.orphans["undecodable"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not svc.current.ready  # 4 distinct frames of the 8 needed
+    s.frames("r", 4, frames[4:])
+    s.end("r", 12)
+    res = read_scan(wait_results(svc))
+    assert res["attrs"]["counters"]["received"] == 8 and res["attrs"]["counters"]["duplicate"] == 4
+    assert_maps_match(res, frames.reshape(2, 4, 32, 32))

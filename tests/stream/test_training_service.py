@@ -75,3 +75,16 @@ def test_a_model_of_another_frame_size_is_refused_clearly_and_the_scan_is_still_
     assert "takes 32x32 frames" in svc.last_error()  # what the dashboard's banner shows
     with ControlClient(svc.control_endpoint, timeout=5) as ctl, pytest.raises(ControlError, match="fixed model"):
         ctl.request("pause_training")
+
+
+def test_a_scan_too_short_to_calibrate_early_is_still_trained_at_its_end(make_service, sender_for):
+    """9 frames, 64 needed for calibration: the scan calibrates at its end, and only then meets the rrVAE."""
+    frames = disc_frames(3, 3, seed=22)
+    svc = make_service(train=True, trainer=FAST, preprocess={"calibration_frames": 64}, finish_timeout=60)
+    s = sender_for(svc)
+    s.start("short", (3, 3), (32, 32))
+    s.frames("short", 0, frames.reshape(9, 32, 32))
+    s.end("short", 9)
+    res = read_scan(wait_results(svc, timeout=60))
+    assert res["attrs"]["counters"]["received"] == 9
+    assert np.isfinite(res["maps"]["rotation"]).all() and res["model"]["step"] > 0
