@@ -139,12 +139,15 @@ class Snapshot:
             raise ProtocolError(f"snapshot has {len(parts) - 1} array parts, header lists {len(header.arrays)}")
         arrays = {}
         for spec, part in zip(header.arrays, parts[1:]):
-            dtype = np.dtype(spec.dtype)
-            if dtype.name not in _SNAPSHOT_DTYPES:
-                raise ProtocolError(f"snapshot array {spec.name!r} has unsupported dtype {spec.dtype}")
-            buf = part.buffer if hasattr(part, "buffer") else part
-            arr = np.frombuffer(buf, dtype=dtype)
-            if arr.size != int(np.prod(spec.shape)):
-                raise ProtocolError(f"snapshot array {spec.name!r} has {arr.size} values, shape {spec.shape}")
-            arrays[spec.name] = arr.reshape(spec.shape)
+            try:
+                dtype = np.dtype(spec.dtype).newbyteorder("<")
+            except (TypeError, ValueError):
+                dtype = None
+            if dtype is None or dtype.name not in _SNAPSHOT_DTYPES:
+                raise ProtocolError(f"snapshot array {spec.name!r} has unsupported dtype {spec.dtype!r}")
+            buf = memoryview(part.buffer if hasattr(part, "buffer") else part).cast("B")
+            if any(n < 0 for n in spec.shape) or buf.nbytes != int(np.prod(spec.shape)) * dtype.itemsize:
+                raise ProtocolError(f"snapshot array {spec.name!r} has {buf.nbytes} bytes, shape {spec.shape} "
+                                    f"{spec.dtype} needs {int(np.prod(spec.shape)) * dtype.itemsize}")
+            arrays[spec.name] = np.frombuffer(buf, dtype=dtype).reshape(spec.shape)
         return cls(header=header, arrays=arrays)
