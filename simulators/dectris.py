@@ -4,9 +4,14 @@ An encoder turns one scan into the messages of one detector series (header,
 one message per image, series end); ``stream_detector`` sends them from a
 PUSH socket that binds by default, like the detector's data port, with the
 pacing, progress and timeouts of ``simulators.source.stream``. The image
-number is the row-major scan index. Pixel data can be sent raw or compressed
-as the detectors do (``lz4``, ``bslz4``); the codecs are the ones the
-decoders use (``stream/detectors/codecs.py``).
+number (v1 ``frame``, stream2 ``image_id``) is the 0-based row-major scan
+index. Pixel data can be sent raw or compressed as the detectors do (``lz4``,
+``bslz4``); the codecs are the ones the decoders use
+(``stream/detectors/codecs.py``). The messages follow DECTRIS's stream2
+documentation (self-described CBOR, ``type`` first, the start message's
+documented fields) and what LiberTEM-rs' DECTRIS receiver requires of a v1
+detector config (``trigger_mode`` ``exte`` with one trigger per position);
+``docs/protocol.md`` says what was checked against what.
 
 What a detector cannot say about the scan is not sent: the scan shape (the
 receiver is told it with ``--scan-shape``), the scan id of the legacy stream

@@ -11,19 +11,27 @@ given it (``rrstem serve --scan-shape``). Every malformed message becomes a
 
 Legacy (``simplon``): ``dheader-1.0`` (header detail ``none``: one part;
 ``basic``: + detector config JSON; ``all``: + flatfield, pixel mask and count
-rate table, each a JSON part and a data part), ``dimage-1.0`` (``dimage``
-JSON, ``dimage_d`` JSON with ``shape`` [x, y], ``type``, ``encoding``,
-``size``, the data, ``dconfig`` JSON) and ``dseries_end-1.0``. Encodings:
-``<`` / ``>`` (raw), ``lz4<`` (one LZ4 block), ``bs8|16|32-lz4<``
-(bitshuffle + LZ4 in the HDF5 filter's framing).
+rate table, each a JSON part and a data part; a DCU sends them as one
+multipart message, LiberTEM's simulators one part per message, and both are
+taken), ``dimage-1.0`` (``dimage`` JSON with the 0-based ``frame``,
+``dimage_d`` JSON with ``shape`` [x, y], ``type``, ``encoding``, ``size``,
+the data, ``dconfig`` JSON) and ``dseries_end-1.0``. Encodings
+``[bs<BITS>][[-]lz4](<|>)``: ``<`` / ``>`` (raw), ``lz4<`` (one bare LZ4
+block), ``bs8|16|32-lz4<`` (bitshuffle + LZ4 in the HDF5 filter's framing; a
+12-byte header left zero, as LiberTEM-rs' mock DCU sends it, means the
+frame's size and bitshuffle's default block).
 
-stream2 (``stream2``): one CBOR map per message, ``type`` start / image /
-end. Image data is ``data: {channel: tag 40 [[h, w], typed array]}`` (RFC
-8746); the typed array's bytes may be a DECTRIS tag 56500
-``[algorithm, modifier, bytes]``, algorithm ``bslz4`` (modifier: element size)
-or ``lz4``, both in the HDF5 filters' framing. The start message carries no
-pixel type, so the scan starts at the first image, whose typed-array tag
-gives it. Only the first channel (threshold) is used.
+stream2 (``stream2``): one CBOR map per message, self-described (tag 55799,
+which a DCU sends and DECTRIS's parser requires; taken with or without),
+``type`` start / image / end. Image data is ``data: {channel: tag 40 [[h, w],
+typed array]}`` (RFC 8746); the typed array's bytes may be a DECTRIS tag
+56500 ``[algorithm, elem_size, bytes]``, algorithm ``bslz4`` or ``lz4``, both
+in the HDF5 filters' framing (the 12-byte header included). The start
+message's ``image_size_x``/``_y`` and ``image_dtype`` start the scan; where
+``image_dtype`` is missing (the EIGER2 capture we checked has none) the scan
+starts at the first image, whose typed-array tag gives it. Only the first channel (threshold) of
+the start message's ``channels`` is used. ``docs/protocol.md`` says what this
+was checked against.
 """
 
 from __future__ import annotations
@@ -254,7 +262,7 @@ class Stream2Decoder(DetectorDecoder):
     def _start_msg(self, msg: Mapping, key) -> list[Item]:
         w, h = msg.get("image_size_x"), msg.get("image_size_y")
         shape = (h, w) if isinstance(w, int) and isinstance(h, int) else None
-        dtype = msg.get("image_dtype")  # DECTRIS: uint8, uint16 or uint32; older firmware may not send it
+        dtype = msg.get("image_dtype")  # DECTRIS: uint8, uint16 or uint32; a real EIGER2 capture lacks it
         dtype = dtype if dtype in DTYPES else None  # unknown: taken from the first image's typed-array tag
         translation = msg.get("detector_translation")
         distance = msg.get("detector_distance")  # not a stream2 field; a bridge may add it
