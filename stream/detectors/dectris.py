@@ -29,9 +29,9 @@ typed array]}`` (RFC 8746); the typed array's bytes may be a DECTRIS tag
 in the HDF5 filters' framing (the 12-byte header included). The start
 message's ``image_size_x``/``_y`` and ``image_dtype`` start the scan; where
 ``image_dtype`` is missing (the EIGER2 capture we checked has none) the scan
-starts at the first image, whose typed-array tag gives it. Only the first channel (threshold) of
-the start message's ``channels`` is used. ``docs/protocol.md`` says what this
-was checked against.
+starts at the first image, whose typed-array tag gives it. Only the first
+channel (threshold) of the start message's ``channels`` is used.
+``docs/protocol.md`` says what this was checked against.
 """
 
 from __future__ import annotations
