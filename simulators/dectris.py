@@ -4,9 +4,14 @@ An encoder turns one scan into the messages of one detector series (header,
 one message per image, series end); ``stream_detector`` sends them from a
 PUSH socket that binds by default, like the detector's data port, with the
 pacing, progress and timeouts of ``simulators.source.stream``. The image
-number is the row-major scan index. Pixel data can be sent raw or compressed
-as the detectors do (``lz4``, ``bslz4``); the codecs are the ones the
-decoders use (``stream/detectors/codecs.py``).
+number (v1 ``frame``, stream2 ``image_id``) is the 0-based row-major scan
+index. Pixel data can be sent raw or compressed as the detectors do (``lz4``,
+``bslz4``); the codecs are the ones the decoders use
+(``stream/detectors/codecs.py``). The messages follow DECTRIS's stream2
+documentation (self-described CBOR, ``type`` first, the start message's
+documented fields) and what LiberTEM-rs' DECTRIS receiver requires of a v1
+detector config (``trigger_mode`` ``exte`` with one trigger per position);
+``docs/protocol.md`` says what was checked against what.
 
 What a detector cannot say about the scan is not sent: the scan shape (the
 receiver is told it with ``--scan-shape``), the scan id of the legacy stream
@@ -30,7 +35,8 @@ import zmq
 
 from rrstem.simulators.source import Source, StreamStats, stream
 from rrstem.stream.detectors.codecs import compress
-from rrstem.stream.detectors.dectris import DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS
+from rrstem.stream.detectors.dectris import (DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, SELF_DESCRIBED_CBOR,
+                                            TYPED_ARRAY_TAGS)
 from rrstem.stream.protocol import Start
 
 PROTOCOLS = ("simplon", "stream2")
@@ -41,10 +47,18 @@ PIXEL_SIZE_M = 100e-6
 _TAG_OF = {dtype: tag for tag, dtype in TYPED_ARRAY_TAGS.items()}
 
 
+def electron_wavelength_angstrom(energy_ev: float) -> float:
+    """The relativistic de Broglie wavelength of an electron of kinetic energy ``energy_ev``, in angstroms."""
+    h, m, e, c = 6.62607015e-34, 9.1093837015e-31, 1.602176634e-19, 299792458.0
+    ev = e * energy_ev
+    return 1e10 * h / math.sqrt(2 * m * ev * (1 + ev / (2 * m * c * c)))
+
+
 def _detector_geometry(start: Start) -> dict[str, float]:
     cal, out = start.calibration, {}
     if cal.energy_kev:
         out["incident_energy"] = cal.energy_kev * 1000.0
+        out["incident_wavelength"] = electron_wavelength_angstrom(out["incident_energy"])
     if cal.detector_pixel_mrad:
         out["pixel_size"] = PIXEL_SIZE_M
         out["detector_distance"] = PIXEL_SIZE_M / math.tan(cal.detector_pixel_mrad / 1000.0)
@@ -88,14 +102,17 @@ class SimplonEncoder(_PerFrame):
         if self.detail == "none":
             return parts
         geo = _detector_geometry(self.start)
+        # one image per probe position, each on an external trigger (trigger_mode exte: ntrigger images),
+        # as a DCU reports a 4D-STEM scan and as LiberTEM-live's DECTRIS receiver requires the fields
         config = {"description": "rrstem DECTRIS simulator", "detector_number": "SIM-0001",
-                  "x_pixels_in_detector": w, "y_pixels_in_detector": h, "nimages": self.start.n_positions,
-                  "ntrigger": 1, "beam_center_x": w / 2, "beam_center_y": h / 2, "count_time": 1e-3,
-                  "frame_time": 1e-3}
+                  "x_pixels_in_detector": w, "y_pixels_in_detector": h, "trigger_mode": "exte",
+                  "ntrigger": self.start.n_positions, "nimages": 1, "beam_center_x": w / 2, "beam_center_y": h / 2,
+                  "count_time": 1e-3, "frame_time": 1e-3, "compression": self.compression,
+                  "software_version": "1.8.0"}
         if self.dtype.kind == "u":  # the detector's bit depth only says which unsigned type it sends
-            config["bit_depth_image"] = 8 * self.dtype.itemsize
+            config["bit_depth_image"] = config["bit_depth_readout"] = 8 * self.dtype.itemsize
         if "incident_energy" in geo:
-            config["incident_energy"] = geo["incident_energy"]
+            config.update(incident_energy=geo["incident_energy"], wavelength=geo["incident_wavelength"])
         if "pixel_size" in geo:
             config.update(x_pixel_size=geo["pixel_size"], y_pixel_size=geo["pixel_size"],
                           detector_distance=geo["detector_distance"])
@@ -133,22 +150,27 @@ class Stream2Encoder(_PerFrame):
         self.dtype = np.dtype(start.dtype).newbyteorder("<")
         self.date = datetime.datetime.now(datetime.timezone.utc)
 
-    def _ids(self, kind: str) -> dict:
+    def _ids(self, kind: str) -> dict:  # "type" first: DECTRIS's parser reads it as the map's first key
         return {"type": kind, "series_id": self.series, "series_unique_id": self.start.scan_id}
 
     def header(self) -> list[bytes]:
         h, w = self.start.frame_shape
         geo = _detector_geometry(self.start)
-        msg = {**self._ids("start"), "arm_date": self.date, "channels": [self.channel],
+        msg = {**self._ids("start"), "arm_date": self.date, "beam_center_x": w / 2, "beam_center_y": h / 2,
+               "channels": [self.channel], "count_time": 1e-3, "countrate_correction_enabled": False,
                "detector_description": "rrstem DECTRIS simulator", "detector_serial_number": "SIM-0001",
+               "flatfield_enabled": False, "frame_time": 1e-3, "image_dtype": self.start.dtype,
                "image_size_x": w, "image_size_y": h, "number_of_images": self.start.n_positions,
-               "beam_center_x": w / 2, "beam_center_y": h / 2, "count_time": 1e-3, "frame_time": 1e-3}
+               "pixel_mask_enabled": False, "virtual_pixel_interpolation_enabled": False}
+        if self.dtype.kind == "u":
+            msg["saturation_value"] = int(np.iinfo(self.dtype).max) - 1  # the top value is NODATA
         if "incident_energy" in geo:
-            msg["incident_energy"] = geo["incident_energy"]
+            msg.update(incident_energy=geo["incident_energy"], incident_wavelength=geo["incident_wavelength"],
+                       threshold_energy={self.channel: geo["incident_energy"] / 2})
         if "pixel_size" in geo:
             msg.update(pixel_size_x=geo["pixel_size"], pixel_size_y=geo["pixel_size"],
                        detector_translation=[0.0, 0.0, geo["detector_distance"]])
-        return [cbor2.dumps(msg)]
+        return [_cbor(msg)]
 
     def image(self, index: int, frame: np.ndarray) -> list[bytes]:
         frame = np.ascontiguousarray(frame, dtype=self.dtype)
@@ -161,10 +183,10 @@ class Stream2Encoder(_PerFrame):
         t = index * 1000
         msg = {**self._ids("image"), "image_id": index, "series_date": self.date, "start_time": [t, 1_000_000],
                "stop_time": [t + 1000, 1_000_000], "real_time": [1000, 1_000_000], "data": {self.channel: data}}
-        return [cbor2.dumps(msg)]
+        return [_cbor(msg)]
 
     def end(self, sent: int | None = None) -> list[bytes]:
-        return [cbor2.dumps(self._ids("end"))]
+        return [_cbor(self._ids("end"))]
 
 
 ENCODERS = {"simplon": SimplonEncoder, "stream2": Stream2Encoder}
@@ -172,6 +194,11 @@ ENCODERS = {"simplon": SimplonEncoder, "stream2": Stream2Encoder}
 
 def _dumps(**fields) -> bytes:
     return json.dumps(fields).encode()
+
+
+def _cbor(msg: dict) -> bytes:
+    """One stream2 message as a DCU sends it: self-described CBOR (tag 55799), which DECTRIS's parser requires."""
+    return SELF_DESCRIBED_CBOR + cbor2.dumps(msg)
 
 
 def stream_detector(

@@ -37,6 +37,10 @@ def decompress(data, algorithm: str, elem_size: int, nbytes: int) -> bytes | np.
             if data.nbytes < H5_HEADER.size:
                 raise BadMessage("bad_compression", f"{algorithm} data of {data.nbytes} bytes has no 12-byte header")
             total, block = H5_HEADER.unpack_from(data)
+            if algorithm == "bslz4" and total == 0 and block == 0 and nbytes:
+                # a header left zero, as LiberTEM-rs' mock DECTRIS simulator sends it (its decoder skips the
+                # 12 bytes): the frame's size and bitshuffle's default block
+                total, block = nbytes, default_block(elem_size) * elem_size
             if total != nbytes:
                 raise BadMessage("bad_size", f"{algorithm} data holds {total} bytes, expected {nbytes}")
             if algorithm == "lz4":
@@ -54,6 +58,11 @@ def decompress(data, algorithm: str, elem_size: int, nbytes: int) -> bytes | np.
     if got != nbytes:
         raise BadMessage("bad_size", f"{algorithm} data decompressed to {got} bytes, expected {nbytes}")
     return out
+
+
+def default_block(elem_size: int) -> int:
+    """bitshuffle's default block, in elements: 8 kB, a multiple of 8 elements, at least 128 (its HDF5 filter's)."""
+    return max(128, 8192 // elem_size // 8 * 8)
 
 
 def _lz4_blocks(data: memoryview, total: int, block: int) -> bytes:
@@ -101,7 +110,7 @@ def compress(frame: np.ndarray, algorithm: str) -> bytes:
             parts += [_BLOCK_SIZE.pack(len(packed)), packed]
         return H5_HEADER.pack(len(buf), block) + b"".join(parts)
     if algorithm == "bslz4":
-        per_block = max(8, 8192 // raw.itemsize // 8 * 8)  # the HDF5 filter's 8 kB default
+        per_block = default_block(raw.itemsize)  # the HDF5 filter's 8 kB default
         payload = bitshuffle.compress_lz4(raw, per_block)
         return H5_HEADER.pack(raw.nbytes, per_block * raw.itemsize) + payload.tobytes()
     raise ValueError(f"compression {algorithm!r} is not supported; use lz4-block, lz4 or bslz4")

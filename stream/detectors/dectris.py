@@ -11,19 +11,27 @@ given it (``rrstem serve --scan-shape``). Every malformed message becomes a
 
 Legacy (``simplon``): ``dheader-1.0`` (header detail ``none``: one part;
 ``basic``: + detector config JSON; ``all``: + flatfield, pixel mask and count
-rate table, each a JSON part and a data part), ``dimage-1.0`` (``dimage``
-JSON, ``dimage_d`` JSON with ``shape`` [x, y], ``type``, ``encoding``,
-``size``, the data, ``dconfig`` JSON) and ``dseries_end-1.0``. Encodings:
-``<`` / ``>`` (raw), ``lz4<`` (one LZ4 block), ``bs8|16|32-lz4<``
-(bitshuffle + LZ4 in the HDF5 filter's framing).
+rate table, each a JSON part and a data part; a DCU sends them as one
+multipart message, LiberTEM's simulators one part per message, and both are
+taken), ``dimage-1.0`` (``dimage`` JSON with the 0-based ``frame``,
+``dimage_d`` JSON with ``shape`` [x, y], ``type``, ``encoding``, ``size``,
+the data, ``dconfig`` JSON) and ``dseries_end-1.0``. Encodings
+``[bs<BITS>][[-]lz4](<|>)``: ``<`` / ``>`` (raw), ``lz4<`` (one bare LZ4
+block), ``bs8|16|32-lz4<`` (bitshuffle + LZ4 in the HDF5 filter's framing; a
+12-byte header left zero, as LiberTEM-rs' mock DCU sends it, means the
+frame's size and bitshuffle's default block).
 
-stream2 (``stream2``): one CBOR map per message, ``type`` start / image /
-end. Image data is ``data: {channel: tag 40 [[h, w], typed array]}`` (RFC
-8746); the typed array's bytes may be a DECTRIS tag 56500
-``[algorithm, modifier, bytes]``, algorithm ``bslz4`` (modifier: element size)
-or ``lz4``, both in the HDF5 filters' framing. The start message carries no
-pixel type, so the scan starts at the first image, whose typed-array tag
-gives it. Only the first channel (threshold) is used.
+stream2 (``stream2``): one CBOR map per message, self-described (tag 55799,
+which a DCU sends and DECTRIS's parser requires; taken with or without),
+``type`` start / image / end. Image data is ``data: {channel: tag 40 [[h, w],
+typed array]}`` (RFC 8746); the typed array's bytes may be a DECTRIS tag
+56500 ``[algorithm, elem_size, bytes]``, algorithm ``bslz4`` or ``lz4``, both
+in the HDF5 filters' framing (the 12-byte header included). The start
+message's ``image_size_x``/``_y`` and ``image_dtype`` start the scan; where
+``image_dtype`` is missing (the EIGER2 capture we checked has none) the scan
+starts at the first image, whose typed-array tag gives it. Only the first
+channel (threshold) of the start message's ``channels`` is used.
+``docs/protocol.md`` says what this was checked against.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import cbor2
@@ -43,8 +52,13 @@ from rrstem.stream.protocol import DTYPES
 #: RFC 8746 typed-array tags for the pixel types rrstem takes (little-endian, plus uint8).
 TYPED_ARRAY_TAGS = {64: "uint8", 69: "uint16", 70: "uint32", 77: "int16", 78: "int32", 85: "float32", 86: "float64"}
 MULTIDIM_ROW_MAJOR, DECTRIS_COMPRESSION = 40, 56500
+#: RFC 8949 section 3.4.6 "self-described CBOR" (tag 55799): a DCU starts every stream2 message with it.
+SELF_DESCRIBED_CBOR = b"\xd9\xd9\xf7"
 _SCAN_ID_CHARS = re.compile(r"[^A-Za-z0-9_.:+-]")
-_ENCODING = re.compile(r"(?:bs(?P<bits>8|16|32|64)-)?(?P<lz4>lz4)?(?P<order>[<>])")
+#: The legacy encoding string, ``[bs<BITS>][[-]lz4](<|>)``: bitshuffle element bits, LZ4, byte order.
+_ENCODING = re.compile(r"(?:bs(?P<bits>8|16|32|64))?(?P<lz4>-?lz4)?(?P<order>[<>])")
+#: htypes that begin a legacy message (anything else in part 0 continues a header sent part by part).
+_V1_MESSAGES = ("dheader-1.0", "dimage-1.0", "dseries_end-1.0")
 
 
 # --- shared by both protocols: scan ids, calibration, header fields, pixels ------------------
@@ -113,13 +127,37 @@ def _json(part, what: str) -> dict:
     return obj
 
 
+def _htype(part) -> Any:
+    """The ``htype`` of a JSON part, or None for anything else (a data part, a detector config)."""
+    try:
+        return _json(part, "part").get("htype")
+    except BadMessage:
+        return None
+
+
+def _as_list(items) -> list:
+    return items if isinstance(items, list) else [items]
+
+
 class SimplonDecoder(DetectorDecoder):
     """SIMPLON stream v1 ("legacy"): JSON multipart messages, ``htype`` dheader / dimage / dseries_end."""
 
     protocol = "simplon"
     _PARTS = {"none": 1, "basic": 2, "all": 8}  # least parts of a dheader-1.0 message per header detail
 
+    def __init__(self, scan_shape):
+        super().__init__(scan_shape)
+        self._pending: list | None = None  # the parts so far of a header sent one part per message
+
     def _decode(self, parts):
+        if self._pending is not None:
+            if _htype(parts[0]) not in _V1_MESSAGES:  # the next part(s) of the pending header
+                self._pending += list(parts)
+                return self._header(_json(self._pending[0], "part 0"), self._pending)
+            lost, self._pending = len(self._pending), None
+            items = [Item("bad", reason="missing_part", detail=f"{self.protocol}: a dheader-1.0 sent part by "
+                          f"part stopped after {lost} part(s)")]
+            return items + _as_list(self._decode(parts))
         head = _json(parts[0], "part 0")
         htype = head.get("htype")
         if htype == "dheader-1.0":
@@ -140,7 +178,11 @@ class SimplonDecoder(DetectorDecoder):
         if need is None:
             raise BadMessage("bad_header", f"header_detail {detail!r} is not one of all, basic, none")
         if len(parts) < need:
-            raise BadMessage("missing_part", f"dheader-1.0 ({detail}) has {len(parts)} parts, expected {need} or more")
+            # LiberTEM's DECTRIS simulators (and replays of a capture of the parts) send the header's parts
+            # as separate messages; a DCU sends one multipart message. Either way: wait for the rest.
+            self._pending = list(parts)
+            return []
+        self._pending = None
         config = _json(parts[1], "detector config (dheader part 1)") if need > 1 else {}
         w, h = config.get("x_pixels_in_detector"), config.get("y_pixels_in_detector")
         shape = (h, w) if isinstance(w, int) and isinstance(h, int) else None
@@ -160,18 +202,22 @@ class SimplonDecoder(DetectorDecoder):
         shape, dtype, enc = d.get("shape"), d.get("type"), d.get("encoding", "")
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
             raise BadMessage("bad_header", f"dimage_d shape {shape!r} is not [x, y]")
+        hw = (shape[1], shape[0])  # SIMPLON: shape is [x, y] = [width, height]
+        known = self.series.frame_shape if self.series is not None else None
+        if known and hw != known and (shape[0], shape[1]) == known:
+            hw = known  # a sender that wrote [y, x]: the detector config says which is which
         if dtype not in DTYPES:
             raise BadMessage("bad_dtype", f"pixel type {dtype!r} is not one of {', '.join(DTYPES)}")
         m = _ENCODING.fullmatch(enc) if isinstance(enc, str) else None
-        if m is None:
-            raise BadMessage("unsupported_compression", f"encoding {enc!r} is not <, lz4< or bs8/16/32-lz4<")
+        if m is None or (m["bits"] and not m["lz4"]):
+            raise BadMessage("unsupported_compression", f"encoding {enc!r} is not <, >, lz4< or bs8/16/32-lz4<")
         buffer = parts[2].buffer if hasattr(parts[2], "buffer") else parts[2]
         size = d.get("size")
         if size is not None and size != memoryview(buffer).nbytes:
             raise BadMessage("bad_size", f"data part has {memoryview(buffer).nbytes} bytes, dimage_d says {size}")
         algorithm = ("bslz4" if m["bits"] else "lz4-block") if m["lz4"] else None
         elem = int(m["bits"]) // 8 if m["bits"] else 1
-        return (shape[1], shape[0]), dtype, _pixels(buffer, dtype, m["order"], (shape[1], shape[0]), algorithm, elem)
+        return hw, dtype, _pixels(buffer, dtype, m["order"], hw, algorithm, elem)
 
 
 # --- SIMPLON stream2 (CBOR) ---------------------------------------------------------------------
@@ -192,12 +238,14 @@ class Stream2Decoder(DetectorDecoder):
     def _decode(self, parts):
         if len(parts) != 1:
             raise BadMessage("extra_part", f"stream2 messages have one part, this one has {len(parts)}")
-        buf = parts[0].buffer if hasattr(parts[0], "buffer") else parts[0]
+        buf = memoryview(parts[0].buffer if hasattr(parts[0], "buffer") else parts[0]).cast("B")
+        if buf[:3] == SELF_DESCRIBED_CBOR:  # decoded without it, cbor2 gives plain dicts and lists
+            buf = buf[3:]
         try:
             msg = cbor2.loads(buf)
         except Exception as exc:  # cbor2 raises several types
             raise BadMessage("undecodable", f"message is not CBOR ({type(exc).__name__}: {exc})") from None
-        if not isinstance(msg, dict):
+        if not isinstance(msg, Mapping):
             raise BadMessage("undecodable", "message is not a CBOR map")
         kind = msg.get("type")
         if kind not in ("start", "image", "end"):
@@ -211,24 +259,37 @@ class Stream2Decoder(DetectorDecoder):
         index = _uint(msg, "image_id", "stream2 image message")
         return self._image(key, index, lambda: self._parse_image(msg))
 
-    def _start_msg(self, msg: dict, key) -> list[Item]:
+    def _start_msg(self, msg: Mapping, key) -> list[Item]:
         w, h = msg.get("image_size_x"), msg.get("image_size_y")
         shape = (h, w) if isinstance(w, int) and isinstance(h, int) else None
+        dtype = msg.get("image_dtype")  # DECTRIS: uint8, uint16 or uint32; a real EIGER2 capture lacks it
+        dtype = dtype if dtype in DTYPES else None  # unknown: taken from the first image's typed-array tag
         translation = msg.get("detector_translation")
-        distance = msg.get("detector_distance")
+        distance = msg.get("detector_distance")  # not a stream2 field; a bridge may add it
         if distance is None and isinstance(translation, (list, tuple)) and len(translation) == 3:
-            distance = translation[2]  # along the beam: sample to detector
+            # along the beam: sample to detector. A real EIGER2 reports a negative z here, so only the size
+            # of the component is used (stream2 does not document the sign convention).
+            distance = abs(translation[2]) if isinstance(translation[2], (int, float)) else None
         cal = calibration(msg.get("incident_energy"), msg.get("pixel_size_x"), distance)
         channels = msg.get("channels")
+        channel = channels[0] if isinstance(channels, (list, tuple)) and channels else None
         meta = {**_scalars(msg), "detector_protocol": "stream2"}
         meta.pop("type", None)
-        series = Series(key, scan_id_for(*key), shape, None, cal, meta)
-        series.channel = channels[0] if isinstance(channels, (list, tuple)) and channels else None
+        for field in ("arm_date",):  # tag 0 date/time -> ISO 8601 text
+            if hasattr(msg.get(field), "isoformat"):
+                meta[field] = msg[field].isoformat()
+        energies = msg.get("threshold_energy")
+        if isinstance(channel, str):
+            meta["channel"] = channel
+            if isinstance(energies, Mapping) and isinstance(energies.get(channel), (int, float)):
+                meta["threshold_energy"] = float(energies[channel])
+        series = Series(key, scan_id_for(*key), shape, dtype, cal, meta)
+        series.channel = channel
         return self._begin(series)
 
-    def _parse_image(self, msg: dict):
+    def _parse_image(self, msg: Mapping):
         data = msg.get("data")
-        if not isinstance(data, dict) or not data:
+        if not isinstance(data, Mapping) or not data:
             raise BadMessage("bad_data", "image message has no data map")
         channel = self.series.channel if self.series.channel in data else next(iter(data))
         value = _tag(data[channel], MULTIDIM_ROW_MAJOR, f"data[{channel!r}]")

@@ -213,3 +213,53 @@ def test_cli_replays_a_file_as_stream2(make_service, tmp_path, capsys):
     assert_maps_equal_reference(res, frames)
     assert main(argv + ["--compression", "lz4"]) == 1
     assert "--compression applies to the DECTRIS protocols" in capsys.readouterr().err
+
+
+def test_legacy_encoding_strings_follow_the_simplon_grammar():
+    """``[bs<BITS>][[-]lz4](<|>)``: the dash is optional; bitshuffle without LZ4 is refused, not read as raw."""
+    frames, source = scan(seed=9)
+    frame = frames[0, 0]
+    dec = SimplonDecoder((NY, NX))
+    enc = SimplonEncoder(source.start, series=1, compression="bslz4")
+    dec.decode([zmq.Frame(p) for p in enc.header()])
+    for encoding, blob, want in (("bs16lz4<", compress(frame, "bslz4"), "frames"),
+                                 ("bs16<", frame.tobytes(), "unsupported_compression"),
+                                 ("lz4>", compress(frame.astype(">u2"), "lz4-block"), "frames")):
+        parts = enc.image(0, frame)
+        parts[1] = json.dumps({**json.loads(parts[1]), "encoding": encoding, "size": len(blob)}).encode()
+        parts[2] = blob
+        (item,) = dec.decode([zmq.Frame(p) for p in parts])
+        assert (item.kind if item.kind == "frames" else item.reason) == want, (encoding, item.detail)
+        if item.kind == "frames":
+            np.testing.assert_array_equal(item.frames[0], frame)
+
+
+def test_a_legacy_header_sent_part_by_part_starts_the_series():
+    """LiberTEM's DECTRIS simulators send dheader-1.0 and each following part as its own message."""
+    frames, source = scan(seed=10, energy_kev=300.0, detector_pixel_mrad=0.4)
+    enc = SimplonEncoder(source.start, series=6, header_detail="all")
+    dec = SimplonDecoder((NY, NX))
+    header = enc.header()
+    assert len(header) == 8
+    for part in header[:-1]:
+        assert dec.decode([zmq.Frame(part)]) == []  # waiting for the rest
+    (start,) = dec.decode([zmq.Frame(header[-1])])
+    assert start.kind == "start" and start.message.frame_shape == (32, 32)
+    assert start.message.calibration.energy_kev == pytest.approx(300.0)
+    (item,) = dec.decode([zmq.Frame(p) for p in enc.image(3, frames[0, 3])])
+    assert item.kind == "frames" and item.message.first == 3
+    # a header cut short by the next message is counted, and the message still decoded
+    dec.decode([zmq.Frame(header[0])])
+    bad, start2 = dec.decode([zmq.Frame(p) for p in SimplonEncoder(source.start, series=7).header()])
+    assert (bad.kind, bad.reason, start2.message.scan_id) == ("bad", "missing_part", "series-7")
+
+
+def test_a_zero_bslz4_header_means_the_frame_size_and_the_default_block():
+    """LiberTEM-rs' mock DCU leaves the 12-byte header zero (its decoder skips it); any other mismatch is bad."""
+    frame = disc_frames(1, 1, 40, 52, dtype=np.uint16)[0, 0]
+    packed = compress(frame, "bslz4")
+    zeroed = bytes(12) + packed[12:]
+    out = np.frombuffer(decompress(zeroed, "bslz4", 2, frame.nbytes), "<u2").reshape(frame.shape)
+    np.testing.assert_array_equal(out, frame)
+    with pytest.raises(ValueError, match="holds 0 bytes"):
+        decompress(zeroed, "lz4", 2, frame.nbytes)  # only bslz4 (no block size to guess for lz4)
