@@ -73,7 +73,7 @@ class TagParser:
             if kind == 20:
                 out[name] = self.group()
             elif kind == 21:
-                out[name] = self.data()
+                out[name] = self.data(keep_in_file=name == "Data")
             else:
                 raise ValueError(f"{self.name}: tag {name!r} at byte {self.fh.tell()} has kind {kind}, not 20 or 21")
         return out
@@ -82,7 +82,8 @@ class TagParser:
         dt = np.dtype(self.order + SIMPLE[code])
         return np.frombuffer(self.read(dt.itemsize), dt)[0].item()
 
-    def data(self):
+    def data(self, keep_in_file: bool = False):
+        """A data tag's value; a large array, or any ``keep_in_file``, as an ``ArrayRef``."""
         if self.read(4) != b"%%%%":
             raise ValueError(f"{self.name}: a data tag at byte {self.fh.tell() - 4} lacks its %%%% mark")
         info = [self.count() for _ in range(self.count())]
@@ -100,7 +101,7 @@ class TagParser:
         if kind == 20 and info[1] in SIMPLE:  # array: [20, element type, length]
             dt = np.dtype(self.order + SIMPLE[info[1]])
             ref = ArrayRef(self.fh.tell(), info[2], dt)
-            if ref.length * dt.itemsize <= _READ_LIMIT:
+            if not keep_in_file and ref.length * dt.itemsize <= _READ_LIMIT:
                 values = np.frombuffer(self.read(ref.length * dt.itemsize), dt)
                 if info[1] == 4:  # uint16 arrays hold text (units, names)
                     return "".join(map(chr, values))
@@ -141,19 +142,16 @@ def load(path: Path, key: str | None) -> Loaded:
     image = images[name]
     ref = image["ImageData"].get("Data")
     shape = shapes[name]
-    if not isinstance(ref, (ArrayRef, np.ndarray)):
+    if not isinstance(ref, ArrayRef):
         raise ValueError(f"{path.name}: image {name} has no pixel data array")
-    if isinstance(ref, np.ndarray):  # small enough to have been read
-        data = ref.reshape(shape)
-    else:
-        if ref.length != int(np.prod(shape)):
-            raise ValueError(f"{path.name}: image {name} has {ref.length} pixels, its dimensions {shape} need "
-                             f"{int(np.prod(shape))}")
-        end = ref.offset + ref.length * ref.dtype.itemsize
-        if end > path.stat().st_size:
-            raise ValueError(f"{path.name} is truncated: its pixel data end at byte {end}, the file at "
-                             f"{path.stat().st_size}")
-        data = np.memmap(path, dtype=ref.dtype, mode="r", offset=ref.offset, shape=shape)
+    if ref.length != int(np.prod(shape)):
+        raise ValueError(f"{path.name}: image {name} has {ref.length} pixels, its dimensions {shape} need "
+                         f"{int(np.prod(shape))}")
+    end = ref.offset + ref.length * ref.dtype.itemsize
+    if end > path.stat().st_size:
+        raise ValueError(f"{path.name} is truncated: its pixel data end at byte {end}, the file at "
+                         f"{path.stat().st_size}")
+    data = np.memmap(path, dtype=ref.dtype, mode="r", offset=ref.offset, shape=shape)
     cals = list(image["ImageData"].get("Calibrations", {}).get("Dimension", {}).values())
     units = [str(c.get("Units", "")) for c in cals] + [""] * (4 - len(cals))
     scales = [c.get("Scale") for c in cals] + [None] * (4 - len(cals))
