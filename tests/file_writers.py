@@ -99,10 +99,10 @@ def write_py4dstem(path: Path, frames: np.ndarray, r_pixel=0.3, r_units="A") -> 
 def _hyperspy_signal(group, frames, *, energy_kev, convergence_mrad, step, step_units, k, k_units, create):
     group.attrs["package"], group.attrs["package_version"] = "pyxem", "0.19"
     create(group, "data", frames)
-    names = ["y", "x", "ky", "kx"]
-    for i in range(4):
+    names = ["y", "x", "ky", "kx"][-frames.ndim:]
+    for i in range(frames.ndim):
         a = group.create_group(f"axis-{i}")
-        nav = i < 2
+        nav = i < frames.ndim - 2
         a.attrs.update({"name": names[i], "size": frames.shape[i], "navigate": nav, "offset": 0.0,
                         "scale": step if nav else k, "units": step_units if nav else k_units})
     tem = group.create_group("metadata/Acquisition_instrument/TEM")
