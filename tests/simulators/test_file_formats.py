@@ -36,7 +36,7 @@ def empad_frames():
 # format -> (writer(tmp_path, frames) -> path, frames, scan_shape option, expected calibration)
 FORMATS = {
     "dectris": (lambda d, a: write_dectris(d, a), frames_u16, (6, 7),
-                {"energy_kev": pytest.approx(energy_from_wavelength_kev(0.02508)),
+                {"energy_kev": pytest.approx(200.0, rel=1e-3),  # 0.02508 A is a 200 keV electron
                  "detector_pixel_mrad": pytest.approx(0.5)}),
     "empad": (lambda d, a: write_empad(d, a), empad_frames, None, {"energy_kev": 300.0}),
     "emd": (lambda d, a: write_emd_ncem(d / "scan.emd", a), frames_u16, None,
@@ -125,6 +125,11 @@ def test_analyze_writes_the_maps_of_each_format(name, tmp_path):
     res = read_scan(out)
     assert res["attrs"]["counters"]["received"] == frames.shape[0] * frames.shape[1]
     assert_maps_equal_reference(res, frames)
+
+
+@pytest.mark.parametrize("kev", [30.0, 60.0, 200.0, 300.0])
+def test_energy_from_wavelength_inverts_the_relativistic_wavelength(kev):
+    assert energy_from_wavelength_kev(wavelength_angstrom(kev)) == pytest.approx(kev, rel=1e-9)
 
 
 def test_a_flat_series_says_it_needs_the_scan_shape(tmp_path):
