@@ -42,7 +42,7 @@ def write_dectris(folder: Path, frames: np.ndarray, per_file: int = 25, *, wavel
 
 
 def write_empad(folder: Path, frames: np.ndarray, *, name: str = "scan_x{nx}_y{ny}.raw",
-                xml: bool = True, high_voltage: float = 300e3) -> Path:
+                xml: bool = True, high_voltage: float = 300e3, fov_m: float = 1.44e-8) -> Path:
     """An EMPAD scan: float32 frames of 128 rows + 2 metadata rows, and an .xml naming it."""
     ny, nx, h, w = frames.shape
     assert (h, w) == (128, 128)
@@ -50,11 +50,17 @@ def write_empad(folder: Path, frames: np.ndarray, *, name: str = "scan_x{nx}_y{n
     raw[:, :128] = frames.reshape(-1, 128, 128)
     path = folder / name.format(nx=nx, ny=ny)
     raw.tofile(path)
-    if xml:
+    if xml:  # the layout of EMPAD 1.2 .xml files: the search scan's shape differs from the acquired one's
         (folder / "acquisition.xml").write_text(
-            f'<?xml version="1.0"?>\n<root>\n  <raw_file filename="{path.name}"/>\n'
-            f"  <pix_x>{nx}</pix_x>\n  <pix_y>{ny}</pix_y>\n"
-            f"  <iom_measurements><high_voltage>{high_voltage}</high_voltage></iom_measurements>\n</root>\n")
+            f'<root name="{path.stem}"><timestamp isoformat="2026-03-25T16:47:52"/>'
+            f'<software_version>1.2.2</software_version><raw_file filename="{path.name}"/>'
+            f'<scan_parameters mode="search"><scan_resolution_y>64</scan_resolution_y>'
+            f"<scan_resolution_x>64</scan_resolution_x></scan_parameters>"
+            f'<scan_parameters mode="acquire"><scan_size>0.6</scan_size><scan_resolution_y>{ny}</scan_resolution_y>'
+            f"<scan_resolution_x>{nx}</scan_resolution_x></scan_parameters>"
+            f"<iom_measurements><full_scan_field_of_view><scale_factor>0.72</scale_factor><x>{fov_m}</x>"
+            f"<y>{fov_m}</y></full_scan_field_of_view><nominal_camera_length>0.369</nominal_camera_length>"
+            f"<high_voltage>{high_voltage}</high_voltage></iom_measurements></root>")
     return path
 
 
@@ -70,6 +76,23 @@ def write_emd_ncem(path: Path, frames: np.ndarray, step_nm=0.5, pixel_mrad=0.8) 
             d = g.create_dataset(f"dim{i + 1}", data=np.arange(frames.shape[i]) * scale)
             d.attrs["name"], d.attrs["units"] = name, unit
         f.create_group("microscope").attrs["note"] = "no 4D data here"
+    return path
+
+
+def write_emd_hyperspy(path: Path, frames: np.ndarray, step_nm=0.5, pixel_mrad=0.8) -> Path:
+    """EMD 1.0 as HyperSpy / RosettaSciIO write it: the array reversed, ``dim1`` describing its first axis (kx)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["version_major"], f.attrs["version_minor"] = 0, 2
+        signals = f.create_group("signals")
+        signals.attrs["emd_group_type"] = 1
+        g = signals.create_group("scan")
+        g.attrs["emd_group_type"] = 1
+        data = frames.T  # (kx, ky, nx, ny)
+        g.create_dataset("data", data=data, chunks=(*data.shape[:2], 1, 1))
+        for i, (scale, unit, name) in enumerate([(pixel_mrad, "mrad", "kx"), (pixel_mrad, "mrad", "ky"),
+                                                 (step_nm, "nm", "x"), (step_nm, "nm", "y")]):
+            d = g.create_dataset(f"dim{i + 1}", data=[0.0, scale])
+            d.attrs["name"], d.attrs["units"] = name, unit
     return path
 
 
@@ -109,6 +132,7 @@ def _hyperspy_signal(group, frames, *, energy_kev, convergence_mrad, step, step_
     tem.attrs["beam_energy"], tem.attrs["convergence_angle"] = energy_kev, convergence_mrad
     group.create_group("metadata/Signal").attrs["signal_type"] = "electron_diffraction"
     group.create_group("metadata/General").attrs["title"] = "scan"
+    group.create_group("original_metadata")
 
 
 def write_hspy(path: Path, frames: np.ndarray, **cal) -> Path:

@@ -3,9 +3,12 @@
 The ``.raw`` file is frames back to back in scan order, each 130 rows of 128
 pixels, of which the last two rows are the detector's per-frame metadata. It
 is memory-mapped; each chunk reads its frames' first 128 rows. The scan shape
-comes from the ``.xml`` (``pix_x``/``pix_y``, or ``scan_parameters``), else
-from the raw file's name (``scan_x256_y256.raw``). A file cut short streams
-its whole frames; the rest of the scan is missing.
+comes from the ``.xml`` (``scan_parameters mode="acquire"``
+``scan_resolution_x``/``_y``; older files ``pix_x``/``pix_y``), else from the
+raw file's name (``scan_x256_y256.raw``). Calibration: ``iom_measurements``
+``high_voltage`` (V), and the scan step from ``full_scan_field_of_view`` ``x``
+(m) / ``scale_factor`` / the larger scan edge, as RosettaSciIO reads it. A
+file cut short streams its whole frames; the rest of the scan is missing.
 """
 
 from __future__ import annotations
@@ -52,15 +55,20 @@ def _xml_info(xml: Path) -> tuple[str | None, tuple[int, int] | None, dict]:
     raw_el = root.find(".//raw_file")
     raw_name = raw_el.get("filename") if raw_el is not None else None
     shape = None
-    nx, ny = _first(root, "pix_x", "scan_x", "width_pixels"), _first(root, "pix_y", "scan_y", "height_pixels")
-    if nx and ny:
-        shape = (int(float(ny)), int(float(nx)))
+    acquire = root.find(".//scan_parameters[@mode='acquire']")
+    for holder, x, y in ((acquire, "scan_resolution_x", "scan_resolution_y"), (root, "pix_x", "pix_y")):
+        nx, ny = (_first(holder, x), _first(holder, y)) if holder is not None else (None, None)
+        if nx and ny:
+            shape = (int(float(ny)), int(float(nx)))
+            break
     meta = {}
-    for name in ("high_voltage", "accelerating_voltage", "camera_length", "convergence_angle", "scan_step",
-                 "mag", "magnification"):
+    for name in ("high_voltage", "nominal_camera_length", "convergence_angle", "software_version"):
         value = _first(root, name)
         if value is not None:
             meta[name] = value
+    fov = root.find(".//full_scan_field_of_view")
+    if fov is not None:
+        meta["fov_x_m"], meta["fov_scale_factor"] = _first(fov, "x"), _first(fov, "scale_factor")
     return raw_name, shape, meta
 
 
@@ -98,10 +106,11 @@ def load(path: Path, key: str | None) -> Loaded:
     if whole == 0:
         raise ValueError(f"{raw.name} holds no whole EMPAD frame ({size} bytes; a frame is {FRAME_BYTES} bytes)")
     frames = np.memmap(raw, dtype="<f4", mode="r", shape=(whole, RAW_HEIGHT, WIDTH))[:, :HEIGHT, :]
-    hv = _float(meta.get("high_voltage") or meta.get("accelerating_voltage"))
-    cal = calibration(energy_kev=(hv / 1e3 if hv and hv > 1000 else hv),
-                      convergence_mrad=_float(meta.get("convergence_angle")),
-                      scan_step_nm=length_nm(_float(meta.get("scan_step")), "nm"))
+    hv = _float(meta.get("high_voltage"))
+    fov, factor = _float(meta.get("fov_x_m")), _float(meta.get("fov_scale_factor"))
+    step = fov / factor / max(shape) if fov and factor and shape else None
+    cal = calibration(energy_kev=hv / 1e3 if hv else None, convergence_mrad=_float(meta.get("convergence_angle")),
+                      scan_step_nm=length_nm(step, "m"))
     info = {"format": "empad", "raw_file": raw.name, **({"xml_file": xml.name} if xml else {}),
             "empad": {k: v for k, v in meta.items()}}
     return Loaded(frames, cal, info, None, flat=True, scan_shape=shape, problem=problem, n_frames=expected)

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from file_writers import (write_dectris, write_dm, write_emd_ncem, write_empad, write_hspy, write_py4dstem,
-                          write_zspy)
+from file_writers import (write_dectris, write_dm, write_emd_hyperspy, write_emd_ncem, write_empad, write_hspy,
+                          write_py4dstem, write_zspy)
 from support import disc_frames, reference, wait_results
 from rrstem.simulators.files import open_file
 from rrstem.simulators.formats.common import energy_from_wavelength_kev
@@ -38,9 +38,12 @@ FORMATS = {
     "dectris": (lambda d, a: write_dectris(d, a), frames_u16, (6, 7),
                 {"energy_kev": pytest.approx(200.0, rel=1e-3),  # 0.02508 A is a 200 keV electron
                  "detector_pixel_mrad": pytest.approx(0.5)}),
-    "empad": (lambda d, a: write_empad(d, a), empad_frames, None, {"energy_kev": 300.0}),
+    "empad": (lambda d, a: write_empad(d, a), empad_frames, None,  # step: 14.4 nm / 0.72 / 4 positions
+              {"energy_kev": 300.0, "scan_step_nm": pytest.approx(5.0)}),
     "emd": (lambda d, a: write_emd_ncem(d / "scan.emd", a), frames_u16, None,
             {"scan_step_nm": 0.5, "detector_pixel_mrad": pytest.approx(0.8)}),
+    "emd-hyperspy": (lambda d, a: write_emd_hyperspy(d / "rev.emd", a), frames_u16, None,
+                     {"scan_step_nm": 0.5, "detector_pixel_mrad": pytest.approx(0.8)}),
     "py4dstem": (lambda d, a: write_py4dstem(d / "cube.h5", a), frames_u16, None, {"scan_step_nm": 0.03}),
     "hspy": (lambda d, a: write_hspy(d / "scan.hspy", a, **HS_CAL), frames_u16, None,
              {"energy_kev": 200.0, "convergence_mrad": 21.0, "scan_step_nm": 0.5, "detector_pixel_mrad": 0.8}),
