@@ -123,10 +123,10 @@ def run_analyze(path: Path, out: Path) -> dict:
             "says": (stdout.strip().splitlines() + stderr.strip().splitlines())[-2:], **figures}
 
 
-def received(out: Path) -> dict:
+def received(out: Path, scan_id: str) -> dict:
     from rrstem.stream.results import read_scan
 
-    return read_scan(out)["attrs"]["counters"]
+    return read_scan(out, scan_id)["attrs"]["counters"]
 
 
 def main() -> None:
@@ -146,13 +146,14 @@ def main() -> None:
         store = ny * nx * 64 * 64 * 4
         result["frame_store_mib"] = round(store / 2**20, 1)
         result["bound_mib"] = round((store + GIB) / 2**20, 1)
-        out_dir = args.path.parent
-        if args.skip != "replay":
-            result["replay"] = run_replay(args.path, out_dir / "rrstem-bench-replay.h5")
-            result["replay"]["counters"] = received(out_dir / "rrstem-bench-replay.h5")
-        if args.skip != "analyze":
-            result["analyze"] = run_analyze(args.path, out_dir / "rrstem-bench-analyze.h5")
-            result["analyze"]["counters"] = received(out_dir / "rrstem-bench-analyze.h5")
+        for part, run in (("replay", run_replay), ("analyze", run_analyze)):
+            if args.skip == part:
+                continue
+            out = args.path.parent / f"rrstem-bench-{part}.h5"
+            out.unlink(missing_ok=True)  # serve adds scans to an existing results file
+            result[part] = run(args.path, out)
+            result[part]["counters"] = received(out, args.path.stem)
+            out.unlink()
         peaks = [v["peak_rss_anon_mib"] for part in ("replay", "analyze") if part in result
                  for v in result[part].values() if isinstance(v, dict) and "peak_rss_anon_mib" in v]
         result["under_bound"] = all(peak < result["bound_mib"] for peak in peaks)
