@@ -50,7 +50,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rrstem.simulators.files import open_file
     from rrstem.stream.service import Service, ServiceConfig
 
-    src = open_file(args.input, args.key)
+    src = open_file(args.input, args.key, scan_shape=args.scan_shape)
+    if src.problem:
+        print(f"rrstem analyze: warning: {src.problem}; analyzing the {src.available_frames} good frames "
+              f"of {src.n_frames}", file=sys.stderr, flush=True)
     endpoint = f"inproc://rrstem-analyze-{uuid.uuid4().hex}"
     out = args.out or Path(args.input).with_suffix(".rrstem.h5")
     cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
@@ -61,7 +64,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         service = Service(cfg, context=ctx).start()
         sender, box = _stream_in_thread(src, endpoint, rate=None, context=ctx, bind=False,
                                         progress=not args.no_progress)
-        code = run_service(service, progress=False)
+        code = run_service(service, progress=False)  # the sender draws the bar: frames read from the file
         sender.join(5)
     if "error" in box:
         print(f"rrstem analyze: error while reading {args.input}: {box['error']}", file=sys.stderr)
@@ -71,8 +74,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def add_analyze_args(sub) -> None:
     p = sub.add_parser("analyze", help="run a recorded scan through the live pipeline and write its results")
-    p.add_argument("input", type=Path, help="scan file: .npy, .npz, .h5/.hdf5 or .ndata1")
+    p.add_argument("input", type=Path, help="scan file: .npy, .npz, HDF5 (generic, DECTRIS master, EMD/py4DSTEM), "
+                                            ".hspy/.zspy, EMPAD .raw/.xml, .dm3/.dm4, .ndata1")
     p.add_argument("--key", default=None, help="array or dataset name when the file holds several 4D ones")
+    p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
+                   help="scan shape of a file that stores a flat series of frames (a DECTRIS master file)")
     p.add_argument("--out", type=Path, default=None, metavar="RESULTS.h5",
                    help="results file (default: INPUT with suffix .rrstem.h5)")
     p.add_argument("--model", type=Path, default=None, metavar="CKPT",

@@ -1,7 +1,7 @@
 """rrstem.simulators: frame sources that stream like a detector.
 
 - ``GrapheneSource`` / ``simulate``: synthetic graphene scan (``graphene``).
-- ``open_file`` / ``load_array``: replay of .npy, .npz, HDF5, .ndata1 (``files``).
+- ``open_file`` / ``load_array``: replay of recorded files, one reader per format (``files``, ``formats/``).
 - ``Source``, ``ArraySource``, ``stream``: the shared interface and sender (``source``).
 - ``add_simulate_args``, ``add_replay_args``: CLI subcommands (``cli``).
 """

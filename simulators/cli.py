@@ -93,6 +93,8 @@ def add_replay_args(subparsers) -> argparse.ArgumentParser:
         description=f"Stream a recorded (scan_y, scan_x, det_y, det_x) array ({', '.join(SUFFIXES)}) like a detector.")
     p.add_argument("input", metavar="INPUT", help="the file to replay")
     p.add_argument("--key", default=None, metavar="NAME", help="array (.npz) or dataset path (HDF5) when there are several")
+    p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
+                   help="scan shape of a file that stores a flat series of frames (a DECTRIS master file)")
     _add_stream_args(p)
     p.set_defaults(func=run_replay)
     return p
@@ -106,6 +108,9 @@ def _stream_args(args, source: Source, command: str) -> int:
         print(f"rrstem {command}: {verb} {endpoint}; scan {s.scan_id}: {s.scan_shape[0]}x{s.scan_shape[1]} "
               f"frames of {s.frame_shape[0]}x{s.frame_shape[1]} {s.dtype}", file=sys.stderr, flush=True)
 
+    if source.problem:
+        print(f"rrstem {command}: warning: {source.problem}; sending the {source.available_frames} good frames "
+              f"of {source.n_frames}", file=sys.stderr, flush=True)
     common = dict(bind=not args.connect, socket_type="pub" if args.pub else "push", rate=args.rate,
                   progress=not args.no_progress, timeout=args.timeout, on_endpoint=announce)
     if args.protocol == "rrstem":
@@ -138,4 +143,5 @@ def run_simulate(args) -> int:
 
 def run_replay(args) -> int:
     """Stream the file named by ``args.input``; returns the exit code."""
-    return _run("replay", lambda: open_file(args.input, args.key, scan_id=args.scan_id), args)
+    return _run("replay", lambda: open_file(args.input, args.key, scan_id=args.scan_id, scan_shape=args.scan_shape),
+                args)

@@ -1,12 +1,18 @@
-"""Recorded 4D-STEM scans as replay sources: ``.npy``, ``.npz``, HDF5 and Nion Swift ``.ndata1``.
+"""Recorded 4D-STEM scans as replay sources, one reader per format, picked by suffix or first bytes.
 
-``open_file(path, key=None)`` returns a ``Source`` over a ``(ny, nx, h, w)``
-array in the file's own dtype. ``.npy`` and uncompressed ``.ndata1`` are
-memory-mapped and HDF5 datasets are read a few scan rows at a time, so a
-replay never holds the whole scan in memory; ``.npz`` members are loaded.
-Calibration comes from the file where it has one: HDF5 attributes named like
-the ``Calibration`` fields, or the Nion dimensional calibrations and
-high tension.
+``open_file(path, key=None, scan_shape=None)`` returns a ``Source`` over the
+scan in the file's own dtype. The readers live here (``.npy``, ``.npz``,
+generic HDF5, Nion Swift ``.ndata1``) and in ``simulators/formats/``
+(DECTRIS master, EMPAD, EMD/py4DSTEM, HyperSpy, DigitalMicrograph). To add a
+format, register its reader ``reader(path, key) -> Loaded`` in ``OPENERS``
+under its suffix, and in ``MAGIC`` under its first bytes if it has any.
+
+Everything is read lazily, a chunk of frames at a time (memory maps, h5py
+and zarr slices), so a replay never holds the whole scan in memory; only
+``.npz`` members are loaded. A flat series of frames (a DECTRIS master file)
+needs ``scan_shape``. Calibration comes from the file where it has one.
+A damaged file (truncated, a data file missing) whose first frames are good
+gives a source that sends those; its ``problem`` says what is wrong.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from rrstem.simulators.formats import dectris, dm, emd, empad, hyperspy
+from rrstem.simulators.formats.common import ANGLE_MRAD as _ANGLE_MRAD
+from rrstem.simulators.formats.common import LENGTH_NM as _LENGTH_NM
+from rrstem.simulators.formats.common import RECIPROCAL_PER_NM as _RECIPROCAL_PER_NM
+from rrstem.simulators.formats.common import Loaded, pick
 from rrstem.simulators.optics import wavelength_angstrom
-from rrstem.simulators.source import ArraySource
+from rrstem.simulators.source import ArraySource, SeriesSource, Source
 from rrstem.stream.protocol import DTYPES, Calibration, Start
 
-SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".ndata1")
 _CAL_FIELDS = ("energy_kev", "convergence_mrad", "detector_pixel_mrad", "scan_step_nm")
 
 
@@ -44,21 +54,6 @@ def _scan_id(path: Path, key: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.:+-]+", "_", name)[:128] or "replay"
 
 
-def _pick(candidates: dict[str, tuple], key: str | None, what: str, path: Path) -> str:
-    """The 4D entry named ``key``, or the only 4D entry; clear errors otherwise."""
-    four_d = [k for k, shape in candidates.items() if len(shape) == 4]
-    listing = ", ".join(f"{k} {tuple(s)}" for k, s in candidates.items()) or "none"
-    if key is not None:
-        if key not in candidates:
-            raise ValueError(f"{path.name} has no {what} {key!r}; it holds: {listing}")
-        return key
-    if len(four_d) == 1:
-        return four_d[0]
-    if not four_d:
-        raise ValueError(f"{path.name} holds no 4D {what}; it holds: {listing}")
-    raise ValueError(f"{path.name} holds several 4D {what}s ({', '.join(four_d)}); choose one with key= / --key")
-
-
 def _npy_header(fh) -> tuple[tuple, np.dtype, bool, int]:
     fmt = np.lib.format
     version = fmt.read_magic(fh)
@@ -70,8 +65,11 @@ def _npy_header(fh) -> tuple[tuple, np.dtype, bool, int]:
 def _load_npy(path: Path, key: str | None):
     if key is not None:
         raise ValueError(f"{path.name} is a .npy file with one array; drop key={key!r}")
-    arr = np.load(path, mmap_mode="r")
-    return arr, Calibration(), {}, None
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except ValueError as exc:  # numpy: "mmap length is greater than file size"
+        return _truncated_npy(path, exc)
+    return Loaded(arr, Calibration(), {})
 
 
 def _load_npz(path: Path, key: str | None):
@@ -83,10 +81,10 @@ def _load_npz(path: Path, key: str | None):
                     shapes[name[:-4]] = _npy_header(fh)[0]
     if key is not None and key.endswith(".npy"):
         key = key[:-4]
-    name = _pick(shapes, key, "array", path)
+    name = pick(shapes, key, "array", path)
     with np.load(path, allow_pickle=False) as npz:
         arr = npz[name]
-    return arr, Calibration(), {"key": name}, None
+    return Loaded(arr, Calibration(), {"key": name})
 
 
 def _h5_datasets(f: h5py.File) -> dict[str, tuple]:
@@ -105,13 +103,27 @@ def _h5_calibration(ds: h5py.Dataset) -> Calibration:
     return Calibration(**values)
 
 
-def _load_h5(path: Path, key: str | None):
-    f = h5py.File(path, "r")
+def _open_h5(path: Path) -> h5py.File:
     try:
-        name = _pick(_h5_datasets(f), key.lstrip("/") if key else None, "dataset", path)
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path.name} cannot be opened as HDF5 (truncated or damaged?): {exc}") from None
+
+
+def _load_h5(path: Path, key: str | None):
+    """Any HDF5 file: a DECTRIS master, EMD/py4DSTEM, HyperSpy, else the one 4D dataset (or ``key``)."""
+    f = _open_h5(path)
+    try:
+        if dectris.is_master(f):
+            return dectris.load_master(path, key, f)
+        if hyperspy.is_hyperspy(f):
+            return hyperspy.load_hspy(path, key, f)
+        if emd.is_emd(f) and (key is None or isinstance(f.get(key.strip("/")), h5py.Group)):
+            return emd.load(path, key, f)
+        name = pick(_h5_datasets(f), key.lstrip("/") if key else None, "dataset", path)
         ds = f[name]
         meta = {"key": name, **{k: _plain(v) for k, v in ds.attrs.items() if k not in _CAL_FIELDS}}
-        return ds, _h5_calibration(ds), meta, f.close
+        return Loaded(ds, _h5_calibration(ds), meta, f.close)
     except Exception:
         f.close()
         raise
@@ -193,40 +205,137 @@ def _load_ndata1(path: Path, key: str | None):
             with zf.open("data.npy") as fh:
                 arr = np.load(fh, allow_pickle=False)
     keep = {k: meta[k] for k in ("title", "uuid", "created", "metadata") if k in meta}
-    return arr, nion_calibration(meta), {"nion": keep}, None
+    return Loaded(arr, nion_calibration(meta), {"nion": keep})
 
 
-_LOADERS = {".npy": _load_npy, ".npz": _load_npz, ".h5": _load_h5, ".hdf5": _load_h5, ".ndata1": _load_ndata1}
+def _truncated_npy(path: Path, exc: Exception) -> Loaded:
+    """A ``.npy`` cut short: its whole frames as a flat series of the scan its header announces."""
+    with open(path, "rb") as fh:
+        shape, dtype, fortran, offset = _npy_header(fh)
+    if len(shape) != 4 or fortran:
+        raise ValueError(f"{path.name} cannot be memory-mapped: {exc}") from None
+    frame = int(np.prod(shape[2:])) * dtype.itemsize
+    whole = (path.stat().st_size - offset) // frame
+    if whole == 0:
+        raise ValueError(f"{path.name} is truncated: it holds no whole frame of the {shape} array its header "
+                         "announces") from None
+    frames = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(whole, *shape[2:]))
+    problem = (f"{path.name} is truncated: it holds {whole} whole frames of the {shape[0] * shape[1]} its header "
+               f"announces ({tuple(shape)}); the rest of the scan is missing")
+    return Loaded(frames, Calibration(), {}, flat=True, scan_shape=tuple(shape[:2]), problem=problem,
+                  n_frames=shape[0] * shape[1])
+
+
+#: The reader of each suffix: ``reader(path, key) -> Loaded``. Register a new format here.
+OPENERS = {
+    ".npy": _load_npy, ".npz": _load_npz, ".ndata1": _load_ndata1,
+    ".h5": _load_h5, ".hdf5": _load_h5, ".nxs": _load_h5, ".emd": _load_h5, ".hspy": _load_h5,
+    ".zspy": hyperspy.load_zspy,
+    ".raw": empad.load, ".xml": empad.load,
+    ".dm3": dm.load, ".dm4": dm.load,
+}
+#: The reader of a file whose suffix is not in ``OPENERS``, by its first bytes.
+MAGIC = [
+    (b"\x89HDF\r\n\x1a\n", _load_h5),
+    (b"\x93NUMPY", _load_npy),
+    (b"\x00\x00\x00\x03", dm.load),
+    (b"\x00\x00\x00\x04", dm.load),
+]
+SUFFIXES = tuple(OPENERS)
+
+
+def _reader(path: Path):
+    suffix = path.suffix.lower()
+    if path.is_dir() and ((path / ".zgroup").is_file() or (path / "zarr.json").is_file()):
+        return hyperspy.load_zspy
+    if suffix in OPENERS:
+        return OPENERS[suffix]
+    if path.is_file():
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        for magic, reader in MAGIC:
+            if head.startswith(magic):
+                return reader
+    raise ValueError(f"cannot replay {path.name!r}: unknown format (suffix {suffix or '(none)'}, and its first "
+                     f"bytes match none of the known ones); use one of {', '.join(SUFFIXES)}")
 
 
 def open_file(path, key: str | None = None, *, scan_id: str | None = None,
-              calibration: Calibration | None = None) -> ArraySource:
-    """A replay ``Source`` over the 4D scan in ``path``; ``key`` picks the array or dataset.
+              calibration: Calibration | None = None, scan_shape: tuple[int, int] | None = None) -> Source:
+    """A replay ``Source`` over the 4D scan in ``path``; ``key`` picks the array, dataset or signal.
 
-    ``calibration`` fields given here override those read from the file.
-    Close the source (or use it as a context manager) to release the file.
+    ``scan_shape`` (ny, nx) gives a flat series of frames its scan shape (and
+    may re-shape a 4D file of as many frames). ``calibration`` fields given
+    here override those read from the file. Close the source (or use it as a
+    context manager) to release the file.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _LOADERS:
-        raise ValueError(f"cannot replay {path.name!r}: unsupported suffix {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"cannot replay {str(path)!r}: no such file")
-    data, cal, meta, closer = _LOADERS[suffix](path, key)
+    loaded = _reader(path)(path, key)
     try:
-        dtype = _check_array(data.shape, data.dtype, f"{path.name}" + (f" [{meta['key']}]" if "key" in meta else ""))
+        what = f"{path.name}" + (f" [{loaded.metadata['key']}]" if "key" in loaded.metadata else "")
+        data = loaded.data
+        shape = tuple(data.shape)
+        if loaded.flat:
+            if len(shape) != 3:
+                raise ValueError(f"{what} has shape {shape}, not a (n, h, w) series of frames")
+            frame_shape = shape[1:]
+        else:
+            frame_shape = shape[2:]
+        dtype = _check_array((1, 1, *frame_shape) if len(frame_shape) == 2 else shape, data.dtype, what)
+        grid = _grid(loaded, shape, scan_shape, what)
         if calibration is not None:
-            cal = Calibration(**{**cal.model_dump(), **calibration.model_dump(exclude_none=True)})
-        start = Start(
-            scan_id=scan_id or _scan_id(path, meta.get("key")),
-            scan_shape=tuple(data.shape[:2]), frame_shape=tuple(data.shape[2:]), dtype=dtype.name,
-            calibration=cal, metadata={"source_file": str(path.resolve()), **_jsonable(meta)},
-        )
-        return ArraySource(data, start, closer)
+            cal = Calibration(**{**loaded.calibration.model_dump(), **calibration.model_dump(exclude_none=True)})
+        else:
+            cal = loaded.calibration
+        meta = {"source_file": str(path.resolve()), **_jsonable(loaded.metadata)}
+        if loaded.problem:
+            meta["source_problem"] = loaded.problem
+        start = Start(scan_id=scan_id or _scan_id(path, loaded.metadata.get("key")), scan_shape=grid,
+                      frame_shape=tuple(frame_shape), dtype=dtype.name, calibration=cal, metadata=meta)
+        if not loaded.flat and grid == shape[:2]:
+            return ArraySource(data, start, loaded.closer)
+        frames = data if loaded.flat else _Rows(data)
+        return SeriesSource(frames, start, loaded.closer, problem=loaded.problem)
     except Exception:
-        if closer is not None:
-            closer()
+        loaded.close()
         raise
+
+
+def _grid(loaded: Loaded, shape: tuple, scan_shape, what: str) -> tuple[int, int]:
+    """The scan shape: the caller's, else the file's; a flat series without one is refused."""
+    own = loaded.scan_shape if loaded.flat else shape[:2]
+    n = loaded.n_frames or (shape[0] if loaded.flat else shape[0] * shape[1])
+    if scan_shape is None:
+        if own is None:
+            raise ValueError(f"{what} stores a flat series of {n} frames without the scan shape; give it with "
+                             f"--scan-shape NYxNX (scan_shape=(ny, nx)), NY*NX = {n} for the whole series")
+        return tuple(own)
+    scan_shape = tuple(int(v) for v in scan_shape)
+    if not loaded.flat and scan_shape[0] * scan_shape[1] != n:
+        raise ValueError(f"{what} stores a {own[0]}x{own[1]} scan ({n} frames); --scan-shape "
+                         f"{scan_shape[0]}x{scan_shape[1]} holds {scan_shape[0] * scan_shape[1]}: drop it")
+    if scan_shape[0] * scan_shape[1] < n:
+        raise ValueError(f"{what} holds {n} frames, more than the {scan_shape[0]}x{scan_shape[1]} scan "
+                         f"({scan_shape[0] * scan_shape[1]} positions) given; fix --scan-shape")
+    return scan_shape
+
+
+class _Rows:
+    """A 4D ``(ny, nx, h, w)`` array-like seen as a flat ``(ny*nx, h, w)`` series, read by scan rows."""
+
+    def __init__(self, data):
+        self.data = data
+        self.nx = data.shape[1]
+        self.shape = (data.shape[0] * data.shape[1], *data.shape[2:])
+        self.dtype = data.dtype
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        first, stop, _ = index.indices(self.shape[0])
+        y0, y1 = first // self.nx, -(-stop // self.nx)
+        rows = np.asarray(self.data[y0:y1]).reshape(-1, *self.shape[1:])
+        return rows[first - y0 * self.nx:stop - y0 * self.nx]
 
 
 def _jsonable(meta: dict) -> dict:
@@ -237,4 +346,4 @@ def _jsonable(meta: dict) -> dict:
 def load_array(path, key: str | None = None) -> np.ndarray:
     """The whole 4D array of ``path`` in memory, in its own dtype."""
     with open_file(path, key) as src:
-        return np.asarray(src.data[()] if isinstance(src.data, h5py.Dataset) else src.data).copy()
+        return src.array()

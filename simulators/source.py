@@ -46,9 +46,18 @@ class Source(ABC):
     def chunk(self, first: int, count: int) -> np.ndarray:
         """Frames ``first .. first+count-1`` as a C-contiguous ``(count, h, w)`` array."""
 
+    #: What is wrong with the source (a truncated file, missing data files), or None. A damaged
+    #: source still hands out its first ``available_frames`` frames; the rest of the scan is missing.
+    problem: str | None = None
+
     @property
     def n_frames(self) -> int:
         return self.start.n_positions
+
+    @property
+    def available_frames(self) -> int:
+        """How many frames, from index 0, can be read: ``n_frames`` unless the source is damaged."""
+        return self.n_frames
 
     def _check_range(self, first: int, count: int) -> None:
         if first < 0 or count < 0 or first + count > self.n_frames:
@@ -56,6 +65,8 @@ class Source(ABC):
                 f"frames {first}..{first + count - 1} are outside the scan of "
                 f"{self.n_frames} frames; ask for 0 <= first and first + count <= {self.n_frames}"
             )
+        if first + count > self.available_frames:
+            raise ValueError(f"frames {first}..{first + count - 1} cannot be read: {self.problem}")
 
     def array(self) -> np.ndarray:
         """The whole scan as one ``(ny, nx, h, w)`` array in memory."""
@@ -69,6 +80,38 @@ class Source(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SeriesSource(Source):
+    """A source over a flat, row-major series of frames: an array-like ``(n, h, w)``.
+
+    ``frames[a:b]`` is read only when a chunk needs it (a memmap, an h5py
+    dataset, a concatenation of them). A series shorter than the scan (a
+    truncated file) hands out what it has; ``problem`` says why the rest is missing.
+    """
+
+    def __init__(self, frames, start: Start, closer: Callable[[], None] | None = None, problem: str | None = None):
+        if tuple(frames.shape[1:]) != tuple(start.frame_shape):
+            raise ValueError(f"frames of shape {tuple(frames.shape[1:])} do not match the start message")
+        self.frames = frames
+        self.start = start
+        self.problem = problem
+        self._available = min(int(frames.shape[0]), start.n_positions)
+        self._closer = closer
+        self._dtype = np.dtype(start.dtype).newbyteorder("<")
+
+    @property
+    def available_frames(self) -> int:
+        return self._available
+
+    def chunk(self, first: int, count: int) -> np.ndarray:
+        self._check_range(first, count)
+        return np.ascontiguousarray(self.frames[first:first + count], dtype=self._dtype)
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
 
 
 class ArraySource(Source):
@@ -139,8 +182,9 @@ def _runs(order: Iterable[int], limit: int) -> Iterator[tuple[int, int]]:
 
 def _plan(source: Source, fpm: int, order: Sequence[int] | None) -> list[tuple[int, int]]:
     n = source.n_frames
-    if order is None:
-        return [(f, min(fpm, n - f)) for f in range(0, n, fpm)]
+    if order is None:  # a damaged source sends what it has; the receiver counts the rest as missing
+        have = source.available_frames
+        return [(f, min(fpm, have - f)) for f in range(0, have, fpm)]
     order = np.asarray(order, dtype=np.int64).reshape(-1)
     if order.size and (order.min() < 0 or order.max() >= n):
         raise ValueError(f"order holds frame indices outside 0..{n - 1}; pass indices of this scan")

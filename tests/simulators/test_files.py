@@ -155,7 +155,7 @@ def test_calibration_override_wins_over_the_file(tmp_path):
 @pytest.mark.parametrize(
     "name, writer, key, match",
     [
-        ("x.tif", lambda p: p.write_bytes(b"II*"), None, r"unsupported suffix \.tif; use one of \.npy"),
+        ("x.tif", lambda p: p.write_bytes(b"II*"), None, r"x.tif.: unknown format \(suffix \.tif.*use one of \.npy"),
         ("x.npy", lambda p: np.save(p, np.zeros((4, 4, 4))), None, r"shape \(4, 4, 4\), not 4D"),
         ("x.npy", lambda p: np.save(p, np.zeros((2, 2, 2, 2), np.int64)), None, r"dtype int64.*convert it to one of"),
         ("x.npy", lambda p: np.save(p, np.zeros((2, 2, 2, 2), np.float16)), None, r"dtype float16"),

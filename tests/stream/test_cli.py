@@ -43,12 +43,15 @@ def test_every_scan_shape_option_uses_the_one_parser():
         for action in sub._actions:
             if any(opt.startswith("--scan") and opt != "--scan-id" for opt in action.option_strings):
                 found[(name, action.option_strings[0])] = action.type
-    assert set(found) == {("serve", "--scan-shape"), ("demo", "--scan"), ("simulate", "--scan")}
+    assert set(found) == {("serve", "--scan-shape"), ("demo", "--scan"), ("simulate", "--scan"),
+                          ("replay", "--scan-shape"), ("analyze", "--scan-shape")}
     assert all(parse is parse_scan_shape for parse in found.values())
 
 
 @pytest.mark.parametrize("argv, dest", [(["serve", "--scan-shape"], "scan_shape"), (["demo", "--scan"], "scan"),
-                                        (["simulate", "--to", "ipc:///x", "--scan"], "scan")])
+                                        (["simulate", "--to", "ipc:///x", "--scan"], "scan"),
+                                        (["replay", "f.h5", "--to", "ipc:///x", "--scan-shape"], "scan_shape"),
+                                        (["analyze", "f.h5", "--scan-shape"], "scan_shape")])
 def test_64_and_64x48_work_everywhere(argv, dest, capsys):
     parser = build_parser()
     assert getattr(parser.parse_args(argv + ["64"]), dest) == (64, 64)

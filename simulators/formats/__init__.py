@@ -1,0 +1,11 @@
+"""One reader per recorded 4D-STEM file format, each returning a ``Loaded`` (``common.py``).
+
+``rrstem.simulators.files`` picks the reader by suffix (``OPENERS``) or by the
+file's first bytes (``MAGIC``) and turns what it returns into a ``Source``.
+
+- ``dectris``: DECTRIS ``*_master.h5`` with its ``*_data_*.h5`` files (flat series).
+- ``empad``: EMPAD ``.raw`` + ``.xml`` (128x130 float32 frames, 2 metadata rows dropped).
+- ``emd``: EMD 1.0 / py4DSTEM HDF5 (``emd_group_type`` array groups).
+- ``hyperspy``: HyperSpy ``.hspy`` (HDF5) and ``.zspy`` (zarr).
+- ``dm``: Gatan DigitalMicrograph ``.dm3`` / ``.dm4`` (own tag-tree parser, memory-mapped data).
+"""
