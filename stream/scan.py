@@ -125,8 +125,9 @@ class Scan:
 
     @property
     def complete(self) -> bool:
-        """Ended by its sender's end message (not superseded, failed or saved mid-scan)."""
-        return self.end_reason == "end"
+        """Ended by its sender's end message (not superseded, failed or saved mid-scan), with no position
+        missing or dropped (a truncated file or a lossy tap is not a complete scan)."""
+        return self.end_reason == "end" and self.counters["missing"] == 0 and self.counters["dropped"] == 0
 
     def counter_dict(self) -> dict[str, int]:
         """Counters so far; ``missing`` is known only once the scan has ended."""

@@ -53,6 +53,7 @@ def test_streamed_maps_equal_numpy_reduction_out_of_order(make_service, sender_f
     assert_maps_match(res, frames, com_scale=0.25 * 2)
     np.testing.assert_allclose(res["mean_pattern"], reference(frames, res["attrs"]["geometry"])["mean_pattern"],
                                rtol=1e-6)
+    assert res["attrs"]["complete"] == 1 and res["attrs"]["end_reason"] == "end"
     assert res["units"]["com_x"] == "mrad"  # 0.25 mrad per raw pixel, bin 2
     assert res["maps"]["com_magnitude"].max() > 0.05  # the disc moves: a real signal
 
@@ -72,6 +73,7 @@ def test_multi_frame_messages_and_missing_positions(make_service, sender_for):
     assert res["attrs"]["counters"]["missing"] == 4 and res["attrs"]["counters"]["received"] == 36
     assert_maps_match(res, frames, filled.reshape(5, 8))
     assert res["attrs"]["frames_sent"] == 36
+    assert res["attrs"]["end_reason"] == "end" and res["attrs"]["complete"] == 0  # ended, but 4 positions missing
 
 
 def test_every_bad_input_is_counted_and_valid_frames_are_untouched(make_service, sender_for):
