@@ -23,7 +23,7 @@ from rrstem.simulators.optics import wavelength_angstrom
 from rrstem.simulators.source import ArraySource
 from rrstem.stream.protocol import DTYPES, Calibration, Start
 
-SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".ndata1")
+SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".ndata1", ".mib", ".hdr")
 _CAL_FIELDS = ("energy_kev", "convergence_mrad", "detector_pixel_mrad", "scan_step_nm")
 
 
@@ -200,14 +200,19 @@ _LOADERS = {".npy": _load_npy, ".npz": _load_npz, ".h5": _load_h5, ".hdf5": _loa
 
 
 def open_file(path, key: str | None = None, *, scan_id: str | None = None,
-              calibration: Calibration | None = None) -> ArraySource:
+              calibration: Calibration | None = None, scan_shape: tuple[int, int] | None = None) -> ArraySource:
     """A replay ``Source`` over the 4D scan in ``path``; ``key`` picks the array or dataset.
 
     ``calibration`` fields given here override those read from the file.
+    ``scan_shape`` is the scan shape of a flat series of frames (``.mib``).
     Close the source (or use it as a context manager) to release the file.
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    from rrstem.simulators.mib import MibSource, is_mib  # Merlin .mib/.hdr, by suffix or first bytes
+
+    if path.is_file() and is_mib(path):
+        return MibSource(path, scan_shape=scan_shape, scan_id=scan_id)
     if suffix not in _LOADERS:
         raise ValueError(f"cannot replay {path.name!r}: unsupported suffix {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""The receiver thread: ZeroMQ socket -> decoder (``stream/detectors/``) -> items -> bounded queue.
+"""The receiver thread: ZeroMQ socket (or a detector's TCP port, ``TcpReceiver``) -> decoder (``stream/detectors/``) -> items -> bounded queue.
 
 PULL (default) is lossless: when the queue is full the receiver stops reading,
 ZeroMQ's high-water mark fills, and the sender blocks (back-pressure). SUB taps
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
+import socket
 import threading
 
 import zmq
@@ -102,3 +104,162 @@ class Receiver(threading.Thread):
                 return
             except queue.Full:
                 continue  # back-pressure: stop reading the socket until the pipeline catches up
+
+
+# --- plain TCP: the Merlin data port ---------------------------------------------------------
+
+MPX_PREFIX = re.compile(rb"MPX,(\d{10}),")
+PREFIX_SIZE = 15  # b"MPX," + 10 digits + b","
+
+
+def tcp_address(endpoint: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` -> (host, port); a ``ValueError`` that says what is expected otherwise."""
+    m = re.fullmatch(r"tcp://(\[[^\]]+\]|[^:/]+):(\d+)", endpoint)
+    if not m:
+        raise ValueError(f"a TCP detector endpoint is tcp://HOST:PORT, e.g. tcp://merlin-pc:6342, not {endpoint!r}")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+class TcpReceiver(threading.Thread):
+    """Connects to a detector's TCP data port (the Merlin PC serves it) and reads ``MPX`` messages until ``stop``.
+
+    The same contract as ``Receiver``: decoded items go on the bounded queue
+    ``out`` (when it is full, the socket is not read and TCP holds the sender
+    back), every wait has a timeout, and the exception that ended the thread
+    is kept in ``error``. Each message's payload is received straight into
+    its own buffer (``recv_into``), so frames are viewed, never copied.
+
+    Damage is counted, never fatal: bytes that are not an ``MPX,<length>,``
+    prefix are skipped up to the next ``MPX,`` (a ``resync`` item says how
+    many); a dropped connection is logged, counted (``connection_lost``) and
+    retried with back-off, and the decoder carries on where it was.
+    """
+
+    def __init__(self, endpoint: str, out: queue.Queue, stop: threading.Event, decoder: Decoder,
+                 max_message: int = 1 << 28, backoff: tuple[float, float] = (0.05, 2.0)):
+        super().__init__(name="rrstem-receiver", daemon=True)
+        self.address = tcp_address(endpoint)
+        self.endpoint = endpoint
+        self.out, self.stop, self.decoder = out, stop, decoder
+        self.max_message, self.backoff = max_message, backoff
+        self.error: BaseException | None = None
+        self.messages = self.connections = self.disconnects = self.resyncs = self.skipped_bytes = 0
+        self._pending = bytearray()  # bytes read past a message boundary while resynchronising
+
+    def run(self) -> None:
+        delay = self.backoff[0]
+        try:
+            while not self.stop.is_set():
+                try:
+                    sock = socket.create_connection(self.address, timeout=1.0)
+                except OSError as exc:
+                    log.debug("cannot connect to %s (%s); retrying in %.2f s", self.endpoint, exc, delay)
+                    self.stop.wait(delay)
+                    delay = min(2 * delay, self.backoff[1])
+                    continue
+                self.connections += 1
+                log.info("connected to %s", self.endpoint)
+                try:
+                    sock.settimeout(0.1)
+                    got = self._read(sock)
+                except (ConnectionError, OSError) as exc:
+                    got, reason = True, f"{type(exc).__name__}: {exc}"
+                else:
+                    reason = "closed by the sender"
+                finally:
+                    sock.close()
+                if self.stop.is_set():
+                    break
+                self._pending.clear()
+                self.disconnects += 1
+                delay = self.backoff[0] if got else min(2 * delay, self.backoff[1])
+                log.warning("connection to %s lost (%s); reconnecting", self.endpoint, reason)
+                self._put(Item("bad", reason="connection_lost", detail=f"{self.endpoint}: {reason}"))
+        except BaseException as exc:  # stored and reported by the service
+            self.error = exc
+            log.exception("receiver failed")
+
+    def _read(self, sock: socket.socket) -> bool:
+        """Read messages until the connection closes (returns whether any arrived) or ``stop`` is set."""
+        got = False
+        while not self.stop.is_set():
+            prefix = self._prefix(sock)
+            if prefix is None:
+                return got
+            length = prefix - 1  # the length counts the comma before the payload
+            if not 0 < length <= self.max_message:
+                self._resync_item(0, f"message length {prefix} is outside 2..{self.max_message + 1}")
+                self._pending[:0] = b"PX,%010d," % prefix  # look for the next MPX, after this one's M
+                continue
+            payload = bytearray(length)
+            view = memoryview(payload)
+            n = min(len(self._pending), length)
+            view[:n] = self._pending[:n]
+            del self._pending[:n]
+            if not self._fill(sock, view[n:]):
+                return got
+            got = True
+            self.messages += 1
+            items = self.decoder.decode([view])
+            for item in items if isinstance(items, list) else [items]:
+                self._put(item)
+        return got
+
+    def _prefix(self, sock) -> int | None:
+        """The length of the next ``MPX,<length>,`` prefix, skipping (and counting) anything before it; None if closed."""
+        skipped = 0
+        while True:
+            while len(self._pending) < PREFIX_SIZE:
+                # in step, read just the prefix, so the payload lands in its own buffer uncopied
+                if not self._more(sock, PREFIX_SIZE - len(self._pending) if not skipped else 4096):
+                    return None
+            m = MPX_PREFIX.match(self._pending)
+            if m:
+                length = int(m.group(1))  # before the buffer changes under the match
+                del self._pending[:PREFIX_SIZE]
+                if skipped:
+                    self._resync_item(skipped, "bytes that are no MPX message")
+                return length
+            at = self._pending.find(b"MPX,", 1)
+            drop = at if at > 0 else max(1, len(self._pending) - 3)  # keep a possible partial "MPX" at the end
+            del self._pending[:drop]
+            skipped += drop
+
+    def _resync_item(self, skipped: int, why: str) -> None:
+        self.resyncs += 1
+        self.skipped_bytes += skipped
+        self._put(Item("bad", reason="resync", detail=f"{self.endpoint}: skipped {skipped} byte(s) up to the next "
+                       f"MPX, prefix: {why}"))
+
+    def _more(self, sock, size: int) -> bool:
+        """Append up to ``size`` bytes from the socket to ``_pending``; False when the connection closed (or stop)."""
+        while not self.stop.is_set():
+            try:
+                chunk = sock.recv(size)
+            except socket.timeout:
+                continue
+            if not chunk:
+                return False
+            self._pending += chunk
+            return True
+        return False
+
+    def _fill(self, sock, view: memoryview) -> bool:
+        """Receive exactly ``len(view)`` bytes into ``view``; False when the connection closed (or stop)."""
+        while len(view) and not self.stop.is_set():
+            try:
+                n = sock.recv_into(view)
+            except socket.timeout:
+                continue
+            if n == 0:
+                return False
+            view = view[n:]
+        return not len(view)
+
+    def _put(self, item: Item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue  # back-pressure: the socket is not read until the pipeline catches up
