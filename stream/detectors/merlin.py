@@ -166,6 +166,7 @@ class _Acquisition:
     start: Start | None = None
     first: FrameHeader | None = None
     sent: int = 0  # frames of the open scan seen
+    open: bool = False  # the scan ``scan`` has started and not ended
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -236,7 +237,7 @@ class MerlinDecoder:
                          frames=pixels, scan_id=self._scan_id(acq, k),
                          count=1)]
         if k > acq.scan:
-            if acq.scan >= 0:
+            if acq.open:
                 items.append(self._end_scan(acq))
             items.append(self._start_scan(acq, k, header))
         if not header.same_format(acq.first):
@@ -257,7 +258,7 @@ class MerlinDecoder:
                                                          (acq.frames > acq.map.frames_in_acquisition) else "")
 
     def _start_scan(self, acq: _Acquisition, k: int, header: FrameHeader) -> Item:
-        acq.scan, acq.first, acq.sent = k, header, 0
+        acq.scan, acq.first, acq.sent, acq.open = k, header, 0, True
         acq.scan_id = self._scan_id(acq, k)
         meta = {**acq.metadata, "frame_header": {"chips": header.chips, "layout": header.layout,
                                                  "pixel_type": header.pixel_type,
@@ -270,5 +271,5 @@ class MerlinDecoder:
 
     def _end_scan(self, acq: _Acquisition) -> Item:
         item = Item("end", End(scan_id=acq.scan_id, frames_sent=acq.sent), scan_id=acq.scan_id)
-        acq.sent = 0
+        acq.sent, acq.open = 0, False
         return item
