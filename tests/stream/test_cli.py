@@ -43,7 +43,8 @@ def test_every_scan_shape_option_uses_the_one_parser():
         for action in sub._actions:
             if any(opt.startswith("--scan") and opt != "--scan-id" for opt in action.option_strings):
                 found[(name, action.option_strings[0])] = action.type
-    assert set(found) == {("serve", "--scan-shape"), ("demo", "--scan"), ("simulate", "--scan")}
+    assert set(found) == {("serve", "--scan-shape"), ("demo", "--scan"), ("simulate", "--scan"),
+                          ("replay", "--scan-shape"), ("analyze", "--scan-shape")}
     assert all(parse is parse_scan_shape for parse in found.values())
 
 
