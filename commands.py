@@ -53,11 +53,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rrstem.simulators.files import open_file
     from rrstem.stream.service import Service, ServiceConfig
 
-    try:
-        src = open_file(args.input, args.key, scan_shape=args.scan_shape)
-    except ValueError as exc:
-        print(f"rrstem analyze: error: {exc}", file=sys.stderr)
-        return 1
+    src = open_file(args.input, args.key, scan_shape=args.scan_shape)
     endpoint = f"inproc://rrstem-analyze-{uuid.uuid4().hex}"
     out = args.out or Path(args.input).with_suffix(".rrstem.h5")
     cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
