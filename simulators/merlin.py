@@ -2,8 +2,8 @@
 
 ``MerlinFormat`` writes the bytes the Merlin writes, from the format itself:
 the acquisition header (``HDR,`` then ``Key:\\tValue`` lines, ``End``), one
-``MQ1`` frame header per frame (comma-separated fields padded with spaces to
-the data offset: 384 bytes for one chip, 768 for a quad) and the pixels,
+``MQ1`` frame header per frame (comma-separated fields ending in a comma, padded
+with NUL bytes to the data offset: 384 bytes for one chip, 768 for a quad) and the pixels,
 big-endian, assembled (``U08``, ``U16``, ``U32`` for counter depths 6, 12 and
 24). On the data port every message is ``MPX,<10-digit length>,<payload>``,
 the length counting the payload and the comma before it; a ``.mib`` file is
@@ -112,7 +112,7 @@ class MerlinFormat:
         text = ",".join(fields).encode("ascii")
         if len(text) > self.data_offset:
             raise AssertionError(f"frame header of {len(text)} bytes exceeds the data offset {self.data_offset}")
-        return text.ljust(self.data_offset, b" ")
+        return text.ljust(self.data_offset, b"\x00")  # NUL padding, as LiberTEM's reader expects of real files
 
     def pixels(self, frame: np.ndarray) -> np.ndarray:
         """One frame as the wire's big-endian pixels."""

@@ -49,7 +49,7 @@ def test_the_records_follow_the_format_byte_by_byte(tmp_path):
     raw = path.read_bytes()
     assert len(raw) == 384 + 12
     assert raw.startswith(b"MQ1,000001,00384,01,0003,0002,U16,   1x1,01,")
-    assert raw[:384].rstrip(b" ").endswith(b",MQ1A,2026-01-01T12:00:00.001000000Z,1000000ns,12,")
+    assert raw[:384].rstrip(b"\x00").endswith(b",MQ1A,2026-01-01T12:00:00.001000000Z,1000000ns,12,")
     assert raw[384:] == b"".join(int(v).to_bytes(2, "big") for v in frame.ravel())
     hdr = path.with_suffix(".hdr").read_bytes().decode("latin-1")
     assert hdr.startswith("HDR,\t\n") and "\nFrames in Acquisition (Number):\t1\n" in hdr
