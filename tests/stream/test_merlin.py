@@ -302,3 +302,25 @@ def test_merlin_refuses_bind_and_sub(make_service):
         make_service(protocol="merlin", listen="tcp://127.0.0.1:6342", bind=True)
     with pytest.raises(ValueError, match="tcp://HOST:PORT"):
         make_service(protocol="merlin", listen="ipc:///tmp/x", bind=False)
+
+
+def test_frames_read_in_one_block_become_one_strided_batch_without_a_copy():
+    from rrstem.stream.receiver import coalesce
+
+    frames, _ = scan(seed=12)
+    flat = frames.reshape(-1, 32, 32)
+    fmt = MerlinFormat((32, 32), "uint16", frames=20, frames_per_trigger=NX, scan_xy=(NX, NY))
+    records = [fmt.record(i + 1, flat[i]) for i in range(20)]
+    block = np.frombuffer(bytearray(b"".join(records)), np.uint8)
+    dec = MerlinDecoder()
+    dec.decode([memoryview(fmt.acquisition_header())])
+    size = len(records[0])
+    items = []
+    for i in range(20):
+        items += dec.decode([memoryview(block)[i * size:(i + 1) * size]])
+    items.insert(10, Item("bad", reason="resync"))  # after the start and 9 frames:  # anything else between frames splits the batch
+    out = coalesce(items, block)
+    assert [(it.kind, it.count) for it in out] == [("start", 0), ("frames", 9), ("bad", 0), ("frames", 11), ("end", 0)]
+    assert (out[1].message.first, out[3].message.first) == (0, 9)
+    np.testing.assert_array_equal(np.concatenate([out[1].frames, out[3].frames]), flat)
+    assert np.shares_memory(out[3].frames, block) and out[3].frames.strides[0] == size
