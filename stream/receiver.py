@@ -156,7 +156,8 @@ class TcpReceiver(threading.Thread):
                 try:
                     sock = socket.create_connection(self.address, timeout=1.0)
                 except OSError as exc:
-                    log.debug("cannot connect to %s (%s); retrying in %.2f s", self.endpoint, exc, delay)
+                    (log.warning if delay == self.backoff[0] else log.debug)(
+                        "cannot connect to %s (%s); retrying every %.2f..%.0f s", self.endpoint, exc, *self.backoff)
                     self.stop.wait(delay)
                     delay = min(2 * delay, self.backoff[1])
                     continue
