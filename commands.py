@@ -21,14 +21,15 @@ from pathlib import Path
 
 import zmq
 
-from rrstem.stream.cli import add_processing_args, parse_scan_shape, preprocess_config, run_service, trainer_overrides
+from rrstem.stream.cli import (add_acquisition_args, add_processing_args, parse_scan_shape, preprocess_config,
+                               run_service, trainer_overrides)
 
 log = logging.getLogger("rrstem")
 
 
 def _stream_in_thread(source, endpoint: str, *, rate: float | None, context, bind: bool,
-                      progress: bool) -> tuple[threading.Thread, dict]:
-    """Stream ``source`` from a thread; its stats or exception land in the returned dict."""
+                      progress: bool, on_error=None) -> tuple[threading.Thread, dict]:
+    """Stream ``source`` from a thread; its stats or exception land in the returned dict (and go to ``on_error``)."""
     from rrstem.simulators.source import stream
 
     box: dict = {}
@@ -36,10 +37,12 @@ def _stream_in_thread(source, endpoint: str, *, rate: float | None, context, bin
     def run():
         try:
             box["stats"] = stream(source, endpoint, bind=bind, rate=rate, progress=progress, context=context,
-                                  timeout=60.0)
+                                  timeout=60.0, order=getattr(source, "valid_order", None))
         except BaseException as exc:  # reported by the caller
             box["error"] = exc
             log.error("sending the scan failed: %s", exc)
+            if on_error is not None:
+                on_error()
 
     t = threading.Thread(target=run, name="rrstem-source", daemon=True)
     t.start()
@@ -57,17 +60,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     endpoint = f"inproc://rrstem-analyze-{uuid.uuid4().hex}"
     out = args.out or Path(args.input).with_suffix(".rrstem.h5")
     cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
+                        scan_shape=args.scan_shape, sync_offset=args.sync_offset, flyback=args.flyback,
                         preprocess=preprocess_config(args), train=not args.no_train, model=args.model,
                         trainer=trainer_overrides(args), device=args.device, once=True)
     ctx = zmq.Context.instance()  # inproc:// joins only sockets of one context: the service's and the sender's
     with src:
         service = Service(cfg, context=ctx).start()
+        # a source that fails mid-way never sends its end: stop rather than wait for it forever
         sender, box = _stream_in_thread(src, endpoint, rate=None, context=ctx, bind=False,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, on_error=service.stop)
         code = run_service(service, progress=False)  # the sender draws the bar: frames read from the file
         sender.join(5)
     if "error" in box:
         print(f"rrstem analyze: error while reading {args.input}: {box['error']}", file=sys.stderr)
+        return 1
+    if getattr(src, "damage", None):  # a damaged file: the frames before the damage were analyzed
+        print(f"rrstem analyze: error: {src.damage}; the frames before the damage were analyzed", file=sys.stderr)
         return 1
     return code
 
@@ -75,10 +83,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def add_analyze_args(sub) -> None:
     p = sub.add_parser("analyze", help="run a recorded scan through the live pipeline and write its results")
     p.add_argument("input", type=Path, help="scan file: .npy, .npz, HDF5 (generic, DECTRIS master, EMD/py4DSTEM), "
-                                            ".hspy/.zspy, EMPAD .raw/.xml, .dm3/.dm4, .ndata1")
+                                            ".hspy/.zspy, EMPAD .raw/.xml, .dm3/.dm4, .ndata1, Merlin .mib/.hdr")
     p.add_argument("--key", default=None, help="array or dataset name when the file holds several 4D ones")
     p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
-                   help="scan shape of a file that stores a flat series of frames (a DECTRIS master file)")
+                   help="scan shape: of a flat series of frames (a DECTRIS master file, a .mib without "
+                        "ScanX/ScanY), or the positions the frames fill with --sync-offset/--flyback")
     p.add_argument("--out", type=Path, default=None, metavar="RESULTS.h5",
                    help="results file (default: INPUT with suffix .rrstem.h5)")
     p.add_argument("--model", type=Path, default=None, metavar="CKPT",
@@ -86,6 +95,7 @@ def add_analyze_args(sub) -> None:
                         "scan) instead of training a new one")
     p.add_argument("--publish", default=None, metavar="EP", help="also publish snapshots here (for a dashboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_acquisition_args(p)
     add_processing_args(p)
     p.set_defaults(func=cmd_analyze)
 

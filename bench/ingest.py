@@ -13,6 +13,14 @@ Measured, in one run, for each case:
   medians are reported, because the machine is shared and noisy.
 
 Cases: 256x256 uint16 frames binned by 4, and 96x96 uint16 frames at bin 1.
+
+The Merlin case (``merlin_256x256_U16_bin4``): a sender process serves a
+Merlin acquisition of 256x256 ``U16`` frames (big-endian, one ``MPX`` message
+per frame, ``simulators/merlin.py``) on a TCP loopback port, as a Merlin PC
+does; ``raw_tcp_fps`` is a plain socket that connects and reads the same bytes
+(``recv_into`` a reused buffer, nothing parsed), ``rrstem_fps`` the service
+with ``--protocol merlin`` (TCP receiver, MPX/MQ1 decoding, then the same
+pipeline as above).
 Frames are Poisson-noisy bright-field discs (fixed seed), 64 distinct ones
 cycled. ``--train`` runs the rrVAE trainer during the service runs (issue 3:
 ingest must keep >= 0.6 of its rate without training).
@@ -132,11 +140,109 @@ def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str) -> float:
     return total / dt
 
 
+def merlin_sender(scan: tuple[int, int], frame: tuple[int, int], port_q, go) -> None:
+    """Child process: serve one Merlin acquisition on a loopback port (reported on ``port_q``) as fast as it is read."""
+    import socket
+
+    from rrstem.simulators.merlin import MerlinFormat, mpx
+
+    n = scan[0] * scan[1]
+    fmt = MerlinFormat(frame, "uint16", frames=n, frames_per_trigger=scan[1], scan_xy=(scan[1], scan[0]))
+    frames = make_frames(*frame)
+    messages = []
+    for k, f in enumerate(frames):  # 64 distinct frames, cycled; sequence numbers patched per frame
+        record = fmt.record(k + 1, f)
+        messages.append(bytearray(mpx(len(record)) + record))
+    header = fmt.acquisition_header()
+    server = socket.create_server(("127.0.0.1", 0))
+    port_q.put(server.getsockname()[1])
+    server.settimeout(60)
+    conn, _ = server.accept()
+    go.wait(30)
+    conn.sendall(mpx(len(header)) + header)
+    for i in range(n):
+        msg = messages[i % len(messages)]
+        msg[19:25] = b"%06d" % ((i + 1) % 1000000)  # MPX,<10>, then MQ1, then the sequence number
+        conn.sendall(msg)
+    conn.settimeout(30)
+    try:
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
+    conn.close()
+    server.close()
+
+
+def spawn_merlin(scan, frame):
+    mpc = mp.get_context("spawn")
+    port_q, go = mpc.Queue(), mpc.Event()
+    proc = mpc.Process(target=merlin_sender, args=(scan, frame, port_q, go), daemon=True)
+    proc.start()
+    return proc, port_q.get(timeout=60), go
+
+
+def run_raw_tcp(scan, frame) -> float:
+    import socket
+
+    n = scan[0] * scan[1]
+    proc, port, go = spawn_merlin(scan, frame)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    go.set()
+    buf = memoryview(bytearray(4 << 20))
+    total, t0 = 0, None
+    per_frame = 15 + 384 + frame[0] * frame[1] * 2
+    expected = n * per_frame  # plus the acquisition header
+    while total < expected:
+        got = sock.recv_into(buf)
+        if not got:
+            raise RuntimeError("raw TCP reader: the sender closed early")
+        if t0 is None:
+            t0 = time.perf_counter()
+        total += got
+    dt = time.perf_counter() - t0
+    sock.close()
+    proc.join(30)
+    return n / dt
+
+
+def run_merlin_service(scan, frame, bin_, train: bool, tmp: str) -> float:
+    from rrstem.stream.preprocess import PreprocessConfig
+    from rrstem.stream.service import Service, ServiceConfig
+
+    total = scan[0] * scan[1]
+    proc, port, go = spawn_merlin(scan, frame)
+    cfg = ServiceConfig(listen=f"tcp://127.0.0.1:{port}", protocol="merlin", publish="tcp://127.0.0.1:0",
+                        control=None, out=os.path.join(tmp, "bench-merlin.h5"), train=train,
+                        trainer={"consolidate_seconds": 0.0} if train else {}, preprocess=PreprocessConfig(bin=bin_))
+    with Service(cfg) as svc:
+        go.set()
+        deadline = time.monotonic() + 300
+        while svc.current is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Merlin scan never started")
+            svc.check()
+            time.sleep(0.01)
+        cur = svc.current
+        while cur.counters["received"] + cur.counters["invalid"] < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service received only {cur.counters['received']} of {total}")
+            svc.check()
+            time.sleep(0.01)
+        dt = cur.last_frame_at - cur.first_frame_at
+        svc.check()
+        assert cur.counters["received"] == total, cur.counter_dict()
+    proc.join(30)
+    return total / dt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scan", type=int, default=128, help="scan edge (positions = edge^2)")
     ap.add_argument("--train", action="store_true", help="run the rrVAE trainer during the service runs")
+    ap.add_argument("--only-merlin", action="store_true", help="run only the Merlin case")
+    ap.add_argument("--no-merlin", action="store_true", help="skip the Merlin case")
     args = ap.parse_args(argv)
     cases = [
         {"name": "256x256_uint16_bin4", "frame": (256, 256), "bin": 4, "per_msg": 32},
@@ -146,7 +252,7 @@ def main(argv=None) -> int:
            "cpus": os.cpu_count(), "python": platform.python_version(), "zmq": zmq.zmq_version(), "cases": {}}
     scan = (args.scan, args.scan)
     with tempfile.TemporaryDirectory() as tmp:
-        for case in cases:
+        for case in [] if args.only_merlin else cases:
             run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp)  # warm-up
             raw, ours = [], []
             for _ in range(args.repeats):
@@ -158,6 +264,19 @@ def main(argv=None) -> int:
                 "rrstem_fps": round(o), "raw_zmq_fps": round(r), "ratio": round(o / r, 3),
                 "rrstem_fps_all": [round(v) for v in ours], "raw_zmq_fps_all": [round(v) for v in raw],
                 "rrstem_MBps": round(o * case["frame"][0] * case["frame"][1] * 2 / 1e6),
+            }
+        if not args.no_merlin:
+            frame = (256, 256)
+            run_merlin_service(scan, frame, 4, args.train, tmp)  # warm-up
+            raw, ours = [], []
+            for _ in range(args.repeats):
+                raw.append(run_raw_tcp(scan, frame))
+                ours.append(run_merlin_service(scan, frame, 4, args.train, tmp))
+            r, o = statistics.median(raw), statistics.median(ours)
+            out["cases"]["merlin_256x256_U16_bin4"] = {
+                "frames_per_message": 1, "bin": 4, "rrstem_fps": round(o), "raw_tcp_fps": round(r),
+                "ratio": round(o / r, 3), "rrstem_fps_all": [round(v) for v in ours],
+                "raw_tcp_fps_all": [round(v) for v in raw], "rrstem_MBps": round(o * 256 * 256 * 2 / 1e6),
             }
     print(json.dumps(out, indent=2))
     return 0

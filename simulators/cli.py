@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from rrstem.simulators.dectris import COMPRESSIONS, HEADER_DETAILS, PROTOCOLS, stream_detector
 from rrstem.simulators.files import SUFFIXES, open_file
 from rrstem.simulators.graphene import DEFECTS, GrapheneSource
+from rrstem.simulators.merlin import LAYOUTS, serve_merlin
 from rrstem.simulators.source import Source, stream
 from rrstem.stream.cli import parse_scan_shape
 
@@ -57,15 +60,26 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
                    help="give up if no receiver takes frames for this long (default 30 s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("detector protocol")
-    d.add_argument("--protocol", choices=("rrstem", *PROTOCOLS), default="rrstem",
+    d.add_argument("--protocol", choices=("rrstem", *PROTOCOLS, "merlin"), default="rrstem",
                    help="wire protocol: rrstem/1 (default), or a DECTRIS detector's SIMPLON stream v1 (simplon) "
                         "or stream2; DECTRIS streams send one image per message and no scan shape "
-                        "(serve them with --protocol NAME --scan-shape NYxNX)")
+                        "(serve them with --protocol NAME --scan-shape NYxNX); merlin serves the acquisition "
+                        "as a Merlin PC's data port over plain TCP on --to tcp://HOST:PORT "
+                        "(rrstem serve --protocol merlin --listen tcp://HOST:PORT connects to it)")
     d.add_argument("--compression", choices=COMPRESSIONS, default="none",
                    help="DECTRIS protocols: pixel data compression (default none)")
     d.add_argument("--header-detail", choices=HEADER_DETAILS, default="basic",
                    help="simplon: how much the series header says (default basic)")
     d.add_argument("--series", type=int, default=1, metavar="N", help="DECTRIS protocols: series number (default 1)")
+    d.add_argument("--layout", choices=LAYOUTS, default="1x1",
+                   help="merlin: chip layout in the headers, single chip 1x1 or quad 2x2 (default 1x1)")
+    d.add_argument("--sync-offset", type=int, default=0, metavar="N",
+                   help="merlin: send a misaligned acquisition: N extra frames before the scan, or, negative, "
+                        "the first -N positions never sent (default 0)")
+    d.add_argument("--flyback", type=int, default=0, metavar="N",
+                   help="merlin: N extra frames after each scan line, as the flyback of a real scan (default 0)")
+    d.add_argument("--no-scan-xy", action="store_true",
+                   help="merlin: leave ScanX/ScanY out of the acquisition header (serve then needs --scan-shape)")
 
 
 def add_simulate_args(subparsers) -> argparse.ArgumentParser:
@@ -94,7 +108,7 @@ def add_replay_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("input", metavar="INPUT", help="the file to replay")
     p.add_argument("--key", default=None, metavar="NAME", help="array (.npz) or dataset path (HDF5) when there are several")
     p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
-                   help="scan shape of a file that stores a flat series of frames (a DECTRIS master file)")
+                   help="scan shape of a flat series of frames (a DECTRIS master file, a .mib without ScanX/ScanY)")
     _add_stream_args(p)
     p.set_defaults(func=run_replay)
     return p
@@ -113,15 +127,32 @@ def _stream_args(args, source: Source, command: str) -> int:
               f"of {source.n_frames}", file=sys.stderr, flush=True)
     common = dict(bind=not args.connect, socket_type="pub" if args.pub else "push", rate=args.rate,
                   progress=not args.no_progress, timeout=args.timeout, on_endpoint=announce)
-    if args.protocol == "rrstem":
+    order = getattr(source, "valid_order", None)  # a damaged file: the frames before the damage
+    if args.protocol != "merlin" and (args.sync_offset or args.flyback or args.layout != "1x1" or args.no_scan_xy):
+        raise ValueError("--layout, --sync-offset, --flyback and --no-scan-xy apply to --protocol merlin")
+    if args.protocol == "merlin":
+        if args.compression != "none":
+            raise ValueError("--compression applies to the DECTRIS protocols; a Merlin sends raw pixels")
+        if args.connect or args.pub:
+            raise ValueError("a Merlin PC serves its data port: rrstem serve --protocol merlin connects to it; "
+                             "drop --connect and --pub")
+        stats = serve_merlin(source, args.to, layout=args.layout, sync_offset=args.sync_offset, flyback=args.flyback,
+                             scan_xy=not args.no_scan_xy, rate=args.rate, progress=not args.no_progress,
+                             timeout=args.timeout, on_endpoint=announce,
+                             order=None if order is None else np.asarray(order))
+    elif args.protocol == "rrstem":
         if args.compression != "none":
             raise ValueError("--compression applies to the DECTRIS protocols; add --protocol simplon or stream2")
-        stats = stream(source, args.to, frames_per_message=args.frames_per_message, **common)
+        stats = stream(source, args.to, frames_per_message=args.frames_per_message, order=order, **common)
     else:
         stats = stream_detector(source, args.to, protocol=args.protocol, compression=args.compression,
-                                header_detail=args.header_detail, series=args.series, **common)
+                                header_detail=args.header_detail, series=args.series, order=order, **common)
     print(f"rrstem {command}: sent {stats.frames} frames in {stats.seconds:.2f} s "
           f"({stats.frames_per_s:.0f} frames/s) to {stats.endpoint}", file=sys.stderr, flush=True)
+    if getattr(source, "damage", None):
+        print(f"rrstem {command}: error: {source.damage}; the {stats.frames} frames before the damage were sent",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

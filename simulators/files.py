@@ -241,7 +241,7 @@ MAGIC = [
     (b"\x00\x00\x00\x03", dm.load),
     (b"\x00\x00\x00\x04", dm.load),
 ]
-SUFFIXES = tuple(OPENERS)
+SUFFIXES = (*OPENERS, ".mib", ".hdr")  # .mib/.hdr: MibSource, by suffix or first bytes (open_file)
 
 
 def _reader(path: Path):
@@ -271,6 +271,10 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
     """
     path = Path(path)
     if not path.exists():
+    from rrstem.simulators.mib import MibSource, is_mib  # Merlin .mib/.hdr, by suffix or first bytes
+
+    if path.is_file() and is_mib(path):
+        return MibSource(path, scan_shape=scan_shape, scan_id=scan_id)
         raise ValueError(f"cannot replay {str(path)!r}: no such file")
     loaded = _reader(path)(path, key)
     try:

@@ -54,6 +54,16 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--latent-dim", type=int, default=None, help="rrVAE content latents")
 
 
+def add_acquisition_args(p: argparse.ArgumentParser) -> None:
+    """``--sync-offset`` and ``--flyback``: where the frames of an acquisition land in the scan (serve, analyze)."""
+    g = p.add_argument_group("acquisition (stream/acquisition.py)")
+    g.add_argument("--sync-offset", type=int, default=0, metavar="N",
+                   help="frames to skip at the start of an acquisition; negative: the first -N positions are "
+                        "missing (default 0)")
+    g.add_argument("--flyback", type=int, default=0, metavar="N",
+                   help="extra frames at the end of each scan line, discarded (default 0)")
+
+
 def preprocess_config(args: argparse.Namespace):
     """The ``PreprocessConfig`` of the options ``add_processing_args`` added."""
     from rrstem.stream.preprocess import PreprocessConfig
@@ -134,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServiceConfig(listen=args.listen, bind=args.bind, mode="sub" if args.sub else "pull", protocol=args.protocol,
                         publish=args.publish, control=args.control, out=args.out, scan_shape=args.scan_shape,
+                        sync_offset=args.sync_offset, flyback=args.flyback,
                         preprocess=preprocess_config(args), train=not args.no_train,
                         trainer=trainer_overrides(args), device=args.device, once=args.once)
     service = Service(cfg).start()
@@ -151,7 +162,9 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
                    help="bind the frames endpoint instead of connecting (the sender then connects: "
                         "replay/simulate --connect)")
     p.add_argument("--sub", action="store_true", help="tap a PUB stream (lossy; losses are counted)")
-    p.add_argument("--protocol", default="rrstem", help="sender's wire protocol (default rrstem; see docs/protocol.md)")
+    p.add_argument("--protocol", default="rrstem",
+                   help="sender's wire protocol: rrstem (default), simplon, stream2, or merlin (connects to the "
+                        "Merlin PC's data port over plain TCP: --listen tcp://MERLIN_PC:6342); see docs/protocol.md")
     p.add_argument("--publish", default="tcp://127.0.0.1:5556", metavar="EP", help="snapshot PUB endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", metavar="EP", help="control REP endpoint")
     p.add_argument("--out", type=Path, default=Path("rrstem-results.h5"), metavar="RESULTS.h5",
@@ -160,6 +173,7 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
                    help="override the scan shape the sender announces (64x48, or 64 for 64x64)")
     p.add_argument("--once", action="store_true", help="exit after the first scan's results are written")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_acquisition_args(p)
     add_processing_args(p)
     p.set_defaults(func=cmd_serve)
     return p

@@ -25,6 +25,9 @@ class ServiceConfig(BaseModel):
     out: Path | None = Field(Path("rrstem-results.h5"), description="Results file; None: do not write.")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     scan_shape: tuple[int, int] | None = Field(None, description="Override the start message's scan shape.")
+    sync_offset: int = Field(0, description="Frames to skip at the start of an acquisition; negative: frames "
+                             "missing there (stream/acquisition.py).")
+    flyback: int = Field(0, ge=0, description="Extra frames at the end of each scan line, discarded.")
     queue_size: int = Field(32, ge=1, description="Messages buffered between receiver and pipeline.")
     snapshot_hz: float = Field(10.0, gt=0, le=10.0, description="Snapshot rate limit.")
     train: bool = Field(True, description="Train the rrVAE online.")

@@ -1,4 +1,4 @@
-"""The receiver thread: ZeroMQ socket -> decoder (``stream/detectors/``) -> items -> bounded queue.
+"""The receiver thread: ZeroMQ socket (or a detector's TCP port, ``TcpReceiver``) -> decoder (``stream/detectors/``) -> items -> bounded queue.
 
 PULL (default) is lossless: when the queue is full the receiver stops reading,
 ZeroMQ's high-water mark fills, and the sender blocks (back-pressure). SUB taps
@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
+import socket
 import threading
 
+import numpy as np
 import zmq
 
 from rrstem.stream.detectors import Decoder, Item
+from rrstem.stream.protocol import Frames
 from rrstem.stream.detectors.rrstem import RrstemDecoder
 
 log = logging.getLogger("rrstem.receiver")
@@ -102,3 +106,223 @@ class Receiver(threading.Thread):
                 return
             except queue.Full:
                 continue  # back-pressure: stop reading the socket until the pipeline catches up
+
+
+# --- plain TCP: the Merlin data port ---------------------------------------------------------
+
+MPX_PREFIX = re.compile(rb"MPX,(\d{10}),")
+PREFIX_SIZE = 15  # b"MPX," + 10 digits + b","
+
+
+def tcp_address(endpoint: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` -> (host, port); a ``ValueError`` that says what is expected otherwise."""
+    m = re.fullmatch(r"tcp://(\[[^\]]+\]|[^:/]+):(\d+)", endpoint)
+    if not m:
+        raise ValueError(f"a TCP detector endpoint is tcp://HOST:PORT, e.g. tcp://merlin-pc:6342, not {endpoint!r}")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+class TcpReceiver(threading.Thread):
+    """Connects to a detector's TCP data port (the Merlin PC serves it) and reads ``MPX`` messages until ``stop``.
+
+    The same contract as ``Receiver``: decoded items go on the bounded queue
+    ``out`` (when it is full, the socket is not read and TCP holds the sender
+    back), every wait has a timeout, and the exception that ended the thread
+    is kept in ``error``. Messages are received straight into
+    a block of memory (``recv_into``) and frames are views of it, handed on in
+    batches of consecutive frames, not copied.
+
+    Damage is counted, never fatal: bytes that are not an ``MPX,<length>,``
+    prefix are skipped up to the next ``MPX,`` (a ``resync`` item says how
+    many); a dropped connection is logged, counted (``connection_lost``) and
+    retried with back-off, and the decoder carries on where it was.
+    """
+
+    def __init__(self, endpoint: str, out: queue.Queue, stop: threading.Event, decoder: Decoder,
+                 max_message: int = 1 << 28, backoff: tuple[float, float] = (0.05, 2.0), block: int = 4 << 20):
+        super().__init__(name="rrstem-receiver", daemon=True)
+        self.address = tcp_address(endpoint)
+        self.endpoint = endpoint
+        self.out, self.stop, self.decoder = out, stop, decoder
+        self.max_message, self.backoff = max_message, backoff
+        self.error: BaseException | None = None
+        self.messages = self.connections = self.disconnects = self.resyncs = self.skipped_bytes = 0
+        self.block = block
+
+    def run(self) -> None:
+        delay = self.backoff[0]
+        try:
+            while not self.stop.is_set():
+                try:
+                    sock = socket.create_connection(self.address, timeout=1.0)
+                except OSError as exc:
+                    (log.warning if delay == self.backoff[0] else log.debug)(
+                        "cannot connect to %s (%s); retrying every %.2f..%.0f s", self.endpoint, exc, *self.backoff)
+                    self.stop.wait(delay)
+                    delay = min(2 * delay, self.backoff[1])
+                    continue
+                self.connections += 1
+                log.info("connected to %s", self.endpoint)
+                try:
+                    sock.settimeout(0.1)
+                    got = self._read(sock)
+                except (ConnectionError, OSError) as exc:
+                    got, reason = True, f"{type(exc).__name__}: {exc}"
+                else:
+                    reason = "closed by the sender"
+                finally:
+                    sock.close()
+                if self.stop.is_set():
+                    break
+                self.disconnects += 1
+                delay = self.backoff[0] if got else min(2 * delay, self.backoff[1])
+                log.warning("connection to %s lost (%s); reconnecting", self.endpoint, reason)
+                self._put(Item("bad", reason="connection_lost", detail=f"{self.endpoint}: {reason}"))
+        except BaseException as exc:  # stored and reported by the service
+            self.error = exc
+            log.exception("receiver failed")
+
+    def _read(self, sock: socket.socket) -> bool:
+        """Read messages until the connection closes (returns whether any arrived) or ``stop`` is set.
+
+        Reads into a block as much as the socket has, cuts it into messages,
+        decodes them and hands on their items, then carries the incomplete
+        tail into a fresh block (the items still view the old one): under
+        load a block holds many frames, received with one ``recv_into`` and
+        handed on as one batch (``coalesce``); at worst one message per block
+        is copied.
+        """
+        got, skipped = False, 0
+        buf, fill = np.empty(self.block, np.uint8), 0
+        while not self.stop.is_set():
+            try:
+                n = sock.recv_into(memoryview(buf)[fill:])
+            except socket.timeout:
+                continue
+            if n == 0:
+                if skipped:
+                    self._resync_item(skipped, "bytes that are no MPX message, before the connection closed")
+                return got
+            fill += n
+            pos, messages, skipped = self._split(buf, fill, skipped)
+            if messages:
+                got = True
+                self.messages += len(messages)
+                items: list[Item] = []
+                for message in messages:
+                    out = self.decoder.decode([message])
+                    items += out if isinstance(out, list) else [out]
+                for item in coalesce(items, buf):
+                    self._put(item)
+            need = max(self.block, self._message_size(buf, pos, fill))
+            tail = fill - pos
+            if messages or need > len(buf):  # items view this block: the tail moves to a new one
+                new = np.empty(need, np.uint8)
+                new[:tail] = buf[pos:fill]
+                buf, fill = new, tail
+            elif pos:  # only skipped bytes: move the tail down in place
+                buf[:tail] = buf[pos:fill].copy()
+                fill = tail
+        return got
+
+    def _split(self, buf: np.ndarray, fill: int, skipped: int) -> tuple[int, list[memoryview], int]:
+        """The complete messages in ``buf[:fill]``: (where the rest starts, payload views, bytes skipped so far)."""
+        mv = memoryview(buf)
+        pos, out = 0, []
+        while fill - pos >= PREFIX_SIZE:
+            m = MPX_PREFIX.match(bytes(mv[pos:pos + PREFIX_SIZE]))
+            if m is None:
+                at = bytes(mv[pos + 1:fill]).find(b"MPX,")
+                jump = at + 1 if at >= 0 else max(1, fill - pos - 3)  # keep a possible partial "MPX" at the end
+                skipped += jump
+                pos += jump
+                continue
+            length = int(m.group(1)) - 1  # the length counts the comma before the payload
+            if not 0 < length <= self.max_message:
+                self._resync_item(0, f"message length {length + 1} is outside 2..{self.max_message + 1}")
+                skipped, pos = skipped + 1, pos + 1
+                continue
+            if skipped:
+                self._resync_item(skipped, "bytes that are no MPX message")
+                skipped = 0
+            if pos + PREFIX_SIZE + length > fill:
+                break  # incomplete: the rest comes with the next read
+            out.append(mv[pos + PREFIX_SIZE:pos + PREFIX_SIZE + length])
+            pos += PREFIX_SIZE + length
+        return pos, out, skipped
+
+    def _message_size(self, buf: np.ndarray, pos: int, fill: int) -> int:
+        """Bytes of the message that starts at ``pos``, if its prefix is in; else 0."""
+        if fill - pos < PREFIX_SIZE:
+            return 0
+        m = MPX_PREFIX.match(bytes(memoryview(buf)[pos:pos + PREFIX_SIZE]))
+        return PREFIX_SIZE + int(m.group(1)) - 1 if m and int(m.group(1)) - 1 <= self.max_message else 0
+
+    def _resync_item(self, skipped: int, why: str) -> None:
+        self.resyncs += 1
+        self.skipped_bytes += skipped
+        self._put(Item("bad", reason="resync", detail=f"{self.endpoint}: skipped {skipped} byte(s) up to the next "
+                       f"MPX, prefix: {why}"))
+
+    def _put(self, item: Item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue  # back-pressure: the socket is not read until the pipeline catches up
+
+
+def coalesce(items: list[Item], buf: np.ndarray) -> list[Item]:
+    """Merge runs of one-scan ``frames`` items with consecutive indices whose frames lie at a constant stride in ``buf``.
+
+    The merged item's frames are one strided (n, h, w) view of ``buf``: many
+    frames per pipeline step, still without a copy.
+    """
+    out: list[Item] = []
+    run: list[Item] = []
+
+    def flush():
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            first = run[0].frames
+            stride = _address(run[1].frames) - _address(first)
+            frames = np.ndarray((len(run), *first.shape[1:]), first.dtype, buffer=buf,
+                                offset=_address(first) - buf.ctypes.data, strides=(stride, *first.strides[1:]))
+            head = run[0].message
+            out.append(Item("frames", Frames(scan_id=head.scan_id, first=head.first, count=len(run)), frames=frames,
+                            scan_id=head.scan_id, count=len(run)))
+        run.clear()
+
+    for item in items:
+        if run and not _continues(run, item):
+            flush()
+        if item.kind == "frames" and item.count == 1 and _inside(item.frames, buf):
+            run.append(item)
+        else:
+            flush()
+            out.append(item)
+    flush()
+    return out
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _inside(a: np.ndarray, buf: np.ndarray) -> bool:
+    lo = buf.ctypes.data
+    return a.flags.c_contiguous and lo <= _address(a) and _address(a) + a.nbytes <= lo + buf.nbytes
+
+
+def _continues(run: list[Item], item: Item) -> bool:
+    last, first = run[-1], run[0]
+    if item.kind != "frames" or item.count != 1 or item.scan_id != last.scan_id:
+        return False
+    if item.message.first != last.message.first + 1 or item.frames.shape != last.frames.shape:
+        return False
+    if item.frames.dtype != last.frames.dtype:
+        return False
+    step = _address(item.frames) - _address(last.frames)
+    return step > 0 and (len(run) == 1 or step == _address(run[1].frames) - _address(first.frames))

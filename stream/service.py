@@ -33,10 +33,11 @@ import zmq
 from rrstem.model.interface import Encoder
 from rrstem.stream import control
 from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
-from rrstem.stream.detectors import Item, decoder_for
+from rrstem.stream.acquisition import AcquisitionMap
+from rrstem.stream.detectors import TCP_PROTOCOLS, Item, decoder_for
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.publisher import Publisher
-from rrstem.stream.receiver import Receiver
+from rrstem.stream.receiver import Receiver, TcpReceiver
 from rrstem.stream.results import write_scan
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key
@@ -89,8 +90,15 @@ class Service:
         self._rate = RateMeter()
         self.encoder: Encoder | None = make_encoder(config)
         self._slot = EncoderSlot(self.encoder) if self.encoder is not None else None
-        self.receiver = Receiver(self.ctx, config.listen, self._queue, self.stop_event, bind=config.bind,
-                                 mode=config.mode, decoder=decoder_for(config.protocol, config.scan_shape))
+        decoder = decoder_for(config.protocol, config.scan_shape, config.sync_offset, config.flyback)
+        if config.protocol in TCP_PROTOCOLS:  # the detector serves its port: connect to it
+            if config.bind or config.mode != "pull":
+                raise ValueError(f"the {config.protocol} detector serves its data port over plain TCP and rrstem "
+                                 "connects to it: drop --bind and --sub")
+            self.receiver = TcpReceiver(config.listen, self._queue, self.stop_event, decoder)
+        else:
+            self.receiver = Receiver(self.ctx, config.listen, self._queue, self.stop_event, bind=config.bind,
+                                     mode=config.mode, decoder=decoder)
         self.publisher = Publisher(self.ctx, config.publish, config.control)
         self._workers = [
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
@@ -288,7 +296,12 @@ class Service:
                 self.orphans["stale"] += n
                 log.warning("%d frame(s) of scan %s arrived after it ended", n, item.scan_id)
             return
-        self._rate.add(cur.add(item.message.first, item.frames))
+        runs, discarded = AcquisitionMap(cur.scan_shape, self.cfg.sync_offset, self.cfg.flyback).place(
+            item.message.first, item.frames)  # acquisition indices -> scan positions (identity by default)
+        for reason, count in discarded.items():
+            cur.invalid(reason, count, f"{count} frame(s) discarded ({reason.replace('_', ' ')})")
+        for first, frames in runs:
+            self._rate.add(cur.add(first, frames))
         self._attach_if_ready(cur)
 
     def _attach_if_ready(self, scan: Scan) -> None:
