@@ -270,11 +270,11 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
     context manager) to release the file.
     """
     path = Path(path)
-    if not path.exists():
     from rrstem.simulators.mib import MibSource, is_mib  # Merlin .mib/.hdr, by suffix or first bytes
 
     if path.is_file() and is_mib(path):
         return MibSource(path, scan_shape=scan_shape, scan_id=scan_id)
+    if not path.exists():
         raise ValueError(f"cannot replay {str(path)!r}: no such file")
     loaded = _reader(path)(path, key)
     try:
