@@ -107,6 +107,10 @@ class FixedEncoder(EncoderThread):
             self._done.clear()
         self._wake.set()
 
+    def finish_now(self) -> None:
+        """Encode the attached scan now (its final maps, once it has ended)."""
+        self._wake.set()
+
     def pause(self) -> None:
         raise ValueError("this service encodes with a fixed model (--model); there is no training to pause")
 

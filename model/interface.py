@@ -122,6 +122,9 @@ class Encoder(Protocol):
     def wait_done(self, timeout: float) -> bool:
         """True once the attached scan has ended and its final maps are made."""
 
+    def finish_now(self) -> None:
+        """Make the attached (ended) scan's final maps now, with the model as it is: no more training."""
+
     def maps(self) -> ModelMaps | None:
         """The newest maps of the attached scan (a copy), or None before the first encoding."""
 

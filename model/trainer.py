@@ -62,6 +62,7 @@ class OnlineTrainer(EncoderThread):
         self._idle_paused = False  # the worker idles because of the pause
         self._reset_requested = False
         self._failed: TrainingRun | None = None  # the run whose training raised ``error``
+        self._finish_requested = False
 
     # --- requests (any thread) ------------------------------------------------------------
 
@@ -71,6 +72,12 @@ class OnlineTrainer(EncoderThread):
         with self._lock:
             self._pending = scan
             self._done.clear()
+        self._wake.set()
+
+    def finish_now(self) -> None:
+        """End the attached scan's training now: its final maps with the model as it is (no consolidation)."""
+        with self._lock:
+            self._finish_requested = True
         self._wake.set()
 
     def pause(self) -> None:
@@ -141,6 +148,13 @@ class OnlineTrainer(EncoderThread):
         """One turn of the worker: take requests, then advance the current run or idle."""
         self._take_requests()
         run = self.run
+        if self._finish_requested:
+            self._finish_requested = False
+            if run is not None and run.phase != "done" and run is not self._failed:
+                if run.built:
+                    run.finish()  # the final encode of every frame, the best model so far if consolidating
+                else:
+                    run.phase = "done"  # too few frames for a model: done without maps
         self._idle_paused = self._paused and (run is None or run.phase in ("waiting", "running"))
         if run is None or run.phase == "done" or self._idle_paused or run is self._failed:
             self._idle(0.05)

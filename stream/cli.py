@@ -15,6 +15,7 @@ This module imports nothing from ``gui/`` or ``simulators/``.
 from __future__ import annotations
 
 import argparse
+import sys
 import logging
 from pathlib import Path
 
@@ -84,6 +85,30 @@ def trainer_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _stop_on_signals(service):
+    """SIGTERM and the first Ctrl-C stop ``service`` gracefully (its running scan is written); a second
+    Ctrl-C exits at once. Returns a function that puts the old handlers back. Main thread only."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    seen = []
+
+    def handle(signum, frame):
+        if signum == signal.SIGINT and seen:
+            print("rrstem: second interrupt: exiting now, without writing the running scan", file=sys.stderr)
+            os._exit(130)
+        seen.append(signum)
+        log.warning("%s: stopping; the running scan is written first (Ctrl-C again to quit at once)",
+                    signal.Signals(signum).name)
+        service.stop()
+
+    old = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, h) for sig, h in old.items()]
+
+
 def run_service(service, progress: bool = True) -> int:
     """Run a started service until it stops, with a progress bar per scan; Ctrl-C stops it cleanly.
 
@@ -94,10 +119,14 @@ def run_service(service, progress: bool = True) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     bar, bar_scan, all_in = None, None, False
+    restore = _stop_on_signals(service)
     try:
         with logging_redirect_tqdm():  # log lines print above the bar instead of breaking it
             try:
                 while not service.wait(0.2):
+                    if service.stopping_for() > service.cfg.stop_timeout + 5.0:
+                        log.error("the service did not stop within %.0f s; closing it", service.cfg.stop_timeout)
+                        break
                     if not progress:
                         continue
                     h = service.header()
@@ -129,6 +158,7 @@ def run_service(service, progress: bool = True) -> int:
                     bar.close()
     finally:
         service.close()
+        restore()
     try:
         service.check()
     except Exception as exc:  # a worker's failure, re-raised: report it, with its traceback under -vv
@@ -146,7 +176,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         publish=args.publish, control=args.control, out=args.out, scan_shape=args.scan_shape,
                         sync_offset=args.sync_offset, flyback=args.flyback,
                         preprocess=preprocess_config(args), train=not args.no_train,
-                        trainer=trainer_overrides(args), device=args.device, once=args.once)
+                        trainer=trainer_overrides(args), device=args.device, once=args.once,
+                        idle_timeout=args.idle_timeout, checkpoint_seconds=args.checkpoint_seconds,
+                        stop_timeout=args.stop_timeout)
     service = Service(cfg).start()
     print(f"rrstem serve: frames from {service.listen_endpoint}, snapshots on {service.publish_endpoint}, "
           f"control on {service.control_endpoint}, results to {cfg.out}", flush=True)
@@ -172,6 +204,14 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
                    help="override the scan shape the sender announces (64x48, or 64 for 64x64)")
     p.add_argument("--once", action="store_true", help="exit after the first scan's results are written")
+    r = p.add_argument_group("never lose a scan")
+    r.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="close a scan that has had no frames for S seconds, marked incomplete "
+                        "(default: 30x its frame interval, 5..300 s; 60 s before its first frame)")
+    r.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S",
+                   help="write the running scan's partial results every S seconds (default 30; 0: never)")
+    r.add_argument("--stop-timeout", type=float, default=10.0, metavar="S",
+                   help="on stop, SIGTERM or Ctrl-C, write the running scan within S seconds (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_acquisition_args(p)
     add_processing_args(p)

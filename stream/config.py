@@ -36,6 +36,13 @@ class ServiceConfig(BaseModel):
     model: Path | None = Field(None, description="Encode with this trained rrVAE (.pt or results .h5); no training.")
     finish_timeout: float = Field(120.0, gt=0, description="Longest wait for the trainer at scan end, s.")
     once: bool = Field(False, description="Stop after the first scan's results are written.")
+    idle_timeout: float | None = Field(None, gt=0, description="Seconds without frames after which a scan with no "
+                                       "end is closed, incomplete ('idle'); None: from the frame interval seen.")
+    checkpoint_seconds: float = Field(30.0, ge=0, description="Write the running scan's partial results this "
+                                      "often (atomically); 0: no checkpoints.")
+    stop_timeout: float = Field(10.0, gt=0, description="Longest time from a stop (control, SIGTERM, Ctrl-C) to "
+                                "the running scan's results in the file, s.")
+    retry_seconds: float = Field(5.0, gt=0, description="Retry a failed results write this often, s.")
 
 
 def limit_blas_threads() -> None:

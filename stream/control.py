@@ -6,7 +6,7 @@ fields. Arrays in replies are maps ``{"dtype", "shape", "data"}`` (see
 ``pack_array``). Commands:
 
 ``status``           -> ``status``: the current snapshot header fields (counters, state, ...)
-``save``             -> ``path``: results file written now
+``save`` [``path``]  -> ``path``: results file written now (``path``: write there from now on)
 ``stop``             -> the service shuts down after replying
 ``pause_training``   -> ``training``: trainer status
 ``resume_training``  -> ``training``
@@ -34,8 +34,8 @@ class ControlAPI(Protocol):
     def header(self):
         """The current snapshot header (a ``SnapshotHeader``)."""
 
-    def save(self) -> Path:
-        """Write the current scan's results now; returns the path."""
+    def save(self, path: str | None = None) -> Path:
+        """Write the current scan's results now (to ``path``, and every scan after, if given); returns the path."""
 
     def stop(self) -> None:
         """Shut the service down."""
@@ -63,7 +63,7 @@ def handle(api: ControlAPI, raw: bytes) -> dict[str, Any]:
         if cmd == "status":
             out = {"status": api.header().model_dump(mode="json")}
         elif cmd == "save":
-            out = {"path": str(api.save())}
+            out = {"path": str(api.save(path=req.get("path")))}
         elif cmd == "stop":
             api.stop()
             out = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,18 +43,18 @@ class EncoderSlot:
             self.encoder.attach(scan)
         return failure
 
-    def finish(self, scan: Scan, timeout: float, stop: threading.Event) -> BaseException | None:
+    def finish(self, scan: Scan, deadline: Callable[[], float]) -> BaseException | None:
         """Wait (finisher thread) until the encoder's final maps of ``scan`` are made, it fails, it moves on
-        to another scan or ``timeout`` runs out; then keep them on the scan. Returns the encoder's failure."""
-        enc, deadline = self.encoder, time.monotonic() + timeout
-        while self.attached is scan and not stop.is_set():
+        to another scan or ``deadline()`` (monotonic; it may move closer, e.g. on a stop) passes; then keep
+        them on the scan. Returns the encoder's failure."""
+        enc = self.encoder
+        while self.attached is scan:
             if enc.wait_done(0.2) or not enc.is_alive():
                 break
             if enc.error is not None and enc.status().get("scan_id") == scan.scan_id:
                 break
-            if time.monotonic() > deadline:
-                log.warning("scan %s: the rrVAE did not finish within %.0f s; writing what it has", scan.scan_id,
-                            timeout)
+            if time.monotonic() > deadline():
+                log.warning("scan %s: the rrVAE did not finish in time; writing what it has", scan.scan_id)
                 break
         with self._lock:
             if self.attached is scan and not scan.model_taken:

@@ -100,6 +100,8 @@ class Scan:
         self.first_frame_at: float | None = None  # perf_counter of the first and last frames taken
         self.last_frame_at: float | None = None
         self.latest_index: int | None = None  # scan index of the newest frame taken
+        self.last_activity = time.monotonic()  # the newest message of this scan (idle timeout)
+        self._gap: float | None = None  # running mean of the time between its messages, s
         self.geometry: Geometry | None = None
         self._binner: Binner | None = None
         self._sums: FrameSum | None = None
@@ -128,6 +130,20 @@ class Scan:
         """Ended by its sender's end message (not superseded, failed or saved mid-scan), with no position
         missing or dropped (a truncated file or a lossy tap is not a complete scan)."""
         return self.end_reason == "end" and self.counters["missing"] == 0 and self.counters["dropped"] == 0
+
+    def touch(self) -> None:
+        """A message of this scan arrived (pipeline thread)."""
+        now = time.monotonic()
+        gap = now - self.last_activity
+        self._gap = gap if self._gap is None else 0.9 * self._gap + 0.1 * gap
+        self.last_activity = now
+
+    def idle_timeout(self) -> float:
+        """How long this scan may go without a message before it is closed as idle: 30 times the
+        usual gap between its messages, within 5 s .. 300 s; 60 s before its first frames."""
+        if self._gap is None or self.first_frame_at is None:
+            return 60.0
+        return min(300.0, max(5.0, 30.0 * self._gap))
 
     def counter_dict(self) -> dict[str, int]:
         """Counters so far; ``missing`` is known only once the scan has ended."""

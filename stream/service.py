@@ -20,6 +20,7 @@ are written, marked failed) and the service goes on with the next.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -38,7 +39,7 @@ from rrstem.stream.detectors import TCP_PROTOCOLS, Item, decoder_for
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import Receiver, TcpReceiver
-from rrstem.stream.results import write_scan
+from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key
 from rrstem.stream.workers import Failure, Worker
@@ -88,6 +89,17 @@ class Service:
         self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
         self._finish_q: queue.Queue[Scan] = queue.Queue()
         self._rate = RateMeter()
+        self._stopping = threading.Event()  # a graceful stop was asked for
+        self._pipeline_done = threading.Event()  # the pipeline has ended the last scan and takes no more input
+        self._stop_deadline = math.inf
+        self._scan_deadline = math.inf
+        self._next_checkpoint = math.inf
+        self.writer: ResultsWriter | None = None
+        self.unfinished: list[tuple[str, str]] = []  # scans a checkpoint left unfinished in the results file
+        if config.out is not None:
+            check_results_path(config.out)  # fail now, with what to fix, not at the end of the first scan
+            self.writer = ResultsWriter(config.out, config.retry_seconds)
+            self.unfinished = unfinished_scans(config.out)
         self.encoder: Encoder | None = make_encoder(config)
         self._slot = EncoderSlot(self.encoder) if self.encoder is not None else None
         decoder = decoder_for(config.protocol, config.scan_shape, config.sync_offset, config.flyback)
@@ -133,10 +145,24 @@ class Service:
             t.start()
         log.info("listening on %s (%s, %s); snapshots on %s; control on %s", self.listen_endpoint, self.cfg.mode,
                  "bound" if self.cfg.bind else "connected", self.publish_endpoint, self.control_endpoint)
+        for scan_id, _ in self.unfinished:
+            log.warning("%s holds scan %s from a service that stopped mid-scan: its maps up to its last checkpoint "
+                        "are there, marked incomplete (end_reason 'running')", self.cfg.out, scan_id)
         return self
 
     def stop(self) -> None:
-        self.stop_event.set()
+        """Stop gracefully: the running scan ends ('stopped') and its results, with the model as it is, are
+        written within ``stop_timeout``; then the threads end and ``wait()`` returns."""
+        if self._stopping.is_set():
+            return
+        self._stop_deadline = time.monotonic() + self.cfg.stop_timeout
+        self._stopping.set()
+        if not self._started:
+            self.stop_event.set()
+
+    def stopping_for(self) -> float:
+        """Seconds since a graceful stop was asked for (0 if none)."""
+        return max(0.0, time.monotonic() - self._stop_deadline + self.cfg.stop_timeout) if self._stopping.is_set() else 0.0
 
     def stop_after_scan(self) -> None:
         """Stop once the current scan is done (at once if it already is)."""
@@ -149,6 +175,9 @@ class Service:
         return self.stop_event.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop (gracefully, so a running scan is written), then end the threads and close the sockets."""
+        self.stop()
+        self.stop_event.wait(min(timeout, self.cfg.stop_timeout + 1.0))
         self.stop_event.set()
         deadline = time.monotonic() + timeout
         for t in (self.receiver, *self._workers):
@@ -213,9 +242,13 @@ class Service:
 
     def _pipeline_loop(self) -> None:
         while not self.stop_event.is_set():
+            if self._stopping.is_set():
+                self._wind_down()
+                return
             try:
                 item = self._queue.get(timeout=0.1)
             except queue.Empty:
+                self._close_if_idle()
                 continue
             try:
                 self.dispatch(item)
@@ -225,9 +258,44 @@ class Service:
                 # its frame store. (This loop's own frame cannot be cleared, and holds nothing old.)
                 traceback.clear_frames(exc.__traceback__)
 
+    def _close_if_idle(self) -> None:
+        """A scan that has had no message for its idle timeout ends here, incomplete ('idle')."""
+        cur = self.current
+        if cur is None or cur.ended:
+            return
+        limit = self.cfg.idle_timeout or cur.idle_timeout()
+        idle = time.monotonic() - cur.last_activity
+        if idle > limit:
+            log.warning("scan %s: no frames for %.1f s (the sender died, or the acquisition was aborted): it ends "
+                        "here, incomplete", cur.scan_id, idle)
+            try:
+                self._end_scan(cur, None, "idle")
+            except Exception as exc:
+                self.report("pipeline", exc, cur.scan_id)
+                self._fail_scan(cur, exc)
+                traceback.clear_frames(exc.__traceback__)
+
+    def _wind_down(self) -> None:
+        """On a stop: the running scan ends ('stopped'), the encoder makes its final maps now."""
+        cur = self.current
+        try:
+            if cur is not None and not cur.ended:
+                log.warning("scan %s: stopped before its end; writing what it has", cur.scan_id)
+                self._end_scan(cur, None, "stopped")
+        except Exception as exc:
+            self.report("pipeline", exc, cur.scan_id)
+            self._fail_scan(cur, exc)
+            traceback.clear_frames(exc.__traceback__)
+        finally:
+            if self.encoder is not None:
+                self.encoder.finish_now()
+            self._pipeline_done.set()
+
     def dispatch(self, item: Item) -> None:
         """Act on one decoded message (pipeline thread)."""
         cur = self.current
+        if cur is not None and item.scan_id == cur.scan_id:
+            cur.touch()
         if item.kind == "start":
             self._start_scan(item.message)
         elif item.kind == "frames":
@@ -282,6 +350,7 @@ class Service:
         self._seen_ids.add(start.scan_id)
         self._refused.pop(start.scan_id, None)
         self.current, self.notice = scan, None
+        self._next_checkpoint = time.monotonic() + self.cfg.checkpoint_seconds if self.cfg.checkpoint_seconds else math.inf
         log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
                  start.dtype)
 
@@ -339,41 +408,82 @@ class Service:
             try:
                 scan = self._finish_q.get(timeout=0.1)
             except queue.Empty:
+                if self._pipeline_done.is_set():  # stopping, and every scan is finished
+                    if self.writer is not None:
+                        self._written(self.writer.retry(force=True))
+                    self.stop_event.set()
+                    return
+                self._between_scans()
                 continue
             self._finish(scan)
 
+    def _deadline(self) -> float:
+        """When the encoder's final maps of an ended scan are due: ``finish_timeout``, or the stop's deadline."""
+        return min(self._scan_deadline, self._stop_deadline) if not self.stop_event.is_set() else -math.inf
+
     def _finish(self, scan: Scan) -> None:
         if self._slot is not None:
-            failure = self._slot.finish(scan, self.cfg.finish_timeout, self.stop_event)
+            self._scan_deadline = time.monotonic() + self.cfg.finish_timeout
+            failure = self._slot.finish(scan, self._deadline)
             if failure is not None:
                 self._model_failed(scan, failure)
-        if self.cfg.out is not None:
+        if self.writer is not None:
             try:
-                path = self.save(scan)
+                self._written([(scan.scan_id, self.save(scan))])
             except Exception as exc:
-                log.exception("scan %s: writing its results to %s failed", scan.scan_id, self.cfg.out)
+                log.error("scan %s: writing its results to %s failed (%s); they are kept in memory and written "
+                          "when a write succeeds (or to the path a control 'save' names)", scan.scan_id,
+                          self.writer.path, exc)
                 self.report("results", exc, scan.scan_id)
-            else:
-                self.results_written.append((scan.scan_id, path))
         scan.done = True
         self.results_event.set()
         if self._once:
             self.stop_event.set()
 
-    def save(self, scan: Scan | None = None) -> Path:
-        """Write the results of ``scan`` (default: the current scan) now."""
+    def _written(self, pairs: list[tuple[str, Path]]) -> None:
+        if pairs:
+            self.results_written.extend(pairs)
+            self.results_event.set()
+
+    def _between_scans(self) -> None:
+        """Finisher thread, while no scan ends: retry kept results, checkpoint the running scan."""
+        if self.writer is None:
+            return
+        self._written(self.writer.retry())
+        cur = self.current
+        if cur is None or cur.ended or not cur.ready or time.monotonic() < self._next_checkpoint:
+            return
+        self._next_checkpoint = time.monotonic() + self.cfg.checkpoint_seconds
+        try:
+            self.save(cur, keep=False)  # a failed checkpoint is not kept: the next one replaces it
+        except Exception as exc:
+            log.warning("scan %s: checkpoint to %s failed: %s", cur.scan_id, self.writer.path, exc)
+            self.report("checkpoint", exc, cur.scan_id)
+
+    def save(self, scan: Scan | None = None, path: str | Path | None = None, keep: bool = True) -> Path:
+        """Write the results of ``scan`` (default: the current scan) now; to ``path`` (and from then on
+        every scan) if given. Results that fail to write are kept and retried (unless not ``keep``)."""
+        if path is not None:
+            if self.writer is None:
+                check_results_path(Path(path))
+                self.writer = ResultsWriter(Path(path), self.cfg.retry_seconds)
+            else:
+                self.writer.move_to(Path(path))
+            self._written(self.writer.retry(force=True))
         scan = scan or self.current
         if scan is None:
             raise ValueError("no scan yet: nothing to save")
-        if self.cfg.out is None:
-            raise ValueError("the service was started without a results file (--out)")
+        if self.writer is None:
+            raise ValueError("the service was started without a results file (--out): name one with save's 'path'")
         results = scan.results()
+        if not scan.ended:
+            results.attrs["checkpoint_time"] = time.time()
         results.attrs["config"] = self.cfg.model_dump(mode="json")
         model_maps, export = self._slot.model(scan) if self._slot is not None else ({}, None)
         if model_maps:
             results.maps.update(model_maps)
             results.model = export
-        path = write_scan(self.cfg.out, results)
+        path = self.writer.write(results, keep=keep)
         scan.results_path = path
         log.info("scan %s: results written to %s", scan.scan_id, path)
         return path
