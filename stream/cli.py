@@ -180,6 +180,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         idle_timeout=args.idle_timeout, checkpoint_seconds=args.checkpoint_seconds,
                         stop_timeout=args.stop_timeout)
     service = Service(cfg).start()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())  # from now on: run_service installs the full handlers
     print(f"rrstem serve: frames from {service.listen_endpoint}, snapshots on {service.publish_endpoint}, "
           f"control on {service.control_endpoint}, results to {cfg.out}", flush=True)
     return run_service(service, progress=not args.no_progress)
