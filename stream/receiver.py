@@ -32,6 +32,17 @@ from rrstem.stream.detectors.rrstem import RrstemDecoder
 log = logging.getLogger("rrstem.receiver")
 
 
+def put_until_stopped(out: queue.Queue, item: Item, stop: threading.Event) -> None:
+    """Put ``item`` on the bounded queue, waiting while it is full (back-pressure: the socket is not read
+    until the pipeline catches up), unless ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
 class EndpointInUse(ValueError):
     """Binding failed because another socket holds the endpoint, most often the other side of the stream."""
 
@@ -100,12 +111,7 @@ class Receiver(threading.Thread):
             self.sock.close(linger=0)
 
     def _put(self, item: Item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue  # back-pressure: stop reading the socket until the pipeline catches up
+        put_until_stopped(self.out, item, self.stop)
 
 
 # --- plain TCP: the Merlin data port ---------------------------------------------------------
@@ -265,12 +271,7 @@ class TcpReceiver(threading.Thread):
                        f"MPX, prefix: {why}"))
 
     def _put(self, item: Item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue  # back-pressure: the socket is not read until the pipeline catches up
+        put_until_stopped(self.out, item, self.stop)
 
 
 def coalesce(items: list[Item], buf: np.ndarray) -> list[Item]:
