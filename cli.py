@@ -9,6 +9,7 @@ subcommand              registered by               runs
 ``replay``              ``rrstem.simulators.cli``   a recorded file, sent like a detector
 ``analyze``             ``rrstem.commands``         a file through the service, in one process
 ``dashboard``           ``rrstem.gui``              the live dashboard of a running service
+``keys``                ``rrstem.stream.cli``       CURVE certificates for ``--keys DIR`` (authenticated sockets)
 ======================  ==========================  =============================================
 
 Each ``add_*_args(subparsers)`` adds one subcommand and sets ``func``, which
@@ -25,7 +26,7 @@ import sys
 from rrstem.commands import add_analyze_args, add_demo_args
 from rrstem.gui import add_dashboard_args
 from rrstem.simulators.cli import add_replay_args, add_simulate_args
-from rrstem.stream.cli import add_serve_args
+from rrstem.stream.cli import add_keys_args, add_serve_args
 
 #: Commands that run a service and so log what it does (INFO) unless told otherwise.
 SERVICE_COMMANDS = ("serve", "demo", "analyze")
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_args(sub)
     add_analyze_args(sub)
     add_dashboard_args(sub)
+    add_keys_args(sub)
     return parser
 
 

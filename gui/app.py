@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from rrstem.stream.cli import add_keys_option
 from rrstem.stream.snapshot import Snapshot
 
 
@@ -95,6 +96,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screenshot", default=None, metavar="PNG", help="save the window as PNG on exit")
     p.add_argument("--export-dir", default=".", metavar="DIR", help="where 'Export PNG' writes")
     p.add_argument("--offscreen", action="store_true", help="render offscreen (no display needed)")
+    add_keys_option(p, "the dashboard is a CURVE client of the service (serve --keys) and needs DIR/server.key "
+                       "and DIR/client.key_secret")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from rrstem.gui.window import Dashboard
 
     win = Dashboard(connect=args.connect, control=args.control, stale_after=args.stale_after,
-                    export_dir=args.export_dir)
+                    export_dir=args.export_dir, keys=args.keys)
     win.show()
 
     def finish():

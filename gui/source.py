@@ -3,6 +3,8 @@
 Neither class touches Qt. ``SnapshotSource.poll`` is called from the GUI
 timer and never blocks; ``ControlWorker`` runs the blocking control requests
 on its own thread so that a slow or absent service cannot freeze the window.
+With ``keys`` (a ``rrstem keys`` folder) both are CURVE clients of the
+service (``stream/auth.py``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
 
+from rrstem.stream.auth import Curve, curve_for
 from rrstem.stream.control import ControlClient, ControlError, ControlTimeout, unpack_array
 from rrstem.stream.snapshot import Snapshot
 
@@ -27,13 +31,21 @@ class SnapshotSource:
     are dropped undecoded (counted in ``skipped``).
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, hwm: int = 4):
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, hwm: int = 4,
+                 keys: str | Path | Curve | None = None):
         self.endpoint = endpoint
         self._ctx = context or zmq.Context.instance()
+        curve = curve_for(keys, self._ctx)
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if curve is not None:
+            try:
+                curve.secure(self._sock, server=False)
+            except ValueError:
+                self._sock.close()
+                raise
         self._sock.connect(endpoint)
         self.received = 0  # messages taken off the socket
         self.skipped = 0  # messages dropped because a newer one was queued
@@ -96,9 +108,12 @@ class ControlWorker:
     quickly across a map does not queue up stale frames.
     """
 
-    def __init__(self, endpoint: str, timeout: float = 2.0):
+    def __init__(self, endpoint: str, timeout: float = 2.0, keys: str | Path | Curve | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
+        self.curve = curve_for(keys, zmq.Context.instance())
+        if self.curve is not None:
+            self.curve.ready(server=False)  # a missing keys file is said here, not lost on the worker thread
         self._requests: queue.Queue = queue.Queue(maxsize=16)
         self._replies: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -130,7 +145,7 @@ class ControlWorker:
                 return out
 
     def _run(self) -> None:
-        client = ControlClient(self.endpoint, timeout=self.timeout, context=zmq.Context.instance())
+        client = ControlClient(self.endpoint, timeout=self.timeout, context=zmq.Context.instance(), keys=self.curve)
         try:
             while not self._stop.is_set():
                 try:

@@ -66,17 +66,19 @@ class Dashboard(QtWidgets.QMainWindow):
     stale_after:   seconds without a snapshot before the unreachable banner shows
     follow_interval: seconds between two requests for the newest frame (``header.latest_index``),
                    which the frame inspector shows until the user clicks a map
+    keys:          a ``rrstem keys`` folder: snapshots and control over CURVE (``stream/auth.py``)
     """
 
     def __init__(self, connect=None, control=None, stale_after=3.0, poll_ms=50, control_timeout=2.0,
-                 export_dir=".", use_advertised_control=True, follow_interval=0.5):
+                 export_dir=".", use_advertised_control=True, follow_interval=0.5, keys=None):
         super().__init__()
         self.setWindowTitle(f"rrstem dashboard - {connect or 'offline'}")
         self.stale_after = stale_after
         self.control_timeout = control_timeout
         self.export_dir = Path(export_dir)
         self.use_advertised_control = use_advertised_control
-        self.source = SnapshotSource(connect) if connect else None
+        self.keys = keys
+        self.source = SnapshotSource(connect, keys=keys) if connect else None
         self.control_endpoint: str | None = None
         self.worker: ControlWorker | None = None
         self.snapshot: Snapshot | None = None
@@ -343,7 +345,7 @@ class Dashboard(QtWidgets.QMainWindow):
         if self.worker is not None:
             self.worker.close()
         self.control_endpoint = endpoint
-        self.worker = ControlWorker(endpoint, timeout=self.control_timeout)
+        self.worker = ControlWorker(endpoint, timeout=self.control_timeout, keys=self.keys)
         self._enable_controls()
 
     def _enable_controls(self) -> None:

@@ -19,7 +19,7 @@ from rrstem.simulators.files import SUFFIXES, open_file
 from rrstem.simulators.graphene import DEFECTS, GrapheneSource
 from rrstem.simulators.merlin import LAYOUTS, serve_merlin
 from rrstem.simulators.source import Source, stream
-from rrstem.stream.cli import parse_scan_shape
+from rrstem.stream.cli import add_keys_option, parse_scan_shape
 
 
 def parse_dose(text: str) -> float | None:
@@ -59,6 +59,9 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=_positive(float), default=30.0, metavar="S",
                    help="give up if no receiver takes frames for this long (default 30 s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_keys_option(g, "binding, the sender is the CURVE server and sends only to the clients in DIR/authorized/ "
+                       "(serve --keys DIR); with --connect it is a CURVE client of serve --bind --keys DIR. "
+                       "rrstem/1 only: detector protocols have no CURVE")
     d = p.add_argument_group("detector protocol")
     d.add_argument("--protocol", choices=("rrstem", *PROTOCOLS, "merlin"), default="rrstem",
                    help="wire protocol: rrstem/1 (default), or a DECTRIS detector's SIMPLON stream v1 (simplon) "
@@ -128,6 +131,9 @@ def _stream_args(args, source: Source, command: str) -> int:
     common = dict(bind=not args.connect, socket_type="pub" if args.pub else "push", rate=args.rate,
                   progress=not args.no_progress, timeout=args.timeout, on_endpoint=announce)
     order = getattr(source, "valid_order", None)  # a damaged file: the frames before the damage
+    if args.keys is not None and args.protocol != "rrstem":
+        raise ValueError(f"--keys applies to --protocol rrstem: {args.protocol} has no CURVE, as the detectors "
+                         "that speak it have none")
     if args.protocol != "merlin" and (args.sync_offset or args.flyback or args.layout != "1x1" or args.no_scan_xy):
         raise ValueError("--layout, --sync-offset, --flyback and --no-scan-xy apply to --protocol merlin")
     if args.protocol == "merlin":
@@ -143,7 +149,8 @@ def _stream_args(args, source: Source, command: str) -> int:
     elif args.protocol == "rrstem":
         if args.compression != "none":
             raise ValueError("--compression applies to the DECTRIS protocols; add --protocol simplon or stream2")
-        stats = stream(source, args.to, frames_per_message=args.frames_per_message, order=order, **common)
+        stats = stream(source, args.to, frames_per_message=args.frames_per_message, order=order, keys=args.keys,
+                       **common)
     else:
         stats = stream_detector(source, args.to, protocol=args.protocol, compression=args.compression,
                                 header_detail=args.header_detail, series=args.series, order=order, **common)

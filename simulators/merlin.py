@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rrstem.simulators.source import Source, StreamStats
+from rrstem.stream.auth import warn_if_exposed
 from rrstem.stream.receiver import tcp_address
 
 #: scan dtype -> (Merlin pixel type, counter depth, big-endian wire dtype)
@@ -165,6 +166,7 @@ def serve_merlin(source: Source, endpoint: str = f"tcp://127.0.0.1:{DATA_PORT}",
     server = socket.create_server((host, port))
     try:
         bound = f"tcp://{host}:{server.getsockname()[1]}"
+        warn_if_exposed([(bound, "sender")])  # plain TCP, as a Merlin PC serves it: no CURVE
         if on_endpoint is not None:
             on_endpoint(bound)
         server.settimeout(timeout)

@@ -15,6 +15,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from rrstem.stream import protocol
 from rrstem.stream.protocol import Start
+from rrstem.stream.auth import Curve, warn_if_exposed
 from rrstem.stream.receiver import bind_or_connect
 
 #: The endpoint the most recent ``stream`` call bound or connected to, with the
@@ -191,7 +193,8 @@ def _plan(source: Source, fpm: int, order: Sequence[int] | None) -> list[tuple[i
     return list(_runs(order, fpm))
 
 
-def _open_socket(ctx: zmq.Context, endpoint: str, bind: bool, socket_type: str, hwm: int, timeout_ms: int):
+def _open_socket(ctx: zmq.Context, endpoint: str, bind: bool, socket_type: str, hwm: int, timeout_ms: int,
+                 curve: Curve | None = None):
     kinds = {"push": zmq.PUSH, "pub": zmq.XPUB}  # XPUB is a PUB that tells us when someone subscribes
     if socket_type not in kinds:
         raise ValueError(f"socket_type must be 'push' or 'pub', not {socket_type!r}")
@@ -199,7 +202,12 @@ def _open_socket(ctx: zmq.Context, endpoint: str, bind: bool, socket_type: str, 
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
     sock.setsockopt(zmq.LINGER, timeout_ms)
-    return sock, bind_or_connect(sock, endpoint, bind)  # a ValueError that says what to do if it fails
+    if not bind:  # queue only to a receiver whose handshake is done: a peer that refuses our keys times out the send
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    endpoint = bind_or_connect(sock, endpoint, bind, curve)  # a ValueError that says what to do if it fails
+    if bind and curve is None:
+        warn_if_exposed([(endpoint, "sender")])
+    return sock, endpoint
 
 
 def _wait_for_subscriber(sock, endpoint: str, timeout: float) -> None:
@@ -245,6 +253,7 @@ def stream(
     context: zmq.Context | None = None,
     encoder=None,
     grace: float = 0.0,
+    keys: str | Path | None = None,
 ) -> StreamStats:
     """Send ``source`` as one scan: header, frames, end (``rrstem/1`` unless another ``encoder``).
 
@@ -259,7 +268,9 @@ def stream(
     that no receiver takes within ``timeout`` seconds raises ``TimeoutError``.
     ``encoder`` turns chunks into messages (``RrstemEncoder``, or a detector
     protocol's: ``simulators/dectris.py``); the socket stays open ``grace``
-    seconds after the end, as a detector that stays up does.
+    seconds after the end, as a detector that stays up does. ``keys``, a
+    ``rrstem keys`` folder: CURVE, as the server if it binds (only the
+    folder's authorized clients get frames), else as the client.
     """
     global LAST_ENDPOINT
     if rate is not None and not rate > 0:
@@ -277,9 +288,13 @@ def stream(
     # terminating its context does (up to the linger), so the last frames are never cut off at exit.
     own = context is None
     ctx = zmq.Context() if own else context
+    curve = None
     try:
-        sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, hwm, int(timeout * 1000))
+        curve = Curve(keys, ctx) if keys is not None else None
+        sock, endpoint = _open_socket(ctx, endpoint, bind, socket_type, hwm, int(timeout * 1000), curve)
     except BaseException:
+        if curve is not None:
+            curve.close()
         if own:
             ctx.term()  # its socket is closed already: nothing to wait for
         raise
@@ -311,6 +326,8 @@ def stream(
     finally:
         bar.close()
         sock.close()  # lingers up to `timeout` so queued messages still go out
+        if curve is not None:
+            curve.close()  # its authenticator's sockets are closed before the context ends; connected peers stay
         if own:
             ctx.term()  # blocks until the queue is delivered or the linger runs out
     return StreamStats(endpoint=endpoint, frames=sent, messages=messages + 2, seconds=seconds)
@@ -322,5 +339,6 @@ def _send(sock, send: Callable[[], None], endpoint: str, timeout: float) -> None
     except zmq.Again:
         raise TimeoutError(
             f"no receiver took frames from {endpoint} within {timeout:g} s; "
-            "start `rrstem serve` (or another PULL socket) on this endpoint, or raise the timeout"
+            "start `rrstem serve` (or another PULL socket) on this endpoint, or raise the timeout; a receiver with "
+            "CURVE (serve --keys DIR) takes frames only from a sender given keys from that folder (--keys DIR)"
         ) from None

@@ -1,6 +1,8 @@
 """What the stream package contributes to the ``rrstem`` command line (``rrstem.cli``).
 
 - ``add_serve_args(subparsers)``: the ``serve`` subcommand.
+- ``add_keys_args(subparsers)``: the ``keys`` subcommand (CURVE certificates, ``stream/auth.py``).
+- ``add_keys_option(parser, what)``: the ``--keys DIR`` option of every command that talks ZeroMQ.
 - ``add_processing_args(parser)``, ``preprocess_config(args)``, ``trainer_overrides(args)``:
   the preprocessing and training options of every command that runs a service
   (serve, analyze, demo), and the ``ServiceConfig`` parts they make.
@@ -178,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         preprocess=preprocess_config(args), train=not args.no_train,
                         trainer=trainer_overrides(args), device=args.device, once=args.once,
                         idle_timeout=args.idle_timeout, checkpoint_seconds=args.checkpoint_seconds,
-                        stop_timeout=args.stop_timeout)
+                        stop_timeout=args.stop_timeout, keys=args.keys, read_only_control=args.read_only_control)
     service = Service(cfg).start()
     import signal
 
@@ -216,7 +218,44 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--stop-timeout", type=float, default=10.0, metavar="S",
                    help="on stop, SIGTERM or Ctrl-C, write the running scan within S seconds (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.add_argument_group("strangers (docs/protocol.md, Authentication)")
+    add_keys_option(a, "the snapshot and control sockets, and the frames socket (rrstem/1), are CURVE servers that "
+                       "let in only the clients in DIR/authorized/; connecting to a sender, serve is its CURVE client")
+    a.add_argument("--read-only-control", action="store_true",
+                   help="refuse control commands that change the service (stop, pause/resume training, reset the "
+                        "model, save to a path); status, frame and save still work")
     add_acquisition_args(p)
     add_processing_args(p)
     p.set_defaults(func=cmd_serve)
+    return p
+
+
+def add_keys_option(p, what: str) -> None:
+    """``--keys DIR``: CURVE authentication and encryption with the certificates ``rrstem keys DIR`` made."""
+    p.add_argument("--keys", type=Path, default=None, metavar="DIR",
+                   help=f"CURVE authentication and encryption with the keys `rrstem keys DIR` made: {what}")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from rrstem.stream.auth import ROLES, make_keys
+
+    make_keys(args.dir, force=args.force)
+    width = max(len(name) for name in ROLES) + len(str(args.dir)) + 3
+    print(f"rrstem keys: CURVE certificates in {args.dir}:")
+    for name, role in ROLES.items():
+        shown = str(args.dir / name) + ("/" if name.endswith("/") else "")
+        print(f"  {shown:<{width}} {role}")
+    print(f"Give every program --keys {args.dir}: the same folder, or on each machine a copy with the files its "
+          "side needs. A peer without them gets nothing from rrstem's sockets and can change nothing.")
+    return 0
+
+
+def add_keys_args(subparsers) -> argparse.ArgumentParser:
+    """Register ``keys``: make the CURVE certificates of ``--keys DIR``."""
+    p = subparsers.add_parser("keys", help="make CURVE certificates for authenticated, encrypted sockets (--keys DIR)",
+                              description="Write a server and a client CURVE certificate pair (pyzmq zmq.auth) into "
+                                          "DIR, authorize the client, and say which file goes where.")
+    p.add_argument("dir", type=Path, metavar="DIR", help="folder for the keys (made if needed)")
+    p.add_argument("--force", action="store_true", help="replace keys already in DIR (every client needs the new ones)")
+    p.set_defaults(func=cmd_keys)
     return p

@@ -23,6 +23,11 @@ class ServiceConfig(BaseModel):
     publish: str | None = Field("tcp://127.0.0.1:5556", description="Snapshot PUB endpoint (bound); None: off.")
     control: str | None = Field("tcp://127.0.0.1:5557", description="Control REP endpoint (bound); None: off.")
     out: Path | None = Field(Path("rrstem-results.h5"), description="Results file; None: do not write.")
+    keys: Path | None = Field(None, description="CURVE keys folder (`rrstem keys`): the bound sockets are CURVE "
+                              "servers that let in only its authorized/ clients, a connecting frames socket a CURVE "
+                              "client (stream/auth.py); None: no authentication.")
+    read_only_control: bool = Field(False, description="Refuse control commands that change the service "
+                                    "(stop, training commands, save to a path).")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     scan_shape: tuple[int, int] | None = Field(None, description="Override the start message's scan shape.")
     sync_offset: int = Field(0, description="Frames to skip at the start of an acquisition; negative: frames "

@@ -14,6 +14,12 @@ fields. Arrays in replies are maps ``{"dtype", "shape", "data"}`` (see
 ``frame`` ``index=[y, x]`` -> ``frame`` (binned frame), ``mean`` (mean pattern),
                       ``recon`` and ``residual`` (mean-subtracted frame minus
                       the model's reconstruction; absent without a model)
+
+A service started with ``--read-only-control`` refuses the commands that
+change its state (``changes_state``: stop, the training commands, save with
+a path) with ``ok: false``, ``read_only: true`` and an error that starts
+``control is read-only:``; status, frame and save without a path still work.
+With ``keys`` (``stream/auth.py``), ``ControlClient`` talks CURVE.
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ import msgpack
 import numpy as np
 import zmq
 
+from rrstem.stream.auth import Curve, curve_for
+
 COMMANDS = ("status", "save", "stop", "pause_training", "resume_training", "reset_model", "frame")
+#: commands that change the service's state, refused by a read-only control socket (and ``save`` with a path)
+CHANGING = ("stop", "pause_training", "resume_training", "reset_model")
+
+
+def changes_state(req: dict[str, Any]) -> bool:
+    """Whether request ``req`` would change the service: a ``CHANGING`` command, or ``save`` to another path."""
+    cmd = req.get("cmd")
+    return cmd in CHANGING or (cmd == "save" and req.get("path") is not None)
 
 
 class ControlAPI(Protocol):
@@ -53,13 +69,21 @@ class ControlAPI(Protocol):
         """The trainer's status after re-initialising the model."""
 
 
-def handle(api: ControlAPI, raw: bytes) -> dict[str, Any]:
-    """The reply map to one request; a failing command becomes ``ok: false`` with its error, never an exception."""
+def handle(api: ControlAPI, raw: bytes, read_only: bool = False) -> dict[str, Any]:
+    """The reply map to one request; a failing command becomes ``ok: false`` with its error, never an exception.
+
+    ``read_only``: a request that ``changes_state`` is refused, and nothing is done.
+    """
     try:
         req = unpack(raw)
         cmd = req.get("cmd")
         if cmd not in COMMANDS:
             return {"ok": False, "error": f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}"}
+        if read_only and changes_state(req):
+            what = "save to another path" if cmd == "save" else repr(cmd)
+            return {"ok": False, "read_only": True, "cmd": cmd,
+                    "error": f"control is read-only: {what} changes the service, and it was started with "
+                             "--read-only-control; status, frame and save (without a path) still work"}
         if cmd == "status":
             out = {"status": api.header().model_dump(mode="json")}
         elif cmd == "save":
@@ -111,17 +135,24 @@ class ControlClient:
     a fresh one is made for the next request ("lazy pirate").
     """
 
-    def __init__(self, endpoint: str, timeout: float = 2.0, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, timeout: float = 2.0, context: zmq.Context | None = None,
+                 keys: str | Path | Curve | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
+        self._curve = curve_for(keys, self._ctx)  # CURVE client: a keys folder (``rrstem keys``), or None
+        if self._curve is not None:
+            self._curve.ready(server=False)  # a missing keys file is said now, not at the first request
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = self._ctx.socket(zmq.REQ)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.endpoint)
+            sock = self._ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:
+                self._curve.secure(sock, server=False)
+            sock.connect(self.endpoint)
+            self._sock = sock
         return self._sock
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Hashable, Protocol
 
 import zmq
 
 from rrstem.stream import control
+from rrstem.stream.auth import Curve
 from rrstem.stream.snapshot import Snapshot
 
 log = logging.getLogger("rrstem.publisher")
@@ -38,22 +40,37 @@ class Published(control.ControlAPI, Protocol):
         """Record a failure that the service survives."""
 
 
+def _bind(sock: zmq.Socket, endpoint: str, curve: Curve | None) -> str:
+    if curve is not None:
+        curve.secure(sock, server=True)
+    sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 class Publisher:
-    def __init__(self, context: zmq.Context, publish: str | None, control_ep: str | None):
+    """The snapshot PUB and control REP sockets, both bound; with ``curve`` both are CURVE servers
+    (``stream/auth.py``). ``read_only``: control commands that change state are refused (``control.handle``)."""
+
+    def __init__(self, context: zmq.Context, publish: str | None, control_ep: str | None,
+                 curve: Curve | None = None, read_only: bool = False):
         self.seq = 0  # snapshots published
+        self.read_only = read_only
+        self.refused: Counter[str] = Counter()  # control requests refused as read-only, by command
         self._pub = self._rep = None
         self.publish_endpoint = self.control_endpoint = None  # actual endpoints (port 0 resolved)
-        if publish:
-            self._pub = context.socket(zmq.PUB)
-            self._pub.setsockopt(zmq.SNDHWM, 4)  # slow subscribers lose snapshots, never slow us
-            self._pub.setsockopt(zmq.LINGER, 0)
-            self._pub.bind(publish)
-            self.publish_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        if control_ep:
-            self._rep = context.socket(zmq.REP)
-            self._rep.setsockopt(zmq.LINGER, 0)
-            self._rep.bind(control_ep)
-            self.control_endpoint = self._rep.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            if publish:
+                self._pub = context.socket(zmq.PUB)
+                self._pub.setsockopt(zmq.SNDHWM, 4)  # slow subscribers lose snapshots, never slow us
+                self._pub.setsockopt(zmq.LINGER, 0)
+                self.publish_endpoint = _bind(self._pub, publish, curve)
+            if control_ep:
+                self._rep = context.socket(zmq.REP)
+                self._rep.setsockopt(zmq.LINGER, 0)
+                self.control_endpoint = _bind(self._rep, control_ep, curve)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         for sock in (self._pub, self._rep):
@@ -71,7 +88,11 @@ class Publisher:
             now = time.monotonic()
             wait = max(0.001, min(next_pub - now, 0.1))
             if self._rep is not None and self._rep.poll(int(wait * 1000)):
-                self._rep.send(control.pack(control.handle(service, self._rep.recv())))
+                reply = control.handle(service, self._rep.recv(), read_only=self.read_only)
+                if reply.get("read_only"):
+                    self.refused[reply["cmd"]] += 1
+                    log.warning("refused control %r: %s", reply["cmd"], reply["error"])
+                self._rep.send(control.pack(reply))
                 continue
             if self._rep is None:
                 stop.wait(wait)

@@ -25,6 +25,7 @@ import threading
 import numpy as np
 import zmq
 
+from rrstem.stream.auth import Curve
 from rrstem.stream.detectors import Decoder, Item
 from rrstem.stream.protocol import Frames
 from rrstem.stream.detectors.rrstem import RrstemDecoder
@@ -55,12 +56,20 @@ class EndpointInUse(ValueError):
         self.endpoint = endpoint
 
 
-def bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
+def bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool, curve: Curve | None = None) -> str:
     """Bind or connect ``sock`` to ``endpoint``; returns it, with the real port when a bind asked for port 0.
 
-    On failure the socket is closed and a ``ValueError`` says how to fix the
-    endpoint: ``EndpointInUse`` if another socket is bound to it.
+    With ``curve`` the socket is the CURVE server if it binds, the client if it
+    connects (``stream/auth.py``). On failure the socket is closed and a
+    ``ValueError`` says how to fix the endpoint: ``EndpointInUse`` if another
+    socket is bound to it.
     """
+    try:
+        if curve is not None:
+            curve.secure(sock, server=bind)
+    except ValueError:  # a keys file missing: said by the error
+        sock.close(linger=0)
+        raise
     try:
         if not bind:
             sock.connect(endpoint)
@@ -79,7 +88,8 @@ class Receiver(threading.Thread):
     """Reads one socket until ``stop`` is set. Stores its exception in ``error`` if it fails."""
 
     def __init__(self, context: zmq.Context, endpoint: str, out: queue.Queue, stop: threading.Event,
-                 bind: bool = False, mode: str = "pull", hwm: int = 64, decoder: Decoder | None = None):
+                 bind: bool = False, mode: str = "pull", hwm: int = 64, decoder: Decoder | None = None,
+                 curve: Curve | None = None):
         super().__init__(name="rrstem-receiver", daemon=True)
         if mode not in ("pull", "sub"):
             raise ValueError(f"receiver mode must be 'pull' or 'sub', got {mode!r}")
@@ -91,7 +101,7 @@ class Receiver(threading.Thread):
         self.sock.setsockopt(zmq.LINGER, 0)
         if mode == "sub":
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.endpoint = bind_or_connect(self.sock, endpoint, bind)
+        self.endpoint = bind_or_connect(self.sock, endpoint, bind, curve)
         self.messages = 0
 
     def run(self) -> None:

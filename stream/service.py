@@ -35,6 +35,7 @@ from rrstem.model.interface import Encoder
 from rrstem.stream import control
 from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
 from rrstem.stream.acquisition import AcquisitionMap
+from rrstem.stream.auth import Curve, warn_if_exposed
 from rrstem.stream.detectors import TCP_PROTOCOLS, Item, decoder_for
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.publisher import Publisher
@@ -103,6 +104,9 @@ class Service:
         self.encoder: Encoder | None = make_encoder(config)
         self._slot = EncoderSlot(self.encoder) if self.encoder is not None else None
         decoder = decoder_for(config.protocol, config.scan_shape, config.sync_offset, config.flyback)
+        self._said_plain = False
+        self.curve = Curve(config.keys, self.ctx) if config.keys is not None else None  # stream/auth.py
+        frames_curve = self._frames_curve()
         if config.protocol in TCP_PROTOCOLS:  # the detector serves its port: connect to it
             if config.bind or config.mode != "pull":
                 raise ValueError(f"the {config.protocol} detector serves its data port over plain TCP and rrstem "
@@ -110,8 +114,9 @@ class Service:
             self.receiver = TcpReceiver(config.listen, self._queue, self.stop_event, decoder)
         else:
             self.receiver = Receiver(self.ctx, config.listen, self._queue, self.stop_event, bind=config.bind,
-                                     mode=config.mode, decoder=decoder)
-        self.publisher = Publisher(self.ctx, config.publish, config.control)
+                                     mode=config.mode, decoder=decoder, curve=frames_curve)
+        self.publisher = Publisher(self.ctx, config.publish, config.control, curve=self.curve,
+                                   read_only=config.read_only_control)
         self._workers = [
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
             Worker("rrstem-finisher", self._finish_loop, self._died),
@@ -133,6 +138,24 @@ class Service:
     def control_endpoint(self) -> str | None:
         return self.publisher.control_endpoint
 
+    def _frames_curve(self) -> Curve | None:
+        """CURVE for the frames socket: with keys, for rrstem/1 only (detector firmware speaks no CURVE)."""
+        if self.curve is None or self.cfg.protocol == "rrstem":
+            return self.curve
+        if not self._said_plain:
+            self._said_plain = True
+            log.warning("frames from the %s detector are neither encrypted nor authenticated: its firmware speaks no "
+                        "CURVE (--keys secures the snapshot and control sockets); keep the detector on its own "
+                        "network", self.cfg.protocol)
+        return None
+
+    def _warn_if_exposed(self) -> None:
+        """A WARNING for every socket bound beyond this machine without CURVE: anyone there can use it."""
+        bound = [(self.listen_endpoint, "frames")] if self.cfg.bind and self._frames_curve() is None else []
+        if self.curve is None:
+            bound += [(self.publish_endpoint, "snapshots"), (self.control_endpoint, "control")]
+        warn_if_exposed(bound)
+
     def start(self) -> "Service":
         """Start the threads; calling it again (e.g. ``with Service(cfg).start() as svc``) does nothing."""
         if self._started:
@@ -145,6 +168,7 @@ class Service:
             t.start()
         log.info("listening on %s (%s, %s); snapshots on %s; control on %s", self.listen_endpoint, self.cfg.mode,
                  "bound" if self.cfg.bind else "connected", self.publish_endpoint, self.control_endpoint)
+        self._warn_if_exposed()
         for scan_id, _ in self.unfinished:
             log.warning("%s holds scan %s from a service that stopped mid-scan: its maps up to its last checkpoint "
                         "are there, marked incomplete (end_reason 'running')", self.cfg.out, scan_id)
@@ -186,6 +210,8 @@ class Service:
         if self.encoder is not None:
             self.encoder.close(timeout=max(0.5, deadline - time.monotonic()))
         self.publisher.close()
+        if self.curve is not None:
+            self.curve.close()
 
     def __enter__(self) -> "Service":
         return self.start()
