@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -305,3 +306,55 @@ def test_the_dashboard_with_the_keys_draws_the_snapshots_and_without_them_none(k
             assert proc.returncode == 0, err
             drawn.append(int(err.split("dashboard: ")[1].split()[0]))
     assert drawn[0] >= 1 and drawn[1] == 0, drawn
+
+
+# --- a third-party sender written from docs/protocol.md alone -----------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+
+
+def documented_curve_sender(binds: bool) -> str:
+    """The minimal sender with its socket lines replaced by the Authentication section's, as the page says."""
+    text = DOC.read_text()
+    blocks = lambda section: re.findall(r"```python\n(.*?)```", text[text.index(section):], re.S)  # noqa: E731
+    sender = blocks("## Minimal sender")[0]
+    server_lines, client_lines = blocks("## Authentication")[:2]
+    head, rest = sender.split("ctx = zmq.Context()\n")
+    _, tail = rest.split("sock.bind(ENDPOINT)\n")
+    if binds:
+        return head + server_lines + tail.replace("ctx.term()", "auth.stop()\nctx.term()")
+    return head + client_lines + tail
+
+
+def test_the_documented_curve_senders_get_their_scans_in_binding_and_connecting(keys, tmp_path):
+    good, _, _ = keys
+    for binds in (True, False):
+        (tmp_path / f"sender-{binds}.py").write_text(documented_curve_sender(binds))
+    bridge = f"ipc://{tmp_path}/bridge"
+    # the sender binds, as a detector does; serve connects with the keys
+    binding = subprocess.Popen([sys.executable, str(tmp_path / "sender-True.py"), bridge, str(good)],
+                               stderr=subprocess.PIPE, text=True)
+    connecting = None
+    try:
+        first = Serve("--listen", bridge, "--publish", ANY, "--control", ANY, "--keys", str(good), "--once",
+                      "--out", str(tmp_path / "bound.h5"))
+        # serve binds; the sender connects with the keys
+        second = Serve("--bind", "--listen", f"ipc://{tmp_path}/service", "--publish", ANY, "--control", ANY,
+                       "--keys", str(good), "--once", "--out", str(tmp_path / "connected.h5"))
+        connecting = subprocess.Popen([sys.executable, str(tmp_path / "sender-False.py"), second.frames, str(good)],
+                                      stderr=subprocess.PIPE, text=True)
+        for serve, sender in ((first, binding), (second, connecting)):
+            code, output = serve.finish(30.0)
+            assert code == 0, output
+            assert sender.wait(30) == 0, sender.stderr.read()
+    finally:
+        for proc in (binding, connecting):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    for name in ("bound.h5", "connected.h5"):
+        res = read_scan(tmp_path / name, "bridge-demo-0001")
+        counters = res["attrs"]["counters"]
+        # all 256 frames arrived; the stand-in detector's frame 0 is all zeros, which is refused as zero_sum
+        assert (counters["received"], counters["invalid"], counters["missing"]) == (255, 1, 0), (name, counters)
+        assert res["attrs"]["invalid_reasons"] == {"zero_sum": 1}
+        assert res["attrs"]["complete"]
