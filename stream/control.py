@@ -162,7 +162,7 @@ class ControlClient:
         if not sock.poll(int(self.timeout * 1000)):
             sock.close()
             self._sock = None
-            hint = "" if self._curve is not None else " (a service started with --keys answers only clients with its keys)"
+            hint = "" if self._curve is not None else " (a service with --keys answers only clients with its keys)"
             raise ControlTimeout(f"no reply from {self.endpoint} within {self.timeout:g} s to {cmd!r}{hint}")
         reply = unpack(sock.recv())
         if not reply.get("ok", False):

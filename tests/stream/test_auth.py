@@ -358,3 +358,22 @@ def test_the_documented_curve_senders_get_their_scans_in_binding_and_connecting(
         assert (counters["received"], counters["invalid"], counters["missing"]) == (255, 1, 0), (name, counters)
         assert res["attrs"]["invalid_reasons"] == {"zero_sum": 1}
         assert res["attrs"]["complete"]
+
+
+def test_a_client_key_put_in_authorized_while_the_service_runs_is_let_in(keys, tmp_path):
+    good, _, _ = keys
+    newcomer = tmp_path / "newcomer"
+    newcomer.mkdir()
+    public, secret = zmq.auth.create_certificates(newcomer, "client")
+    shutil.copy(good / "server.key", newcomer)
+    cfg = ServiceConfig(listen=ANY, bind=True, publish=None, control=ANY, out=None, train=False, keys=good)
+    with Service(cfg) as svc:
+        with ControlClient(svc.control_endpoint, timeout=0.5, keys=newcomer) as ctl, pytest.raises(ControlTimeout):
+            ctl.request("status")  # not authorized yet
+        assert svc.curve.refused >= 1
+        shutil.copy(public, good / "authorized" / "newcomer.key")
+        time.sleep(1.0)  # the folder is read again at most once a second
+        with ControlClient(svc.control_endpoint, timeout=5.0, keys=newcomer) as ctl:
+            assert ctl.request("status")["status"]["scan_id"] is None
+        with ControlClient(svc.control_endpoint, timeout=5.0, keys=good) as ctl:  # the first client still works
+            assert ctl.request("status")["status"]["scan_id"] is None
