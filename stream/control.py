@@ -14,6 +14,11 @@ fields. Arrays in replies are maps ``{"dtype", "shape", "data"}`` (see
 ``frame`` ``index=[y, x]`` -> ``frame`` (binned frame), ``mean`` (mean pattern),
                       ``recon`` and ``residual`` (mean-subtracted frame minus
                       the model's reconstruction; absent without a model)
+``rescan`` ``region=[y0, y1, x0, x1]`` [``step_factor``, ``dwell_factor``, ``dose_factor``, ``scan_id``]
+                     -> ``request``: the rescan request published for the bridge
+                      (``stream/steering.py``; a bad request gets ``ok: false`` and nothing is sent)
+``rescan_answer`` ``request_id``, ``accepted`` [``reason``] -> ``request_id``, ``state``:
+                      a bridge's answer to a rescan request
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import msgpack
 import numpy as np
 import zmq
 
-COMMANDS = ("status", "save", "stop", "pause_training", "resume_training", "reset_model", "frame")
+COMMANDS = ("status", "save", "stop", "pause_training", "resume_training", "reset_model", "frame",
+            "rescan", "rescan_answer")
 
 
 class ControlAPI(Protocol):
@@ -52,6 +58,13 @@ class ControlAPI(Protocol):
     def reset_model(self) -> dict[str, Any]:
         """The trainer's status after re-initialising the model."""
 
+    def rescan(self, region: Any, step_factor: float = 1.0, dwell_factor: float = 1.0, dose_factor: float = 1.0,
+               scan_id: str | None = None) -> dict[str, Any]:
+        """Validate a rescan request and publish it for the bridge; returns the request."""
+
+    def rescan_answer(self, request_id: Any, accepted: Any, reason: Any = None) -> dict[str, Any]:
+        """Record a bridge's answer to a rescan request."""
+
 
 def handle(api: ControlAPI, raw: bytes) -> dict[str, Any]:
     """The reply map to one request; a failing command becomes ``ok: false`` with its error, never an exception."""
@@ -69,6 +82,11 @@ def handle(api: ControlAPI, raw: bytes) -> dict[str, Any]:
             out = {}
         elif cmd == "frame":
             out = api.frame_reply(req.get("index"))
+        elif cmd == "rescan":
+            args = {k: req[k] for k in ("step_factor", "dwell_factor", "dose_factor", "scan_id") if k in req}
+            out = {"request": api.rescan(req.get("region"), **args)}
+        elif cmd == "rescan_answer":
+            out = api.rescan_answer(req.get("request_id"), req.get("accepted"), req.get("reason"))
         else:
             out = {"training": getattr(api, cmd)()}
         return {"ok": True, **out}

@@ -37,11 +37,14 @@ from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
 from rrstem.stream.acquisition import AcquisitionMap
 from rrstem.stream.detectors import TCP_PROTOCOLS, Item, decoder_for
 from rrstem.stream.encoding import EncoderSlot
+from rrstem.stream.events import EventPublisher, ScanEnded, ScanStarted
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import Receiver, TcpReceiver
 from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key
+from rrstem.stream.steering import Steering
+from rrstem.stream.watch import Watch, error_event
 from rrstem.stream.workers import Failure, Worker
 
 log = logging.getLogger("rrstem.service")
@@ -112,11 +115,17 @@ class Service:
             self.receiver = Receiver(self.ctx, config.listen, self._queue, self.stop_event, bind=config.bind,
                                      mode=config.mode, decoder=decoder)
         self.publisher = Publisher(self.ctx, config.publish, config.control)
+        # events and steering (stream/events.py, stream/steering.py, the events thread in stream/watch.py)
+        self.events = EventPublisher(self.ctx, config.events)
+        self.steering = Steering(self.ctx, config.steering, config.steer_timeout)
+        self.steering.answer_to = self.publisher.control_endpoint
+        self._watch = Watch(self.events, self.steering)
         self._workers = [
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
             Worker("rrstem-finisher", self._finish_loop, self._died),
             Worker("rrstem-publisher", self.publisher.run, self._died,
                    args=(self, self.stop_event, config.snapshot_hz)),
+            Worker("rrstem-events", self._watch.run, self._died, args=(self, self.stop_event)),
         ]
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -186,6 +195,8 @@ class Service:
         if self.encoder is not None:
             self.encoder.close(timeout=max(0.5, deadline - time.monotonic()))
         self.publisher.close()
+        self.events.close()
+        self.steering.close()
 
     def __enter__(self) -> "Service":
         return self.start()
@@ -200,6 +211,7 @@ class Service:
         self.failures.append(Failure(where, exc, scan_id))
         del self.failures[:-50]
         self._n_failures += 1
+        self.events.publish(error_event(where, exc, scan_id))
 
     def _died(self, where: str, exc: BaseException) -> None:
         self.report(where, exc)
@@ -350,6 +362,9 @@ class Service:
         self._seen_ids.add(start.scan_id)
         self._refused.pop(start.scan_id, None)
         self.current, self.notice = scan, None
+        self.events.publish(ScanStarted(scan_id=start.scan_id, scan_shape=start.scan_shape, frame_shape=start.frame_shape,
+                                        calibration=start.calibration.model_dump(exclude_none=True),
+                                        subscan=self.steering.scan_started(start)))
         self._next_checkpoint = time.monotonic() + self.cfg.checkpoint_seconds if self.cfg.checkpoint_seconds else math.inf
         log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
                  start.dtype)
@@ -436,6 +451,9 @@ class Service:
                           self.writer.path, exc)
                 self.report("results", exc, scan.scan_id)
         scan.done = True
+        self.events.publish(ScanEnded(scan_id=scan.scan_id, complete=scan.complete, end_reason=scan.end_reason or "end",
+                                      results_path=str(scan.results_path) if scan.results_path else None,
+                                      counters=scan.counter_dict()))
         self.results_event.set()
         if self._once:
             self.stop_event.set()
@@ -479,6 +497,9 @@ class Service:
         if not scan.ended:
             results.attrs["checkpoint_time"] = time.time()
         results.attrs["config"] = self.cfg.model_dump(mode="json")
+        sub = self.steering.subscan_of(scan.scan_id)
+        if sub is not None:  # a subscan: where it lies on its parent, so its maps can be placed there
+            results.attrs.update({k: v for k, v in sub.model_dump(mode="json").items() if v is not None})
         model_maps, export = self._slot.model(scan) if self._slot is not None else ({}, None)
         if model_maps:
             results.maps.update(model_maps)
@@ -561,3 +582,31 @@ class Service:
 
     def reset_model(self) -> dict[str, Any]:
         return self._training("reset_model")
+
+    # --- steering (stream/steering.py) ----------------------------------------------------
+
+    def rescan(self, region: Any, step_factor: float = 1.0, dwell_factor: float = 1.0, dose_factor: float = 1.0,
+               scan_id: str | None = None) -> dict[str, Any]:
+        """Validate a rescan request and publish it for the bridge; ValueError says what is wrong."""
+        cur = self.current
+        req = self.steering.request(region, step_factor, dwell_factor, dose_factor, scan_id,
+                                    current=cur.scan_id if cur is not None else None)
+        return req.model_dump(mode="json")
+
+    def rescan_answer(self, request_id: Any, accepted: Any, reason: Any = None) -> dict[str, Any]:
+        """A bridge's answer to a rescan request."""
+        out = self.steering.answer(request_id, accepted, reason)
+        if accepted is False:
+            self.report("steering", RuntimeError(f"the bridge refused rescan {request_id}: {reason}"))
+        return out
+
+    def event_view(self):
+        """The events thread's view of the current scan: (scan, its maps with the model's, histories)."""
+        cur = self.current
+        if cur is None or not cur.ready:
+            return None
+        arrays = cur.maps()
+        if self._slot is not None:
+            arrays.update(self._slot.model(cur, export=False)[0])
+            return cur, arrays, self._slot.histories(cur)
+        return cur, arrays, {}

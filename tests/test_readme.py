@@ -50,7 +50,8 @@ SENDERS = ("replay", "simulate")
 ANY_PORT = "tcp://127.0.0.1:0"
 #: appended to every serve line: free ports instead of the fixed 5556/5557 (tests run side by side),
 #: and no rrVAE, which a scan of a few frames does not need
-SERVE_OPTIONS = ["--publish", ANY_PORT, "--control", ANY_PORT, "--no-train"]
+SERVE_OPTIONS = ["--publish", ANY_PORT, "--control", ANY_PORT, "--events", ANY_PORT, "--steering", ANY_PORT,
+                 "--no-train"]
 #: appended to simulate lines: a small scan (8x8 positions of 64x64 px) instead of 128x128 of 256x256
 SMALL_SCAN = ["--scan", "8x8", "--detector", "64"]
 
