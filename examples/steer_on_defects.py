@@ -42,6 +42,8 @@ def main(argv=None) -> int:
 
     asked = 0
     with Client(events=args.events, control=args.control, timeout=10.0) as client:
+        time.sleep(0.3)  # the subscription reaches the service (a PUB socket drops what no one subscribed to)
+        print(f"watching {args.events} for anomalies", flush=True)
         for event in client.events(timeout=math.inf, until=time.monotonic() + args.exit_after):
             if event.type == "anomaly":
                 print(f"anomaly in {event.scan_id} at {event.position} ({event.score_name} {event.score:.1f}, "

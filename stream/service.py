@@ -533,6 +533,9 @@ class Service:
             for key, value in cur.header_fields().items():
                 setattr(h, key, value)
             h.state = self.state(cur)
+            h.rescans = self.steering.requests(parent=cur.scan_id)
+            sub = self.steering.subscan_of(cur.scan_id)
+            h.subscan = sub.model_dump(mode="json") if sub is not None else None
         return h
 
     def snapshot(self) -> Snapshot:

@@ -213,11 +213,12 @@ class Steering:
                     out.append(pending.request)
         return out
 
-    def requests(self) -> list[dict[str, Any]]:
-        """Every request with its state and the bridge's reason (control ``rescan`` replies, status)."""
+    def requests(self, parent: str | None = None) -> list[dict[str, Any]]:
+        """Every request (of scan ``parent``, if given) with its region, state and the bridge's reason."""
         with self._lock:
             return [{"request_id": rid, "scan_id": p.request.scan_id, "parent_scan_id": p.request.parent_scan_id,
-                     "state": p.state, "reason": p.reason} for rid, p in self._requests.items()]
+                     "region": list(p.request.region), "state": p.state, "reason": p.reason}
+                    for rid, p in self._requests.items() if parent is None or p.request.parent_scan_id == parent]
 
     def pending(self) -> int:
         """Requests not yet answered, refused or timed out, nor their scans started."""
