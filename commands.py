@@ -269,6 +269,7 @@ class DemoSteering:
             while self.sender is None or self.sender.is_alive():
                 if self._stop.wait(0.1):
                     return
+            self.bridge.wait_parent_ended(sub)
             dwell = sub.start.metadata.get("rescan", {}).get("dwell_factor", 1.0)
             try:
                 stream(sub, self.endpoint, bind=False, rate=self.rate / dwell, progress=False, timeout=60.0)

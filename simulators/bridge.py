@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -44,6 +45,7 @@ class Bridge:
         self._queue: queue.Queue[Source] = queue.Queue()
         self._stop = threading.Event()
         self.answered: list[tuple[str, bool, str | None]] = []  # (request id, accepted, reason)
+        self._requests: dict[str, RescanRequest] = {}  # subscan id -> its request
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._listen, name="rrstem-bridge", daemon=True)
         self._thread.start()
@@ -82,6 +84,7 @@ class Bridge:
             except ControlError as exc:
                 log.warning("bridge: could not answer rescan %s at %s: %s", req.request_id, req.answer_to, exc)
         if source is not None:
+            self._requests[req.scan_id] = req
             self._queue.put(source)
 
     def next_subscan(self, timeout: float) -> Source | None:
@@ -90,6 +93,26 @@ class Bridge:
             return self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def wait_parent_ended(self, sub: Source, timeout: float = 10.0) -> bool:
+        """Wait until the service has ended the subscan's parent (control ``status``), so the subscan's start,
+        sent over a new connection, cannot overtake the parent's last frames; False on timeout."""
+        req = self._requests.get(sub.start.scan_id)
+        if req is None or not req.answer_to:
+            return True
+        deadline = time.monotonic() + timeout
+        with ControlClient(req.answer_to, timeout=min(2.0, timeout), context=self._ctx) as ctl:
+            while time.monotonic() < deadline:
+                try:
+                    st = ctl.request("status")["status"]
+                    if st.get("scan_id") != req.parent_scan_id or st.get("state") != "acquiring":
+                        return True
+                except ControlError:
+                    pass
+                time.sleep(0.05)
+        log.warning("bridge: scan %s still acquiring after %g s; sending subscan %s anyway", req.parent_scan_id,
+                    timeout, sub.start.scan_id)
+        return False
 
     def close(self) -> None:
         self._stop.set()

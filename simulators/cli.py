@@ -191,6 +191,7 @@ def _obey(args, bridge: Bridge, parent: Source, command: str) -> int:
         if sub is None:
             print(f"rrstem {command}: no rescan request for {args.steer_idle:g} s; done", file=sys.stderr, flush=True)
             return 0
+        bridge.wait_parent_ended(sub)
         dwell = sub.start.metadata.get("rescan", {}).get("dwell_factor", 1.0)
         args.rate = None if rate is None else rate / dwell  # a longer dwell per position: fewer frames per second
         with sub:
