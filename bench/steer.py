@@ -6,10 +6,12 @@ as the bridge (``rrstem simulate --steer``) and ``examples/steer_on_defects.py``
 run as their own processes, over TCP loopback, as in the done-when test.
 Per seed it reports:
 
-- ``defect_to_event_s``: from the moment every position within 1 A of the
-  vacancy has arrived to the example's receipt of the ``anomaly`` event (the
-  lattice residual scores only complete rows, and a cluster waits for the
-  rows just below it, so this includes the frames of those rows);
+- ``defect_to_event_s``: from the arrival of the frame at the vacancy to the
+  example's receipt of the ``anomaly`` event (the lattice residual scores
+  only complete rows, and a cluster waits for the rows just below it, so this
+  includes the frames of those rows); ``disc_to_event_s`` is the same from the
+  arrival of every position within 1 A of the vacancy (negative: the event
+  came before the last of them);
 - ``event_to_subscan_frame_s``: from the event to the subscan's first frame
   in the service, of which ``waiting_for_scan_end_s`` is the rest of the
   parent scan (a bridge acquires a subscan after the running scan) and
@@ -54,6 +56,9 @@ def one_run(seed: int, rate: float, train: bool, tmp: Path) -> dict:
         while not stop.is_set():
             cur = svc.current
             if cur is not None and cur.ready:
+                if "vacancy_in" not in times and not cur.scan_id.endswith("-sub1"):
+                    if cur.filled[(cur.scan_shape[0] // 2) * cur.scan_shape[1] + cur.scan_shape[1] // 2]:
+                        times["vacancy_in"] = time.time()
                 if "defect_in" not in times and not cur.scan_id.endswith("-sub1"):
                     ny, nx = cur.scan_shape
                     if near is None:
@@ -102,7 +107,8 @@ def one_run(seed: int, rate: float, train: bool, tmp: Path) -> dict:
     d = math.dist(anomaly.position, (32, 32)) * 0.2
     wait_end = max(0.0, times["parent_last_frame"] - times["event"])
     return {"seed": seed, "anomaly_position": list(anomaly.position), "distance_a": round(d, 3),
-            "defect_to_event_s": round(times["event"] - times["defect_in"], 3),
+            "defect_to_event_s": round(times["event"] - times["vacancy_in"], 3),
+            "disc_to_event_s": round(times["event"] - times["defect_in"], 3),
             "event_to_subscan_frame_s": round(times["sub_first_frame"] - times["event"], 3),
             "waiting_for_scan_end_s": round(wait_end, 3),
             "bridge_s": round(times["sub_first_frame"] - max(times["event"], times["parent_last_frame"]), 3)}
