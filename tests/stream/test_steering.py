@@ -171,6 +171,11 @@ def test_a_request_no_bridge_answers_times_out_is_reported_and_the_service_goes_
         (error,) = [e for e in _events_until(client, "error", timeout=10) if e.type == "error"]
     assert error.where == "steering" and "did not answer rescan request " + req["request_id"] in error.message
     assert [r["state"] for r in scanned.steering.requests()] == ["timed_out"]
+    with Client(snapshots=scanned.publish_endpoint, control=scanned.control_endpoint, timeout=10) as client:
+        snap = client.snapshot()  # the newest: it lists the request, for the dashboard's outline
+        assert snap.header.scan_id == "first" and snap.arrays["vbf"].shape == (8, 6)
+        assert [(r["region"], r["state"]) for r in snap.header.rescans] == [([2, 6, 1, 5], "timed_out")]
+        assert client.save() == str(scanned.cfg.out)
     s = sender_for(scanned)  # the service takes the next scan as usual
     frames = disc_frames(4, 4, seed=2)
     s.start("next", (4, 4), frames.shape[2:])
