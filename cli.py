@@ -10,6 +10,8 @@ subcommand              registered by               runs
 ``analyze``             ``rrstem.commands``         a file through the service, in one process
 ``dashboard``           ``rrstem.gui``              the live dashboard of a running service
 ``keys``                ``rrstem.stream.cli``       CURVE certificates for ``--keys DIR`` (authenticated sockets)
+``events``              ``rrstem.client``           a running service's events, one JSON line each
+``rescan``              ``rrstem.client``           ask a running service for a subscan
 ======================  ==========================  =============================================
 
 Each ``add_*_args(subparsers)`` adds one subcommand and sets ``func``, which
@@ -23,6 +25,7 @@ import argparse
 import logging
 import sys
 
+from rrstem.client import add_client_args
 from rrstem.commands import add_analyze_args, add_demo_args
 from rrstem.gui import add_dashboard_args
 from rrstem.simulators.cli import add_replay_args, add_simulate_args
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_args(sub)
     add_dashboard_args(sub)
     add_keys_args(sub)
+    add_client_args(sub)
     return parser
 
 

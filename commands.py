@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -110,13 +111,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.headless = True
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = pregenerate(GrapheneSource(args.scan, args.detector, dose=args.dose or None, defect=args.defect,
-                                     seed=args.seed, scan_id=f"demo-{uuid.uuid4().hex[:6]}"))
+    graphene = GrapheneSource(args.scan, args.detector, dose=args.dose or None, defect=args.defect,
+                              seed=args.seed, scan_id=f"demo-{uuid.uuid4().hex[:6]}")
+    src = pregenerate(graphene)
     if args.bin is None:
         args.bin = max(1, args.detector // 64)  # the paper's 64x64 binned patterns
     cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=args.publish, control=args.control,
                         out=out_dir / "results.h5", preprocess=preprocess_config(args), train=not args.no_train,
-                        trainer=trainer_overrides(args), device=args.device, once=args.headless)
+                        trainer=trainer_overrides(args), device=args.device, once=args.headless and not args.steer,
+                        **({"events": "tcp://127.0.0.1:0", "steering": "tcp://127.0.0.1:0"} if args.steer else {}))
     service = Service(cfg).start()
     print(f"rrstem demo: graphene {args.scan[0]}x{args.scan[1]} scan, {args.detector}px detector, "
           f"dose {args.dose or 'noise-free'}; snapshots on {service.publish_endpoint}, "
@@ -125,14 +128,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.headless:
         dashboard = subprocess.Popen([sys.executable, "-m", "rrstem.gui", "--connect", service.publish_endpoint,
                                       "--control", service.control_endpoint])
+    steer = start_steering(service, graphene, args) if args.steer else None  # bridge + example, before the scan
     sender, box = _stream_in_thread(src, service.listen_endpoint, rate=args.rate, context=None, bind=False,
                                     progress=False)
+    if steer is not None:
+        steer.sender = sender  # subscans go out once the scan is sent, as a microscope's would
+        if args.headless:
+            threading.Thread(target=steer.stop_when_done, args=(service, graphene.start.scan_id), daemon=True).start()
     dashboard_failed = False
     if args.headless:
         code = run_service(service)
     else:
         code, dashboard_failed = _run_with_dashboard(service, dashboard)
     sender.join(5)
+    if steer is not None:
+        steer.close()
     if "error" in box:
         return 1
     if (args.headless or dashboard_failed) and code == 0:
@@ -215,8 +225,79 @@ def add_demo_args(sub) -> None:
     p.add_argument("--dose", type=float, default=1e6, help="electrons per pattern; 0 = noise-free (default 1e6)")
     p.add_argument("--defect", choices=("none", "vacancy", "si"), default="si", help="lattice defect (default si)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steer", action="store_true",
+                   help="close the loop: examples/steer_on_defects.py asks for a subscan around each anomaly, "
+                        "twice as fine at 4x the dose, and the simulator, as the microscope bridge, streams it "
+                        "(docs/steering.md)")
     p.add_argument("--rate", type=float, default=2000.0, help="frames/s sent (default 2000)")
     p.add_argument("--publish", default="tcp://127.0.0.1:0", metavar="EP", help="snapshot endpoint (port 0: any)")
     p.add_argument("--control", default="tcp://127.0.0.1:0", metavar="EP", help="control endpoint (port 0: any)")
     add_processing_args(p)
     p.set_defaults(func=cmd_demo, bin=None)
+
+
+class DemoSteering:
+    """``demo --steer``: the simulator as the microscope bridge, and the example that steers on anomalies."""
+
+    EXAMPLE = Path(__file__).resolve().parent / "examples" / "steer_on_defects.py"
+
+    def __init__(self, service, graphene, args):
+        from rrstem.simulators.bridge import Bridge, graphene_subscans
+
+        if not self.EXAMPLE.exists():
+            raise ValueError(f"--steer runs {self.EXAMPLE}, which is not there (an install without the examples)")
+        self.bridge = Bridge(service.steering.endpoint, graphene_subscans(graphene))
+        self.example = subprocess.Popen([sys.executable, str(self.EXAMPLE), "--events", service.events.endpoint,
+                                         "--control", service.control_endpoint, "--max-subscans", "1",
+                                         "--exit-after", "300"], stdout=subprocess.PIPE, text=True)
+        print(self.example.stdout.readline(), end="", flush=True)  # "watching ...": subscribed
+        threading.Thread(target=lambda: [print(f"steer_on_defects: {line}", end="", flush=True)
+                                         for line in self.example.stdout], daemon=True).start()
+        self.rate, self.endpoint, self.streamed = args.rate, service.listen_endpoint, []
+        self.sender: threading.Thread | None = None  # the scan's sender; subscans wait for it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._obey, name="rrstem-demo-bridge", daemon=True)
+        self._thread.start()
+
+    def _obey(self) -> None:
+        from rrstem.simulators.source import stream
+
+        while not self._stop.is_set():
+            sub = self.bridge.next_subscan(0.2)
+            if sub is None:
+                continue
+            while self.sender is None or self.sender.is_alive():
+                if self._stop.wait(0.1):
+                    return
+            self.bridge.wait_parent_ended(sub)
+            dwell = sub.start.metadata.get("rescan", {}).get("dwell_factor", 1.0)
+            try:
+                stream(sub, self.endpoint, bind=False, rate=self.rate / dwell, progress=False, timeout=60.0)
+                self.streamed.append(sub.start.scan_id)
+            except (TimeoutError, ValueError) as exc:
+                log.error("demo: streaming subscan %s failed: %s", sub.start.scan_id, exc)
+            finally:
+                sub.close()
+
+    def stop_when_done(self, service, scan_id: str, grace: float = 3.0) -> None:
+        """Headless: stop once the scan's results are written, and then every subscan asked for within
+        ``grace`` seconds of that (its final maps may still raise an anomaly) is written too."""
+        while scan_id not in {s for s, _ in service.results_written} and not service.stop_event.is_set():
+            time.sleep(0.2)
+        time.sleep(grace)
+        while service.steering.pending() or any(
+                r["state"] == "acquiring" and r["scan_id"] not in {s for s, _ in service.results_written}
+                for r in service.steering.requests()):
+            time.sleep(0.2)
+        service.stop_after_scan()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.example.poll() is None:
+            self.example.terminate()
+        self._thread.join(5)
+        self.bridge.close()
+
+
+def start_steering(service, graphene, args) -> DemoSteering:
+    return DemoSteering(service, graphene, args)

@@ -18,6 +18,7 @@ from pyqtgraph.Qt import QtCore, QtWidgets
 
 from rrstem.gui.grid import MapGrid
 from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
+from rrstem.gui.overlay import SubscanOverlay
 from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
@@ -99,6 +100,7 @@ class Dashboard(QtWidgets.QMainWindow):
 
     # ---- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
+        self.overlay = SubscanOverlay()  # rescan outlines on the maps (gui/overlay.py)
         central = QtWidgets.QWidget()
         column = QtWidgets.QVBoxLayout(central)
         column.setContentsMargins(2, 2, 2, 2)
@@ -239,6 +241,7 @@ class Dashboard(QtWidgets.QMainWindow):
                 panel.set_data(latent[i])
         if Arrays.MEAN_PATTERN in a:
             self.patterns["mean"].set_data(a[Arrays.MEAN_PATTERN])
+        self.overlay.update(self.maps.values(), getattr(h, "rescans", None) or [], step or (1.0, 1.0))
         self._show_histories(a)
         self.status.update(snap)
         self._follow_newest()

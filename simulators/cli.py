@@ -14,10 +14,12 @@ import sys
 
 import numpy as np
 
+from rrstem.simulators.bridge import Bridge, graphene_subscans, replay_subscans
 from rrstem.simulators.dectris import COMPRESSIONS, HEADER_DETAILS, PROTOCOLS, stream_detector
 from rrstem.simulators.files import SUFFIXES, open_file
 from rrstem.simulators.graphene import DEFECTS, GrapheneSource
 from rrstem.simulators.merlin import LAYOUTS, serve_merlin
+from rrstem.simulators import source as source_module
 from rrstem.simulators.source import Source, stream
 from rrstem.stream.cli import add_keys_option, parse_scan_shape
 
@@ -62,6 +64,12 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     add_keys_option(g, "binding, the sender is the CURVE server and sends only to the clients in DIR/authorized/ "
                        "(serve --keys DIR); with --connect it is a CURVE client of serve --bind --keys DIR. "
                        "rrstem/1 only: detector protocols have no CURVE")
+    b = p.add_argument_group("steering (a microscope bridge: docs/steering.md)")
+    b.add_argument("--steer", default=None, metavar="EP",
+                   help="after the scan, obey the rescan requests the service publishes on its steering endpoint "
+                        "EP (serve --steering), streaming each subscan to --to")
+    b.add_argument("--steer-idle", type=_positive(float), default=60.0, metavar="S",
+                   help="with --steer: exit once no rescan request has come for S seconds (default 60)")
     d = p.add_argument_group("detector protocol")
     d.add_argument("--protocol", choices=("rrstem", *PROTOCOLS, "merlin"), default="rrstem",
                    help="wire protocol: rrstem/1 (default), or a DECTRIS detector's SIMPLON stream v1 (simplon) "
@@ -163,23 +171,51 @@ def _stream_args(args, source: Source, command: str) -> int:
     return 0
 
 
-def _run(command: str, make_source, args) -> int:
+def _run(command: str, make_source, args, subscans=None) -> int:
     try:
         with make_source() as source:
-            return _stream_args(args, source, command)
+            if args.steer is None:
+                return _stream_args(args, source, command)
+            if args.protocol != "rrstem":
+                raise ValueError("--steer streams subscans in rrstem/1: drop --protocol")
+            with Bridge(args.steer, subscans(source)) as bridge:
+                code = _stream_args(args, source, command)
+                return code or _obey(args, bridge, source, command)
     except (ValueError, TimeoutError) as exc:
         print(f"rrstem {command}: error: {exc}", file=sys.stderr, flush=True)
         return 1
+
+
+def _obey(args, bridge: Bridge, parent: Source, command: str) -> int:
+    """Stream every subscan the bridge accepts, until none has come for ``--steer-idle`` seconds."""
+    print(f"rrstem {command}: obeying rescan requests from {args.steer} (until {args.steer_idle:g} s without one)",
+          file=sys.stderr, flush=True)
+    rate = args.rate
+    if not args.connect and source_module.LAST_ENDPOINT:
+        args.to = source_module.LAST_ENDPOINT  # bound on port 0: every subscan binds the port the scan had
+    while True:
+        sub = bridge.next_subscan(args.steer_idle)
+        if sub is None:
+            print(f"rrstem {command}: no rescan request for {args.steer_idle:g} s; done", file=sys.stderr, flush=True)
+            return 0
+        bridge.wait_parent_ended(sub)
+        dwell = sub.start.metadata.get("rescan", {}).get("dwell_factor", 1.0)
+        args.rate = None if rate is None else rate / dwell  # a longer dwell per position: fewer frames per second
+        with sub:
+            code = _stream_args(args, sub, command)
+        args.rate = rate
+        if code:
+            return code
 
 
 def run_simulate(args) -> int:
     """Stream the graphene scan described by ``args``; returns the exit code."""
     return _run("simulate", lambda: GrapheneSource(
         args.scan, args.detector, defect=args.defect, dose=args.dose, seed=args.seed,
-        step_nm=args.step_nm, scan_id=args.scan_id), args)
+        step_nm=args.step_nm, scan_id=args.scan_id), args, graphene_subscans)
 
 
 def run_replay(args) -> int:
     """Stream the file named by ``args.input``; returns the exit code."""
     return _run("replay", lambda: open_file(args.input, args.key, scan_id=args.scan_id, scan_shape=args.scan_shape),
-                args)
+                args, replay_subscans)

@@ -109,6 +109,8 @@ class GrapheneSource(Source):
         convergence_mrad: float = 31.0,
         scan_id: str | None = None,
         threads: int | None = None,
+        centre_a: tuple[float, float] | None = None,
+        metadata: dict | None = None,
     ):
         ny, nx = (int(v) for v in scan_shape)
         if ny < 1 or nx < 1:
@@ -133,18 +135,24 @@ class GrapheneSource(Source):
                 f"use a dose below {0.6 * 65535 * disc_px:.3g} or a larger detector"
             )
 
-        # Atoms: one C atom exactly on the centre scan position; the defect replaces it.
-        centre = (ny // 2 * step, nx // 2 * step)
+        # Atoms: one C atom exactly on the centre scan position (or at ``centre_a`` from position (0, 0), for
+        # a subscan of a larger scan: see ``subscan``); the defect replaces it.
+        centre = (ny // 2 * step, nx // 2 * step) if centre_a is None else tuple(float(v) for v in centre_a)
         margin = (s.n // 2 + 2) * s.dx + 4.0
         atoms = honeycomb(centre, (-margin, -margin), ((ny - 1) * step + margin, (nx - 1) * step + margin))
         at_centre = int(np.argmin(np.hypot(*(atoms - centre).T)))
         species = np.full(len(atoms), "C", dtype=object)
-        if defect == "vacancy":
+        if np.hypot(*(atoms[at_centre] - centre)) > 1e-6:  # the centre lies outside this (sub)scan's field
+            defect_here = "none"
+        else:
+            defect_here = defect
+        if defect_here == "vacancy":
             atoms, species = np.delete(atoms, at_centre, axis=0), np.delete(species, at_centre)
-        elif defect == "si":
+        elif defect_here == "si":
             species[at_centre] = "Si"
         self.atoms_a, self.species = atoms, species
-        self.defect_px = None if defect == "none" else [float(ny // 2), float(nx // 2)]
+        self.defect_px = None if defect_here == "none" else [centre[0] / step, centre[1] / step]
+        self.step_nm, self.detector, self.scan_shape = step_nm, detector, (ny, nx)
 
         # Phase grating over every window a probe will see; grid pixel 0 sits
         # n//2 pixels before scan position 0, so a probe's window starts at its grid pixel.
@@ -163,8 +171,23 @@ class GrapheneSource(Source):
         self.start = Start(
             scan_id=scan_id or f"graphene-{defect}-{ny}x{nx}-{tag}-s{seed}",
             scan_shape=(ny, nx), frame_shape=(detector, detector), dtype="uint16",
-            calibration=cal, metadata=self._metadata(step, (ny, nx)),
+            calibration=cal, metadata={**self._metadata(step, (ny, nx)), **(metadata or {})},
         )
+
+    def subscan(self, region: tuple[int, int, int, int], step_factor: float, dose_factor: float, scan_id: str,
+                seed: int | None = None, metadata: dict | None = None) -> "GrapheneSource":
+        """The same specimen rescanned: parent positions ``region`` = (y0, y1, x0, x1) at ``step_factor`` times
+        the step and ``dose_factor`` times the dose (a noise-free scan stays noise-free)."""
+        y0, y1, x0, x1 = region
+        shape = (math.ceil((y1 - y0) / step_factor - 1e-9), math.ceil((x1 - x0) / step_factor - 1e-9))
+        step = self.step_nm * 10.0
+        ny, nx = self.scan_shape
+        centre = ((ny // 2 - y0) * step, (nx // 2 - x0) * step)  # the parent's centre atom, from the region's corner
+        return GrapheneSource(shape, self.detector, defect=self.defect,
+                              dose=None if self.dose is None else self.dose * dose_factor,
+                              seed=self.seed + 1 if seed is None else seed, step_nm=self.step_nm * step_factor,
+                              energy_kev=self.energy_kev, convergence_mrad=self.convergence_mrad, scan_id=scan_id,
+                              threads=self._threads, centre_a=centre, metadata=metadata)
 
     @property
     def atoms_px(self) -> np.ndarray:

@@ -176,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServiceConfig(listen=args.listen, bind=args.bind, mode="sub" if args.sub else "pull", protocol=args.protocol,
                         publish=args.publish, control=args.control, out=args.out, scan_shape=args.scan_shape,
+                        events=args.events or None, steering=args.steering or None, steer_timeout=args.steer_timeout,
                         sync_offset=args.sync_offset, flyback=args.flyback,
                         preprocess=preprocess_config(args), train=not args.no_train,
                         trainer=trainer_overrides(args), device=args.device, once=args.once,
@@ -186,7 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: service.stop())  # from now on: run_service installs the full handlers
     print(f"rrstem serve: frames from {service.listen_endpoint}, snapshots on {service.publish_endpoint}, "
-          f"control on {service.control_endpoint}, results to {cfg.out}", flush=True)
+          f"control on {service.control_endpoint}, events on {service.events.endpoint}, "
+          f"steering on {service.steering.endpoint}, results to {cfg.out}", flush=True)
     return run_service(service, progress=not args.no_progress)
 
 
@@ -204,6 +206,12 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
                         "Merlin PC's data port over plain TCP: --listen tcp://MERLIN_PC:6342); see docs/protocol.md")
     p.add_argument("--publish", default="tcp://127.0.0.1:5556", metavar="EP", help="snapshot PUB endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", metavar="EP", help="control REP endpoint")
+    p.add_argument("--events", default="tcp://127.0.0.1:5558", metavar="EP",
+                   help="events PUB endpoint: scan_started, scan_ended, anomaly, ... (docs/steering.md); '' = off")
+    p.add_argument("--steering", default="tcp://127.0.0.1:5559", metavar="EP",
+                   help="steering PUB endpoint, where rescan requests go to the microscope bridge; '' = off")
+    p.add_argument("--steer-timeout", type=float, default=30.0, metavar="S",
+                   help="report a rescan request that no bridge answers within S seconds (default 30)")
     p.add_argument("--out", type=Path, default=Path("rrstem-results.h5"), metavar="RESULTS.h5",
                    help="results file (default rrstem-results.h5)")
     p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",

@@ -28,6 +28,12 @@ class ServiceConfig(BaseModel):
                               "client (stream/auth.py); None: no authentication.")
     read_only_control: bool = Field(False, description="Refuse control commands that change the service "
                                     "(stop, training commands, save to a path).")
+    events: str | None = Field(None, description="Events PUB endpoint (bound; stream/events.py); None: off "
+                               "(events are still kept in EventPublisher.recent). serve: tcp://127.0.0.1:5558.")
+    steering: str | None = Field(None, description="Steering PUB endpoint (bound), where rescan requests go to "
+                                 "the microscope bridge; None: off. serve: tcp://127.0.0.1:5559.")
+    steer_timeout: float = Field(30.0, gt=0, description="A rescan request the bridge neither answers nor starts "
+                                 "within this many seconds is reported, s.")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     scan_shape: tuple[int, int] | None = Field(None, description="Override the start message's scan shape.")
     sync_offset: int = Field(0, description="Frames to skip at the start of an acquisition; negative: frames "

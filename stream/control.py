@@ -20,6 +20,11 @@ change its state (``changes_state``: stop, the training commands, save with
 a path) with ``ok: false``, ``read_only: true`` and an error that starts
 ``control is read-only:``; status, frame and save without a path still work.
 With ``keys`` (``stream/auth.py``), ``ControlClient`` talks CURVE.
+``rescan`` ``region=[y0, y1, x0, x1]`` [``step_factor``, ``dwell_factor``, ``dose_factor``, ``scan_id``]
+                     -> ``request``: the rescan request published for the bridge
+                      (``stream/steering.py``; a bad request gets ``ok: false`` and nothing is sent)
+``rescan_answer`` ``request_id``, ``accepted`` [``reason``] -> ``request_id``, ``state``:
+                      a bridge's answer to a rescan request
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ import zmq
 
 from rrstem.stream.auth import Curve, curve_for
 
-COMMANDS = ("status", "save", "stop", "pause_training", "resume_training", "reset_model", "frame")
+COMMANDS = ("status", "save", "stop", "pause_training", "resume_training", "reset_model", "frame",
+            "rescan", "rescan_answer")
 #: commands that change the service's state, refused by a read-only control socket (and ``save`` with a path)
-CHANGING = ("stop", "pause_training", "resume_training", "reset_model")
+CHANGING = ("stop", "pause_training", "resume_training", "reset_model", "rescan")
 
 
 def changes_state(req: dict[str, Any]) -> bool:
@@ -68,6 +74,13 @@ class ControlAPI(Protocol):
     def reset_model(self) -> dict[str, Any]:
         """The trainer's status after re-initialising the model."""
 
+    def rescan(self, region: Any, step_factor: float = 1.0, dwell_factor: float = 1.0, dose_factor: float = 1.0,
+               scan_id: str | None = None) -> dict[str, Any]:
+        """Validate a rescan request and publish it for the bridge; returns the request."""
+
+    def rescan_answer(self, request_id: Any, accepted: Any, reason: Any = None) -> dict[str, Any]:
+        """Record a bridge's answer to a rescan request."""
+
 
 def handle(api: ControlAPI, raw: bytes, read_only: bool = False) -> dict[str, Any]:
     """The reply map to one request; a failing command becomes ``ok: false`` with its error, never an exception.
@@ -93,6 +106,11 @@ def handle(api: ControlAPI, raw: bytes, read_only: bool = False) -> dict[str, An
             out = {}
         elif cmd == "frame":
             out = api.frame_reply(req.get("index"))
+        elif cmd == "rescan":
+            args = {k: req[k] for k in ("step_factor", "dwell_factor", "dose_factor", "scan_id") if k in req}
+            out = {"request": api.rescan(req.get("region"), **args)}
+        elif cmd == "rescan_answer":
+            out = api.rescan_answer(req.get("request_id"), req.get("accepted"), req.get("reason"))
         else:
             out = {"training": getattr(api, cmd)()}
         return {"ok": True, **out}

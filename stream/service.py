@@ -38,11 +38,14 @@ from rrstem.stream.acquisition import AcquisitionMap
 from rrstem.stream.auth import Curve, warn_if_exposed
 from rrstem.stream.detectors import TCP_PROTOCOLS, Item, decoder_for
 from rrstem.stream.encoding import EncoderSlot
+from rrstem.stream.events import EventPublisher, ScanEnded, ScanStarted
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import Receiver, TcpReceiver
 from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key
+from rrstem.stream.steering import Steering
+from rrstem.stream.watch import Watch, error_event
 from rrstem.stream.workers import Failure, Worker
 
 log = logging.getLogger("rrstem.service")
@@ -117,11 +120,17 @@ class Service:
                                      mode=config.mode, decoder=decoder, curve=frames_curve)
         self.publisher = Publisher(self.ctx, config.publish, config.control, curve=self.curve,
                                    read_only=config.read_only_control)
+        # events and steering (stream/events.py, stream/steering.py, the events thread in stream/watch.py)
+        self.events = EventPublisher(self.ctx, config.events, self.curve)
+        self.steering = Steering(self.ctx, config.steering, config.steer_timeout, self.curve)
+        self.steering.answer_to = self.publisher.control_endpoint
+        self._watch = Watch(self.events, self.steering)
         self._workers = [
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
             Worker("rrstem-finisher", self._finish_loop, self._died),
             Worker("rrstem-publisher", self.publisher.run, self._died,
                    args=(self, self.stop_event, config.snapshot_hz)),
+            Worker("rrstem-events", self._watch.run, self._died, args=(self, self.stop_event)),
         ]
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -154,6 +163,8 @@ class Service:
         bound = [(self.listen_endpoint, "frames")] if self.cfg.bind and self._frames_curve() is None else []
         if self.curve is None:
             bound += [(self.publish_endpoint, "snapshots"), (self.control_endpoint, "control")]
+            bound += [(ep, name) for ep, name in ((self.events.endpoint, "events"), (self.steering.endpoint, "steering"))
+                      if ep is not None]
         warn_if_exposed(bound)
 
     def start(self) -> "Service":
@@ -210,6 +221,8 @@ class Service:
         if self.encoder is not None:
             self.encoder.close(timeout=max(0.5, deadline - time.monotonic()))
         self.publisher.close()
+        self.events.close()
+        self.steering.close()
         if self.curve is not None:
             self.curve.close()
 
@@ -226,6 +239,7 @@ class Service:
         self.failures.append(Failure(where, exc, scan_id))
         del self.failures[:-50]
         self._n_failures += 1
+        self.events.publish(error_event(where, exc, scan_id))
 
     def _died(self, where: str, exc: BaseException) -> None:
         self.report(where, exc)
@@ -376,6 +390,9 @@ class Service:
         self._seen_ids.add(start.scan_id)
         self._refused.pop(start.scan_id, None)
         self.current, self.notice = scan, None
+        self.events.publish(ScanStarted(scan_id=start.scan_id, scan_shape=start.scan_shape, frame_shape=start.frame_shape,
+                                        calibration=start.calibration.model_dump(exclude_none=True),
+                                        subscan=self.steering.scan_started(start)))
         self._next_checkpoint = time.monotonic() + self.cfg.checkpoint_seconds if self.cfg.checkpoint_seconds else math.inf
         log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
                  start.dtype)
@@ -462,6 +479,9 @@ class Service:
                           self.writer.path, exc)
                 self.report("results", exc, scan.scan_id)
         scan.done = True
+        self.events.publish(ScanEnded(scan_id=scan.scan_id, complete=scan.complete, end_reason=scan.end_reason or "end",
+                                      results_path=str(scan.results_path) if scan.results_path else None,
+                                      counters=scan.counter_dict()))
         self.results_event.set()
         if self._once:
             self.stop_event.set()
@@ -505,6 +525,9 @@ class Service:
         if not scan.ended:
             results.attrs["checkpoint_time"] = time.time()
         results.attrs["config"] = self.cfg.model_dump(mode="json")
+        sub = self.steering.subscan_of(scan.scan_id)
+        if sub is not None:  # a subscan: where it lies on its parent, so its maps can be placed there
+            results.attrs.update({k: v for k, v in sub.model_dump(mode="json").items() if v is not None})
         model_maps, export = self._slot.model(scan) if self._slot is not None else ({}, None)
         if model_maps:
             results.maps.update(model_maps)
@@ -538,6 +561,9 @@ class Service:
             for key, value in cur.header_fields().items():
                 setattr(h, key, value)
             h.state = self.state(cur)
+            h.rescans = self.steering.requests(parent=cur.scan_id)
+            sub = self.steering.subscan_of(cur.scan_id)
+            h.subscan = sub.model_dump(mode="json") if sub is not None else None
         return h
 
     def snapshot(self) -> Snapshot:
@@ -587,3 +613,31 @@ class Service:
 
     def reset_model(self) -> dict[str, Any]:
         return self._training("reset_model")
+
+    # --- steering (stream/steering.py) ----------------------------------------------------
+
+    def rescan(self, region: Any, step_factor: float = 1.0, dwell_factor: float = 1.0, dose_factor: float = 1.0,
+               scan_id: str | None = None) -> dict[str, Any]:
+        """Validate a rescan request and publish it for the bridge; ValueError says what is wrong."""
+        cur = self.current
+        req = self.steering.request(region, step_factor, dwell_factor, dose_factor, scan_id,
+                                    current=cur.scan_id if cur is not None else None)
+        return req.model_dump(mode="json")
+
+    def rescan_answer(self, request_id: Any, accepted: Any, reason: Any = None) -> dict[str, Any]:
+        """A bridge's answer to a rescan request."""
+        out = self.steering.answer(request_id, accepted, reason)
+        if accepted is False:
+            self.report("steering", RuntimeError(f"the bridge refused rescan {request_id}: {reason}"))
+        return out
+
+    def event_view(self):
+        """The events thread's view of the current scan: (scan, its maps with the model's, histories)."""
+        cur = self.current
+        if cur is None or not cur.ready:
+            return None
+        arrays = cur.maps()
+        if self._slot is not None:
+            arrays.update(self._slot.model(cur, export=False)[0])
+            return cur, arrays, self._slot.histories(cur)
+        return cur, arrays, {}

@@ -107,6 +107,11 @@ class SnapshotHeader(BaseModel):
     orphans: dict[str, int] = Field(
         default_factory=dict, description="Rejected input that belongs to no scan, by reason."
     )
+    rescans: list[dict[str, Any]] = Field(
+        default_factory=list, description="Rescan requests on the current scan: request_id, scan_id (the "
+        "subscan's), region (y0, y1, x0, x1), state (stream/steering.py STATES, or done).")
+    subscan: dict[str, Any] | None = Field(None, description="Where the current scan lies on its parent "
+                                           "(events.Subscan fields), if it is a subscan.")
     arrays: list[ArraySpec] = Field(default_factory=list, description="Arrays in parts 1..n.")
 
 

@@ -50,7 +50,8 @@ SENDERS = ("replay", "simulate")
 ANY_PORT = "tcp://127.0.0.1:0"
 #: appended to every serve line: free ports instead of the fixed 5556/5557 (tests run side by side),
 #: and no rrVAE, which a scan of a few frames does not need
-SERVE_OPTIONS = ["--publish", ANY_PORT, "--control", ANY_PORT, "--no-train"]
+SERVE_OPTIONS = ["--publish", ANY_PORT, "--control", ANY_PORT, "--events", ANY_PORT, "--steering", ANY_PORT,
+                 "--no-train"]
 #: appended to simulate lines: a small scan (8x8 positions of 64x64 px) instead of 128x128 of 256x256
 SMALL_SCAN = ["--scan", "8x8", "--detector", "64"]
 
@@ -185,7 +186,8 @@ def scan_of(path: Path, positions: int) -> dict:
 
 
 def test_the_readme_shows_every_command_and_each_line_parses():
-    assert {argv[0] for argv in LINES} == {"demo", "serve", "dashboard", "replay", "simulate", "analyze"}
+    assert {argv[0] for argv in LINES} == {"demo", "serve", "dashboard", "replay", "simulate", "analyze", "events",
+                                           "rescan"}
     assert all(parse(argv).func for argv in LINES)  # the one parser takes every line as written
 
 
@@ -216,6 +218,8 @@ def test_serve_writes_the_scan_its_sender_sends(serve, sender, run, tmp_path):
         sender = ["simulate", "--to", frames_endpoint(serve), "--protocol", parse(serve).protocol]
         if parse(serve).scan_shape is not None:
             serve = serve + ["--scan-shape", "8x8"]  # appended: the stand-in's scan (SMALL_SCAN), not the line's
+    if parse(sender).steer:  # appended: obey rescans for 1 s after the scan, not a minute (none will come)
+        sender = sender + ["--steer-idle", "1"]
     if sender[0] == "simulate":
         sender, positions = sender + SMALL_SCAN, 64
     else:  # replay: a small recorded scan, under the file name and key the line gives
@@ -273,12 +277,21 @@ def test_analyze_then_analyze_with_the_model_it_trained(run, tmp_path):
     assert latent.shape[1:] == (8, 8) and np.isfinite(latent).all()
 
 
-def test_the_demo_line(run, tmp_path):
-    (demo,) = lines_of("demo")
+@pytest.mark.parametrize("demo", lines_of("demo"), ids=shlex.join)
+def test_the_demo_lines(demo, run, tmp_path):
     # appended: --headless as the README says for no display (and --out into the temporary folder);
-    # a small scan without the rrVAE, sent fast: the full demo trains for about a minute
-    proc = run(demo + ["--headless", "--out", "demo", "--scan", "8", "--detector", "64", "--no-train",
+    # a small scan without the rrVAE, sent fast: the full demo trains for about a minute. The steering
+    # loop's scan stays 64x64 (its anomaly score needs a few unit cells), of 64 px frames.
+    scan = "64" if parse(demo).steer else "8"
+    proc = run(demo + ["--headless", "--out", "demo", "--scan", scan, "--detector", "64", "--no-train",
                        "--rate", "5000"])
     assert proc.finish(120) == 0, proc.output
-    scan_of(tmp_path / "demo" / "results.h5", 64)
+    if not parse(demo).steer:
+        scan_of(tmp_path / "demo" / "results.h5", 64)
+        return
+    with h5py.File(tmp_path / "demo" / "results.h5") as f:  # the scan, and the vacancy's subscan of it
+        (sub,) = [g for g in f["scans"].values() if "parent_scan_id" in g.attrs]
+        parent = f["scans"][sub.attrs["parent_scan_id"]]
+        assert parent["maps/filled"][()].sum() == 64 * 64 and sub["maps/filled"][()].all()
+        assert sub.attrs["step_factor"] == 0.5 and sub.attrs["dose_factor"] == 4.0
     assert (tmp_path / "demo" / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ from rrstem.stream.cli import parse_scan_shape, run_service
 from rrstem.stream.results import read_scan
 
 RRSTEM = [sys.executable, "-m", "rrstem.cli"]
-COMMANDS = ("demo", "serve", "simulate", "replay", "analyze", "dashboard", "keys")
+COMMANDS = ("demo", "serve", "simulate", "replay", "analyze", "dashboard", "keys", "events", "rescan")
 SHAPE_ERROR = "scan shape must be NYxNX or N (a square scan) in positive integers, such as 64x48 or 64; got "
 
 
@@ -86,6 +86,7 @@ def test_serve_defaults_are_the_documented_ones():
                                                                    "tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557")
     assert (str(args.out), args.bin, args.scan_shape, args.once, args.protocol) == ("rrstem-results.h5", 1, None,
                                                                                    False, "rrstem")
+    assert (args.events, args.steering, args.steer_timeout) == ("tcp://127.0.0.1:5558", "tcp://127.0.0.1:5559", 30.0)
 
 
 def test_progress_follows_the_service_header(make_service, sender_for, monkeypatch, capsys):

@@ -1,0 +1,86 @@
+"""The events thread: watches the current scan and its model maps, and says what happened.
+
+Every ``period`` (0.1 s) it asks the service for the current scan's maps
+(``EventSource.event_view``). When the model maps changed (a refresh) or new
+rows are complete, it scores them (``events.score_map``) and publishes the
+anomalies found (``events.AnomalyFinder``), so an anomaly goes out within
+``period`` plus the scoring time of the refresh that found it; it publishes
+``model_converged`` once the held-out ELBO stops improving, and reports
+rescan requests that no bridge answered in time (``steering.Steering``).
+The thread holds no reference to the service between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Protocol
+
+import numpy as np
+
+from rrstem.model import interface as names
+from rrstem.stream.events import AnomalyFinder, Convergence, ErrorEvent, EventPublisher, score_map
+from rrstem.stream.steering import Steering
+
+log = logging.getLogger("rrstem.events")
+
+
+class EventSource(Protocol):
+    def event_view(self) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """(scan, its maps with the model's, training histories) of the current scan, or None."""
+
+    def report(self, where: str, exc: BaseException, scan_id: str | None = None) -> None:
+        """Record a failure the service survives."""
+
+
+class Watch:
+    def __init__(self, events: EventPublisher, steering: Steering, period: float = 0.1):
+        self.events, self.steering, self.period = events, steering, period
+        self.convergence = Convergence()
+        self._finder: AnomalyFinder | None = None
+        self._last: tuple | None = None  # (scan, rows done, ended, model maps' identity) scored last
+
+    def run(self, service: EventSource, stop: threading.Event) -> None:
+        while not stop.wait(self.period):
+            self.tick(service)
+
+    def tick(self, service: EventSource) -> None:
+        for req in self.steering.expired():
+            msg = (f"the bridge did not answer rescan request {req.request_id} ({req.scan_id}) within "
+                   f"{self.steering.timeout:g} s: is a bridge subscribed to {self.steering.endpoint}?")
+            log.warning("%s", msg)
+            service.report("steering", TimeoutError(msg), req.parent_scan_id)
+        try:
+            view = service.event_view()
+            if view is not None:
+                self._scan(*view)
+        except Exception as exc:  # a bad map must not end the events: report it and go on
+            log.exception("events: scoring failed")
+            service.report("events", exc)
+
+    def _scan(self, scan, arrays: dict[str, np.ndarray], histories: dict[str, np.ndarray]) -> None:
+        if self._finder is None or self._finder.scan_id != scan.scan_id:
+            sub = self.steering.subscan_of(scan.scan_id)
+            self._finder = AnomalyFinder(scan.scan_id, scan.scan_shape, scan.start.calibration.scan_step_nm,
+                                         parent_scan_id=sub.parent_scan_id if sub is not None else None)
+        filled = np.asarray(arrays["filled"], dtype=bool)
+        rows = int(np.argmin(np.r_[filled.all(axis=1), False]))  # complete rows from the top
+        model = arrays.get(names.RECON_ERROR)
+        key = (scan.scan_id, rows, scan.ended, None if model is None else float(np.nansum(model)))
+        if key != self._last:
+            self._last = key
+            scored = score_map(arrays)
+            if scored is not None:
+                for event in self._finder.update(*scored, arrays, rows_done=rows, ended=scan.ended):
+                    self.events.publish(event)
+                    log.info("anomaly in scan %s at %s: %s %.1f > %.1f", event.scan_id, event.position,
+                             event.score_name, event.score, event.threshold)
+        elbo = histories.get(names.HELDOUT_ELBO)
+        if elbo is not None and len(elbo):
+            event = self.convergence.check(scan.scan_id, elbo, histories.get(names.EVAL_STEP))
+            if event is not None:
+                self.events.publish(event)
+
+
+def error_event(where: str, exc: BaseException, scan_id: str | None) -> ErrorEvent:
+    return ErrorEvent(where=where, message=f"{type(exc).__name__}: {exc}", scan_id=scan_id)
