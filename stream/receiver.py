@@ -215,9 +215,10 @@ class TcpReceiver(threading.Thread):
                 n = sock.recv_into(memoryview(buf)[fill:])
             except socket.timeout:
                 continue
-            if n == 0:
-                if skipped:
-                    self._resync_item(skipped, "bytes that are no MPX message, before the connection closed")
+            if n == 0:  # closed: skipped bytes not yet reported and an unfinished message are counted
+                if skipped or fill:
+                    self._resync_item(skipped + fill, "bytes that are no complete MPX message, before the "
+                                      "connection closed")
                 return got
             fill += n
             pos, messages, skipped = self._split(buf, fill, skipped)

@@ -43,7 +43,7 @@ import numpy as np
 
 from rrstem.stream.acquisition import AcquisitionMap
 from rrstem.stream.detectors.base import BadMessage, Item
-from rrstem.stream.protocol import End, Frames, Start
+from rrstem.stream.protocol import MAX_SCAN_EDGE, End, Frames, Start
 
 #: Merlin pixel type -> (wire dtype, the scan's little-endian dtype name)
 PIXEL_TYPES = {"U08": (">u1", "uint8"), "U16": (">u2", "uint16"), "U32": (">u4", "uint32")}
@@ -210,9 +210,13 @@ class MerlinDecoder:
         fields = parse_acquisition_header(buf)
         self._acquisitions += 1
         shape = self.scan_shape or scan_shape_from_header(fields, self.sync_offset, self.flyback)
-        amap = AcquisitionMap(shape, self.sync_offset, self.flyback) if shape else None
+        too_large = shape is not None and max(shape) > MAX_SCAN_EDGE
+        amap = AcquisitionMap(shape, self.sync_offset, self.flyback) if shape and not too_large else None
         self.acq = _Acquisition(self._acquisitions, fields, int(fields[FRAMES_KEY]), amap,
                                 metadata={"detector": "Quantum Detectors Merlin", "acquisition_header": fields})
+        if too_large:
+            raise BadMessage("bad_header", f"acquisition {self._acquisitions}: scan shape {shape[0]}x{shape[1]} "
+                             f"exceeds {MAX_SCAN_EDGE} positions per edge")
         if amap is None:
             raise BadMessage("no_scan_shape", f"acquisition {self._acquisitions} has no ScanX/ScanY and "
                              f"{fields[FRAMES_KEY]} frames in acquisition: pass the scan shape with --scan-shape "

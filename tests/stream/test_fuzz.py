@@ -3,7 +3,8 @@ allocate more than the sizes they declare allow, and are always counted.
 
 Every decoder (rrstem/1, SIMPLON stream v1, stream2) gets random bytes and valid messages with bytes
 flipped, cut off or inserted; the control socket's handler and the snapshot decoder get the same. The
-examples are derandomized, so CI runs the same cases every time.
+Merlin decoder and its TCP framing are fuzzed in ``test_fuzz_merlin.py``. The examples are derandomized,
+so CI runs the same cases every time.
 """
 
 from __future__ import annotations
