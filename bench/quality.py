@@ -163,7 +163,13 @@ class Serve:
         m = self.LINE.search(line)
         if not m:
             self.proc.kill()
-            raise RuntimeError(f"rrstem serve did not announce its endpoints (got {line!r}); see {log_path}")
+            self.log.close()
+            said = log_path.read_text()
+            if "unrecognized arguments: --trainer" in said:
+                raise RuntimeError("this rrstem serve has no --trainer option (per-seed runs need it): take commit "
+                                   "'serve/analyze/demo --trainer JSON' of branch multislice (stream/cli.py)")
+            raise RuntimeError(f"rrstem serve did not announce its endpoints (got {line!r}); see {log_path}: "
+                               f"{said[-500:]}")
         self.listen, self.publish, self.control = m.groups()
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain the rest
         self.watch: dict[str, dict] = {}  # scan_id -> {"fractions": {...}, "snaps": {...}}
@@ -423,7 +429,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help=f"folder of the multislice scans (default {default_data()})")
-    ap.add_argument("--cases", default=None, help="comma-separated SCAN:DOSE:FPS (default: the issue's cases: "
+    ap.add_argument("--cases", default=None, help="comma-separated SCAN:DOSE:FPS, or none (default: the issue's cases: "
                     + ", ".join(f"{s}:{d}:{f}" for s, d, f in DEFAULT_CASES) + ")")
     ap.add_argument("--warm-start", default="graphene-pristine:1e6:133", metavar="SCAN:DOSE:FPS|none",
                     help="the warm-start case: the scan, then its rescan, in one service (default "
@@ -437,7 +443,10 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="list the cases and the files they need, and exit")
     args = ap.parse_args()
     data = args.data or default_data()
-    cases = [parse_case(c) for c in args.cases.split(",")] if args.cases else DEFAULT_CASES
+    if args.cases is None:
+        cases = DEFAULT_CASES
+    else:  # "none": only the warm-start case
+        cases = [] if args.cases.strip().lower() in ("", "none") else [parse_case(c) for c in args.cases.split(",")]
     warm = None if args.warm_start.lower() == "none" else parse_case(args.warm_start)
     trainer = json.loads(args.trainer)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
