@@ -27,10 +27,12 @@ What is measured, on what data:
   of the scan; at the last frame the trainer's latest encode may lag).
 - defects (read from an ``anomaly`` map in the snapshot and the results, null
   if absent): ``anomaly_distance_a``, from the highest score to the defect
-  (ground truth JSON), in Angstrom; ``alarms``, positions above the alarm
-  threshold (an ``anomaly_alarm`` map, else an ``anomaly_threshold`` number in
-  the snapshot's training status or the results' model metrics or attributes);
-  on pristine scans ``alarm_pass`` is true when there are none.
+  (ground truth JSON), in Angstrom; ``alarms``, how many positions are above
+  the alarm threshold: the length of an ``alarms`` (k, 2) list, else the count
+  of an ``anomaly_alarm`` map, else of ``anomaly`` above ``anomaly_threshold``
+  (a 0-d array beside the maps, the ``threshold`` attribute of the results'
+  ``anomaly``, or a number in the training status or metrics); on pristine
+  scans the target is none.
 - warm start (``--warm-start``): the service keeps running; the 1e6 scan, then
   its rescan (the same area, another noise seed, ``NAME-1e6-rescan.h5``), at
   the same pace. Rotation and latent r of the second scan when 25 % of it
@@ -262,9 +264,8 @@ def read_results(path: Path, scan_id: str) -> dict:
             out["metrics"] = json.loads(g["training"].attrs.get("metrics", "{}"))
         if "model" in g:
             out["step"] = int(g["model"].attrs.get("step", 0))
-        for k in g:
-            if "alarm" in k or "anomal" in k:
-                out["maps"].setdefault(k, g[k][()])
+        if "anomaly" in g["maps"] and "threshold" in g["maps"]["anomaly"].attrs:  # the rrvae branch's layout
+            maps.setdefault("anomaly_threshold", np.float64(g["maps"]["anomaly"].attrs["threshold"]))
     return out
 
 
@@ -308,8 +309,13 @@ def judge(maps: dict, ds: Dataset, threshold: float | None = None) -> dict:
         if ds.defects_px:
             d = min(np.hypot(peak[0] - y, peak[1] - x) for y, x in ds.defects_px)
             out["anomaly_distance_a"] = round(float(d) * ds.step_a, 3)
-        alarm_map = maps.get("anomaly_alarm")
-        if alarm_map is not None:
+        if "anomaly_threshold" in maps:  # a 0-d array beside the maps (inf: no threshold yet)
+            threshold = float(np.asarray(maps["anomaly_threshold"]))
+        out["anomaly_threshold"] = None if threshold is None or not np.isfinite(threshold) else round(threshold, 4)
+        listed, alarm_map = maps.get("alarms"), maps.get("anomaly_alarm")
+        if listed is not None:  # (k, 2) [y, x] of the positions above the threshold
+            out["alarms"] = int(np.asarray(listed).reshape(-1, 2).shape[0])
+        elif alarm_map is not None:  # or a (ny, nx) bool map
             out["alarms"] = int(np.count_nonzero(np.asarray(alarm_map)))
         elif threshold is not None:
             out["alarms"] = int(np.count_nonzero(np.asarray(anomaly)[np.isfinite(anomaly)] > threshold))
