@@ -4,8 +4,10 @@ Each streams a source from ``simulators/`` into a ``stream/`` service in one
 process and runs the real pipeline. ``analyze`` feeds a file over an
 ``inproc://`` socket (zero-copy, lossless PUSH/PULL), so its results are
 exactly what the live service would have written. ``demo`` streams the
-synthetic graphene scan over TCP loopback, as a detector would, and opens the
-``gui/`` dashboard beside it. ``rrstem.cli`` registers both.
+synthetic graphene scan over TCP loopback at a detector's pace (the paper's
+7.5 ms dwell by default: a 64x64 scan takes 31 s), so the maps and the rrVAE
+are watched converging while the scan fills in, and opens the ``gui/``
+dashboard beside it. ``rrstem.cli`` registers both.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rrstem.simulators.graphene import GrapheneSource
     from rrstem.stream.service import Service, ServiceConfig
 
+    rate = demo_rate(args)
     if not args.headless and not has_display():
         print("rrstem demo: no display found (DISPLAY/WAYLAND_DISPLAY unset): running --headless; "
               "the dashboard is saved as a PNG at the end", file=sys.stderr)
@@ -122,14 +125,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         **({"events": "tcp://127.0.0.1:0", "steering": "tcp://127.0.0.1:0"} if args.steer else {}))
     service = Service(cfg).start()
     print(f"rrstem demo: graphene {args.scan[0]}x{args.scan[1]} scan, {args.detector}px detector, "
-          f"dose {args.dose or 'noise-free'}; snapshots on {service.publish_endpoint}, "
+          f"dose {args.dose or 'noise-free'}, {rate:.4g} frames/s ({1e3 / rate:.3g} ms dwell: "
+          f"{src.n_frames / rate:.1f} s); snapshots on {service.publish_endpoint}, "
           f"control on {service.control_endpoint}; results in {out_dir}", flush=True)
     dashboard = None
     if not args.headless:
         dashboard = subprocess.Popen([sys.executable, "-m", "rrstem.gui", "--connect", service.publish_endpoint,
                                       "--control", service.control_endpoint])
     steer = start_steering(service, graphene, args) if args.steer else None  # bridge + example, before the scan
-    sender, box = _stream_in_thread(src, service.listen_endpoint, rate=args.rate, context=None, bind=False,
+    sender, box = _stream_in_thread(src, service.listen_endpoint, rate=rate, context=None, bind=False,
                                     progress=False)
     if steer is not None:
         steer.sender = sender  # subscans go out once the scan is sent, as a microscope's would
@@ -145,10 +149,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         steer.close()
     if "error" in box:
         return 1
+    if "stats" in box:
+        st = box["stats"]
+        print(f"rrstem demo: sent {st.frames} frames in {st.seconds:.2f} s ({st.frames_per_s:.0f} frames/s)")
     if (args.headless or dashboard_failed) and code == 0:
         png = render_headless(service, out_dir / "dashboard.png")
         print(f"dashboard screenshot: {png}")
     return code
+
+
+def demo_rate(args: argparse.Namespace) -> float:
+    """Frames/s the demo streams at: ``--rate``, else one frame per ``--dwell`` ms (7.5 ms: 133 frames/s)."""
+    if args.rate is not None:
+        return float(args.rate)
+    if not args.dwell > 0:
+        raise ValueError(f"--dwell must be a positive number of milliseconds, not {args.dwell}")
+    return 1e3 / args.dwell
 
 
 def has_display() -> bool:
@@ -229,7 +245,10 @@ def add_demo_args(sub) -> None:
                    help="close the loop: examples/steer_on_defects.py asks for a subscan around each anomaly, "
                         "twice as fine at 4x the dose, and the simulator, as the microscope bridge, streams it "
                         "(docs/steering.md)")
-    p.add_argument("--rate", type=float, default=2000.0, help="frames/s sent (default 2000)")
+    p.add_argument("--dwell", type=float, default=7.5, metavar="MS",
+                   help="dwell time per scan position in ms, the detector's pace (default 7.5, the paper's: "
+                        "133 frames/s, 31 s for 64x64)")
+    p.add_argument("--rate", type=float, default=None, metavar="FPS", help="frames/s sent, instead of --dwell")
     p.add_argument("--publish", default="tcp://127.0.0.1:0", metavar="EP", help="snapshot endpoint (port 0: any)")
     p.add_argument("--control", default="tcp://127.0.0.1:0", metavar="EP", help="control endpoint (port 0: any)")
     add_processing_args(p)
@@ -253,7 +272,7 @@ class DemoSteering:
         print(self.example.stdout.readline(), end="", flush=True)  # "watching ...": subscribed
         threading.Thread(target=lambda: [print(f"steer_on_defects: {line}", end="", flush=True)
                                          for line in self.example.stdout], daemon=True).start()
-        self.rate, self.endpoint, self.streamed = args.rate, service.listen_endpoint, []
+        self.rate, self.endpoint, self.streamed = demo_rate(args), service.listen_endpoint, []
         self.sender: threading.Thread | None = None  # the scan's sender; subscans wait for it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._obey, name="rrstem-demo-bridge", daemon=True)
