@@ -34,7 +34,7 @@ from rrstem.stream.store import FrameStore, store_dtype
 
 log = logging.getLogger("rrstem.scan")
 
-#: Frames per call of the fused pass: bounds how long the scan's lock waits on one batch of sums.
+#: Frames per call of the fused pass (the pass runs outside the scan's lock and without the GIL).
 _PASS_FRAMES = 4096
 
 
@@ -313,7 +313,10 @@ class Scan:
             return {}
         filled = self._filled.copy()
         with self._lock:
-            out = {**self._sums.snapshot(), **self._positions.snapshot(filled)}
+            out = self._sums.snapshot()
+        # Outside the lock, so a 10 Hz snapshot of a large scan never holds up the pipeline: the sums of a
+        # position are written before its ``filled`` flag and never change afterwards.
+        out.update(self._positions.snapshot(filled))
         out[Arrays.FILLED] = filled.reshape(self.scan_shape)
         return out
 
