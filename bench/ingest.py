@@ -25,6 +25,12 @@ Frames are Poisson-noisy bright-field discs (fixed seed), 64 distinct ones
 cycled. ``--train`` runs the rrVAE trainer during the service runs (issue 3:
 ingest must keep >= 0.6 of its rate without training).
 
+``--scans 128,256,512`` repeats every case at each scan edge (positions = edge^2),
+to show whether the rate holds as the scan grows; ``peak_rss_GB`` is the
+peak resident memory of this process (the service runs in it; the senders
+are separate processes) over that case's service runs, reset before each
+case (``/proc/self/clear_refs``), beside ``store_GB``, the case's frame store.
+
 Prints one JSON object.
 """
 
@@ -236,10 +242,54 @@ def run_merlin_service(scan, frame, bin_, train: bool, tmp: str) -> float:
     return total / dt
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def store_gb(scan, frame, bin_) -> float:
+    from rrstem.stream.store import FrameStore, store_dtype
+
+    binned = (frame[0] // bin_, frame[1] // bin_)
+    return FrameStore.nbytes(scan[0] * scan[1], binned, store_dtype("uint16", bin_)) / 1e9
+
+
+def run_case(scan, case, args, tmp) -> dict:
+    """Warm-up, then ``repeats`` alternating raw and service runs of one case at one scan size."""
+    run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp)  # warm-up
+    reset_peak_rss()
+    raw, ours = [], []
+    for _ in range(args.repeats):
+        raw.append(run_raw(scan, case["frame"], case["per_msg"]))
+        ours.append(run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp))
+    r, o = statistics.median(raw), statistics.median(ours)
+    return {
+        "scan": list(scan), "frames_per_message": case["per_msg"], "bin": case["bin"],
+        "rrstem_fps": round(o), "raw_zmq_fps": round(r), "ratio": round(o / r, 3),
+        "worst_ratio": round(min(ours) / max(raw), 3),
+        "rrstem_fps_all": [round(v) for v in ours], "raw_zmq_fps_all": [round(v) for v in raw],
+        "rrstem_MBps": round(o * case["frame"][0] * case["frame"][1] * 2 / 1e6),
+        "peak_rss_GB": round(peak_rss_gb(), 2), "store_GB": round(store_gb(scan, case["frame"], case["bin"]), 2),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scan", type=int, default=128, help="scan edge (positions = edge^2)")
+    ap.add_argument("--scans", default=None, help="comma-separated scan edges, e.g. 128,256,512 (overrides --scan)")
     ap.add_argument("--train", action="store_true", help="run the rrVAE trainer during the service runs")
     ap.add_argument("--only-merlin", action="store_true", help="run only the Merlin case")
     ap.add_argument("--no-merlin", action="store_true", help="skip the Merlin case")
@@ -248,23 +298,16 @@ def main(argv=None) -> int:
         {"name": "256x256_uint16_bin4", "frame": (256, 256), "bin": 4, "per_msg": 32},
         {"name": "96x96_uint16_bin1", "frame": (96, 96), "bin": 1, "per_msg": 256},
     ]
-    out = {"benchmark": "ingest", "train": args.train, "scan": [args.scan, args.scan], "repeats": args.repeats,
+    edges = [int(v) for v in args.scans.split(",")] if args.scans else [args.scan]
+    out = {"benchmark": "ingest", "train": args.train, "scans": edges, "repeats": args.repeats,
            "cpus": os.cpu_count(), "python": platform.python_version(), "zmq": zmq.zmq_version(), "cases": {}}
-    scan = (args.scan, args.scan)
     with tempfile.TemporaryDirectory() as tmp:
-        for case in [] if args.only_merlin else cases:
-            run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp)  # warm-up
-            raw, ours = [], []
-            for _ in range(args.repeats):
-                raw.append(run_raw(scan, case["frame"], case["per_msg"]))
-                ours.append(run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp))
-            r, o = statistics.median(raw), statistics.median(ours)
-            out["cases"][case["name"]] = {
-                "frames_per_message": case["per_msg"], "bin": case["bin"],
-                "rrstem_fps": round(o), "raw_zmq_fps": round(r), "ratio": round(o / r, 3),
-                "rrstem_fps_all": [round(v) for v in ours], "raw_zmq_fps_all": [round(v) for v in raw],
-                "rrstem_MBps": round(o * case["frame"][0] * case["frame"][1] * 2 / 1e6),
-            }
+        for edge in edges:
+            scan = (edge, edge)
+            for case in [] if args.only_merlin else cases:
+                name = case["name"] if len(edges) == 1 else f"{case['name']}_scan{edge}"
+                out["cases"][name] = run_case(scan, case, args, tmp)
+        scan = (edges[0], edges[0])
         if not args.no_merlin:
             frame = (256, 256)
             run_merlin_service(scan, frame, 4, args.train, tmp)  # warm-up

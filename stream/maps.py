@@ -21,13 +21,17 @@ from rrstem.stream.snapshot import Arrays
 class FrameSum:
     """Sum of the binned frames: the mean pattern."""
 
-    def __init__(self, binned_shape: tuple[int, int]):
-        self.total = np.zeros(binned_shape, dtype=np.float64)
+    def __init__(self, binned_shape: tuple[int, int], dtype=np.float64):
+        self.total = np.zeros(binned_shape, dtype=dtype)  # float64, or int64 for counts too large for it
         self.count = 0
 
     def update(self, indices: np.ndarray, binned: np.ndarray) -> None:
-        self.total += binned.sum(axis=0, dtype=np.float64)
-        self.count += len(indices)
+        self.add(len(indices), binned.sum(axis=0, dtype=self.total.dtype))
+
+    def add(self, count: int, total: np.ndarray) -> None:
+        """Take ``count`` frames already summed into ``total`` (the fused pass, ``framepass.FramePass``)."""
+        self.total += total
+        self.count += count
 
     def merge(self, other: "FrameSum") -> None:
         self.total += other.total
@@ -71,8 +75,8 @@ class PositionSums:
         with np.errstate(invalid="ignore", over="ignore"):
             return binned.reshape(len(binned), -1).astype(np.float64) @ self._weights  # (n, P) x (P, 5)
 
-    def update(self, indices: np.ndarray, binned: np.ndarray, products: np.ndarray | None = None) -> None:
-        """Take frames at ``indices``; pass ``products`` if already computed from ``binned``."""
+    def update(self, indices: np.ndarray, binned: np.ndarray | None, products: np.ndarray | None = None) -> None:
+        """Take frames at ``indices``; pass ``products`` if already computed (then ``binned`` may be None)."""
         self.sums[indices] = self.products(binned) if products is None else products
 
     def merge(self, other: "PositionSums") -> None:

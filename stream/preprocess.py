@@ -1,4 +1,7 @@
-"""Frame preprocessing: crop, sum-binning and pixel masking, and the disc geometry.
+"""Frame preprocessing: the configuration, the bad-pixel mask and the disc geometry of a scan.
+
+The crop, sum-binning and masking of every frame happen in the fused pass
+(``stream/framepass.py``), for the ``Geometry`` fixed here.
 
 Nothing here depends on the running mean: a binned frame is a fixed function
 of the raw frame and of the ``Geometry`` fixed when the scan was calibrated
@@ -68,23 +71,6 @@ class Geometry:
         ky, kx = np.mgrid[0:h, 0:w]
         r = np.hypot(ky - self.center[0], kx - self.center[1])
         return r <= self.radius, (r >= self.adf_inner) & (r <= self.adf_outer)
-
-
-def bin_frames(frames: np.ndarray, b: int) -> np.ndarray:
-    """Sum-bin (n, h, w) frames by b; h and w must be multiples of b. Returns float32.
-
-    Rows are summed first (contiguous adds), then columns through strided
-    views; about 8x faster than one reshape-sum over two small axes.
-    """
-    n, h, w = frames.shape
-    if b == 1:
-        return frames.astype(np.float32)
-    acc = np.float64 if frames.dtype.kind == "f" else np.uint64 if frames.dtype.itemsize > 2 else np.uint32
-    rows = frames.reshape(n, h // b, b, w).sum(axis=2, dtype=acc)
-    out = rows[..., 0::b].copy()
-    for j in range(1, b):
-        out += rows[..., j::b]
-    return out.astype(np.float32)
 
 
 def _neighbourhood_median(img: np.ndarray) -> np.ndarray:
@@ -158,39 +144,3 @@ def calibrate(frames: np.ndarray, cfg: PreprocessConfig) -> Geometry:
     outer = np.inf if cfg.adf_outer is None else cfg.adf_outer * radius
     masked = tuple((int(i), int(j)) for i, j in zip(*np.nonzero(bad)))
     return Geometry((h, w), b, (y0, y1, x0, x1), center, radius, cfg.adf_inner * radius, outer, masked)
-
-
-class Binner:
-    """Turns raw frames into binned, masked float32 frames for a fixed geometry."""
-
-    def __init__(self, geometry: Geometry, dtype: np.dtype, mask_saturated: bool = True):
-        self.g = geometry
-        y0, y1, x0, x1 = geometry.crop
-        inside = [(i, j) for i, j in geometry.masked if y0 <= i < y1 and x0 <= j < x1]
-        self._rows = np.array([i for i, _ in inside], dtype=np.intp)
-        self._cols = np.array([j for _, j in inside], dtype=np.intp)
-        dtype = np.dtype(dtype)
-        self._max = np.iinfo(dtype).max if (mask_saturated and dtype.kind in "ui") else None
-        self._unsigned = dtype.kind == "u"
-
-    def __call__(self, raw: np.ndarray) -> np.ndarray:
-        """(n, h, w) raw -> (n, hb, wb) float32. Masked pixels contribute zero."""
-        g = self.g
-        y0, y1, x0, x1 = g.crop
-        view = raw[:, y0:y1, x0:x1]
-        binned = bin_frames(np.ascontiguousarray(view), g.bin)
-        b = g.bin
-        if len(self._rows):
-            # Subtract the persistently bad pixels instead of copying the read-only raw buffer.
-            vals = view[:, self._rows - y0, self._cols - x0].astype(np.float32)
-            np.subtract.at(binned, (slice(None), (self._rows - y0) // b, (self._cols - x0) // b), vals)
-        # A saturated pixel makes its (non-negative) bin >= the dtype maximum, so the small binned
-        # array is a cheap first test; only then is the raw frame searched.
-        probe = binned if (b > 1 and self._unsigned) else view
-        if self._max is not None and probe.max() >= self._max:
-            hit = view == self._max
-            if len(self._rows):
-                hit[:, self._rows - y0, self._cols - x0] = False
-            n_i, r_i, c_i = np.nonzero(hit)
-            np.subtract.at(binned, (n_i, r_i // b, c_i // b), np.float32(self._max))
-        return binned

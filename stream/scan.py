@@ -24,18 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from rrstem.stream.framepass import FramePass, accumulator
 from rrstem.stream.maps import FrameSum, PositionSums
-from rrstem.stream.preprocess import Binner, Geometry, PreprocessConfig, calibrate
+from rrstem.stream.preprocess import Geometry, PreprocessConfig, calibrate
 from rrstem.stream.protocol import Start
 from rrstem.stream.results import ScanResults
 from rrstem.stream.snapshot import COUNTERS, Arrays
-from rrstem.stream.store import FrameStore
+from rrstem.stream.store import FrameStore, store_dtype
 
 log = logging.getLogger("rrstem.scan")
 
-#: Bytes of float64 work per sub-batch. Larger temporaries are mapped fresh by malloc on every
-#: batch and page-fault each time (measured: 3x the CPU per frame at 96x96, bin 1).
-_WORK_BYTES = 4 << 20
+#: Frames per call of the fused pass (the pass runs outside the scan's lock and without the GIL).
+_PASS_FRAMES = 4096
 
 
 class RateLimitedLog:
@@ -56,14 +56,15 @@ class RateLimitedLog:
 def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) -> None:
     """Refuse a scan whose preallocated frame store could not fit in this machine's memory."""
     h, w = start.frame_shape
-    need = FrameStore.nbytes(start.n_positions, (-(-h // cfg.bin), -(-w // cfg.bin)))
+    dtype = store_dtype(start.dtype, cfg.bin)
+    need = FrameStore.nbytes(start.n_positions, (-(-h // cfg.bin), -(-w // cfg.bin)), dtype)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on Linux: no check
         return
     if need > fraction * total:
         raise ValueError(f"scan {start.scan_id} ({start.scan_shape[0]}x{start.scan_shape[1]} positions of "
-                         f"{h}x{w} frames at bin {cfg.bin}) needs {need / 2**30:.1f} GiB for its binned frames; "
+                         f"{h}x{w} frames at bin {cfg.bin}) needs {need / 2**30:.1f} GiB for its binned frames ({dtype}); "
                          f"this machine has {total / 2**30:.1f} GiB: use a larger --bin or --crop")
 
 
@@ -103,7 +104,7 @@ class Scan:
         self.last_activity = time.monotonic()  # the newest message of this scan (idle timeout)
         self._gap: float | None = None  # running mean of the time between its messages, s
         self.geometry: Geometry | None = None
-        self._binner: Binner | None = None
+        self._pass: FramePass | None = None
         self._sums: FrameSum | None = None
         self._positions: PositionSums | None = None
         self._store: FrameStore | None = None
@@ -170,7 +171,7 @@ class Scan:
         if not len(idx):
             return 0
         self._highest = max(self._highest, int(idx[-1]))
-        if self._binner is None:
+        if self._pass is None:
             self._pending.append((idx, np.array(frames)))  # copy: the socket buffer is released after this
             self._pending_positions.update(idx.tolist())
             if len(self._pending_positions) >= min(self.cfg.calibration_frames, n_pos):
@@ -201,10 +202,11 @@ class Scan:
         pixel_mrad = cal.detector_pixel_mrad * g.bin if cal.detector_pixel_mrad else None
         with self._lock:
             self.geometry = g
-            self._binner = Binner(g, np.dtype(self.start.dtype), self.cfg.mask_saturated)
-            self._sums = FrameSum(g.binned_shape)
+            raw = np.dtype(self.start.dtype)
+            self._sums = FrameSum(g.binned_shape, accumulator(raw, g.bin, g.binned_shape))
             self._positions = PositionSums(self.start.scan_shape, g, pixel_mrad)
-            self._store = FrameStore(self.start.n_positions, g.binned_shape)
+            self._store = FrameStore(self.start.n_positions, g.binned_shape, store_dtype(raw, g.bin))
+            self._pass = FramePass(g, raw, self._store.frames, self.cfg.mask_saturated)
         log.info("scan %s: disc at (%.1f, %.1f) r=%.1f binned px, binned %s, %d masked pixel(s)",
                  self.scan_id, *g.center, g.radius, g.binned_shape, len(g.masked))
         self._ready = True
@@ -218,14 +220,13 @@ class Scan:
             self.log.warning("duplicate", "scan %s: %d duplicate frame(s), first index %d",
                              self.scan_id, int(dup.sum()), idx[dup][0])
             idx, frames = idx[~dup], frames[~dup]
-        # Bin, validate and reduce in sub-batches whose temporaries stay small and in cache.
-        per = max(1, _WORK_BYTES // (8 * int(np.prod(self.geometry.binned_shape))))  # float64 sums dominate
-        for lo in range(0, len(idx), per):
-            self._take_batch(idx[lo:lo + per], frames[lo:lo + per])
+        for lo in range(0, len(idx), _PASS_FRAMES):
+            self._take_batch(idx[lo:lo + _PASS_FRAMES], frames[lo:lo + _PASS_FRAMES])
 
     def _take_batch(self, idx: np.ndarray, raw: np.ndarray) -> None:
-        binned = self._binner(raw)
-        products = self._positions.products(binned)  # the per-frame sums, computed once
+        # One pass: bin, mask and copy into the store rows, the per-frame sums and the sum of the valid frames.
+        # Rows of invalid frames are written but never flagged in ``filled``.
+        products, total = self._pass(idx, raw)
         totals = products[:, 0]
         ok = np.isfinite(totals) & (totals != 0)
         if not ok.all():
@@ -238,13 +239,12 @@ class Scan:
             if self._rejected is None:
                 self._rejected = np.zeros(self.start.n_positions, dtype=bool)
             self._rejected[idx[~ok]] = True
-            idx, binned, products = idx[ok], binned[ok], products[ok]
+            idx, products = idx[ok], products[ok]
             if not len(idx):
                 return
         with self._lock:
-            self._sums.update(idx, binned)
-            self._positions.update(idx, binned, products)
-        self._store.put(idx, binned)
+            self._sums.add(len(idx), total)
+            self._positions.update(idx, None, products)
         self._filled[idx] = True  # after the store: a reader that sees the flag reads a whole frame
         self._n_filled += len(idx)
         self.counters["received"] += len(idx)
@@ -253,7 +253,7 @@ class Scan:
 
     def finish(self, frames_sent: int | None, reason: str = "end") -> None:
         """The scan ended (``reason``): calibrate if it never did, and count what never arrived."""
-        if self._binner is None and self._pending:
+        if self._pass is None and self._pending:
             self._calibrate()
         self.frames_sent = frames_sent
         seen = self._n_filled
@@ -285,7 +285,8 @@ class Scan:
 
     @property
     def frames(self) -> np.ndarray:
-        """(ny*nx, h, w) float32 binned frames; rows are valid where ``filled``."""
+        """(ny*nx, h, w) binned frames in the store's dtype (``store.store_dtype``: counts stay integers; the
+        model converts when it builds a batch); rows are valid where ``filled``."""
         return self._store.frames
 
     @property
@@ -312,7 +313,10 @@ class Scan:
             return {}
         filled = self._filled.copy()
         with self._lock:
-            out = {**self._sums.snapshot(), **self._positions.snapshot(filled)}
+            out = self._sums.snapshot()
+        # Outside the lock, so a 10 Hz snapshot of a large scan never holds up the pipeline: the sums of a
+        # position are written before its ``filled`` flag and never change afterwards.
+        out.update(self._positions.snapshot(filled))
         out[Arrays.FILLED] = filled.reshape(self.scan_shape)
         return out
 
@@ -332,11 +336,11 @@ class Scan:
         return y * nx + x
 
     def frame(self, index) -> np.ndarray:
-        """The binned frame at position ``index`` = [y, x]; ValueError if there is none."""
+        """The binned frame at position ``index`` = [y, x], as float32; ValueError if there is none."""
         i = self.position(index)
         if not self._ready or not self._filled[i]:
             raise ValueError(f"no frame at ({index[0]}, {index[1]}) yet")
-        return self._store.frames[i].copy()
+        return self._store.frames[i].astype(np.float32)
 
     def header_fields(self) -> dict:
         """This scan's fields of the snapshot header."""

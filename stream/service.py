@@ -39,6 +39,7 @@ from rrstem.stream.auth import Curve, warn_if_exposed
 from rrstem.stream.detectors import TCP_PROTOCOLS, Item, decoder_for
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.events import EventPublisher, ScanEnded, ScanStarted
+from rrstem.stream.framepass import WarmUp
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import Receiver, TcpReceiver
 from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
@@ -172,6 +173,8 @@ class Service:
         if self._started:
             return self
         self._started = True
+        self.warm_up = WarmUp()  # compiles (or loads) the usual fused passes before the first frames arrive
+        self.warm_up.start()
         if self.encoder is not None:
             self.encoder.start()
         self.receiver.start()

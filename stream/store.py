@@ -9,6 +9,12 @@ taking a lock.
 What is stored is the binned, masked frame itself, never anything derived from
 the running mean: the mean changes as frames arrive, so the trainer subtracts
 the *current* mean when it assembles a batch.
+
+Frames are stored in their own dtype where that is exact (``store_dtype``):
+counts stay counts, in the narrowest integer type that holds any binned sum
+of the raw dtype (uint16 counts at bin 1 in uint16, at bin 2..256 in uint32),
+so no scan can wrap around, whatever its counts. The trainer converts to
+float when it builds a minibatch. Float frames are stored as float32.
 """
 
 from __future__ import annotations
@@ -60,30 +66,44 @@ def _prefaulted(nbytes: int) -> mmap.mmap | None:
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
 
 
-class FrameStore:
-    """Preallocated (n_positions, h, w) float32 frames; which rows are valid is the owner's to say."""
+def store_dtype(raw_dtype, bin: int) -> np.dtype:
+    """The dtype that holds every binned frame of ``raw_dtype`` pixels at ``bin`` exactly.
 
-    def __init__(self, n_positions: int, binned_shape: tuple[int, int]):
+    Integers: the narrowest of (u)int8/16/32/64 that holds ``bin**2`` times the raw dtype's range,
+    so a sum of ``bin x bin`` raw pixels can never wrap. Floats: float32.
+    """
+    raw = np.dtype(raw_dtype)
+    if raw.kind == "f":
+        return np.dtype(np.float32)
+    if raw.kind not in "ui":
+        raise ValueError(f"frames of dtype {raw} cannot be stored: expected integer or float pixels")
+    info, k = np.iinfo(raw), bin * bin
+    lo, hi = int(info.min) * k, int(info.max) * k
+    for name in (("uint8", "uint16", "uint32", "uint64") if raw.kind == "u" else ("int8", "int16", "int32", "int64")):
+        t = np.iinfo(name)
+        if t.min <= lo and hi <= t.max:
+            return np.dtype(name)
+    raise ValueError(f"bin {bin} is too large for {raw} frames: a binned pixel could exceed 64 bits")
+
+
+class FrameStore:
+    """Preallocated (n_positions, h, w) frames in ``dtype``; which rows are valid is the owner's to say.
+
+    The fused pass (``framepass.FramePass``) writes ``frames`` directly, from the pipeline thread only.
+    """
+
+    def __init__(self, n_positions: int, binned_shape: tuple[int, int], dtype=np.float32):
         h, w = binned_shape
-        nbytes = self.nbytes(n_positions, binned_shape)
+        self.dtype = np.dtype(dtype)
+        nbytes = self.nbytes(n_positions, binned_shape, self.dtype)
         buf = _Spare.take(nbytes) or _prefaulted(nbytes)
         if buf is None:
-            self.frames = np.zeros((n_positions, h, w), dtype=np.float32)
+            self.frames = np.zeros((n_positions, h, w), dtype=self.dtype)
         else:
-            self.frames = np.frombuffer(buf, dtype=np.float32).reshape(n_positions, h, w)
+            self.frames = np.frombuffer(buf, dtype=self.dtype).reshape(n_positions, h, w)
             weakref.finalize(self, _Spare.give, buf)  # back to the spare slot when this store is gone
 
     @staticmethod
-    def nbytes(n_positions: int, binned_shape: tuple[int, int]) -> int:
+    def nbytes(n_positions: int, binned_shape: tuple[int, int], dtype=np.float32) -> int:
         """What a store of this size holds."""
-        return n_positions * binned_shape[0] * binned_shape[1] * 4
-
-    def put(self, indices: np.ndarray, binned: np.ndarray) -> None:
-        """Store frames at scan indices (unique). Writer thread only."""
-        first, n = int(indices[0]), len(indices)
-        if indices[-1] - first == n - 1 and (n < 3 or np.all(np.diff(indices) == 1)):
-            # A run of consecutive frames (the usual case): slice assignment is ~25x faster
-            # than fancy indexing into freshly mapped pages.
-            self.frames[first:first + n] = binned
-        else:
-            self.frames[indices] = binned
+        return n_positions * binned_shape[0] * binned_shape[1] * np.dtype(dtype).itemsize

@@ -132,7 +132,9 @@ class DetectorDecoder:
                 raise BadMessage("bad_shape", f"image is {shape[0]}x{shape[1]} {dtype}; the series is "
                                  f"{st.frame_shape[0]}x{st.frame_shape[1]} {st.dtype}")
             frame = pixels().reshape(1, *shape)  # (1, h, w)
-            items.append(Item("frames", Frames(scan_id=s.scan_id, first=index, count=1), frames=frame,
+            # model_construct: one image per message makes this the per-message cost; the scan id was validated
+            # at the series start and the index is a non-negative int (``_uint``)
+            items.append(Item("frames", Frames.model_construct(scan_id=s.scan_id, first=index, count=1), frames=frame,
                               scan_id=s.scan_id, count=1))
         except BadMessage as exc:
             items.append(Item("bad", reason=exc.reason, detail=f"{self.protocol}: series {key} image {index}: {exc}",

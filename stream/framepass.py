@@ -1,0 +1,197 @@
+"""One pass over each raw frame: crop, sum-binning, pixel masking, the five position sums, the mean-pattern sum
+and the copy into the frame store, fused in one compiled loop (numba).
+
+Ingest is bound by memory bandwidth, so every raw pixel is read once: the
+binned row is formed, written into the store in the store's dtype
+(``store.store_dtype``), and reduced into the frame's intensity, first moments
+(x, y), virtual bright field and virtual annular dark field while it is still
+in cache. Integer counts are summed in float64 wherever no per-frame sum can
+reach 2**53 (``accumulator``), so every sum is exact in any order and the
+reductions vectorise; in int64 otherwise. Either way the sums are the same
+numbers as a float64 NumPy reduction of the whole array. Float frames are
+summed in float64.
+
+Masking follows ``preprocess.calibrate``: a pixel at the dtype maximum is
+zeroed in the frame it occurs in (``mask_saturated``), and the persistently
+bad pixels of the ``Geometry`` are zeroed in every frame.
+
+The kernel releases the GIL. It compiles once per raw dtype and memory layout
+(``cache=True`` keeps the machine code on disk, so a later process loads it);
+``warm_up`` compiles the usual ones at service start, before any frame waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numba
+import numpy as np
+
+from rrstem.stream.preprocess import Geometry
+from rrstem.stream.store import store_dtype
+
+log = logging.getLogger("rrstem.framepass")
+
+SUMS = 5  #: per-frame sums, in ``maps.PositionSums.COLUMNS`` order: intensity, moment_x, moment_y, vbf, vadf
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _frame_pass(raw, rows, y0, x0, b, satmax, mrows, mcols, bf, adf, zero, defer, store, sums, total, line):
+    """Bin raw (n, H, W) frames into ``store[rows]``; per-frame sums into ``sums`` (n, 5); ``total`` += valid frames.
+
+    ``zero`` (0 of the accumulator type) fixes the accumulator type; ``satmax``: a pixel equal to it counts 0
+    (pass an impossible value to mask nothing). ``mrows``/``mcols``: raw coordinates of the persistently masked
+    pixels inside the crop. ``defer``: add a frame to ``total`` only once it is known valid (signed or float
+    frames); otherwise in the same loop (unsigned counts: an invalid, zero-sum frame adds zero). ``line``:
+    scratch of (wb * b,) accumulators. Sums of integers in float64 are exact below 2**53 in any order, so
+    reassociation (vectorised reductions) changes no result; NaN and Inf still propagate.
+    """
+    n = raw.shape[0]
+    hb, wb = store.shape[1], store.shape[2]
+    wc = wb * b
+    for k in range(n):
+        out = store[rows[k]]
+        s_i, s_x, s_y, s_bf, s_adf = zero, zero, zero, zero, zero
+        for i in range(hb):
+            o, bf_i, adf_i = out[i], bf[i], adf[i]
+            # the b raw rows of binned row i, summed column by column (contiguous reads), saturated pixels as 0
+            src = raw[k, y0 + i * b, x0:x0 + wc]
+            for x in range(wc):
+                v = src[x]
+                line[x] = zero if v == satmax else zero + v
+            for di in range(1, b):
+                src = raw[k, y0 + i * b + di, x0:x0 + wc]
+                for x in range(wc):
+                    v = src[x]
+                    line[x] += zero if v == satmax else zero + v
+            for j in range(wb):  # then the b columns of each binned pixel
+                a = line[j * b]
+                for dj in range(1, b):
+                    a += line[j * b + dj]
+                line[j] = a
+            r_i, r_x, r_bf, r_adf = zero, zero, zero, zero
+            for j in range(wb):
+                a = line[j]
+                o[j] = a
+                r_i += a
+                r_x += a * j
+                r_bf += a * bf_i[j]
+                r_adf += a * adf_i[j]
+            if not defer:
+                t = total[i]
+                for j in range(wb):
+                    t[j] += line[j]
+            s_i += r_i
+            s_x += r_x
+            s_y += r_i * i
+            s_bf += r_bf
+            s_adf += r_adf
+        for m in range(mrows.shape[0]):  # the persistently bad pixels: take back what they added
+            v = raw[k, mrows[m], mcols[m]]
+            if v == satmax:
+                continue  # already counted as zero
+            a = zero + v
+            bi, bj = (mrows[m] - y0) // b, (mcols[m] - x0) // b
+            out[bi, bj] = out[bi, bj] - a
+            s_i -= a
+            s_x -= a * bj
+            s_y -= a * bi
+            s_bf -= a * bf[bi, bj]
+            s_adf -= a * adf[bi, bj]
+            if not defer:
+                total[bi, bj] -= a
+        sums[k, 0] = s_i
+        sums[k, 1] = s_x
+        sums[k, 2] = s_y
+        sums[k, 3] = s_bf
+        sums[k, 4] = s_adf
+        if defer and s_i == s_i and s_i != 0 and abs(s_i) != np.inf:
+            for i in range(hb):
+                for j in range(wb):
+                    total[i, j] += out[i, j]
+
+
+def accumulator(raw_dtype: np.dtype, bin: int, binned_shape: tuple[int, int]) -> np.dtype:
+    """float64 where every per-frame sum of integer counts stays below 2**53 (exact, and it vectorises);
+    int64 for the rare integer frames whose sums could pass that; float64 for float frames."""
+    raw = np.dtype(raw_dtype)
+    if raw.kind not in "ui":
+        return np.dtype(np.float64)
+    h, w = binned_shape
+    worst = max(abs(int(np.iinfo(raw).min)), int(np.iinfo(raw).max)) * bin * bin * h * w * max(h, w, 1)
+    return np.dtype(np.float64 if worst < 2**53 else np.int64)
+
+
+class FramePass:
+    """The fused pass for one scan: fixed geometry, raw dtype and store array.
+
+    ``__call__(rows, raw)`` bins ``raw`` into ``frames[rows]`` and returns the (n, 5) float64 sums
+    of each frame and the (h, w) sum of its valid frames (a frame is valid when its intensity is finite
+    and not zero). Rows of invalid frames are written too: the scan's ``filled`` mask says which rows hold data.
+    """
+
+    def __init__(self, geometry: Geometry, raw_dtype: np.dtype, frames: np.ndarray, mask_saturated: bool = True):
+        self.g = geometry
+        raw_dtype = np.dtype(raw_dtype).newbyteorder("=")
+        self.raw_dtype = raw_dtype
+        self.frames = frames  # (n_positions, h, w): the store's array, in ``store_dtype(raw_dtype, bin)``
+        acc = accumulator(raw_dtype, geometry.bin, geometry.binned_shape)
+        self._zero = acc.type(0)
+        y0, y1, x0, x1 = geometry.crop
+        inside = [(i, j) for i, j in geometry.masked if y0 <= i < y1 and x0 <= j < x1]
+        self._mrows = np.array([i for i, _ in inside], dtype=np.int64)
+        self._mcols = np.array([j for _, j in inside], dtype=np.int64)
+        if raw_dtype.kind in "ui":
+            info = np.iinfo(raw_dtype)
+            self._satmax = np.int64(info.max) if mask_saturated else np.int64(info.min) - 1  # never equal: nothing
+        else:
+            self._satmax = np.float64(np.nan)  # no pixel equals NaN: floats are never masked as saturated
+        self._defer = raw_dtype.kind != "u"
+        bf, adf = geometry.detector_masks()
+        self._bf, self._adf = bf.astype(acc), adf.astype(acc)
+        self._line = np.zeros(geometry.binned_shape[1] * geometry.bin, dtype=acc)
+        self._acc = acc
+
+    def __call__(self, rows: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not raw.dtype.isnative:  # big-endian wire data (Merlin): one conversion, then the same pass
+            raw = raw.astype(raw.dtype.newbyteorder("="))
+        sums = np.empty((len(rows), SUMS), dtype=np.float64)
+        total = np.zeros(self.g.binned_shape, dtype=self._acc)
+        _frame_pass(raw, np.asarray(rows, dtype=np.int64), self.g.crop[0], self.g.crop[2], self.g.bin,
+                    self._satmax, self._mrows, self._mcols, self._bf, self._adf, self._zero, self._defer,
+                    self.frames, sums, total, self._line)
+        return sums, total
+
+
+def warm_up(dtypes=("uint16",), bins=(1, 2), strided: bool = True) -> float:
+    """Compile (or load from the on-disk cache) the pass for these raw dtypes, contiguous and strided
+    (``strided``: the views of a TCP receiver's block), for the store dtypes of these bins; returns seconds."""
+    t0 = time.perf_counter()
+    g = Geometry((4, 4), 1, (0, 4, 0, 4), (1.5, 1.5), 1.0, 1.5, 3.0)
+    for name in dtypes:
+        for b in bins:
+            gb = Geometry((4, 4), b, (0, 4, 0, 4), (1.5, 1.5), 1.0, 1.5, 3.0) if b > 1 else g
+            fp = FramePass(gb, np.dtype(name), np.zeros((2, *gb.binned_shape), store_dtype(name, b)))
+            raw = np.ones((2, 4, 4), dtype=name)
+            fp(np.arange(2), raw)
+            if strided:
+                fp(np.arange(2), np.ones((2, 4, 8), dtype=name)[:, :, ::2])
+    return time.perf_counter() - t0
+
+
+class WarmUp(threading.Thread):
+    """Compiles the usual passes in the background at service start (``warm_up``); logs how long it took."""
+
+    def __init__(self, dtypes=("uint16",)):
+        super().__init__(name="rrstem-warmup", daemon=True)
+        self.dtypes = dtypes
+        self.seconds: float | None = None
+
+    def run(self) -> None:
+        try:
+            self.seconds = warm_up(self.dtypes)
+            log.info("frame pass compiled for %s in %.2f s", ", ".join(self.dtypes), self.seconds)
+        except Exception:  # a failed warm-up only means the first scan compiles its own pass
+            log.exception("frame pass warm-up failed")

@@ -1,0 +1,109 @@
+"""The fused pass (bin, mask, sums, store) against a NumPy reduction of the whole array, for every stored dtype."""
+
+import numpy as np
+import pytest
+
+from rrstem.stream.framepass import FramePass
+from rrstem.stream.preprocess import Geometry, PreprocessConfig
+from rrstem.stream.protocol import DTYPES, Start
+from rrstem.stream.scan import Scan, check_memory
+from rrstem.stream.store import store_dtype
+
+MASKED = ((5, 6), (2, 2), (10, 11))
+
+
+def numpy_pass(raw, g):
+    """Binned frames and the five sums of (n, H, W) ``raw``, straight from NumPy in float64."""
+    f = raw.astype(np.float64)
+    if raw.dtype.kind in "ui":
+        f[raw == np.iinfo(raw.dtype).max] = 0
+    for i, j in g.masked:
+        f[:, i, j] = 0
+    y0, y1, x0, x1 = g.crop
+    hb, wb = g.binned_shape
+    binned = f[:, y0:y1, x0:x1].reshape(len(raw), hb, g.bin, wb, g.bin).sum(axis=(2, 4))
+    ky, kx = np.mgrid[0:hb, 0:wb]
+    bf, adf = g.detector_masks()
+    sums = np.stack([(binned * w).sum(axis=(1, 2)) for w in (1, kx, ky, bf, adf)], axis=1)
+    return binned, sums
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_pass_equals_numpy_bit_for_bit(dtype, b):
+    rng = np.random.default_rng(b)
+    raw = rng.integers(0, 200, (7, 24, 36)).astype(dtype)
+    if raw.dtype.kind in "ui":
+        raw[2, 3, 4] = np.iinfo(raw.dtype).max  # saturated in one frame: counts zero
+    g = Geometry((24, 36), b, (0, 24 // b * b, 0, 36 // b * b) if b != 3 else (3, 24, 0, 36), (3.0, 5.0), 2.5,
+                 3.0, 9.0, MASKED)
+    store = np.zeros((10, *g.binned_shape), store_dtype(dtype, b))
+    rows = np.array([9, 0, 1, 2, 3, 4, 5])
+    sums, total = FramePass(g, np.dtype(dtype), store)(rows, raw)
+    binned, ref = numpy_pass(raw, g)
+    np.testing.assert_array_equal(store[rows], binned)
+    if raw.dtype.kind in "ui":  # integer counts: exact
+        np.testing.assert_array_equal(sums, ref)
+        np.testing.assert_array_equal(total, binned.sum(axis=0))
+    else:
+        np.testing.assert_allclose(sums, ref, rtol=1e-12)
+        np.testing.assert_allclose(total, binned.sum(axis=0), rtol=1e-6)
+    assert (store[6:9] == 0).all()  # untouched rows stay as they were
+
+
+def test_strided_frames_and_big_endian_frames_take_the_same_pass():
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 1000, (6, 16, 20)).astype(np.uint16)
+    g = Geometry((16, 16), 2, (0, 16, 0, 16), (4.0, 4.0), 2.0, 3.0, 9.0, ())
+    expected, ref = numpy_pass(np.ascontiguousarray(block[:, :, :16]), g)
+    for raw in (block[:, :, :16], block[:, :, :16].astype(">u2")):  # a strided view; Merlin's wire order
+        store = np.zeros((6, 8, 8), np.uint32)
+        sums, _ = FramePass(g, raw.dtype, store)(np.arange(6), raw)
+        np.testing.assert_array_equal(store, expected)
+        np.testing.assert_array_equal(sums, ref)
+
+
+def test_counts_that_overflow_the_raw_dtype_are_stored_without_loss():
+    """uint16 counts near the maximum, binned 4x4: each bin is ~16 x 60000, far past uint16; the store widens."""
+    raw = np.full((3, 16, 16), 60000, np.uint16)
+    raw[1, 0, 0] = 65534
+    g = Geometry((16, 16), 4, (0, 16, 0, 16), (1.5, 1.5), 1.0, 1.5, 9.0, ())
+    assert store_dtype(np.uint16, 1) == np.uint16 and store_dtype(np.uint16, 4) == np.uint32
+    assert store_dtype(np.uint8, 1) == np.uint8 and store_dtype(np.uint8, 2) == np.uint16
+    assert store_dtype(np.uint32, 2) == np.uint64 and store_dtype(np.int16, 2) == np.int32
+    assert store_dtype(np.float64, 4) == np.float32
+    store = np.zeros((3, 4, 4), store_dtype(np.uint16, 4))
+    sums, _ = FramePass(g, np.uint16, store)(np.arange(3), raw)
+    assert store[0, 0, 0] == 16 * 60000 and store[1, 0, 0] == 15 * 60000 + 65534
+    assert sums[0, 0] == 256 * 60000
+    # the largest sum a bin can hold: every pixel one below saturation
+    top = np.full((1, 16, 16), 65534, np.uint16)
+    FramePass(g, np.uint16, store)(np.arange(1), top)
+    assert (store[0] == 16 * 65534).all()
+
+
+def test_memory_check_uses_the_stored_dtype():
+    """A 512x512 scan of 96x96 uint16 frames at bin 1 is 4.8 GB of uint16 (it was 9.7 GB as float32)."""
+    start = Start(scan_id="big", scan_shape=(512, 512), frame_shape=(96, 96), dtype="uint16")
+    need = 512 * 512 * 96 * 96 * 2
+    assert need < 6e9
+    check_memory(start, PreprocessConfig(bin=1), fraction=need / _total_memory() + 1e-6)  # fits exactly
+    with pytest.raises(ValueError, match=r"4\.5 GiB for its binned frames \(uint16\)"):
+        check_memory(start, PreprocessConfig(bin=1), fraction=need / _total_memory() * 0.99)
+
+
+def test_scan_stores_counts_in_their_dtype_and_gives_float32_frames():
+    rng = np.random.default_rng(2)
+    frames = rng.poisson(30, (16, 8, 8)).astype(np.uint16)
+    start = Start(scan_id="s", scan_shape=(4, 4), frame_shape=(8, 8), dtype="uint16")
+    scan = Scan(start, PreprocessConfig(bin=1, calibration_frames=4, mask_outliers=False))
+    assert scan.add(0, frames) == 16
+    assert scan.frames.dtype == np.uint16
+    np.testing.assert_array_equal(scan.frames, frames)
+    assert scan.frame([1, 2]).dtype == np.float32 and (scan.frame([1, 2]) == frames[6]).all()
+    np.testing.assert_allclose(scan.mean_pattern(), frames.mean(axis=0), rtol=1e-6)
+
+
+def _total_memory() -> int:
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
