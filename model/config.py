@@ -30,11 +30,12 @@ class TrainerConfig:
     pca_frames: int = 1024  # random arrived frames the model's PCA basis is computed from (if model.pca > 0)
     mask: str | float | None = "auto"  # "auto" (radius holding mask_fraction of the variance), radius, or None
     mask_fraction: float = 0.99  # variance fraction inside the auto mask
-    # optimisation
-    # lr 2e-3 falling to 0.05x over the consolidation: rotation r 0.973-0.997, latent 0.852-0.983 (noise-free
-    # and 1e6 e/pattern); without the decay one seed in two ended in a mixed-fold rotation (r 0.942)
+    # optimisation: the learning rate follows progress, never wall time: while the scan runs it falls linearly
+    # with the share of positions arrived from lr to lr * lr_scan_end; in the consolidation it falls on from
+    # there to lr * lr_final over consolidate_steps steps
     lr: float = 2e-3  # Adam learning rate (the paper: 1e-4, for hundreds of epochs)
-    lr_final: float = 0.05  # the learning rate falls linearly in time to lr * lr_final over the consolidation
+    lr_scan_end: float = 1.0  # lr at the last frame, as a share of lr
+    lr_final: float = 0.05  # lr at the end of consolidate_steps, as a share of lr
     batch_size: int = 20  # images per step (the paper: 20)
     pixels: int | None = 512  # decoded pixels per step, shared by the batch (None: all)
     new_fraction: float = 0.5  # share of a batch drawn from the newest arrivals while the scan runs
@@ -45,16 +46,28 @@ class TrainerConfig:
     min_frames: int = 64  # frames before training starts (and the gain is frozen)
     heldout: int = 128  # held-out reservoir size
     seed: int = 0  # seeds the model init, the sampling and the pixel subsets
-    warm_start: bool = False  # start each new scan from a copy of the previous scan's model (same frame size)
-    # consolidation and cadence
-    consolidate_seconds: float = 50.0  # wall-time bound of the consolidation phase (+ final encode and save: <= 60 s)
-    consolidate_steps: int = 100_000  # step bound of the consolidation phase
+    # start each new scan from a copy of the previous scan's model, its input gain and noise scale, when the
+    # binned frame shape matches (``serve --no-warm-start``: off)
+    warm_start: bool = True
+    # noise model (encode.count_scale): data brighter than this, or not integer counts, is treated as counts at
+    # this dose (electrons per pattern); below it, integer frames are Poisson counts as they are
+    dose_cap: float = 1e6
+    # alarms (anomaly.py): threshold = max(median + alarm_sigma * 1.4826 MAD, alarm_floor) of the anomaly map
+    alarm_sigma: float = 8.0
+    alarm_floor: float = 1.5  # in units of the Poisson noise: a frame explained to within this never alarms
+    # consolidation (after the last frame) and cadence
+    consolidate_seconds: float = 25.0  # wall-time bound of the consolidation phase (a safety net)
+    consolidate_steps: int = 2000  # step bound of the consolidation phase; the lr schedule's length
+    patience: int = 4  # consolidation ends after this many held-out evaluations without a new best
+    min_improvement: float = 1e-3  # a new best must beat the old by this share of its |ELBO|
+    consolidate_eval_steps: int = 50  # held-out evaluation every this many steps while consolidating
     refresh_seconds: float = 0.5  # re-encode the maps this often (at least 5x the encode time)
     eval_seconds: float = 2.0  # held-out ELBO this often
     eval_pixels: int = 256  # fixed pixel subset for the held-out ELBO and recon_error
     recon_budget: int = 512  # frames whose recon_error is refreshed per map refresh
     log_every: int = 10  # steps between history points
-    threads: int = 1  # torch threads on CPU
+    # torch threads on CPU. 2 measured slower on the shared 2-core machine: 1.9 against 15.3 steps/s at load 6
+    threads: int = 1
     tune_malloc: bool = True  # glibc: keep freed activation buffers instead of unmapping them (see system.py)
     nice: int = 10  # CPU priority of the trainer thread (Linux nice, 0..19; 0 = same as ingest): ingest runs first
 
