@@ -56,6 +56,22 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-warm-start", action="store_true",
                    help="train a fresh rrVAE on every scan (default: a scan whose binned frames match the previous "
                         "scan's starts from that scan's model)")
+    t.add_argument("--trainer", type=_json_object, default=None, metavar="JSON",
+                   help="trainer and model options as JSON, as TrainerConfig.from_dict takes them (model/config.py), "
+                        "e.g. '{\"seed\": 3, \"lr\": 1e-3}'; --consolidate and --latent-dim win over it")
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object from the command line (``--trainer``); anything else is refused with one message."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"seed\": 1}}', not {text!r}")
+    return value
 
 
 def add_acquisition_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +96,7 @@ def preprocess_config(args: argparse.Namespace):
 
 def trainer_overrides(args: argparse.Namespace) -> dict:
     """``ServiceConfig.trainer``: the trainer fields the options set, e.g. {"consolidate_seconds": 5.0}."""
-    out = {}
+    out = dict(getattr(args, "trainer", None) or {})
     if args.consolidate is not None:
         out["consolidate_seconds"] = args.consolidate
     if args.latent_dim is not None:
