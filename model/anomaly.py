@@ -48,3 +48,9 @@ def add_alarms(arrays: dict[str, np.ndarray], sigma: float, floor: float) -> dic
     thr, yx = alarms(arrays[ANOMALY], sigma, floor)
     arrays[ALARMS], arrays[ALARM_THRESHOLD] = yx, np.array(thr, dtype=np.float32)
     return arrays
+
+
+def summary(arrays: dict[str, np.ndarray]) -> dict:
+    """``anomaly_threshold`` (None until there is one) and ``alarms`` (how many), JSON-able, for the status."""
+    thr = float(arrays[ALARM_THRESHOLD])
+    return {ALARM_THRESHOLD: thr if np.isfinite(thr) else None, ALARMS: int(len(arrays[ALARMS]))}

@@ -303,6 +303,7 @@ class TrainingRun:
                 err[keep] = old.arrays[name][keep]
         anomaly.add_alarms(new.arrays, self.cfg.alarm_sigma, self.cfg.alarm_floor)
         found = metrics.com_metrics(new.arrays, self.scan.com_maps())
+        found.update(anomaly.summary(new.arrays))
         with self._lock:
             self._maps, self._metrics = new, found
         cost = self.clock() - t

@@ -70,3 +70,6 @@ def test_a_trained_model_ranks_an_injected_outlier_frame_first():
     assert np.unravel_index(np.nanargmax(a), a.shape) == (4, 9)
     assert a[4, 9] > 3 * np.nanmedian(a)
     assert maps[ALARMS][0].tolist() == [4, 9] and float(maps[ALARM_THRESHOLD]) < a[4, 9]
+    found = run.status()["metrics"]  # the header's training status carries the threshold and the count
+    assert found["anomaly_threshold"] == pytest.approx(float(maps[ALARM_THRESHOLD]))
+    assert found["alarms"] == len(maps[ALARMS]) >= 1
