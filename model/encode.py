@@ -54,11 +54,26 @@ def auto_mask_radius(frames: np.ndarray, mean: np.ndarray, fraction: float = 0.9
     return float(min(np.sqrt(2), r[order[min(k, len(r) - 1)]] + margin_px * 2 / (max(h, w) - 1)))
 
 
-def input_gain(frames: np.ndarray, mean: np.ndarray, model_pixels: np.ndarray, input_std: float) -> float:
-    """The fixed gain that makes the first frames' mean-subtracted pixels have std ``input_std``."""
+def input_gain(frames: np.ndarray, mean: np.ndarray, model_pixels: np.ndarray, input_std: float,
+               counts: bool = False) -> float:
+    """The fixed gain that makes the *signal* in the first frames' mean-subtracted pixels have std ``input_std``.
+
+    With ``counts`` (the frames are Poisson counts, ``is_counts``), the expected counting-noise variance
+    (the mean count of each pixel) is taken off the variance first, so that the gain, and with it the
+    balance of reconstruction against KL, is that of the signal at any dose (at most 95% is taken off).
+    """
     d = (frames.reshape(len(frames), -1)[:, model_pixels] - mean.ravel()[model_pixels]).astype(np.float64)
-    std = float(d.std())
-    return input_std / std if std > 0 else 1.0
+    var = float(d.var())
+    if counts:
+        noise = float(np.clip(mean.ravel()[model_pixels], 0, None).mean())
+        var = max(var - noise, 0.05 * var)
+    return float(input_std / np.sqrt(var)) if var > 0 else 1.0
+
+
+def is_counts(frames: np.ndarray) -> bool:
+    """The frames hold non-negative integers: counted electrons (Poisson noise), not expected intensities."""
+    f = np.asarray(frames)
+    return bool(len(f)) and bool(np.all(f == np.round(f))) and bool(f.min() >= 0)
 
 
 def count_scale(frames: np.ndarray, dose_cap: float) -> float:
@@ -71,8 +86,7 @@ def count_scale(frames: np.ndarray, dose_cap: float) -> float:
     total = float(f.reshape(len(f), -1).sum(axis=1).mean()) if len(f) else 0.0
     if not (total > 0 and np.isfinite(total)):
         return 1.0
-    counts = bool(np.all(f == np.round(f))) and bool(f.min() >= 0)
-    return 1.0 if counts and total <= dose_cap else dose_cap / total
+    return 1.0 if is_counts(f) and total <= dose_cap else dose_cap / total
 
 
 def noise_weight(model: RRVAE, mean: np.ndarray, gain: float, scale: float) -> torch.Tensor:

@@ -150,7 +150,8 @@ class TrainingRun:
             with self._model_lock:
                 self.model = model
         if self.gain is None:
-            self.gain = encode.input_gain(frames, first_mean, self.model.mask_index.cpu().numpy(), cfg.input_std)
+            self.gain = encode.input_gain(frames, first_mean, self.model.mask_index.cpu().numpy(), cfg.input_std,
+                                          counts=cfg.signal_gain and encode.is_counts(frames))
         if self.scale is None:
             self.scale = encode.count_scale(frames, cfg.dose_cap)
         self.set_mean(mean)

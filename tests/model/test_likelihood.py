@@ -29,7 +29,7 @@ def test_noise_weight_is_the_inverse_poisson_variance_in_input_units():
 
 
 def test_the_poisson_loss_of_a_known_pattern_by_hand():
-    cfg = RRVAEConfig(image_shape=(1, 3), hidden=4, latent_dim=1, phi_prior=0.5)
+    cfg = RRVAEConfig(image_shape=(1, 3), hidden=4, latent_dim=1, phi_prior=0.5, likelihood="poisson")
     m = RRVAE(cfg)
     m.set_noise_weight(torch.tensor([1.0, 0.25, 4.0]))
     x = torch.tensor([[1.0, 2.0, 3.0]])
@@ -67,3 +67,13 @@ def test_pca_denoises_the_encoder_input_only():
         out = m(x)
     by_hand = 0.5 * (m.noise_weight * (out["recon"] - x) ** 2).sum(1).mean()
     assert float(m.loss(x, out)["reconstruction"]) == pytest.approx(float(by_hand), rel=1e-6)
+
+
+def test_the_signal_gain_takes_the_counting_noise_off_the_variance():
+    frames = np.array([[[120.0, 80.0]], [[80.0, 120.0]]])  # (2, 1, 2): deviations +-20 around 100 counts
+    mean = frames.mean(axis=0)
+    pixels = np.arange(2)
+    assert encode.is_counts(frames) and not encode.is_counts(frames + 0.5)
+    assert encode.input_gain(frames, mean, pixels, 0.3) == pytest.approx(0.3 / 20)  # variance 400
+    assert encode.input_gain(frames, mean, pixels, 0.3, counts=True) == pytest.approx(0.3 / math.sqrt(300))
+    assert encode.input_gain(frames, mean + 1000, pixels, 0.3, counts=True) == pytest.approx(0.3 / math.sqrt(20))
