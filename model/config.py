@@ -55,9 +55,8 @@ class TrainerConfig:
     # noise model (encode.count_scale): data brighter than this, or not integer counts, is treated as counts at
     # this dose (electrons per pattern); below it, integer frames are Poisson counts as they are
     dose_cap: float = 1e6
-    # alarms (anomaly.py): threshold = max(median + alarm_sigma * 1.4826 MAD, alarm_floor) of the anomaly map
+    # alarms (anomaly.py): a position alarms when its anomaly exceeds this many robust standard deviations
     alarm_sigma: float = 8.0
-    alarm_floor: float = 1.5  # in units of the Poisson noise: a frame explained to within this never alarms
     # consolidation (after the last frame) and cadence
     consolidate_seconds: float = 25.0  # wall-time bound of the consolidation phase (a safety net)
     consolidate_steps: int = 2000  # step bound of the consolidation phase; the lr schedule's length

@@ -18,10 +18,10 @@ Maps (named in ``interface.MAPS``): ``rotation`` (ny, nx) = the angle's
 posterior mean phi (rad, see ``rrvae.py`` for its sign), ``latent``
 (d, ny, nx) = the content posterior means, ``recon_error`` (ny, nx) = mean
 squared error per pixel of the reconstruction from the posterior means, in
-input units, and ``anomaly`` (ny, nx) = the same error in units of the
+input units, and ``recon_sigma`` (ny, nx) = the same error in units of the
 expected Poisson noise: sqrt(mean over pixels of w_p (x_p - xhat_p)^2), about
-1 for a frame the model explains down to its counting noise (see
-``anomaly.py`` for the alarms). Both are estimated on a fixed subset of
+1 for a frame the model explains down to its counting noise (``anomaly.py``
+makes the defect map from it and the latents). Both are estimated on a fixed subset of
 pixels. NaN where no frame has arrived.
 """
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rrstem.model.interface import ANOMALY, LATENT, RECON_ERROR, ROTATION
+from rrstem.model.interface import LATENT, RECON_ERROR, RECON_SIGMA, ROTATION
 from rrstem.model.rrvae import RRVAE, coordinate_grid
 
 ROWS = 16384  #: images x pixels per decoder call: keeps activations small (see rrvae.backward_in_chunks)
@@ -113,7 +113,7 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
                 recon_index: np.ndarray | None = None, chunk: int = 1024) -> dict[str, np.ndarray]:
     """Encode the filled frames of (N, h, w) ``frames`` into (ny, nx) maps, NaN where not filled.
 
-    ``recon_error`` and ``anomaly`` are computed for ``recon_index`` (scan indices; default all
+    ``recon_error`` and ``recon_sigma`` are computed for ``recon_index`` (scan indices; default all
     filled) on the model pixels ``recon_pixels`` (default all); other entries are NaN. ``anomaly``
     weighs the errors with the model's ``noise_weight`` (set it for this scan's mean first).
     """
@@ -124,7 +124,7 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
     rotation = np.full(ny * nx, np.nan, dtype=np.float32)
     latent = np.full((d, ny * nx), np.nan, dtype=np.float32)
     recon_error = np.full(ny * nx, np.nan, dtype=np.float32)
-    anomaly = np.full(ny * nx, np.nan, dtype=np.float32)
+    sigma = np.full(ny * nx, np.nan, dtype=np.float32)
     w = model.noise_weight if recon_pixels is None else model.noise_weight[recon_pixels]  # (k,)
     means = {}
     for lo in range(0, len(idx), chunk):
@@ -143,6 +143,6 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
         target = x if recon_pixels is None else x[:, recon_pixels]
         sq = (model.decode(mu, recon_pixels) - target) ** 2  # (b, k)
         recon_error[part] = sq.mean(1).cpu().numpy()
-        anomaly[part] = (sq * w).mean(1).sqrt().cpu().numpy()
+        sigma[part] = (sq * w).mean(1).sqrt().cpu().numpy()
     return {ROTATION: rotation.reshape(ny, nx), LATENT: latent.reshape(d, ny, nx),  # (N,) -> (ny, nx)
-            RECON_ERROR: recon_error.reshape(ny, nx), ANOMALY: anomaly.reshape(ny, nx)}
+            RECON_ERROR: recon_error.reshape(ny, nx), RECON_SIGMA: sigma.reshape(ny, nx)}

@@ -162,7 +162,7 @@ class FixedEncoder(EncoderThread):
         scale = encode.count_scale(np.asarray(scan.frames[first], dtype=np.float32), self.noise.dose_cap)
         self.model.set_noise_weight(encode.noise_weight(self.model, mean, self.gain, scale))
         arrays = encode.encode_scan(self.model, scan.frames, filled, scan.scan_shape, mean, self.gain, self.device)
-        anomaly.add_alarms(arrays, self.noise.alarm_sigma, self.noise.alarm_floor)
+        anomaly.add_alarms(arrays, self.noise.alarm_sigma)
         return ModelMaps(scan.scan_id, self.trained_steps, arrays)
 
     # --- worker ---------------------------------------------------------------------------

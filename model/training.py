@@ -42,8 +42,8 @@ import torch
 
 from rrstem.model import anomaly, encode, metrics
 from rrstem.model.config import TrainerConfig
-from rrstem.model.interface import (ANOMALY, EVAL_STEP, HELDOUT_ELBO, HISTORIES, IMAGES_SEEN, LATENT_R_MAX, LOSS,
-                                    RECON_ERROR, ROTATION_R, STEP, TIME, ModelMaps, ScanView)
+from rrstem.model.interface import (EVAL_STEP, HELDOUT_ELBO, HISTORIES, IMAGES_SEEN, LATENT_R_MAX, LOSS,
+                                    RECON_ERROR, RECON_SIGMA, ROTATION_R, STEP, TIME, ModelMaps, ScanView)
 from rrstem.model.rrvae import RRVAE, backward_in_chunks
 from rrstem.model.sampler import FrameSampler
 
@@ -297,12 +297,12 @@ class TrainingRun:
             self._recon_cursor = lo + len(todo)
         new = self.encode(filled, todo)
         old = self._maps
-        for name in (RECON_ERROR, ANOMALY):  # the frames not refreshed now keep their last value
+        for name in (RECON_ERROR, RECON_SIGMA):  # the frames not refreshed now keep their last value
             err = new.arrays[name]
             if not final and old is not None and old.arrays[name].shape == err.shape:
                 keep = np.isnan(err) & filled.reshape(err.shape)
                 err[keep] = old.arrays[name][keep]
-        anomaly.add_alarms(new.arrays, self.cfg.alarm_sigma, self.cfg.alarm_floor)
+        anomaly.add_alarms(new.arrays, self.cfg.alarm_sigma)
         found = metrics.com_metrics(new.arrays, self.scan.com_maps())
         found.update(anomaly.summary(new.arrays))
         with self._lock:

@@ -91,8 +91,10 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
             ds.attrs["unit"] = "rad" if name == Arrays.COM_ANGLE else r.com_unit
         elif name == Arrays.ROTATION:
             ds.attrs["unit"] = "rad"
-        elif name == Arrays.ANOMALY:
+        elif name == Arrays.RECON_SIGMA:
             ds.attrs["unit"] = "poisson_sigma"
+        elif name == Arrays.ANOMALY:
+            ds.attrs["unit"] = "robust_sigma"
         if name in (Arrays.ANOMALY, Arrays.ALARMS) and Arrays.ALARM_THRESHOLD in maps:
             ds.attrs["threshold"] = float(maps[Arrays.ALARM_THRESHOLD])
     if model is None:

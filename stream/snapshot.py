@@ -50,7 +50,8 @@ class Arrays:
     ROTATION = model_names.ROTATION  #: (ny, nx) rrVAE angle, rad; present once the model has encoded the scan
     LATENT = model_names.LATENT  #: (d, ny, nx) rrVAE content latents
     RECON_ERROR = model_names.RECON_ERROR  #: (ny, nx) rrVAE reconstruction error
-    ANOMALY = model_names.ANOMALY  #: (ny, nx) defect score: reconstruction error in Poisson-noise units (1 = noise)
+    RECON_SIGMA = model_names.RECON_SIGMA  #: (ny, nx) reconstruction error in Poisson-noise units (1 = noise)
+    ANOMALY = model_names.ANOMALY  #: (ny, nx) defect score, robust standard deviations over the scan (model/anomaly.py)
     ALARMS = model_names.ALARMS  #: (k, 2) int32 [y, x] of positions with ``anomaly`` above the threshold, highest first
     ALARM_THRESHOLD = model_names.ALARM_THRESHOLD  #: () float32 the alarm threshold on ``anomaly`` (inf: none yet)
 

@@ -85,6 +85,7 @@ def synthetic_snapshot(ny=64, nx=64, latent_dim=4, filled_rows=None, seq=0, scan
     if with_model:
         maps[Arrays.ROTATION] = np.angle(np.exp(1j * (maps[Arrays.COM_ANGLE] + 0.3)))
         maps[Arrays.RECON_ERROR] = 0.1 + 0.05 * atoms
+        maps[Arrays.RECON_SIGMA] = 1.0 + 0.2 * atoms
         maps[Arrays.ANOMALY] = 1.0 + 0.2 * atoms
         for y, x in DEFECTS:
             if y < ny and x < nx:

@@ -10,7 +10,7 @@ import torch
 from feeder import FAST, ArrayScan, tilted_discs
 from rrstem.model import anomaly, encode
 from rrstem.model.config import TrainerConfig
-from rrstem.model.interface import ALARM_THRESHOLD, ALARMS, ANOMALY
+from rrstem.model.interface import ALARM_THRESHOLD, ALARMS, ANOMALY, LATENT, RECON_SIGMA
 from rrstem.model.rrvae import RRVAE, RRVAEConfig
 from rrstem.model.training import TrainingRun
 
@@ -32,29 +32,43 @@ def test_the_anomaly_of_an_outlier_frame_in_poisson_sigma_by_hand():
     assert scale == 1.0  # integer counts, 1,600 electrons per pattern
     m.set_noise_weight(encode.noise_weight(m, mean, gain=0.37, scale=scale))  # the gain cancels
     maps = encode.encode_scan(m, flat, np.ones(n, bool), (10, 10), mean, 0.37, "cpu")
-    a = maps[ANOMALY]
+    a = maps[RECON_SIGMA]
     m_px = c + d / n
     assert a[3, 7] == pytest.approx(d * (1 - 1 / n) / math.sqrt(m_px), rel=1e-5)  # 4.938 sigma
     others = np.delete(a.ravel(), 37)
     np.testing.assert_allclose(others, d / n / math.sqrt(m_px), rtol=1e-5)  # 0.0499 sigma
-    anomaly.add_alarms(maps, sigma=8.0, floor=1.5)
-    assert float(maps[ALARM_THRESHOLD]) == pytest.approx(1.5)  # MAD 0: the floor
+    maps[LATENT][:] = 0.0  # every latent alike: only the reconstruction error tells the outlier apart
+    anomaly.add_alarms(maps, sigma=8.0)
+    assert float(maps[ALARM_THRESHOLD]) == 8.0
     np.testing.assert_array_equal(maps[ALARMS], [[3, 7]])
+    assert maps[ANOMALY][3, 7] > 8.0
 
 
-def test_the_threshold_is_robust_and_never_below_the_floor():
+def test_robust_z_and_the_alarms_by_hand():
     rng = np.random.default_rng(0)
     scores = 3.0 + 0.1 * rng.standard_normal((20, 20))
     scores[5, 5], scores[6, 1] = 9.0, 7.0
     scores[0, 0] = np.nan  # no frame there
     med = np.nanmedian(scores)
     mad = np.nanmedian(np.abs(scores - med))
-    thr, yx = anomaly.alarms(scores, sigma=8.0, floor=1.5)
-    assert thr == pytest.approx(med + 8 * 1.4826 * mad)
+    z = anomaly.robust_z(scores)
+    assert z[5, 5] == pytest.approx((9.0 - med) / (1.4826 * mad)) and np.isnan(z[0, 0])
+    thr, yx = anomaly.alarms(z, sigma=8.0)
+    assert thr == 8.0
     np.testing.assert_array_equal(yx, [[5, 5], [6, 1]])  # highest first
-    assert anomaly.alarms(scores, sigma=8.0, floor=20.0) == (20.0, pytest.approx(np.zeros((0, 2))))
-    thr, yx = anomaly.alarms(scores[:3, :3], 8.0, 1.5)  # 8 scores: too few for a threshold
+    thr, yx = anomaly.alarms(z[:3, :3], 8.0)  # 8 scores: too few to judge
     assert thr == math.inf and yx.shape == (0, 2)
+
+
+def test_a_latent_unlike_all_others_is_the_farthest():
+    rng = np.random.default_rng(1)
+    latent = rng.standard_normal((2, 30, 30))
+    latent[:, 12, 4] = [6.0, -6.0]  # far from every other position's latents
+    dist = anomaly.latent_distance(latent)
+    assert np.unravel_index(np.argmax(dist), dist.shape) == (12, 4)
+    z = (latent.reshape(2, -1).T - latent.reshape(2, -1).T.mean(0)) / latent.reshape(2, -1).T.std(0)
+    d = np.sort(np.sqrt(((z[12 * 30 + 4] - z) ** 2).sum(1)))[8]  # its 8th nearest (the 0th is itself)
+    assert dist[12, 4] == pytest.approx(d)
 
 
 def test_a_trained_model_ranks_an_injected_outlier_frame_first():
