@@ -58,7 +58,12 @@ class TrainerConfig:
     # alarms (anomaly.py): a position alarms when its anomaly exceeds this many robust standard deviations
     alarm_sigma: float = 8.0
     # consolidation (after the last frame) and cadence
-    consolidate_seconds: float = 25.0  # wall-time bound of the consolidation phase (a safety net)
+    # wall-time bound of the consolidation: consolidate_seconds less scan_credit x the seconds trained while the
+    # scan ran, at least consolidate_min_seconds (133 frames/s: results <= 10 s after the last frame; a scan that
+    # arrives at once, 2,000 frames/s: the whole 25 s, results <= 30 s)
+    consolidate_seconds: float = 25.0
+    consolidate_min_seconds: float = 5.0
+    scan_credit: float = 1.5
     consolidate_steps: int = 2000  # step bound of the consolidation phase; the lr schedule's length
     patience: int = 4  # consolidation ends after this many held-out evaluations without a new best
     min_improvement: float = 1e-3  # a new best must beat the old by this share of its |ELBO|

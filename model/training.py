@@ -58,6 +58,14 @@ def learning_rate(cfg: TrainerConfig, scan_progress: float, consolidation_progre
     return cfg.lr * (at_end - (at_end - cfg.lr_final) * q)
 
 
+def consolidation_seconds(cfg: TrainerConfig, trained: float) -> float:
+    """The consolidation's time bound after ``trained`` seconds of training while the scan ran: the scan
+    was training time too, so ``consolidate_seconds - scan_credit * trained``, within
+    ``consolidate_min_seconds .. consolidate_seconds``."""
+    return min(cfg.consolidate_seconds, max(cfg.consolidate_min_seconds,
+                                            cfg.consolidate_seconds - cfg.scan_credit * max(trained, 0.0)))
+
+
 def empty_export(cfg: TrainerConfig) -> dict:
     """``export()`` before any model: no weights, no histories."""
     return {"training": {k: np.zeros(0) for k in HISTORIES}, "metrics": {}, "step": 0, "state": {},
@@ -103,7 +111,7 @@ class TrainingRun:
         self._consolidation_t0 = self._deadline = math.inf
         self._consolidation_step0 = 0
         self._step_limit = 0
-        self._t0 = clock()
+        self._t0 = self._t_built = clock()
 
     @property
     def built(self) -> bool:
@@ -161,6 +169,7 @@ class TrainingRun:
         self._next_eval = self._next_refresh = self.clock()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.phase = "running"
+        self._t_built = self.clock()
         return True
 
     def step(self) -> dict[str, float]:
@@ -323,7 +332,7 @@ class TrainingRun:
         self.refresh_basis()
         self.phase = "consolidating"
         self._consolidation_t0 = self.clock()
-        self._deadline = self._consolidation_t0 + self.cfg.consolidate_seconds
+        self._deadline = self._consolidation_t0 + consolidation_seconds(self.cfg, self._consolidation_t0 - self._t_built)
         self._step_limit = self.step_count + self.cfg.consolidate_steps
         self._best, self._best_elbo, self._evals_since_best = None, math.inf, 0
         self._consolidation_step0 = self.step_count

@@ -200,3 +200,27 @@ def test_export_carries_what_reloading_needs():
     assert torch.equal(again.encode(x)[0], run.model.eval().encode(x)[0])
     assert ex["step"] == 1 and ex["training"]["loss"].dtype == np.float64
     assert run.status()["heldout_elbo"] is None  # no evaluation yet
+
+
+def test_the_consolidation_is_shorter_the_longer_the_scan_trained():
+    from rrstem.model.training import consolidation_seconds
+
+    cfg = config(consolidate_seconds=25.0, consolidate_min_seconds=5.0, scan_credit=1.5)
+    assert consolidation_seconds(cfg, 0.0) == 25.0  # a scan that arrived at once
+    assert consolidation_seconds(cfg, 8.0) == pytest.approx(13.0)
+    assert consolidation_seconds(cfg, 60.0) == 5.0  # a long scan: the floor
+    clock = FakeClock()
+    scan = ArrayScan(tilted_discs())
+    scan.feed(50)
+    run = TrainingRun(scan, cfg, clock=clock)
+    assert run.build()
+    clock.t = 8.0  # eight seconds of training while the scan ran
+    scan.feed(100)
+    scan.end()
+    run.begin_consolidation()
+    clock.t = 8.0 + 12.9
+    run.advance()
+    assert run.phase == "consolidating"
+    clock.t = 8.0 + 13.0
+    run.advance()
+    assert run.phase == "done"
