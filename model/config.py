@@ -55,8 +55,10 @@ class TrainerConfig:
     # noise model (encode.count_scale): data brighter than this, or not integer counts, is treated as counts at
     # this dose (electrons per pattern); below it, integer frames are Poisson counts as they are
     dose_cap: float = 1e6
-    # alarms (anomaly.py): a position alarms when its anomaly exceeds this many robust standard deviations
-    alarm_sigma: float = 8.0
+    # alarms (anomaly.py): a position alarms when its anomaly exceeds this many robust standard deviations.
+    # Multislice graphene at 1e6: pristine scans score up to ~30 (the few exact atom-column positions are the
+    # tail of the latent distribution), a vacancy ~23, a Si substitution 60-100; 8 alarmed on pristine scans
+    alarm_sigma: float = 40.0
     # consolidation (after the last frame) and cadence
     # wall-time bound of the consolidation: consolidate_seconds less scan_credit x the seconds trained while the
     # scan ran, at least consolidate_min_seconds (133 frames/s: results <= 10 s after the last frame; a scan that
