@@ -4,8 +4,10 @@ The defaults are what ``rrstem serve`` and ``rrstem demo`` use. The network's
 options live in ``RRVAEConfig`` (``model/rrvae.py``) and nowhere else:
 ``TrainerConfig.model`` holds one, whose ``image_shape`` and ``mask_radius``
 the trainer fills in from the scan when it builds the model. The numbers in
-the comments come from ``bench/quality.py`` and offline runs of the same scan
-(graphene 64x64, 2,000 frames/s, seeds 0-2); the commit log has the runs.
+the comments come from ``bench/quality.py`` (the synthetic graphene, and since
+issue 10 the abTEM multislice scans of branch multislice: graphene pristine,
+vacancy and Si at 1e6 and 1e5 e/pattern, streamed at 133 and 2,000 frames/s)
+and from offline runs of the same scans; the commit log has the runs.
 
 The service is configured with a plain dict, which ``TrainerConfig.from_dict``
 turns into a config: trainer fields and model options side by side (or the
@@ -34,7 +36,7 @@ class TrainerConfig:
     # with the share of positions arrived from lr to lr * lr_scan_end; in the consolidation it falls on from
     # there to lr * lr_final over consolidate_steps steps
     lr: float = 2e-3  # Adam learning rate (the paper: 1e-4, for hundreds of epochs)
-    lr_scan_end: float = 1.0  # lr at the last frame, as a share of lr
+    lr_scan_end: float = 1.0  # lr at the last frame, as a share of lr (not measured other than 1.0)
     lr_final: float = 0.05  # lr at the end of consolidate_steps, as a share of lr
     batch_size: int = 20  # images per step (the paper: 20)
     pixels: int | None = 256  # decoded pixels per step, shared by the batch (None: all); 256 steps ~2x faster than 512
