@@ -326,3 +326,40 @@ class ImagePanel:
             sy, sx = self._scale
             self.cross_v.setValue((x + 0.5) * sx)
             self.cross_h.setValue((y + 0.5) * sy)
+
+
+class AnomalyPanel(ImagePanel):
+    """The defect map: ``anomaly`` with its alarm positions ringed, and their count and threshold in the title.
+
+    ``set_alarms(yx, threshold)`` takes the snapshot's ``alarms`` ((k, 2) [y, x], highest first) and
+    ``anomaly_threshold``; the rings sit on the pixel centres, in the panel's scale like the crosshair.
+    """
+
+    def __init__(self, title, **kwargs):
+        super().__init__(title, **kwargs)
+        self.alarm_title = title
+        self.rings = pg.ScatterPlotItem(symbol="o", size=11, pen=pg.mkPen("#ff3030", width=2), brush=None,
+                                        pxMode=True)
+        self.rings.setZValue(5)
+        self.plot.addItem(self.rings, ignoreBounds=True)
+        self.alarms = np.zeros((0, 2), dtype=np.int32)
+
+    def set_alarms(self, yx: np.ndarray, threshold: float | None) -> None:
+        self.alarms = np.asarray(yx, dtype=np.int64).reshape(-1, 2)
+        sy, sx = self._scale
+        self.rings.setData(x=(self.alarms[:, 1] + 0.5) * sx, y=(self.alarms[:, 0] + 0.5) * sy)
+        if threshold is None or not np.isfinite(threshold):
+            self.title = self.alarm_title
+        else:
+            self.title = f"{self.alarm_title}: {len(self.alarms)} above {threshold:.3g}"
+        self.set_title(self.title)
+
+    def set_scale(self, sy: float, sx: float, unit: str) -> None:
+        moved = (sy, sx) != self._scale
+        super().set_scale(sy, sx, unit)
+        if moved and len(self.alarms):
+            self.rings.setData(x=(self.alarms[:, 1] + 0.5) * sx, y=(self.alarms[:, 0] + 0.5) * sy)
+
+    def clear(self) -> None:
+        super().clear()
+        self.set_alarms(np.zeros((0, 2)), None)

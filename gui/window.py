@@ -17,7 +17,8 @@ import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
 from rrstem.gui.grid import MapGrid
-from rrstem.gui.maps import CYCLIC, DIVERGING, ImagePanel, ViewGroup, colour_wheel, direction_rgba, wrap_angle
+from rrstem.gui.maps import (CYCLIC, DIVERGING, AnomalyPanel, ImagePanel, ViewGroup, colour_wheel, direction_rgba,
+                             wrap_angle)
 from rrstem.gui.overlay import SubscanOverlay
 from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_loss_history
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
@@ -34,9 +35,10 @@ FIXED_MAPS = [
     (COM_DIRECTION, "COM direction"),
     (Arrays.ROTATION, "rrVAE rotation (rad)"),
     (Arrays.RECON_ERROR, "reconstruction error"),
+    (Arrays.ANOMALY, "anomaly (sigma)"),
 ]
 #: maps that only the rrVAE makes; their panels say so until the first arrives
-MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR)
+MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR, Arrays.ANOMALY)
 #: one panel per channel of Arrays.LATENT, named LATENT_PANEL + channel
 LATENT_PANEL = Arrays.LATENT + "/"
 #: the frame inspector's title while it follows the newest frame
@@ -155,7 +157,8 @@ class Dashboard(QtWidgets.QMainWindow):
     def _add_map(self, name: str, title: str) -> ImagePanel:
         cmap = CYCLIC if name == Arrays.ROTATION else "viridis"
         fixed = (-np.pi, np.pi) if name == Arrays.ROTATION else None
-        panel = ImagePanel(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != COM_DIRECTION)
+        kind = AnomalyPanel if name == Arrays.ANOMALY else ImagePanel
+        panel = kind(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != COM_DIRECTION)
         self.map_grid.add(panel.plot)
         self.map_views.add(panel)
         panel.set_auto(self.controls.auto_levels.isChecked())
@@ -232,6 +235,9 @@ class Dashboard(QtWidgets.QMainWindow):
             levels = self.maps[Arrays.COM_MAGNITUDE].image.levels
             vmax = float(levels[1]) if levels is not None else float(np.nanmax(magnitude))
             self.maps[COM_DIRECTION].set_data(direction_rgba(a[Arrays.COM_ANGLE], magnitude, vmax))
+        if Arrays.ALARMS in a:
+            threshold = a.get(Arrays.ALARM_THRESHOLD)
+            self.maps[Arrays.ANOMALY].set_alarms(a[Arrays.ALARMS], None if threshold is None else float(threshold))
         latent = a.get(Arrays.LATENT)
         if latent is not None:
             for i in range(latent.shape[0]):

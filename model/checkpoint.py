@@ -52,12 +52,13 @@ def model_config(config: dict[str, Any]) -> RRVAEConfig:
 
     A results file stores the model's options beside the trainer's (``trainer``,
     ``gain``, ``best_step``, ...): only the model's are read. A config written
-    before ``angle_head`` existed is the paper's scalar head, as those models had.
+    before ``angle_head`` existed is the paper's scalar head, as those models had; one written before
+    ``likelihood`` existed was trained on the squared error.
     """
     names = {f.name for f in fields(RRVAEConfig)}
     if "image_shape" not in config:
         raise ValueError(f"not an rrVAE model config (no image_shape): keys {sorted(config)}")
-    return RRVAEConfig.from_json({"angle_head": "scalar", **{k: v for k, v in config.items() if k in names}})
+    return RRVAEConfig.from_json({"angle_head": "scalar", "likelihood": "mse", **{k: v for k, v in config.items() if k in names}})
 
 
 def from_state(config: dict[str, Any], state: dict[str, Any], device: str | torch.device = "cpu") -> RRVAE:

@@ -4,8 +4,10 @@ The defaults are what ``rrstem serve`` and ``rrstem demo`` use. The network's
 options live in ``RRVAEConfig`` (``model/rrvae.py``) and nowhere else:
 ``TrainerConfig.model`` holds one, whose ``image_shape`` and ``mask_radius``
 the trainer fills in from the scan when it builds the model. The numbers in
-the comments come from ``bench/quality.py`` and offline runs of the same scan
-(graphene 64x64, 2,000 frames/s, seeds 0-2); the commit log has the runs.
+the comments come from ``bench/quality.py`` (the synthetic graphene, and since
+issue 10 the abTEM multislice scans of branch multislice: graphene pristine,
+vacancy and Si at 1e6 and 1e5 e/pattern, streamed at 133 and 2,000 frames/s)
+and from offline runs of the same scans; the commit log has the runs.
 
 The service is configured with a plain dict, which ``TrainerConfig.from_dict``
 turns into a config: trainer fields and model options side by side (or the
@@ -30,31 +32,53 @@ class TrainerConfig:
     pca_frames: int = 1024  # random arrived frames the model's PCA basis is computed from (if model.pca > 0)
     mask: str | float | None = "auto"  # "auto" (radius holding mask_fraction of the variance), radius, or None
     mask_fraction: float = 0.99  # variance fraction inside the auto mask
-    # optimisation
-    # lr 2e-3 falling to 0.05x over the consolidation: rotation r 0.973-0.997, latent 0.852-0.983 (noise-free
-    # and 1e6 e/pattern); without the decay one seed in two ended in a mixed-fold rotation (r 0.942)
+    # optimisation: the learning rate follows progress, never wall time: while the scan runs it falls linearly
+    # with the share of positions arrived from lr to lr * lr_scan_end; in the consolidation it falls on from
+    # there to lr * lr_final over consolidate_steps steps
     lr: float = 2e-3  # Adam learning rate (the paper: 1e-4, for hundreds of epochs)
-    lr_final: float = 0.05  # the learning rate falls linearly in time to lr * lr_final over the consolidation
+    lr_scan_end: float = 1.0  # lr at the last frame, as a share of lr (not measured other than 1.0)
+    lr_final: float = 0.05  # lr at the end of consolidate_steps, as a share of lr
     batch_size: int = 20  # images per step (the paper: 20)
-    pixels: int | None = 512  # decoded pixels per step, shared by the batch (None: all)
+    pixels: int | None = 256  # decoded pixels per step, shared by the batch (None: all); 256 steps ~2x faster than 512
     new_fraction: float = 0.5  # share of a batch drawn from the newest arrivals while the scan runs
     recent: int = 256  # how many of the newest arrivals count as new
     # 0.3 weighs the KL ~11x more than 1.0: the content latents then carry the deflection magnitude instead of
     # spreading the direction over two latents (latent vs COM |r| 0.85-0.98; 1.0: 0.73-0.82; 0.1: 0.26-0.74)
     input_std: float = 0.3  # std of the model input over the first frames (fixes the gain; smaller = more KL weight)
+    # the gain scales the signal, not the signal plus counting noise (encode.input_gain): the balance of
+    # reconstruction against KL is then the same at every dose
+    signal_gain: bool = True
     min_frames: int = 64  # frames before training starts (and the gain is frozen)
     heldout: int = 128  # held-out reservoir size
     seed: int = 0  # seeds the model init, the sampling and the pixel subsets
-    warm_start: bool = False  # start each new scan from a copy of the previous scan's model (same frame size)
-    # consolidation and cadence
-    consolidate_seconds: float = 50.0  # wall-time bound of the consolidation phase (+ final encode and save: <= 60 s)
-    consolidate_steps: int = 100_000  # step bound of the consolidation phase
+    # start each new scan from a copy of the previous scan's model, its input gain and noise scale, when the
+    # binned frame shape matches (``serve --no-warm-start``: off)
+    warm_start: bool = True
+    # noise model (encode.count_scale): data brighter than this, or not integer counts, is treated as counts at
+    # this dose (electrons per pattern); below it, integer frames are Poisson counts as they are
+    dose_cap: float = 1e6
+    # alarms (anomaly.py): a position alarms when its anomaly exceeds this many robust standard deviations.
+    # Multislice graphene at 1e6: pristine scans score up to ~30 (the few exact atom-column positions are the
+    # tail of the latent distribution), a vacancy ~23, a Si substitution 60-100; 8 alarmed on pristine scans
+    alarm_sigma: float = 40.0
+    # consolidation (after the last frame) and cadence
+    # wall-time bound of the consolidation: consolidate_seconds less scan_credit x the seconds trained while the
+    # scan ran, at least consolidate_min_seconds (133 frames/s: results <= 10 s after the last frame; a scan that
+    # arrives at once, 2,000 frames/s: the whole 25 s, results <= 30 s)
+    consolidate_seconds: float = 25.0
+    consolidate_min_seconds: float = 5.0
+    scan_credit: float = 1.5
+    consolidate_steps: int = 2000  # step bound of the consolidation phase; the lr schedule's length
+    patience: int = 4  # consolidation ends after this many held-out evaluations without a new best
+    min_improvement: float = 1e-3  # a new best must beat the old by this share of its |ELBO|
+    consolidate_eval_steps: int = 50  # held-out evaluation every this many steps while consolidating
     refresh_seconds: float = 0.5  # re-encode the maps this often (at least 5x the encode time)
     eval_seconds: float = 2.0  # held-out ELBO this often
     eval_pixels: int = 256  # fixed pixel subset for the held-out ELBO and recon_error
     recon_budget: int = 512  # frames whose recon_error is refreshed per map refresh
     log_every: int = 10  # steps between history points
-    threads: int = 1  # torch threads on CPU
+    # torch threads on CPU. 2 measured slower on the shared 2-core machine: 1.9 against 15.3 steps/s at load 6
+    threads: int = 1
     tune_malloc: bool = True  # glibc: keep freed activation buffers instead of unmapping them (see system.py)
     nice: int = 10  # CPU priority of the trainer thread (Linux nice, 0..19; 0 = same as ingest): ingest runs first
 

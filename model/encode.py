@@ -1,17 +1,28 @@
 """The input contract of the rrVAE and encoding whole scans into maps.
 
 Input contract: the model sees ``(frame - mean) * gain`` on the pixels of its
-mask (projected on the model's PCA ``basis`` if it has one), where ``mean``
-is the current running mean pattern (subtracted when a batch is assembled,
-never stored) and ``gain`` is fixed for a scan:
+mask (its encoder sees that projected on the model's PCA ``basis`` if it has
+one), where ``mean`` is the current running mean pattern (subtracted when a
+batch is assembled, never stored) and ``gain`` is fixed for a scan:
 ``input_std / std(first frames - their mean)``, frozen when training starts.
+
+Noise model: frames are counts of electrons, times ``scale`` (``count_scale``):
+1 for counting data with at most ``dose_cap`` electrons per pattern; for
+brighter or non-integer (noise-free, gain-corrected) data, the scale that
+makes a pattern hold ``dose_cap`` electrons, so that no data is trusted more
+than counts at that dose. A pixel's noise variance is then its Poisson
+variance ``max(scale * mean, 1)`` in scaled counts (at least one count), and
+``noise_weight`` is its inverse in input units.
 
 Maps (named in ``interface.MAPS``): ``rotation`` (ny, nx) = the angle's
 posterior mean phi (rad, see ``rrvae.py`` for its sign), ``latent``
 (d, ny, nx) = the content posterior means, ``recon_error`` (ny, nx) = mean
 squared error per pixel of the reconstruction from the posterior means, in
-input units, estimated on a fixed subset of pixels. NaN where no frame has
-arrived.
+input units, and ``recon_sigma`` (ny, nx) = the same error in units of the
+expected Poisson noise: sqrt(mean over pixels of w_p (x_p - xhat_p)^2), about
+1 for a frame the model explains down to its counting noise (``anomaly.py``
+makes the defect map from it and the latents). Both are estimated on a fixed subset of
+pixels. NaN where no frame has arrived.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rrstem.model.interface import LATENT, RECON_ERROR, ROTATION
+from rrstem.model.interface import LATENT, RECON_ERROR, RECON_SIGMA, ROTATION
 from rrstem.model.rrvae import RRVAE, coordinate_grid
 
 ROWS = 16384  #: images x pixels per decoder call: keeps activations small (see rrvae.backward_in_chunks)
@@ -43,18 +54,57 @@ def auto_mask_radius(frames: np.ndarray, mean: np.ndarray, fraction: float = 0.9
     return float(min(np.sqrt(2), r[order[min(k, len(r) - 1)]] + margin_px * 2 / (max(h, w) - 1)))
 
 
-def input_gain(frames: np.ndarray, mean: np.ndarray, model_pixels: np.ndarray, input_std: float) -> float:
-    """The fixed gain that makes the first frames' mean-subtracted pixels have std ``input_std``."""
+def input_gain(frames: np.ndarray, mean: np.ndarray, model_pixels: np.ndarray, input_std: float,
+               counts: bool = False) -> float:
+    """The fixed gain that makes the *signal* in the first frames' mean-subtracted pixels have std ``input_std``.
+
+    With ``counts`` (the frames are Poisson counts, ``is_counts``), the expected counting-noise variance
+    (the mean count of each pixel) is taken off the variance first, so that the gain, and with it the
+    balance of reconstruction against KL, is that of the signal at any dose (at most 95% is taken off).
+    """
     d = (frames.reshape(len(frames), -1)[:, model_pixels] - mean.ravel()[model_pixels]).astype(np.float64)
-    std = float(d.std())
-    return input_std / std if std > 0 else 1.0
+    var = float(d.var())
+    if counts:
+        noise = float(np.clip(mean.ravel()[model_pixels], 0, None).mean())
+        var = max(var - noise, 0.05 * var)
+    return float(input_std / np.sqrt(var)) if var > 0 else 1.0
+
+
+def is_counts(frames: np.ndarray) -> bool:
+    """The frames hold non-negative integers: counted electrons (Poisson noise), not expected intensities."""
+    f = np.asarray(frames)
+    return bool(len(f)) and bool(np.all(f == np.round(f))) and bool(f.min() >= 0)
+
+
+def count_scale(frames: np.ndarray, dose_cap: float) -> float:
+    """The factor that turns stored values into the electron counts the noise model assumes (see above).
+
+    ``frames`` (N, h, w): the first frames of a scan. Integer-valued frames with at most ``dose_cap``
+    electrons per pattern on average are counts (1.0); others are scaled to ``dose_cap`` per pattern.
+    """
+    f = np.asarray(frames, dtype=np.float64)
+    total = float(f.reshape(len(f), -1).sum(axis=1).mean()) if len(f) else 0.0
+    if not (total > 0 and np.isfinite(total)):
+        return 1.0
+    return 1.0 if is_counts(f) and total <= dose_cap else dose_cap / total
+
+
+def noise_weight(model: RRVAE, mean: np.ndarray, gain: float, scale: float) -> torch.Tensor:
+    """(P,) inverse Poisson noise variance of each model pixel in input units, on the model's device.
+
+    A pixel with mean ``m`` stored units holds ``scale * m`` counts, variance ``max(scale * m, 1)`` counts^2;
+    in input units (``x = stored * gain``) that is ``max(scale * m, 1) * (gain / scale)^2``.
+    """
+    m = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32)).to(model.noise_weight.device)
+    counts = (m.reshape(-1)[model.mask_index] * scale).clamp_min(1.0)  # (P,)
+    return (scale / gain) ** 2 / counts
 
 
 def prepare(model: RRVAE, frames: np.ndarray, mean: np.ndarray, gain: float, device) -> torch.Tensor:
-    """(B, h, w) raw binned frames -> (B, P) model input on ``device``."""
+    """(B, h, w) raw binned frames -> (B, P) model input on ``device`` (the encoder denoises it itself)."""
     x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device)
     m = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32)).to(device)
-    return model.denoise(model.flatten((x - m) * gain))
+    return model.flatten((x - m) * gain)
 
 
 @torch.no_grad()
@@ -63,8 +113,9 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
                 recon_index: np.ndarray | None = None, chunk: int = 1024) -> dict[str, np.ndarray]:
     """Encode the filled frames of (N, h, w) ``frames`` into (ny, nx) maps, NaN where not filled.
 
-    ``recon_error`` is computed for ``recon_index`` (scan indices; default all
-    filled) on the model pixels ``recon_pixels`` (default all); other entries are NaN.
+    ``recon_error`` and ``recon_sigma`` are computed for ``recon_index`` (scan indices; default all
+    filled) on the model pixels ``recon_pixels`` (default all); other entries are NaN. ``anomaly``
+    weighs the errors with the model's ``noise_weight`` (set it for this scan's mean first).
     """
     model.eval()
     ny, nx = scan_shape
@@ -73,6 +124,8 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
     rotation = np.full(ny * nx, np.nan, dtype=np.float32)
     latent = np.full((d, ny * nx), np.nan, dtype=np.float32)
     recon_error = np.full(ny * nx, np.nan, dtype=np.float32)
+    sigma = np.full(ny * nx, np.nan, dtype=np.float32)
+    w = model.noise_weight if recon_pixels is None else model.noise_weight[recon_pixels]  # (k,)
     means = {}
     for lo in range(0, len(idx), chunk):
         part = idx[lo:lo + chunk]
@@ -88,7 +141,8 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
         x = prepare(model, frames[part], mean, gain, device)  # (b, P)
         mu = torch.stack([means[int(i)] for i in part])  # (b, n_lat)
         target = x if recon_pixels is None else x[:, recon_pixels]
-        err = ((model.decode(mu, recon_pixels) - target) ** 2).mean(1)
-        recon_error[part] = err.cpu().numpy()
+        sq = (model.decode(mu, recon_pixels) - target) ** 2  # (b, k)
+        recon_error[part] = sq.mean(1).cpu().numpy()
+        sigma[part] = (sq * w).mean(1).sqrt().cpu().numpy()
     return {ROTATION: rotation.reshape(ny, nx), LATENT: latent.reshape(d, ny, nx),  # (N,) -> (ny, nx)
-            RECON_ERROR: recon_error.reshape(ny, nx)}
+            RECON_ERROR: recon_error.reshape(ny, nx), RECON_SIGMA: sigma.reshape(ny, nx)}

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rrstem.model import checkpoint, encode
+from rrstem.model import anomaly, checkpoint, encode
+from rrstem.model.config import TrainerConfig
 from rrstem.model.interface import ModelMaps, ScanView
 from rrstem.model.rrvae import RRVAE
 from rrstem.model.system import lower_priority
@@ -49,7 +50,7 @@ class FixedEncoder(EncoderThread):
     """
 
     def __init__(self, model: RRVAE, gain: float, trained_steps: int, source: str, device: str = "cpu",
-                 refresh_seconds: float = 1.0, nice: int = 10):
+                 refresh_seconds: float = 1.0, nice: int = 10, noise: TrainerConfig | None = None):
         super().__init__("rrstem-encoder")
         if not (math.isfinite(gain) and gain > 0):
             raise ValueError(f"the input gain must be a positive number, not {gain!r}")
@@ -59,6 +60,7 @@ class FixedEncoder(EncoderThread):
         self.model = model.to(self.device).eval()
         self.gain, self.trained_steps, self.source = float(gain), int(trained_steps), str(source)
         self.refresh_seconds, self.nice = refresh_seconds, nice
+        self.noise = noise or TrainerConfig()  # dose_cap and the alarm settings, as the trainer has them
         self.scan: ScanView | None = None
         self._maps: ModelMaps | None = None
         self._state = "waiting"
@@ -154,9 +156,13 @@ class FixedEncoder(EncoderThread):
                 "config": {**self.model.cfg.to_json(), "gain": self.gain, "source": self.source}}
 
     def encode(self, scan: ScanView) -> ModelMaps:
-        """The maps of the frames of ``scan`` filled now, with its current mean pattern."""
-        arrays = encode.encode_scan(self.model, scan.frames, scan.filled.copy(), scan.scan_shape,
-                                    scan.mean_pattern(), self.gain, self.device)
+        """The maps of the frames of ``scan`` filled now, with its current mean pattern and noise."""
+        filled, mean = scan.filled.copy(), scan.mean_pattern()
+        first = np.flatnonzero(filled)[:64]
+        scale = encode.count_scale(np.asarray(scan.frames[first], dtype=np.float32), self.noise.dose_cap)
+        self.model.set_noise_weight(encode.noise_weight(self.model, mean, self.gain, scale))
+        arrays = encode.encode_scan(self.model, scan.frames, filled, scan.scan_shape, mean, self.gain, self.device)
+        anomaly.add_alarms(arrays, self.noise.alarm_sigma)
         return ModelMaps(scan.scan_id, self.trained_steps, arrays)
 
     # --- worker ---------------------------------------------------------------------------

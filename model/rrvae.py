@@ -4,7 +4,18 @@ This is the rVAE of the atomai library as the paper configured it
 (``latent_dim=2``, ``translation=False``, two tanh layers of 128 units in
 encoder and decoder, MSE loss, Adam at 1e-4), written so that the decoder is
 fast on a CPU. ``RRVAEConfig``'s defaults are the paper's but for the angle
-head: ``angle_head="vector"`` (measured better; ``"scalar"`` is the paper's).
+head (``angle_head="vector"``; ``"scalar"`` is the paper's) and the width
+(``hidden=64``; the paper's 128), both measured better here.
+
+Likelihood
+----------
+``"mse"``: the reconstruction term is 0.5 * sum of squared errors, in input
+units. ``"poisson"``: a Gaussian whose variance is the Poisson variance of
+each pixel's counts, 0.5 * sum w_p (x_p - xhat_p)^2 with w_p the inverse noise
+variance in input units (the ``noise_weight`` buffer, set by the trainer from
+the mean pattern: ``encode.noise_weight``). Counting noise then weighs as
+much as it should: bright pixels, whose counts are noisy, weigh less than
+dark ones, and the balance against the KL terms follows the dose.
 The encoder maps a flattened frame to the mean and log standard
 deviation of 1 (+2) + d latents: the angle phi, optionally a translation, then
 the content z. The decoder is a function of pixel coordinates: every pixel's
@@ -52,7 +63,9 @@ import torch.nn as nn
 class RRVAEConfig:
     image_shape: tuple[int, int] = (64, 64)  # (h, w) of the binned frames the model sees
     latent_dim: int = 2  # content latents z (the paper: 2; "3D rrVAE" = phi + 2)
-    hidden: int = 128  # units per hidden layer, encoder and decoder (paper: 128)
+    # units per hidden layer, encoder and decoder (paper: 128). 64 steps 3.4x faster on a CPU core, which at a
+    # detector's pace buys the steps that converge the maps by the last frame (bench/quality.py, multislice)
+    hidden: int = 64
     encoder_layers: int = 2  # [Linear, Tanh] blocks before the two heads (paper: 2)
     decoder_layers: int = 2  # [Linear(H, H), Tanh] blocks after the coordinate layer (paper: 2)
     translation: bool = False  # two translation latents shift the coordinates (paper: False)
@@ -62,13 +75,19 @@ class RRVAEConfig:
     # "vector": phi's mean is atan2 of a 2-vector head (see Encoder); "scalar": a linear head, as in the paper.
     # "vector" measured better: content latent vs COM magnitude |r| 0.73-0.82 against 0.56-0.58 (bench/quality.py)
     angle_head: str = "vector"
-    # > 0: inputs are projected on this many principal components (the ``basis`` buffer); 0 = off.
-    # 8 components gave the best rotation (r 0.997) but content latents with |r| < 0.02, so it is off
+    # > 0: the encoder's input is projected on this many principal components (the ``basis`` buffer), a
+    # denoising as the paper's experimental notebook did; the reconstruction target stays the raw input. 0 = off
     pca: int = 0
+    # "poisson": Gaussian with each pixel's Poisson variance (``noise_weight``); "mse": plain squared error.
+    # "mse" (with the trainer's signal_gain) measured better: multislice graphene 1e6 at 133 frames/s, latent
+    # |r| 0.955 against 0.11-0.56 for "poisson" at any dose cap (the dark pixels' noise then dominates)
+    likelihood: str = "mse"
 
     def __post_init__(self):
         if self.angle_head not in ("scalar", "vector"):
             raise ValueError(f"angle_head must be 'scalar' or 'vector', not {self.angle_head!r}")
+        if self.likelihood not in ("poisson", "mse"):
+            raise ValueError(f"likelihood must be 'poisson' or 'mse', not {self.likelihood!r}")
         if self.pca < 0 or self.latent_dim < 0 or self.hidden < 1:
             raise ValueError(f"pca and latent_dim must be >= 0 and hidden >= 1, not {self.pca}, {self.latent_dim}, "
                              f"{self.hidden}")
@@ -222,6 +241,8 @@ class RRVAE(nn.Module):
         self.register_buffer("grid", torch.from_numpy(coordinate_grid(*cfg.image_shape)[mask]), persistent=False)
         if cfg.pca > 0:  # orthonormal columns spanning the kept components; part of the input contract
             self.register_buffer("basis", torch.zeros(self.n_pixels, cfg.pca))
+        # (P,) inverse noise variance per model pixel, in input units (likelihood "poisson"; ones until set)
+        self.register_buffer("noise_weight", torch.ones(self.n_pixels), persistent=False)
         n_lat = 1 + self.n_shift + cfg.latent_dim
         self.encoder = Encoder(self.n_pixels, n_lat, cfg.hidden, cfg.encoder_layers, cfg.angle_head == "vector")
         self.decoder = Decoder(cfg.latent_dim, cfg.hidden, cfg.decoder_layers)
@@ -229,6 +250,18 @@ class RRVAE(nn.Module):
     def flatten(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, h, w) frames -> (B, P) the masked pixels the model works on."""
         return frames.reshape(frames.shape[0], -1)[:, self.mask_index]  # (B, h*w) -> (B, P)
+
+    def set_noise_weight(self, weight: torch.Tensor) -> None:
+        """Set the (P,) inverse noise variances the ``"poisson"`` likelihood weighs each pixel's error with."""
+        if weight.shape != self.noise_weight.shape:
+            raise ValueError(f"noise weight must have shape {tuple(self.noise_weight.shape)}, not {tuple(weight.shape)}")
+        self.noise_weight.copy_(weight)
+
+    def weights(self, pixels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The per-pixel weights of the squared error at ``pixels`` (all if None); None for ``"mse"``."""
+        if self.cfg.likelihood == "mse":
+            return None
+        return self.noise_weight if pixels is None else self.noise_weight[pixels]
 
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         """(B, P) -> (B, P) projected on the span of ``basis`` (unchanged if PCA is off or no basis is set yet)."""
@@ -268,7 +301,7 @@ class RRVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, pixels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x (B, P) flattened frames -> posterior, one reparameterised sample, its reconstruction."""
-        mean, logsd = self.encoder(x)
+        mean, logsd = self.encoder(self.denoise(x))
         lat = mean + torch.exp(logsd) * torch.randn_like(mean)
         return {"mean": mean, "logsd": logsd, "recon": self.decode(lat, pixels)}
 
@@ -276,13 +309,16 @@ class RRVAE(nn.Module):
              pixels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The negative ELBO (averaged over the batch) and its three terms.
 
-        reconstruction: 0.5 * sum over pixels of the squared error, rescaled by
-        P/k when only k of the P pixels were decoded; content KL: KL of the
+        reconstruction: 0.5 * sum over pixels of the squared error (weighted by
+        ``noise_weight`` for the ``"poisson"`` likelihood), rescaled by P/k when
+        only k of the P pixels were decoded; content KL: KL of the
         content (and translation) latents against N(0, 1); angle KL: against
         N(0, s^2) without the mean term, so the angle's mean is free.
         """
         target = x if pixels is None else x[:, pixels]
-        recon = 0.5 * ((out["recon"] - target) ** 2).sum(1) * (x.shape[1] / target.shape[1])
+        sq = (out["recon"] - target) ** 2  # (B, k)
+        w = self.weights(pixels)
+        recon = 0.5 * (sq if w is None else sq * w).sum(1) * (x.shape[1] / target.shape[1])
         mean, logsd = out["mean"][:, 1:], out["logsd"][:, 1:]
         kl_z = (0.5 * (mean ** 2 + torch.exp(2 * logsd) - 1) - logsd).sum(1)
         kl_phi = angle_kl(out["logsd"][:, 0], self.cfg.phi_prior)
@@ -293,7 +329,7 @@ class RRVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P) -> posterior means and log std (B, 1 + n_shift + d)."""
-        return self.encoder(x)
+        return self.encoder(self.denoise(x))
 
 
 def backward_in_chunks(model: RRVAE, x: torch.Tensor, pixels: torch.Tensor | None = None,

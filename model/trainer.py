@@ -169,8 +169,8 @@ class OnlineTrainer(EncoderThread):
         with self._lock:
             scan, self._pending = self._pending, None
         if scan is not None:
-            previous = self.run.model if self.run is not None and self.cfg.warm_start and self._failed is None else None
-            self.run = TrainingRun(scan, self.cfg, self.device, model=previous)
+            previous = self.run if self.cfg.warm_start and self._failed is None else None
+            self.run = TrainingRun(scan, self.cfg, self.device, previous=previous)
             self.error = self._failed = None
         if self._reset_requested:
             self._reset_requested = False

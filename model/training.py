@@ -5,22 +5,26 @@
 waits for it. Its phases (``phase``):
 
 1. waiting: until ``min_frames`` have arrived. ``build()`` then freezes the
-   input gain and the pixel mask from those frames and makes the model (a
-   fresh one, or a copy of the previous scan's with ``warm_start``).
+   input gain, the noise scale (``encode.count_scale``) and the pixel mask
+   from those frames and makes the model (a fresh one; or, with
+   ``warm_start``, a copy of the previous scan's, with its gain and PCA basis).
 2. running: ``step()`` trains on a minibatch of new + replayed frames, the
    *current* running mean subtracted when the batch is assembled;
    ``refresh()`` re-encodes all filled frames into the maps and computes the
    metrics against the COM; ``evaluate()`` computes the held-out ELBO.
 3. consolidating (``begin_consolidation()``, once the scan has ended):
-   uniform batches over all frames, the learning rate falling linearly
-   (``learning_rate``), bounded by ``consolidate_seconds`` and
-   ``consolidate_steps``; ``evaluate()`` keeps the best model by held-out ELBO.
+   uniform batches over all frames, the learning rate falling on with the
+   steps (``learning_rate``), a held-out evaluation every
+   ``consolidate_eval_steps``; ``evaluate()`` keeps the best model by held-out
+   ELBO, and the consolidation ends once ``patience`` evaluations in a row
+   brought no new best (or at ``consolidate_steps``, or ``consolidate_seconds``).
 4. done (``finish()``): the best model is loaded and every frame encoded.
 
 ``advance()`` does whatever is due next, as the worker thread
-(``trainer.OnlineTrainer``) calls it in a loop. Refreshes, evaluations, the
-learning rate and the end of the consolidation follow ``clock`` (monotonic
-seconds), which a test may replace. The training methods belong to one
+(``trainer.OnlineTrainer``) calls it in a loop. The learning rate follows
+progress (positions arrived, then consolidation steps); map refreshes, the
+held-out evaluations while the scan runs and the consolidation's time bound
+follow ``clock`` (monotonic seconds), which a test may replace. The training methods belong to one
 thread; ``maps``, ``status``, ``histories``, ``reconstruct`` and ``export``
 may be called from any thread.
 """
@@ -36,19 +40,30 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rrstem.model import encode, metrics
+from rrstem.model import anomaly, encode, metrics
 from rrstem.model.config import TrainerConfig
-from rrstem.model.interface import (EVAL_STEP, HELDOUT_ELBO, HISTORIES, IMAGES_SEEN, LATENT_R_MAX, LOSS, RECON_ERROR,
-                                    ROTATION_R, STEP, TIME, ModelMaps, ScanView)
+from rrstem.model.interface import (EVAL_STEP, HELDOUT_ELBO, HISTORIES, IMAGES_SEEN, LATENT_R_MAX, LOSS,
+                                    RECON_ERROR, RECON_SIGMA, ROTATION_R, STEP, TIME, ModelMaps, ScanView)
 from rrstem.model.rrvae import RRVAE, backward_in_chunks
 from rrstem.model.sampler import FrameSampler
 
 
-def learning_rate(cfg: TrainerConfig, progress: float) -> float:
-    """The learning rate ``progress`` (0 to 1, clipped) of the way through the consolidation:
-    ``cfg.lr`` falling linearly to ``cfg.lr * cfg.lr_final``."""
-    p = min(max(progress, 0.0), 1.0)
-    return cfg.lr * (1.0 - (1.0 - cfg.lr_final) * p)
+def learning_rate(cfg: TrainerConfig, scan_progress: float, consolidation_progress: float = 0.0) -> float:
+    """The learning rate ``scan_progress`` (share of the positions arrived) through the scan and
+    ``consolidation_progress`` (share of ``consolidate_steps`` done) through the consolidation, both
+    clipped to 0..1: ``cfg.lr`` falling linearly to ``lr * lr_scan_end`` at the last frame, then on
+    to ``lr * lr_final``."""
+    p, q = (min(max(v, 0.0), 1.0) for v in (scan_progress, consolidation_progress))
+    at_end = 1.0 - (1.0 - cfg.lr_scan_end) * p
+    return cfg.lr * (at_end - (at_end - cfg.lr_final) * q)
+
+
+def consolidation_seconds(cfg: TrainerConfig, trained: float) -> float:
+    """The consolidation's time bound after ``trained`` seconds of training while the scan ran: the scan
+    was training time too, so ``consolidate_seconds - scan_credit * trained``, within
+    ``consolidate_min_seconds .. consolidate_seconds``."""
+    return min(cfg.consolidate_seconds, max(cfg.consolidate_min_seconds,
+                                            cfg.consolidate_seconds - cfg.scan_credit * max(trained, 0.0)))
 
 
 def empty_export(cfg: TrainerConfig) -> dict:
@@ -58,18 +73,24 @@ def empty_export(cfg: TrainerConfig) -> dict:
 
 
 class TrainingRun:
-    """The training on one scan. ``model``: a model to start from (warm start; copied, used if the frame size fits)."""
+    """The training on one scan.
+
+    ``previous``: the run of the scan before, to start from (warm start): its model (copied) and input
+    gain are taken if its binned frame shape matches this scan's (the noise scale is always this scan's).
+    """
 
     def __init__(self, scan: ScanView, config: TrainerConfig, device: str | torch.device = "cpu",
-                 model: RRVAE | None = None, clock: Callable[[], float] = time.monotonic):
+                 previous: "TrainingRun | None" = None, clock: Callable[[], float] = time.monotonic):
         self.scan, self.cfg, self.device, self.clock = scan, config, torch.device(device), clock
-        fits = model is not None and model.cfg.image_shape == tuple(scan.binned_shape)
-        self.model: RRVAE | None = copy.deepcopy(model).to(self.device) if fits else None
+        fits = previous is not None and previous.warm_startable(scan)
+        self.model: RRVAE | None = copy.deepcopy(previous.model).to(self.device) if fits else None
+        self.warm = fits  #: started from the previous scan's model
         self.optimizer: torch.optim.Adam | None = None  # made by build()
         self.phase = "waiting"  #: waiting, running, consolidating or done
         self.step_count = 0
         self.images_seen = 0
-        self.gain: float | None = None  #: the input gain, frozen by build()
+        self.gain: float | None = previous.gain if fits else None  #: the input gain, frozen by build()
+        self.scale: float | None = None  #: counts per stored unit, this scan's own (build())
         self.mean: np.ndarray | None = None  #: (h, w) the mean pattern subtracted from the inputs now
         self.best_step: int | None = None  #: the step of the best model while consolidating
         self.sampler = FrameSampler(len(scan.filled), config.heldout, np.random.default_rng(config.seed))
@@ -83,16 +104,23 @@ class TrainingRun:
         self._last_elbo: float | None = None
         self._hist: dict[str, list] = {k: [] for k in HISTORIES}
         self._best, self._best_elbo = None, math.inf
+        self._evals_since_best = 0
         self._eval_pixels = self._eval_eps = self._heldout_idx = None
         self._next_eval = self._next_refresh = math.inf
         self._recon_cursor = 0
         self._consolidation_t0 = self._deadline = math.inf
+        self._consolidation_step0 = 0
         self._step_limit = 0
-        self._t0 = clock()
+        self._t0 = self._t_built = clock()
 
     @property
     def built(self) -> bool:
         return self.optimizer is not None
+
+    def warm_startable(self, scan: ScanView) -> bool:
+        """This run has a trained model a run on ``scan`` can start from (same binned frame shape)."""
+        return (self.built and self.model is not None and self.step_count > 0
+                and self.model.cfg.image_shape == tuple(scan.binned_shape))
 
     @property
     def lr(self) -> float:
@@ -129,13 +157,19 @@ class TrainingRun:
             model = RRVAE(cfg.model_config(scan.binned_shape, radius)).to(self.device)
             with self._model_lock:
                 self.model = model
-        self.gain = encode.input_gain(frames, first_mean, self.model.mask_index.cpu().numpy(), cfg.input_std)
-        self.mean = mean
-        self.refresh_basis()
+        if self.gain is None:
+            self.gain = encode.input_gain(frames, first_mean, self.model.mask_index.cpu().numpy(), cfg.input_std,
+                                          counts=cfg.signal_gain and encode.is_counts(frames))
+        if self.scale is None:
+            self.scale = encode.count_scale(frames, cfg.dose_cap)
+        self.set_mean(mean)
+        if not self.warm:
+            self.refresh_basis()
         self._eval_pixels = torch.randperm(self.model.n_pixels, generator=self._gen)[:cfg.eval_pixels].to(self.device)
         self._next_eval = self._next_refresh = self.clock()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.phase = "running"
+        self._t_built = self.clock()
         return True
 
     def step(self) -> dict[str, float]:
@@ -147,14 +181,14 @@ class TrainingRun:
         running = not self.scan.ended
         idx = s.sample(cfg.batch_size, cfg.new_fraction if running else 0.0, cfg.recent)
         if running:
-            self.mean = self.scan.mean_pattern()
+            self.set_mean(self.scan.mean_pattern())
         x = encode.prepare(self.model, self.scan.frames[idx], self.mean, self.gain, self.device)  # (B, P)
         pixels = None
         if cfg.pixels is not None and cfg.pixels < self.model.n_pixels:
             pixels = torch.randperm(self.model.n_pixels, generator=self._gen)[:cfg.pixels].to(self.device)
-        if self.phase == "consolidating" and cfg.lr_final != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, self.consolidation_progress())
+        rate = learning_rate(cfg, self.scan_progress(), self.consolidation_progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
         with self._model_lock:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
@@ -169,6 +203,19 @@ class TrainingRun:
                              (IMAGES_SEEN, self.images_seen), *out.items()):
                     self._hist[k].append(v)
         return out
+
+    def set_mean(self, mean: np.ndarray) -> None:
+        """Subtract ``mean`` (h, w) from the inputs from now on, and weigh the likelihood by its Poisson noise."""
+        self.mean = mean
+        weight = encode.noise_weight(self.model, mean, self.gain, self.scale)
+        with self._model_lock:
+            self.model.set_noise_weight(weight)
+
+    def scan_progress(self) -> float:
+        """The share of the scan's positions that have arrived (1 once it has ended)."""
+        if self.scan.ended:
+            return 1.0
+        return self.scan.n_filled() / max(len(self.scan.filled), 1)
 
     def refresh_basis(self) -> None:
         """Recompute the model's PCA basis (if it has one) from up to ``pca_frames`` random arrived frames.
@@ -193,7 +240,8 @@ class TrainingRun:
     def evaluate(self) -> float | None:
         """The held-out ELBO (fixed noise, fixed pixels), also in the histories; None with no held-out frame.
 
-        While consolidating, the best model so far by this ELBO is kept for ``finish()``.
+        While consolidating, the best model so far by this ELBO is kept for ``finish()``, and
+        ``stalled()`` says whether ``patience`` evaluations in a row brought no new best.
         """
         s = self.sampler
         if s.heldout_changed or self._eval_eps is None:
@@ -207,13 +255,18 @@ class TrainingRun:
         with self._model_lock:
             m = self.model.eval()
             x = encode.prepare(m, self.scan.frames[self._heldout_idx], self.mean, self.gain, self.device)  # (H, P)
-            mean, logsd = m.encoder(x)
+            mean, logsd = m.encode(x)
             lat = mean + torch.exp(logsd) * self._eval_eps
             n = max(1, encode.ROWS // len(self._eval_pixels))
             recon = torch.cat([m.decode(lat[i:i + n], self._eval_pixels) for i in range(0, len(lat), n)])
             elbo = float(m.loss(x, {"mean": mean, "logsd": logsd, "recon": recon}, self._eval_pixels)["loss"])
-            if self.phase == "consolidating" and elbo < self._best_elbo:
-                self._best, self._best_elbo, self.best_step = copy.deepcopy(m.state_dict()), elbo, self.step_count
+            if self.phase == "consolidating":
+                if elbo < self._best_elbo - self.cfg.min_improvement * abs(self._best_elbo if
+                                                                        math.isfinite(self._best_elbo) else 0.0):
+                    self._best, self._best_elbo, self.best_step = copy.deepcopy(m.state_dict()), elbo, self.step_count
+                    self._evals_since_best = 0
+                else:
+                    self._evals_since_best += 1
         with self._lock:
             self._last_elbo = elbo
             for k, v in ((EVAL_STEP, self.step_count), (HELDOUT_ELBO, elbo),
@@ -252,12 +305,15 @@ class TrainingRun:
             todo = idx[lo:lo + self.cfg.recon_budget]
             self._recon_cursor = lo + len(todo)
         new = self.encode(filled, todo)
-        err = new.arrays[RECON_ERROR]
         old = self._maps
-        if not final and old is not None and old.arrays[RECON_ERROR].shape == err.shape:
-            keep = np.isnan(err) & filled.reshape(err.shape)
-            err[keep] = old.arrays[RECON_ERROR][keep]
+        for name in (RECON_ERROR, RECON_SIGMA):  # the frames not refreshed now keep their last value
+            err = new.arrays[name]
+            if not final and old is not None and old.arrays[name].shape == err.shape:
+                keep = np.isnan(err) & filled.reshape(err.shape)
+                err[keep] = old.arrays[name][keep]
+        anomaly.add_alarms(new.arrays, self.cfg.alarm_sigma)
         found = metrics.com_metrics(new.arrays, self.scan.com_maps())
+        found.update(anomaly.summary(new.arrays))
         with self._lock:
             self._maps, self._metrics = new, found
         cost = self.clock() - t
@@ -276,16 +332,21 @@ class TrainingRun:
         self.refresh_basis()
         self.phase = "consolidating"
         self._consolidation_t0 = self.clock()
-        self._deadline = self._consolidation_t0 + self.cfg.consolidate_seconds
+        self._deadline = self._consolidation_t0 + consolidation_seconds(self.cfg, self._consolidation_t0 - self._t_built)
         self._step_limit = self.step_count + self.cfg.consolidate_steps
-        self._best, self._best_elbo = None, math.inf
+        self._best, self._best_elbo, self._evals_since_best = None, math.inf, 0
+        self._consolidation_step0 = self.step_count
         self.evaluate()
 
     def consolidation_progress(self) -> float:
-        """The share of ``consolidate_seconds`` that has passed since ``begin_consolidation()`` (0 before it)."""
-        if self._consolidation_t0 == math.inf:
+        """The share of ``consolidate_steps`` done since ``begin_consolidation()`` (0 before it)."""
+        if self.phase != "consolidating":
             return 0.0
-        return min(1.0, (self.clock() - self._consolidation_t0) / max(self.cfg.consolidate_seconds, 1e-9))
+        return min(1.0, (self.step_count - self._consolidation_step0) / max(self.cfg.consolidate_steps, 1))
+
+    def stalled(self) -> bool:
+        """While consolidating: ``patience`` held-out evaluations in a row brought no new best."""
+        return self.phase == "consolidating" and self._evals_since_best >= self.cfg.patience
 
     def finish(self) -> ModelMaps:
         """End the consolidation: load the best model and encode every frame; returns the final maps."""
@@ -309,14 +370,18 @@ class TrainingRun:
             self.begin_consolidation()
         out = self.step()
         now = self.clock()
-        if now >= self._next_eval:
-            if self.phase == "running":
+        if self.phase == "running" and now >= self._next_eval:
+            if not self.warm:
                 self.refresh_basis()
             self.evaluate()
             self._next_eval = self.clock() + self.cfg.eval_seconds
+        elif self.phase == "consolidating" and (self.step_count - self._consolidation_step0) % \
+                max(self.cfg.consolidate_eval_steps, 1) == 0:
+            self.evaluate()
         if now >= self._next_refresh:
             self.refresh(final=False)
-        if self.phase == "consolidating" and (now >= self._deadline or self.step_count >= self._step_limit):
+        if self.phase == "consolidating" and (now >= self._deadline or self.step_count >= self._step_limit
+                                              or self.stalled()):
             self.finish()
         return out
 
@@ -362,5 +427,6 @@ class TrainingRun:
         with self._lock:
             found = dict(self._metrics)
         return {"training": self.histories(), "metrics": found, "step": self.step_count, "state": state,
-                "config": {**config, "trainer": self.cfg.to_dict(), "gain": self.gain, "best_step": self.best_step}}
+                "config": {**config, "trainer": self.cfg.to_dict(), "gain": self.gain, "scale": self.scale,
+                           "best_step": self.best_step, "warm_start": self.warm}}
 

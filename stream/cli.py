@@ -55,6 +55,9 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--consolidate", type=float, default=None, metavar="SECONDS",
                    help="longest consolidation of the rrVAE after a scan ends")
     t.add_argument("--latent-dim", type=int, default=None, help="rrVAE content latents")
+    t.add_argument("--no-warm-start", action="store_true",
+                   help="train a fresh rrVAE on every scan (default: a scan whose binned frames match the previous "
+                        "scan's starts from that scan's model)")
     t.add_argument("--trainer", type=_json_object, default=None, metavar="JSON",
                    help="trainer and model options as JSON, as TrainerConfig.from_dict takes them (model/config.py), "
                         "e.g. '{\"seed\": 3, \"lr\": 1e-3}'; --consolidate and --latent-dim win over it")
@@ -100,6 +103,8 @@ def trainer_overrides(args: argparse.Namespace) -> dict:
         out["consolidate_seconds"] = args.consolidate
     if args.latent_dim is not None:
         out["latent_dim"] = args.latent_dim
+    if getattr(args, "no_warm_start", False):
+        out["warm_start"] = False
     return out
 
 

@@ -35,7 +35,9 @@ class ScanResults:
     """One scan's group of the results file, made by ``Scan.results()``.
 
     ``attrs`` are the group's attributes (lists and dicts are stored as JSON);
-    ``maps`` holds ``mean_pattern`` and the (ny, nx) maps (``latent`` is (d, ny, nx));
+    ``maps`` holds ``mean_pattern`` and the (ny, nx) maps (``latent`` is (d, ny, nx); ``alarms`` is (k, 2)
+    [y, x]; ``anomaly_threshold``, a 0-d array, is written as the ``threshold`` attribute of ``anomaly``
+    and ``alarms`` and read back into ``maps``);
     ``model`` is the encoder's ``export()``: ``training`` histories, ``metrics``,
     ``config`` (JSON-able), ``state`` (name -> array) and ``step``.
     """
@@ -82,13 +84,19 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
         g.create_dataset("pixel_mask", data=r.pixel_mask.astype(bool), compression="gzip")
     m = g.create_group("maps")
     for name, arr in maps.items():
-        if name == Arrays.MEAN_PATTERN:
+        if name in (Arrays.MEAN_PATTERN, Arrays.ALARM_THRESHOLD):
             continue
         ds = m.create_dataset(name, data=arr.astype(bool) if name == Arrays.FILLED else arr)
         if name in Arrays.SCAN_MAPS and name.startswith("com_"):
             ds.attrs["unit"] = "rad" if name == Arrays.COM_ANGLE else r.com_unit
         elif name == Arrays.ROTATION:
             ds.attrs["unit"] = "rad"
+        elif name == Arrays.RECON_SIGMA:
+            ds.attrs["unit"] = "poisson_sigma"
+        elif name == Arrays.ANOMALY:
+            ds.attrs["unit"] = "robust_sigma"
+        if name in (Arrays.ANOMALY, Arrays.ALARMS) and Arrays.ALARM_THRESHOLD in maps:
+            ds.attrs["threshold"] = float(maps[Arrays.ALARM_THRESHOLD])
     if model is None:
         return
     t = g.create_group("training")
@@ -119,6 +127,8 @@ def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, 
                 value = json.loads(value)
             out["attrs"][key] = value
         out["maps"] = {k: v[()] for k, v in g["maps"].items()}
+        if Arrays.ANOMALY in g["maps"] and "threshold" in g["maps"][Arrays.ANOMALY].attrs:
+            out["maps"][Arrays.ALARM_THRESHOLD] = np.float32(g["maps"][Arrays.ANOMALY].attrs["threshold"])
         out["units"] = {k: v.attrs["unit"] for k, v in g["maps"].items() if "unit" in v.attrs}
         for key in (Arrays.MEAN_PATTERN, "pixel_mask"):
             if key in g:

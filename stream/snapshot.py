@@ -50,10 +50,16 @@ class Arrays:
     ROTATION = model_names.ROTATION  #: (ny, nx) rrVAE angle, rad; present once the model has encoded the scan
     LATENT = model_names.LATENT  #: (d, ny, nx) rrVAE content latents
     RECON_ERROR = model_names.RECON_ERROR  #: (ny, nx) rrVAE reconstruction error
+    RECON_SIGMA = model_names.RECON_SIGMA  #: (ny, nx) reconstruction error in Poisson-noise units (1 = noise)
+    ANOMALY = model_names.ANOMALY  #: (ny, nx) defect score, robust standard deviations over the scan (model/anomaly.py)
+    ALARMS = model_names.ALARMS  #: (k, 2) int32 [y, x] of positions with ``anomaly`` above the threshold, highest first
+    ALARM_THRESHOLD = model_names.ALARM_THRESHOLD  #: () float32 the alarm threshold on ``anomaly`` (inf: none yet)
 
     #: the maps over the scan that the service derives from its sums
     SCAN_MAPS = (VBF, VADF, COM_X, COM_Y, COM_MAGNITUDE, COM_ANGLE)
     MODEL_MAPS = model_names.MAPS
+    #: everything the model sends: its maps and the alarms derived from ``anomaly``
+    MODEL_OUTPUTS = model_names.OUTPUTS
 
 
 #: Prefix of the 1-D training histories: ``training/<name>`` for each name in
@@ -124,10 +130,11 @@ class Snapshot:
         parts: list[bytes | memoryview] = []
         specs = []
         for name, arr in self.arrays.items():
+            shape = list(np.shape(arr))  # before ascontiguousarray, which makes a 0-d array 1-d
             arr = np.ascontiguousarray(arr)
             if arr.dtype == bool:
                 arr = arr.view(np.uint8)
-            specs.append(ArraySpec(name=name, dtype=arr.dtype.str.lstrip("<|="), shape=list(arr.shape)))
+            specs.append(ArraySpec(name=name, dtype=arr.dtype.str.lstrip("<|="), shape=shape))
             parts.append(memoryview(arr.reshape(-1)).cast("B"))
         self.header.arrays = specs
         head = msgpack.packb(self.header.model_dump(mode="json"), use_bin_type=True)

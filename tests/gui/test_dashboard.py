@@ -71,6 +71,14 @@ def test_maps_hold_exactly_the_published_data(qtbot, publisher, dashboard):
         np.testing.assert_array_equal(alpha == 0, np.isnan(a["com_angle"]))
         # positions without data are NaN in the image, so they are drawn transparent
         assert np.isnan(dashboard.maps["vbf"].image.image[rows:]).all()
+        # the defect map rings exactly the alarm positions the snapshot lists, and counts them in its title
+        panel = dashboard.maps["anomaly"]
+        np.testing.assert_array_equal(panel.image.image, a["anomaly"])
+        rings = np.column_stack(panel.rings.getData())  # (x, y) in nm: pixel centres times the scan step
+        expect = np.array([[(x + 0.5) * 0.05, (y + 0.5) * 0.05] for y, x in a["alarms"]]).reshape(-1, 2)
+        np.testing.assert_allclose(rings.reshape(-1, 2), expect, rtol=1e-6)
+        assert len(a["alarms"]) == sum(y < rows for y, _ in ((9, 20), (21, 7)))
+        assert f"{len(a['alarms'])} above 3" in panel.plot.titleLabel.text
     assert dashboard.status.progress.value() == 1000
     assert "received 1280" in dashboard.status.counters.text()
     assert "step 490" in dashboard.status.training.text()
@@ -231,7 +239,7 @@ def test_each_map_fills_its_panel(qtbot, ny, nx, with_model):
     qtbot.waitExposed(dash)
     dash.show_snapshot(synthetic_snapshot(ny=ny, nx=nx, detector=32, with_model=with_model))
     shown = [p for p in dash.maps.values() if p.image.image is not None]
-    assert len(shown) == (10 if with_model else 4)
+    assert len(shown) == (11 if with_model else 4)  # with the model: rotation, recon error, anomaly, 4 latents
     dash.grab()  # paint once: the axes size themselves to their tick labels
 
     def fills():

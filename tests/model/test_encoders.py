@@ -7,7 +7,7 @@ import torch
 from feeder import FAST, ArrayScan, tilted_discs, wait_for
 from rrstem.model import checkpoint
 from rrstem.model.inference import FixedEncoder
-from rrstem.model.interface import HISTORIES, LATENT, MAPS, RECON_ERROR, ROTATION, STATES, Encoder, ModelMaps
+from rrstem.model.interface import HISTORIES, LATENT, OUTPUTS, RECON_ERROR, ROTATION, STATES, Encoder, ModelMaps
 from rrstem.model.rrvae import RRVAE, RRVAEConfig, pixel_mask
 from rrstem.model.trainer import OnlineTrainer
 
@@ -49,7 +49,7 @@ def encode_partial_scan(enc) -> tuple[ModelMaps, dict, ArrayScan]:
         st, maps, ex = enc.status(), enc.maps(), enc.export()
         assert st["state"] == "done" and st["scan_id"] == "partial" and st["error"] is None
         assert isinstance(maps, ModelMaps) and maps.scan_id == "partial" and maps.step == st["step"] == ex["step"]
-        assert set(maps.arrays) == set(MAPS) and ex["config"]["image_shape"] == [16, 16]
+        assert set(maps.arrays) == set(OUTPUTS) and ex["config"]["image_shape"] == [16, 16]
         # the maps are the posterior means, under the exported model, of (frame - the scan's mean) * gain
         model, gain, mean = checkpoint.from_state(ex["config"], ex["state"]), ex["config"]["gain"], scan.mean_pattern()
         filled = scan.filled

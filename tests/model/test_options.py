@@ -80,5 +80,8 @@ def test_trainer_refreshes_the_basis_while_running_and_freezes_it_at_scan_end():
     for _ in range(3):
         run.step()
     assert torch.equal(run.model.basis, frozen)
-    x = encode.prepare(run.model, scan.frames[:5], run.mean, run.gain, "cpu")  # the input contract applies it
-    assert torch.allclose(run.model.denoise(x), x, atol=1e-4)
+    x = encode.prepare(run.model, scan.frames[:5], run.mean, run.gain, "cpu")  # the raw input, the target
+    assert torch.allclose(run.model.denoise(x), x, atol=1e-4)  # these frames lie in the span
+    noisy = x + torch.randn_like(x)  # these do not: the encoder sees their projection
+    assert not torch.allclose(run.model.denoise(noisy), noisy, atol=0.1)
+    assert torch.allclose(run.model.encode(noisy)[0], run.model.encoder(run.model.denoise(noisy))[0])

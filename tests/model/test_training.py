@@ -72,31 +72,49 @@ def test_step_returns_floats_and_loss_falls():
     assert h["loss"][-1] == pytest.approx(losses[-1])
 
 
-def test_learning_rate_falls_linearly_over_the_consolidation():
-    cfg = config(lr=1e-3, lr_final=0.1, consolidate_seconds=10.0)
+def test_learning_rate_follows_the_scan_then_the_consolidation_steps():
+    cfg = config(lr=1e-3, lr_scan_end=0.5, lr_final=0.1, consolidate_steps=10)
     assert learning_rate(cfg, 0.0) == pytest.approx(1e-3)
-    assert learning_rate(cfg, 0.5) == pytest.approx(1e-3 * (1 - 0.9 * 0.5))
-    assert learning_rate(cfg, 3.0) == pytest.approx(1e-4)  # clipped past the end
-    clock = FakeClock(100.0)
-    run = TrainingRun(ArrayScan.complete(tilted_discs()), cfg, clock=clock)
+    assert learning_rate(cfg, 0.5) == pytest.approx(1e-3 * (1 - 0.5 * 0.5))  # half the positions in
+    assert learning_rate(cfg, 1.0) == pytest.approx(5e-4)  # the last frame
+    assert learning_rate(cfg, 1.0, 0.5) == pytest.approx(1e-3 * (0.5 - 0.4 * 0.5))
+    assert learning_rate(cfg, 1.0, 3.0) == pytest.approx(1e-4)  # clipped past the end
+    clock = FakeClock(100.0)  # wall time plays no part
+    scan = ArrayScan(tilted_discs())
+    scan.feed(50)
+    run = TrainingRun(scan, cfg, clock=clock)
     assert run.build()
     run.step()
-    assert run.lr == pytest.approx(1e-3)  # before the consolidation: the full rate
+    assert run.scan_progress() == 0.5 and run.lr == pytest.approx(7.5e-4)
+    scan.feed(100)
+    scan.end()
     run.begin_consolidation()
-    for elapsed, expect in ((0.0, 1e-3), (5.0, 1e-3 * (1 - 0.9 * 0.5)), (20.0, 1e-4)):  # start, half-way, past it
-        clock.t = 100.0 + elapsed
+    for done, expect in ((0, 5e-4), (5, 3e-4), (20, 1e-4)):  # start, half-way, past the end
+        while run.step_count - 1 < done:
+            run.step()
+        clock.t += 1000.0
         run.step()
-        assert run.consolidation_progress() == pytest.approx(min(elapsed / 10.0, 1.0))
         assert run.lr == pytest.approx(expect, rel=1e-6)
+
+
+def test_consolidation_stops_once_the_heldout_elbo_stops_improving():
+    clock = FakeClock()
+    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(lr=0.0, patience=2, consolidate_eval_steps=1),
+                      clock=clock)
+    while run.advance() is not None:
+        pass
+    # with lr 0 nothing improves: the evaluation at the start is the best, the next two are not
+    assert run.phase == "done" and run.step_count == 2
+    assert len(run.histories()[HELDOUT_ELBO]) == 3 + 1  # start, two stalled, finish()
 
 
 def test_consolidation_ends_at_the_step_bound_with_the_best_model():
     clock = FakeClock()  # stands still: only the step bound ends the consolidation
-    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(consolidate_steps=25, lr=3e-3), clock=clock)
+    run = TrainingRun(ArrayScan.complete(tilted_discs()),
+                      config(consolidate_steps=25, lr=3e-3, consolidate_eval_steps=4, patience=100), clock=clock)
     n = 0
     while run.advance() is not None:
-        n += 1
-        clock.t += 0.05  # an evaluation every 4 steps (eval_seconds 0.2)
+        n += 1  # an evaluation every 4 steps
     assert run.phase == "done" and n == run.step_count == 25
     h = run.histories()
     elbos, at = h[HELDOUT_ELBO], h[EVAL_STEP]
@@ -155,12 +173,14 @@ def test_warm_start_copies_the_previous_model_if_the_frame_size_fits():
     assert first.build()
     for _ in range(20):
         first.step()
-    warm = TrainingRun(ArrayScan.complete(tilted_discs(), "b"), config(), model=first.model)
-    assert warm.build() and warm.model is not first.model
+    second = ArrayScan.complete(2 * tilted_discs(), "b")  # twice as bright: a gain of its own would differ
+    warm = TrainingRun(second, config(), previous=first)
+    assert warm.build() and warm.model is not first.model and warm.warm
     for k, v in first.model.state_dict().items():
         assert torch.equal(warm.model.state_dict()[k], v), k
-    other = TrainingRun(ArrayScan.complete(tilted_discs(h=8, w=8), "c"), config(), model=first.model)
-    assert other.build() and other.model.cfg.image_shape == (8, 8)
+    assert warm.gain == first.gain  # the input contract the model was trained with
+    other = TrainingRun(ArrayScan.complete(tilted_discs(h=8, w=8), "c"), config(), previous=first)
+    assert other.build() and other.model.cfg.image_shape == (8, 8) and not other.warm
     torch.manual_seed(FAST.get("seed", 0))  # a fresh model: the seeded initialisation
     fresh = RRVAE(other.model.cfg)
     assert torch.equal(other.model.encoder.body[0].weight, fresh.encoder.body[0].weight)
@@ -180,3 +200,27 @@ def test_export_carries_what_reloading_needs():
     assert torch.equal(again.encode(x)[0], run.model.eval().encode(x)[0])
     assert ex["step"] == 1 and ex["training"]["loss"].dtype == np.float64
     assert run.status()["heldout_elbo"] is None  # no evaluation yet
+
+
+def test_the_consolidation_is_shorter_the_longer_the_scan_trained():
+    from rrstem.model.training import consolidation_seconds
+
+    cfg = config(consolidate_seconds=25.0, consolidate_min_seconds=5.0, scan_credit=1.5)
+    assert consolidation_seconds(cfg, 0.0) == 25.0  # a scan that arrived at once
+    assert consolidation_seconds(cfg, 8.0) == pytest.approx(13.0)
+    assert consolidation_seconds(cfg, 60.0) == 5.0  # a long scan: the floor
+    clock = FakeClock()
+    scan = ArrayScan(tilted_discs())
+    scan.feed(50)
+    run = TrainingRun(scan, cfg, clock=clock)
+    assert run.build()
+    clock.t = 8.0  # eight seconds of training while the scan ran
+    scan.feed(100)
+    scan.end()
+    run.begin_consolidation()
+    clock.t = 8.0 + 12.9
+    run.advance()
+    assert run.phase == "consolidating"
+    clock.t = 8.0 + 13.0
+    run.advance()
+    assert run.phase == "done"

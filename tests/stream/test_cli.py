@@ -159,3 +159,16 @@ def test_serve_once_takes_a_replayed_scan(tmp_path):
     res = read_scan(out)
     assert res["attrs"]["counters"]["received"] == 16
     np.testing.assert_array_equal(res["maps"]["vbf"], reference(frames, res["attrs"]["geometry"])["vbf"])
+
+
+def test_no_warm_start_turns_the_trainers_warm_start_off():
+    from rrstem.cli import build_parser
+    from rrstem.model.config import TrainerConfig
+    from rrstem.stream.cli import trainer_overrides
+
+    assert TrainerConfig().warm_start is True  # on by default
+    for command in ("serve", "demo"):
+        args = build_parser().parse_args([command, "--no-warm-start"])
+        assert trainer_overrides(args) == {"warm_start": False}
+        assert TrainerConfig.from_dict(trainer_overrides(args)).warm_start is False
+    assert "warm_start" not in trainer_overrides(build_parser().parse_args(["serve"]))
