@@ -38,21 +38,18 @@ def test_the_lattice_residual_finds_a_missing_peak_and_nothing_in_a_perfect_latt
     assert np.isnan(z[:E.BORDER]).all() and np.isnan(z[:, -E.BORDER:]).all()  # no score at the edges
 
 
-def test_the_score_is_the_larger_of_the_rrvae_anomaly_and_the_lattice_residual_in_threshold_units():
+def test_events_score_the_lattice_residual_and_the_rrvae_anomaly_only_without_a_vadf_map():
     full = np.ones((64, 64), bool)
     vadf = lattice_map()
-    lattice = E.lattice_residual(vadf, full)
     anomaly = np.zeros((64, 64))
-    anomaly[40, 20] = 120.0  # three times its threshold: the rrVAE's alarm
+    anomaly[40, 20] = 120.0
     score, threshold, name = E.score_map({"vadf": vadf, "filled": full, "anomaly": anomaly,
                                           "anomaly_threshold": np.array(40.0)})
-    assert threshold == 1.0 and name == "anomaly_or_vadf_lattice_residual"
-    assert score[40, 20] == pytest.approx(3.0)
-    inner = np.isfinite(lattice)
-    inner[40, 20] = False
-    np.testing.assert_allclose(score[inner], np.fmax(0.0, lattice[inner] / E.LATTICE_RESIDUAL_THRESHOLD))
-    score, threshold, name = E.score_map({"vadf": vadf, "filled": full})  # before the rrVAE: the residual alone
     assert threshold == E.LATTICE_RESIDUAL_THRESHOLD and name == "vadf_lattice_residual"
+    np.testing.assert_array_equal(score, E.lattice_residual(vadf, full))
+    score, threshold, name = E.score_map({"anomaly": anomaly, "anomaly_threshold": np.array(40.0)})
+    assert threshold == 40.0 and name == "anomaly" and score[40, 20] == 120.0
+    assert E.score_map({"filled": full}) is None
 
 
 def test_only_complete_rows_are_scored():
