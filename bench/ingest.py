@@ -25,6 +25,24 @@ Frames are Poisson-noisy bright-field discs (fixed seed), 64 distinct ones
 cycled. ``--train`` runs the rrVAE trainer during the service runs (issue 3:
 ingest must keep >= 0.6 of its rate without training).
 
+The DECTRIS stream2 case (``stream2_96x96_uint16_bin1``): 96x96 uint16
+frames, one image per message, in the CBOR messages of ``simulators/dectris.py``
+(``Stream2Encoder``); the sender builds the whole series in RAM before it
+starts, so it is not what is measured. ``raw_zmq_fps`` is a bare PULL socket
+that receives the same messages (zero-copy, nothing parsed); ``rrstem_fps``
+the service with ``protocol="stream2"`` (as ``serve --protocol stream2``:
+CBOR decoding, then the same pipeline). Both are timed from the first image
+message to the last.
+
+The training case (``training_256x256_uint16_bin4``): the 256x256 uint16
+bin-4 case with the rrVAE trainer off and on, alternating;
+``ratio`` is rate_with_training / rate_without (issue 3: >= 0.6), and
+``trainer_steps_at_last_frame`` says how far training had got by then.
+
+``--cases`` picks the cases (comma-separated, default all):
+``256x256_uint16_bin4``, ``96x96_uint16_bin1``, ``merlin``, ``stream2``,
+``training``; merlin, stream2 and training run at the first scan edge.
+
 ``--scans 128,256,512`` repeats every case at each scan edge (positions = edge^2),
 to show whether the rate holds as the scan grows; ``peak_rss_GB`` is the
 peak resident memory of this process (the service runs in it; the senders
