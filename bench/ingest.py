@@ -37,7 +37,8 @@ message to the last.
 The training case (``training_256x256_uint16_bin4``): the 256x256 uint16
 bin-4 case with the rrVAE trainer off and on, alternating;
 ``ratio`` is rate_with_training / rate_without (issue 3: >= 0.6), and
-``trainer_steps_at_last_frame`` says how far training had got by then.
+``trainer_at_last_frame`` (the trainer's state, step and images seen at the
+last frame of each run with training) says how far training had got by then.
 
 ``--cases`` picks the cases (comma-separated, default all):
 ``256x256_uint16_bin4``, ``96x96_uint16_bin1``, ``merlin``, ``stream2``,
@@ -398,14 +399,14 @@ def run_training_case(scan, args, tmp) -> dict:
         off.append(run_service(scan, frame, per_msg, bin_, False, tmp))
         status: dict = {}
         on.append(run_service(scan, frame, per_msg, bin_, True, tmp, status))
-        steps.append(status.get("step"))
+        steps.append({k: status.get(k) for k in ("state", "step", "images_seen")})
     a, b = statistics.median(on), statistics.median(off)
     return {
         "scan": list(scan), "frame": list(frame), "frames_per_message": per_msg, "bin": bin_,
         "rate_with_training": round(a), "rate_without": round(b), "ratio": round(a / b, 3),
         "worst_ratio": round(min(on) / max(off), 3),
         "rate_with_training_all": [round(v) for v in on], "rate_without_all": [round(v) for v in off],
-        "trainer_steps_at_last_frame": steps,
+        "trainer_at_last_frame": steps,
     }
 
 
