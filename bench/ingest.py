@@ -25,6 +25,25 @@ Frames are Poisson-noisy bright-field discs (fixed seed), 64 distinct ones
 cycled. ``--train`` runs the rrVAE trainer during the service runs (issue 3:
 ingest must keep >= 0.6 of its rate without training).
 
+The DECTRIS stream2 case (``stream2_96x96_uint16_bin1``): 96x96 uint16
+frames, one image per message, in the CBOR messages of ``simulators/dectris.py``
+(``Stream2Encoder``); the sender builds the whole series in RAM before it
+starts, so it is not what is measured. ``raw_zmq_fps`` is a bare PULL socket
+that receives the same messages (zero-copy, nothing parsed); ``rrstem_fps``
+the service with ``protocol="stream2"`` (as ``serve --protocol stream2``:
+CBOR decoding, then the same pipeline). Both are timed from the first image
+message to the last.
+
+The training case (``training_256x256_uint16_bin4``): the 256x256 uint16
+bin-4 case with the rrVAE trainer off and on, alternating;
+``ratio`` is rate_with_training / rate_without (issue 3: >= 0.6), and
+``trainer_at_last_frame`` (the trainer's state, step and images seen at the
+last frame of each run with training) says how far training had got by then.
+
+``--cases`` picks the cases (comma-separated, default all):
+``256x256_uint16_bin4``, ``96x96_uint16_bin1``, ``merlin``, ``stream2``,
+``training``; merlin, stream2 and training run at the first scan edge.
+
 ``--scans 128,256,512`` repeats every case at each scan edge (positions = edge^2),
 to show whether the rate holds as the scan grows; ``peak_rss_GB`` is the
 peak resident memory of this process (the service runs in it; the senders
@@ -59,16 +78,22 @@ def make_frames(h: int, w: int, n: int = 64, seed: int = 0) -> np.ndarray:
     return rng.poisson(disc, (n, h, w)).astype(np.uint16)
 
 
+def connected_push(endpoint: str, hwm: int, ready, go):
+    """A PUSH socket connected to ``endpoint``; says ``ready``, then waits for ``go``."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.connect(endpoint)
+    ready.set()
+    go.wait(30)
+    return ctx, sock
+
+
 def sender(endpoint: str, scan_id: str, scan: tuple[int, int], frame: tuple[int, int], per_msg: int,
            ready, go) -> None:
     """Child process: connect a PUSH socket and send one whole scan as fast as the receiver takes it."""
     frames = make_frames(*frame, n=max(64, per_msg))
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, 8)
-    sock.connect(endpoint)
-    ready.set()
-    go.wait(30)
+    ctx, sock = connected_push(endpoint, 8, ready, go)
     n = scan[0] * scan[1]
     P.send_start(sock, P.Start(scan_id=scan_id, scan_shape=scan, frame_shape=frame, dtype="uint16"))
     chunks = [frames[k:k + per_msg] for k in range(0, len(frames) - per_msg + 1, per_msg)]
@@ -80,14 +105,38 @@ def sender(endpoint: str, scan_id: str, scan: tuple[int, int], frame: tuple[int,
     ctx.term()
 
 
-def spawn_sender(endpoint, scan_id, scan, frame, per_msg):
+def spawn(target, *args):
+    """Start ``target(*args, ready, go)`` in a spawned process; return it and ``go`` once it is ``ready``."""
     mpc = mp.get_context("spawn")
     ready, go = mpc.Event(), mpc.Event()
-    proc = mpc.Process(target=sender, args=(endpoint, scan_id, scan, frame, per_msg, ready, go), daemon=True)
+    proc = mpc.Process(target=target, args=(*args, ready, go), daemon=True)
     proc.start()
-    if not ready.wait(60):
+    if not ready.wait(120):
         raise RuntimeError("sender process did not start")
     return proc, go
+
+
+def spawn_sender(endpoint, scan_id, scan, frame, per_msg):
+    return spawn(sender, endpoint, scan_id, scan, frame, per_msg)
+
+
+def wait_all(svc, total: int) -> float:
+    """Wait until the service has taken ``total`` frames of its current scan; return its first-to-last frame time."""
+    deadline = time.monotonic() + 300
+    while svc.current is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the scan never started")
+        svc.check()
+        time.sleep(0.01)
+    cur = svc.current
+    while cur.counters["received"] + cur.counters["invalid"] < total:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"service received only {cur.counters['received']} of {total}")
+        svc.check()
+        time.sleep(0.01)  # the service times itself: poll gently so we don't compete for the GIL
+    svc.check()
+    assert cur.counters["received"] == total, cur.counter_dict()
+    return cur.last_frame_at - cur.first_frame_at
 
 
 def run_raw(scan, frame, per_msg) -> float:
@@ -118,32 +167,82 @@ def run_raw(scan, frame, per_msg) -> float:
     return n / dt
 
 
-def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str) -> float:
+def service_config(tmp: str, bin_: int, train: bool, **kw):
     from rrstem.stream.preprocess import PreprocessConfig
-    from rrstem.stream.service import Service, ServiceConfig
+    from rrstem.stream.service import ServiceConfig
 
-    cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish="tcp://127.0.0.1:0", control=None,
-                        out=os.path.join(tmp, "bench.h5"), train=train,
-                        trainer={"consolidate_seconds": 0.0} if train else {},
-                        preprocess=PreprocessConfig(bin=bin_))
+    return ServiceConfig(publish="tcp://127.0.0.1:0", control=None, out=os.path.join(tmp, "bench.h5"), train=train,
+                         trainer={"consolidate_seconds": 0.0} if train else {},
+                         preprocess=PreprocessConfig(bin=bin_), **kw)
+
+
+def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str, status: dict | None = None) -> float:
+    """One scan into the in-process service; ``status`` (if given) gets the encoder's status at the last frame."""
+    from rrstem.stream.service import Service
+
     total = scan[0] * scan[1]
-    with Service(cfg) as svc:
+    with Service(service_config(tmp, bin_, train, listen="tcp://127.0.0.1:0", bind=True)) as svc:
         proc, go = spawn_sender(svc.listen_endpoint, "bench", scan, frame, per_msg)
         go.set()
-        deadline = time.monotonic() + 300
-        while svc.current is None:
-            time.sleep(0.01)
-        cur = svc.current
-        while cur.counters["received"] + cur.counters["invalid"] < total:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"service received only {cur.counters['received']} of {total}")
-            svc.check()
-            time.sleep(0.01)  # the service times itself: poll gently so we don't compete for the GIL
-        dt = cur.last_frame_at - cur.first_frame_at
+        dt = wait_all(svc, total)
+        if status is not None and svc.encoder is not None:
+            status.update(svc.encoder.status())
         proc.join(30)
-        svc.check()
-        assert cur.counters["received"] == total, cur.counter_dict()
     return total / dt
+
+
+def stream2_sender(endpoint: str, scan: tuple[int, int], frame: tuple[int, int], ready, go) -> None:
+    """Child process: build a whole DECTRIS stream2 series in RAM (``simulators/dectris.py``), then PUSH it."""
+    from rrstem.simulators.dectris import Stream2Encoder
+
+    n = scan[0] * scan[1]
+    enc = Stream2Encoder(P.Start(scan_id="bench-stream2", scan_shape=scan, frame_shape=frame, dtype="uint16"))
+    frames = make_frames(*frame)
+    messages = enc.header() + [enc.image(i, frames[i % len(frames)])[0] for i in range(n)] + enc.end()
+    ctx, sock = connected_push(endpoint, 64, ready, go)
+    for msg in messages:
+        sock.send(msg, copy=False)
+    sock.close(linger=30000)
+    ctx.term()
+
+
+def run_raw_stream2(scan, frame) -> float:
+    """The stream2 messages into a bare PULL socket (zero-copy, nothing parsed), first to last image message."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 64)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    proc, go = spawn(stream2_sender, f"tcp://127.0.0.1:{port}", scan, frame)
+    n = scan[0] * scan[1]
+    go.set()
+    got, t0, t1 = 0, None, None
+    while got < n + 2:  # start, n images, end
+        if not sock.poll(30000):
+            raise RuntimeError("raw stream2 receiver timed out")
+        sock.recv(copy=False)
+        got += 1
+        if got == 2:
+            t0 = time.perf_counter()
+        elif got == n + 1:
+            t1 = time.perf_counter()
+    proc.join(30)
+    sock.close()
+    return (n - 1) / (t1 - t0)  # n - 1 intervals between the first and the last image
+
+
+def run_stream2_service(scan, frame, bin_, train: bool, tmp: str) -> float:
+    """The same stream2 series into the service with ``protocol="stream2"`` (as ``serve --protocol stream2 --bind``)."""
+    from rrstem.stream.service import Service
+
+    total = scan[0] * scan[1]
+    cfg = service_config(tmp, bin_, train, listen="tcp://127.0.0.1:0", bind=True, protocol="stream2",
+                         scan_shape=scan)
+    with Service(cfg) as svc:
+        proc, go = spawn(stream2_sender, svc.listen_endpoint, scan, frame)
+        go.set()
+        dt = wait_all(svc, total)
+        proc.join(30)
+    return (total - 1) / dt
 
 
 def merlin_sender(scan: tuple[int, int], frame: tuple[int, int], port_q, go) -> None:
@@ -213,31 +312,13 @@ def run_raw_tcp(scan, frame) -> float:
 
 
 def run_merlin_service(scan, frame, bin_, train: bool, tmp: str) -> float:
-    from rrstem.stream.preprocess import PreprocessConfig
-    from rrstem.stream.service import Service, ServiceConfig
+    from rrstem.stream.service import Service
 
     total = scan[0] * scan[1]
     proc, port, go = spawn_merlin(scan, frame)
-    cfg = ServiceConfig(listen=f"tcp://127.0.0.1:{port}", protocol="merlin", publish="tcp://127.0.0.1:0",
-                        control=None, out=os.path.join(tmp, "bench-merlin.h5"), train=train,
-                        trainer={"consolidate_seconds": 0.0} if train else {}, preprocess=PreprocessConfig(bin=bin_))
-    with Service(cfg) as svc:
+    with Service(service_config(tmp, bin_, train, listen=f"tcp://127.0.0.1:{port}", protocol="merlin")) as svc:
         go.set()
-        deadline = time.monotonic() + 300
-        while svc.current is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Merlin scan never started")
-            svc.check()
-            time.sleep(0.01)
-        cur = svc.current
-        while cur.counters["received"] + cur.counters["invalid"] < total:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"service received only {cur.counters['received']} of {total}")
-            svc.check()
-            time.sleep(0.01)
-        dt = cur.last_frame_at - cur.first_frame_at
-        svc.check()
-        assert cur.counters["received"] == total, cur.counter_dict()
+        dt = wait_all(svc, total)
     proc.join(30)
     return total / dt
 
@@ -266,22 +347,66 @@ def store_gb(scan, frame, bin_) -> float:
     return FrameStore.nbytes(scan[0] * scan[1], binned, store_dtype("uint16", bin_)) / 1e9
 
 
-def run_case(scan, case, args, tmp) -> dict:
-    """Warm-up, then ``repeats`` alternating raw and service runs of one case at one scan size."""
-    run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp)  # warm-up
-    reset_peak_rss()
+def compare(repeats: int, raw_run, our_run, scan, frame, per_msg: int, bin_: int, raw_key: str = "raw_zmq_fps") -> dict:
+    """``repeats`` alternating runs of ``raw_run()`` and ``our_run()`` (frames/s): medians, ratio, every run."""
     raw, ours = [], []
-    for _ in range(args.repeats):
-        raw.append(run_raw(scan, case["frame"], case["per_msg"]))
-        ours.append(run_service(scan, case["frame"], case["per_msg"], case["bin"], args.train, tmp))
+    for _ in range(repeats):
+        raw.append(raw_run())
+        ours.append(our_run())
     r, o = statistics.median(raw), statistics.median(ours)
     return {
-        "scan": list(scan), "frames_per_message": case["per_msg"], "bin": case["bin"],
-        "rrstem_fps": round(o), "raw_zmq_fps": round(r), "ratio": round(o / r, 3),
+        "scan": list(scan), "frames_per_message": per_msg, "bin": bin_,
+        "rrstem_fps": round(o), raw_key: round(r), "ratio": round(o / r, 3),
         "worst_ratio": round(min(ours) / max(raw), 3),
-        "rrstem_fps_all": [round(v) for v in ours], "raw_zmq_fps_all": [round(v) for v in raw],
-        "rrstem_MBps": round(o * case["frame"][0] * case["frame"][1] * 2 / 1e6),
-        "peak_rss_GB": round(peak_rss_gb(), 2), "store_GB": round(store_gb(scan, case["frame"], case["bin"]), 2),
+        "rrstem_fps_all": [round(v) for v in ours], f"{raw_key}_all": [round(v) for v in raw],
+        "rrstem_MBps": round(o * frame[0] * frame[1] * 2 / 1e6),
+    }
+
+
+def run_case(scan, case, args, tmp) -> dict:
+    """Warm-up, then ``repeats`` alternating raw and service runs of one case at one scan size."""
+    frame, per_msg, bin_ = case["frame"], case["per_msg"], case["bin"]
+    run_service(scan, frame, per_msg, bin_, args.train, tmp)  # warm-up
+    reset_peak_rss()
+    out = compare(args.repeats, lambda: run_raw(scan, frame, per_msg),
+                  lambda: run_service(scan, frame, per_msg, bin_, args.train, tmp), scan, frame, per_msg, bin_)
+    return {**out, "peak_rss_GB": round(peak_rss_gb(), 2), "store_GB": round(store_gb(scan, frame, bin_), 2)}
+
+
+CASES = ("256x256_uint16_bin4", "96x96_uint16_bin1", "merlin", "stream2", "training")
+
+
+def run_stream2_case(scan, args, tmp) -> dict:
+    frame = (96, 96)
+    run_stream2_service(scan, frame, 1, args.train, tmp)  # warm-up
+    return compare(args.repeats, lambda: run_raw_stream2(scan, frame),
+                   lambda: run_stream2_service(scan, frame, 1, args.train, tmp), scan, frame, 1, 1)
+
+
+def run_merlin_case(scan, args, tmp) -> dict:
+    frame = (256, 256)
+    run_merlin_service(scan, frame, 4, args.train, tmp)  # warm-up
+    return compare(args.repeats, lambda: run_raw_tcp(scan, frame),
+                   lambda: run_merlin_service(scan, frame, 4, args.train, tmp), scan, frame, 1, 4, "raw_tcp_fps")
+
+
+def run_training_case(scan, args, tmp) -> dict:
+    """The 256x256 uint16 bin-4 case with the rrVAE trainer on and off, alternating; the ratio of the rates."""
+    frame, per_msg, bin_ = (256, 256), 32, 4
+    run_service(scan, frame, per_msg, bin_, True, tmp)  # warm-up (torch, the trainer's first steps)
+    on, off, steps = [], [], []
+    for _ in range(args.repeats):
+        off.append(run_service(scan, frame, per_msg, bin_, False, tmp))
+        status: dict = {}
+        on.append(run_service(scan, frame, per_msg, bin_, True, tmp, status))
+        steps.append({k: status.get(k) for k in ("state", "step", "images_seen")})
+    a, b = statistics.median(on), statistics.median(off)
+    return {
+        "scan": list(scan), "frame": list(frame), "frames_per_message": per_msg, "bin": bin_,
+        "rate_with_training": round(a), "rate_without": round(b), "ratio": round(a / b, 3),
+        "worst_ratio": round(min(on) / max(off), 3),
+        "rate_with_training_all": [round(v) for v in on], "rate_without_all": [round(v) for v in off],
+        "trainer_at_last_frame": steps,
     }
 
 
@@ -291,36 +416,38 @@ def main(argv=None) -> int:
     ap.add_argument("--scan", type=int, default=128, help="scan edge (positions = edge^2)")
     ap.add_argument("--scans", default=None, help="comma-separated scan edges, e.g. 128,256,512 (overrides --scan)")
     ap.add_argument("--train", action="store_true", help="run the rrVAE trainer during the service runs")
-    ap.add_argument("--only-merlin", action="store_true", help="run only the Merlin case")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated cases to run, of {', '.join(CASES)} (default: all); merlin, stream2 "
+                         "and training run at the first scan edge")
+    ap.add_argument("--only-merlin", action="store_true", help="run only the Merlin case (--cases merlin)")
     ap.add_argument("--no-merlin", action="store_true", help="skip the Merlin case")
     args = ap.parse_args(argv)
-    cases = [
+    chosen = ["merlin"] if args.only_merlin else [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(chosen) - set(CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.no_merlin:
+        chosen = [c for c in chosen if c != "merlin"]
+    cases = [c for c in (
         {"name": "256x256_uint16_bin4", "frame": (256, 256), "bin": 4, "per_msg": 32},
         {"name": "96x96_uint16_bin1", "frame": (96, 96), "bin": 1, "per_msg": 256},
-    ]
+    ) if c["name"] in chosen]
     edges = [int(v) for v in args.scans.split(",")] if args.scans else [args.scan]
     out = {"benchmark": "ingest", "train": args.train, "scans": edges, "repeats": args.repeats,
            "cpus": os.cpu_count(), "python": platform.python_version(), "zmq": zmq.zmq_version(), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for edge in edges:
             scan = (edge, edge)
-            for case in [] if args.only_merlin else cases:
+            for case in cases:
                 name = case["name"] if len(edges) == 1 else f"{case['name']}_scan{edge}"
                 out["cases"][name] = run_case(scan, case, args, tmp)
         scan = (edges[0], edges[0])
-        if not args.no_merlin:
-            frame = (256, 256)
-            run_merlin_service(scan, frame, 4, args.train, tmp)  # warm-up
-            raw, ours = [], []
-            for _ in range(args.repeats):
-                raw.append(run_raw_tcp(scan, frame))
-                ours.append(run_merlin_service(scan, frame, 4, args.train, tmp))
-            r, o = statistics.median(raw), statistics.median(ours)
-            out["cases"]["merlin_256x256_U16_bin4"] = {
-                "frames_per_message": 1, "bin": 4, "rrstem_fps": round(o), "raw_tcp_fps": round(r),
-                "ratio": round(o / r, 3), "rrstem_fps_all": [round(v) for v in ours],
-                "raw_tcp_fps_all": [round(v) for v in raw], "rrstem_MBps": round(o * 256 * 256 * 2 / 1e6),
-            }
+        if "merlin" in chosen:
+            out["cases"]["merlin_256x256_U16_bin4"] = run_merlin_case(scan, args, tmp)
+        if "stream2" in chosen:
+            out["cases"]["stream2_96x96_uint16_bin1"] = run_stream2_case(scan, args, tmp)
+        if "training" in chosen:
+            out["cases"]["training_256x256_uint16_bin4"] = run_training_case(scan, args, tmp)
     print(json.dumps(out, indent=2))
     return 0
 
