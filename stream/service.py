@@ -635,12 +635,10 @@ class Service:
         return out
 
     def event_view(self):
-        """The events thread's view of the current scan: (scan, its maps with the model's, histories)."""
+        """The events thread's view of the current scan: (scan, the model's maps of it, histories)."""
         cur = self.current
         if cur is None or not cur.ready:
             return None
-        arrays = cur.maps()
         if self._slot is not None:
-            arrays.update(self._slot.model(cur, export=False)[0])
-            return cur, arrays, self._slot.histories(cur)
-        return cur, arrays, {}
+            return cur, self._slot.model(cur, export=False)[0], self._slot.histories(cur)
+        return cur, {}, {}

@@ -27,7 +27,8 @@ log = logging.getLogger("rrstem.events")
 
 class EventSource(Protocol):
     def event_view(self) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]] | None:
-        """(scan, its maps with the model's, training histories) of the current scan, or None."""
+        """(scan, the model's maps of it, training histories) of the current scan, or None; the scan's own
+        maps come from ``scan.maps()``, which the events thread calls only when something new can be scored."""
 
     def report(self, where: str, exc: BaseException, scan_id: str | None = None) -> None:
         """Record a failure the service survives."""
@@ -58,17 +59,18 @@ class Watch:
             log.exception("events: scoring failed")
             service.report("events", exc)
 
-    def _scan(self, scan, arrays: dict[str, np.ndarray], histories: dict[str, np.ndarray]) -> None:
+    def _scan(self, scan, model_maps: dict[str, np.ndarray], histories: dict[str, np.ndarray]) -> None:
         if self._finder is None or self._finder.scan_id != scan.scan_id:
             sub = self.steering.subscan_of(scan.scan_id)
             self._finder = AnomalyFinder(scan.scan_id, scan.scan_shape, scan.start.calibration.scan_step_nm,
                                          parent_scan_id=sub.parent_scan_id if sub is not None else None)
-        filled = np.asarray(arrays["filled"], dtype=bool)
+        filled = scan.filled.reshape(scan.scan_shape)
         rows = int(np.argmin(np.r_[filled.all(axis=1), False]))  # complete rows from the top
-        model = arrays.get(names.RECON_ERROR)
+        model = model_maps.get(names.RECON_ERROR)
         key = (scan.scan_id, rows, scan.ended, None if model is None else float(np.nansum(model)))
-        if key != self._last:
+        if key != self._last:  # the whole scan's maps only when there is something new to score
             self._last = key
+            arrays = {**scan.maps(), **model_maps}
             scored = score_map(arrays)
             if scored is not None:
                 for event in self._finder.update(*scored, arrays, rows_done=rows, ended=scan.ended):
