@@ -38,79 +38,87 @@ SUMS = 5  #: per-frame sums, in ``maps.PositionSums.COLUMNS`` order: intensity, 
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _frame_pass(raw, rows, y0, x0, b, satmax, mrows, mcols, bf, adf, zero, defer, store, sums, total, line):
+def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, lzero, defer, store, sums, total,
+                line):
     """Bin raw (n, H, W) frames into ``store[rows]``; per-frame sums into ``sums`` (n, 5); ``total`` += valid frames.
 
-    ``zero`` (0 of the accumulator type) fixes the accumulator type; ``satmax``: a pixel equal to it counts 0
-    (pass an impossible value to mask nothing). ``mrows``/``mcols``: raw coordinates of the persistently masked
-    pixels inside the crop. ``defer``: add a frame to ``total`` only once it is known valid (signed or float
-    frames); otherwise in the same loop (unsigned counts: an invalid, zero-sum frame adds zero). ``line``:
-    scratch of (wb * b,) accumulators. Sums of integers in float64 are exact below 2**53 in any order, so
-    reassociation (vectorised reductions) changes no result; NaN and Inf still propagate.
+    Two loops per frame, both over contiguous memory: the binning (raw rows summed column by column into
+    ``line``, then the columns of each binned pixel, written to the store row), and the five sums over the
+    binned frame, flat, against ``weights`` (5, h*w: 1, x, y, bright field, annular dark field), with the
+    mean-pattern sum ``total`` (h*w). The binned frame is still in cache for the second loop.
+
+    ``zero`` (0 of the accumulator type) fixes the type of the sums; ``lzero`` (0 of ``line``'s type) that of the
+    binning: the store's dtype for integer frames (it holds any binned sum, so binning is exact integer
+    arithmetic), float64 for float frames. ``sat``: a pixel equal to ``satmax`` (of the raw dtype) counts 0. ``mrows``/``mcols``: raw coordinates of the persistently masked pixels inside the crop.
+    ``defer``: add a frame to ``total`` only once it is known valid (signed or float frames); otherwise in the
+    same loop (unsigned counts: an invalid, zero-sum frame adds zero). ``line``: scratch of (wb * b,).
+    Sums of integers in float64 are exact below 2**53 in any order, so reassociation (vectorised reductions)
+    changes no result; NaN and Inf still propagate.
     """
     n = raw.shape[0]
     hb, wb = store.shape[1], store.shape[2]
     wc = wb * b
+    p_all = hb * wb
+    wx, wy, wbf, wadf = weights[1], weights[2], weights[3], weights[4]
     for k in range(n):
         out = store[rows[k]]
-        s_i, s_x, s_y, s_bf, s_adf = zero, zero, zero, zero, zero
         for i in range(hb):
-            o, bf_i, adf_i = out[i], bf[i], adf[i]
+            o = out[i]
             # the b raw rows of binned row i, summed column by column (contiguous reads), saturated pixels as 0
             src = raw[k, y0 + i * b, x0:x0 + wc]
+            if b == 1:
+                for x in range(wc):
+                    v = src[x]
+                    o[x] = lzero if sat and v == satmax else lzero + v
+                continue
             for x in range(wc):
                 v = src[x]
-                line[x] = zero if v == satmax else zero + v
+                line[x] = lzero if sat and v == satmax else lzero + v
             for di in range(1, b):
                 src = raw[k, y0 + i * b + di, x0:x0 + wc]
                 for x in range(wc):
                     v = src[x]
-                    line[x] += zero if v == satmax else zero + v
-            for j in range(wb):  # then the b columns of each binned pixel
-                a = line[j * b]
-                for dj in range(1, b):
-                    a += line[j * b + dj]
-                line[j] = a
-            r_i, r_x, r_bf, r_adf = zero, zero, zero, zero
-            for j in range(wb):
-                a = line[j]
-                o[j] = a
-                r_i += a
-                r_x += a * j
-                r_bf += a * bf_i[j]
-                r_adf += a * adf_i[j]
-            if not defer:
-                t = total[i]
+                    line[x] += lzero if sat and v == satmax else lzero + v
+            # then the b columns of each binned pixel; a constant stride for the usual bins, which vectorises
+            if b == 2:
                 for j in range(wb):
-                    t[j] += line[j]
-            s_i += r_i
-            s_x += r_x
-            s_y += r_i * i
-            s_bf += r_bf
-            s_adf += r_adf
+                    o[j] = line[2 * j] + line[2 * j + 1]
+            elif b == 3:
+                for j in range(wb):
+                    o[j] = line[3 * j] + line[3 * j + 1] + line[3 * j + 2]
+            elif b == 4:
+                for j in range(wb):
+                    o[j] = line[4 * j] + line[4 * j + 1] + line[4 * j + 2] + line[4 * j + 3]
+            else:
+                for j in range(wb):
+                    a = line[j * b]
+                    for dj in range(1, b):
+                        a += line[j * b + dj]
+                    o[j] = a
         for m in range(mrows.shape[0]):  # the persistently bad pixels: take back what they added
             v = raw[k, mrows[m], mcols[m]]
-            if v == satmax:
-                continue  # already counted as zero
-            a = zero + v
-            bi, bj = (mrows[m] - y0) // b, (mcols[m] - x0) // b
-            out[bi, bj] = out[bi, bj] - a
-            s_i -= a
-            s_x -= a * bj
-            s_y -= a * bi
-            s_bf -= a * bf[bi, bj]
-            s_adf -= a * adf[bi, bj]
+            if not (sat and v == satmax):  # else already counted as zero
+                bi, bj = (mrows[m] - y0) // b, (mcols[m] - x0) // b
+                out[bi, bj] = out[bi, bj] - v
+        flat = out.reshape(p_all)
+        s_i, s_x, s_y, s_bf, s_adf = zero, zero, zero, zero, zero
+        for p in range(p_all):
+            a = zero + flat[p]
+            s_i += a
+            s_x += a * wx[p]
+            s_y += a * wy[p]
+            s_bf += a * wbf[p]
+            s_adf += a * wadf[p]
             if not defer:
-                total[bi, bj] -= a
+                total[p] += a
+        if defer and s_i == s_i and s_i != 0 and abs(s_i) != np.inf:
+            for p in range(p_all):
+                total[p] += flat[p]
         sums[k, 0] = s_i
         sums[k, 1] = s_x
         sums[k, 2] = s_y
         sums[k, 3] = s_bf
         sums[k, 4] = s_adf
-        if defer and s_i == s_i and s_i != 0 and abs(s_i) != np.inf:
-            for i in range(hb):
-                for j in range(wb):
-                    total[i, j] += out[i, j]
 
 
 def accumulator(raw_dtype: np.dtype, bin: int, binned_shape: tuple[int, int]) -> np.dtype:
@@ -143,26 +151,29 @@ class FramePass:
         inside = [(i, j) for i, j in geometry.masked if y0 <= i < y1 and x0 <= j < x1]
         self._mrows = np.array([i for i, _ in inside], dtype=np.int64)
         self._mcols = np.array([j for _, j in inside], dtype=np.int64)
-        if raw_dtype.kind in "ui":
-            info = np.iinfo(raw_dtype)
-            self._satmax = np.int64(info.max) if mask_saturated else np.int64(info.min) - 1  # never equal: nothing
-        else:
-            self._satmax = np.float64(np.nan)  # no pixel equals NaN: floats are never masked as saturated
+        # floats are never masked as saturated; integers at their dtype's maximum, if ``mask_saturated``
+        self._sat = bool(mask_saturated and raw_dtype.kind in "ui")
+        self._satmax = raw_dtype.type(np.iinfo(raw_dtype).max if raw_dtype.kind in "ui" else 0)
         self._defer = raw_dtype.kind != "u"
         bf, adf = geometry.detector_masks()
-        self._bf, self._adf = bf.astype(acc), adf.astype(acc)
-        self._line = np.zeros(geometry.binned_shape[1] * geometry.bin, dtype=acc)
+        h, w = geometry.binned_shape
+        ky, kx = np.mgrid[0:h, 0:w]
+        self._weights = np.stack([np.ones((h, w)), kx, ky, bf, adf]).reshape(SUMS, h * w).astype(acc)
+        # binning in the store's dtype for counts (exact: it holds any binned sum), float64 for float frames
+        ltype = np.dtype(frames.dtype) if raw_dtype.kind in "ui" else np.dtype(np.float64)
+        self._lzero = ltype.type(0)
+        self._line = np.zeros(geometry.binned_shape[1] * geometry.bin, dtype=ltype)
         self._acc = acc
 
     def __call__(self, rows: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not raw.dtype.isnative:  # big-endian wire data (Merlin): one conversion, then the same pass
             raw = raw.astype(raw.dtype.newbyteorder("="))
         sums = np.empty((len(rows), SUMS), dtype=np.float64)
-        total = np.zeros(self.g.binned_shape, dtype=self._acc)
+        total = np.zeros(self.g.binned_shape[0] * self.g.binned_shape[1], dtype=self._acc)
         _frame_pass(raw, np.asarray(rows, dtype=np.int64), self.g.crop[0], self.g.crop[2], self.g.bin,
-                    self._satmax, self._mrows, self._mcols, self._bf, self._adf, self._zero, self._defer,
+                    self._sat, self._satmax, self._mrows, self._mcols, self._weights, self._zero, self._lzero, self._defer,
                     self.frames, sums, total, self._line)
-        return sums, total
+        return sums, total.reshape(self.g.binned_shape)
 
 
 def warm_up(dtypes=("uint16",), bins=(1, 2), strided: bool = True) -> float:

@@ -6,6 +6,11 @@ snapshot when one is due and the service says something changed (or a 1 Hz
 heartbeat is due, which keeps dashboards' "service unreachable" banners
 honest), and it routes each control request to the service's ``ControlAPI``
 (``stream/control.py``).
+
+A snapshot derives the whole scan's maps, so its cost grows with the scan (tens
+of ms at 512x512 positions): snapshots are kept to ``SNAPSHOT_SHARE`` of one
+core (``workers.Budget``), so a large scan is shown at a lower rate instead of
+slowing ingest.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import zmq
 from rrstem.stream import control
 from rrstem.stream.auth import Curve
 from rrstem.stream.snapshot import Snapshot
+from rrstem.stream.workers import Budget
 
 log = logging.getLogger("rrstem.publisher")
 
 HEARTBEAT_SECONDS = 1.0
+#: Share of one core that snapshots may take (building and encoding them).
+SNAPSHOT_SHARE = 0.1
 
 
 class Published(control.ControlAPI, Protocol):
@@ -77,16 +85,22 @@ class Publisher:
             if sock is not None:
                 sock.close(linger=0)
 
+    def _encode(self, service: Published) -> list:
+        snap = service.snapshot()
+        self.seq += 1
+        snap.header.seq = self.seq
+        return snap.encode()
+
     def run(self, service: Published, stop: threading.Event, hz: float) -> None:
         """The thread body: serve control requests, publish when due, until ``stop`` is set.
 
         ``service`` is passed here, not kept: once the thread ends, nothing here refers to it.
         """
-        period = 1.0 / hz
-        next_pub, last_key, last_sent = 0.0, None, 0.0
+        budget = Budget(SNAPSHOT_SHARE, floor=1.0 / hz)
+        last_key, last_sent = None, 0.0
         while not stop.is_set():
             now = time.monotonic()
-            wait = max(0.001, min(next_pub - now, 0.1))
+            wait = max(0.001, min(budget.next - now, 0.1))
             if self._rep is not None and self._rep.poll(int(wait * 1000)):
                 reply = control.handle(service, self._rep.recv(), read_only=self.read_only)
                 if reply.get("read_only"):
@@ -97,17 +111,14 @@ class Publisher:
             if self._rep is None:
                 stop.wait(wait)
             now = time.monotonic()
-            if now < next_pub or self._pub is None:
+            if not budget.due(now) or self._pub is None:
                 continue
-            next_pub = now + period
             key = service.snapshot_key()
             if key == last_key and now - last_sent < HEARTBEAT_SECONDS:
+                budget.spent(now, 0.0)
                 continue
             try:
-                snap = service.snapshot()
-                self.seq += 1
-                snap.header.seq = self.seq
-                parts = snap.encode()
+                parts = budget.run(self._encode, service)
             except Exception as exc:  # a bad snapshot is reported; the service and later snapshots go on
                 log.exception("snapshot failed")
                 service.report("snapshot", exc)

@@ -8,6 +8,15 @@ the index gaps as dropped frames.
 Frame buffers are received without copying: an item holds a NumPy view of the
 ZeroMQ frame, which stays alive as long as the view does.
 
+Small messages are taken in batches: one image per message is how detectors
+send (DECTRIS, one 96x96 image is 18 kB), and then the cost of each message
+decides the rate. After one message the receiver takes what else is already
+waiting (up to ``BATCH_MESSAGES`` messages or ``BATCH_BYTES``, never waiting
+for more), decodes them together (a decoder's ``decode_many``, where it has a
+fast path, e.g. stream2) and hands the pipeline one item per run of
+consecutive frames (``merge_small``: the small frames are copied into one
+array). Large messages are handed on one by one, as before, without a copy.
+
 Exactly one side of a stream binds its endpoint. ``bind_or_connect`` opens a
 socket for either side (the senders in ``simulators/`` use it too) and turns a
 failure into a ``ValueError`` that says what to do; ``EndpointInUse`` when the
@@ -21,6 +30,7 @@ import queue
 import re
 import socket
 import threading
+from typing import Any
 
 import numpy as np
 import zmq
@@ -31,6 +41,12 @@ from rrstem.stream.protocol import Frames
 from rrstem.stream.detectors.rrstem import RrstemDecoder
 
 log = logging.getLogger("rrstem.receiver")
+
+#: A batch of waiting messages ends at this many messages or bytes (whichever comes first).
+BATCH_MESSAGES = 256
+BATCH_BYTES = 4 << 20
+#: Frames items up to this size are merged into runs (copied); larger ones are handed on as they are.
+MERGE_BYTES = 256 << 10
 
 
 def put_until_stopped(out: queue.Queue, item: Item, stop: threading.Event) -> None:
@@ -109,16 +125,30 @@ class Receiver(threading.Thread):
             while not self.stop.is_set():
                 if not self.sock.poll(100):
                     continue
-                parts = self.sock.recv_multipart(copy=False)
-                self.messages += 1
-                items = self.decoder.decode(parts)
-                for item in items if isinstance(items, list) else [items]:
+                for item in self._batch():
                     self._put(item)
         except BaseException as exc:  # stored and reported by the service
             self.error = exc
             log.exception("receiver failed")
         finally:
             self.sock.close(linger=0)
+
+    def _batch(self) -> list[Item]:
+        """One message, plus the small ones already waiting behind it, decoded; runs of small frames merged."""
+        messages = [self.sock.recv_multipart(copy=False)]
+        size = sum(len(p) for p in messages[0])
+        while len(messages) < BATCH_MESSAGES and size < BATCH_BYTES:
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            messages.append(parts)
+            size += sum(len(p) for p in parts)
+        self.messages += len(messages)
+        if len(messages) == 1:
+            items = self.decoder.decode(messages[0])
+            return items if isinstance(items, list) else [items]
+        return merge_small(decode_all(self.decoder, messages))
 
     def _put(self, item: Item) -> None:
         put_until_stopped(self.out, item, self.stop)
@@ -285,12 +315,31 @@ class TcpReceiver(threading.Thread):
         put_until_stopped(self.out, item, self.stop)
 
 
-def coalesce(items: list[Item], buf: np.ndarray) -> list[Item]:
-    """Merge runs of one-scan ``frames`` items with consecutive indices whose frames lie at a constant stride in ``buf``.
+def decode_all(decoder: Decoder, messages: list[list[Any]]) -> list[Item]:
+    """The items of several messages, in order: the decoder's ``decode_many`` if it has one."""
+    many = getattr(decoder, "decode_many", None)
+    if many is not None:
+        return many(messages)
+    out: list[Item] = []
+    for parts in messages:
+        items = decoder.decode(parts)
+        out += items if isinstance(items, list) else [items]
+    return out
 
-    The merged item's frames are one strided (n, h, w) view of ``buf``: many
-    frames per pipeline step, still without a copy.
-    """
+
+def merge_small(items: list[Item]) -> list[Item]:
+    """Merge runs of small ``frames`` items (each at most ``MERGE_BYTES``) of one scan with consecutive indices,
+    the same frame shape and dtype, into one item each: their frames copied into one (n, h, w) array."""
+    def small(item: Item) -> bool:
+        return item.kind == "frames" and item.frames is not None and item.frames.nbytes <= MERGE_BYTES
+
+    return _merge_runs(items, small, lambda run, item: small(item) and _follows(run[-1], item),
+                       lambda run: np.concatenate([i.frames for i in run]))
+
+
+def _merge_runs(items: list[Item], takes, continues, join) -> list[Item]:
+    """Runs of items that ``takes(item)`` accepts and each ``continues(run, item)``: one ``frames`` item each,
+    whose frames are ``join(run)``; every other item as it is, in order."""
     out: list[Item] = []
     run: list[Item] = []
 
@@ -298,25 +347,45 @@ def coalesce(items: list[Item], buf: np.ndarray) -> list[Item]:
         if len(run) == 1:
             out.append(run[0])
         elif run:
-            first = run[0].frames
-            stride = _address(run[1].frames) - _address(first)
-            frames = np.ndarray((len(run), *first.shape[1:]), first.dtype, buffer=buf,
-                                offset=_address(first) - buf.ctypes.data, strides=(stride, *first.strides[1:]))
             head = run[0].message
-            out.append(Item("frames", Frames(scan_id=head.scan_id, first=head.first, count=len(run)), frames=frames,
-                            scan_id=head.scan_id, count=len(run)))
+            count = sum(i.count for i in run)
+            out.append(Item("frames", Frames.model_construct(scan_id=head.scan_id, first=head.first, count=count),
+                            frames=join(run), scan_id=head.scan_id, count=count))
         run.clear()
 
     for item in items:
-        if run and not _continues(run, item):
+        if run and not continues(run, item):
             flush()
-        if item.kind == "frames" and item.count == 1 and _inside(item.frames, buf):
+        if takes(item):
             run.append(item)
         else:
-            flush()
             out.append(item)
     flush()
     return out
+
+
+def _follows(last: Item, item: Item) -> bool:
+    """``item`` continues ``last``: the same scan, the next index, frames of the same shape and dtype."""
+    return (item.scan_id == last.scan_id and item.message.first == last.message.first + last.count
+            and item.frames.shape[1:] == last.frames.shape[1:] and item.frames.dtype == last.frames.dtype)
+
+
+def coalesce(items: list[Item], buf: np.ndarray) -> list[Item]:
+    """Merge runs of one-scan ``frames`` items with consecutive indices whose frames lie at a constant stride in ``buf``.
+
+    The merged item's frames are one strided (n, h, w) view of ``buf``: many
+    frames per pipeline step, still without a copy.
+    """
+    def view(run: list[Item]) -> np.ndarray:
+        first = run[0].frames
+        stride = _address(run[1].frames) - _address(first)
+        return np.ndarray((len(run), *first.shape[1:]), first.dtype, buffer=buf,
+                          offset=_address(first) - buf.ctypes.data, strides=(stride, *first.strides[1:]))
+
+    def takes(item: Item) -> bool:
+        return item.kind == "frames" and item.count == 1 and _inside(item.frames, buf)
+
+    return _merge_runs(items, takes, lambda run, item: takes(item) and _continues(run, item), view)
 
 
 def _address(a: np.ndarray) -> int:
@@ -330,11 +399,7 @@ def _inside(a: np.ndarray, buf: np.ndarray) -> bool:
 
 def _continues(run: list[Item], item: Item) -> bool:
     last, first = run[-1], run[0]
-    if item.kind != "frames" or item.count != 1 or item.scan_id != last.scan_id:
-        return False
-    if item.message.first != last.message.first + 1 or item.frames.shape != last.frames.shape:
-        return False
-    if item.frames.dtype != last.frames.dtype:
+    if item.kind != "frames" or item.count != 1 or not _follows(last, item):
         return False
     step = _address(item.frames) - _address(last.frames)
     return step > 0 and (len(run) == 1 or step == _address(run[1].frames) - _address(first.frames))

@@ -8,6 +8,12 @@ anomalies found (``events.AnomalyFinder``), so an anomaly goes out within
 ``model_converged`` once the held-out ELBO stops improving, and reports
 rescan requests that no bridge answered in time (``steering.Steering``).
 The thread holds no reference to the service between calls.
+
+Scoring reads the whole scan (its maps, an FFT of the VADF map), so its cost
+grows with the scan. New rows are scored within a CPU budget
+(``workers.Budget``, ``share`` of one core): at 512x512 positions and detector
+rate a row completes every few ms, and scoring each would compete with ingest.
+A model refresh and the scan's end are scored at the next tick.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 from rrstem.model import interface as names
 from rrstem.stream.events import AnomalyFinder, Convergence, ErrorEvent, EventPublisher, score_map
 from rrstem.stream.steering import Steering
+from rrstem.stream.workers import Budget
 
 log = logging.getLogger("rrstem.events")
 
@@ -35,8 +42,9 @@ class EventSource(Protocol):
 
 
 class Watch:
-    def __init__(self, events: EventPublisher, steering: Steering, period: float = 0.1):
+    def __init__(self, events: EventPublisher, steering: Steering, period: float = 0.1, share: float = 0.05):
         self.events, self.steering, self.period = events, steering, period
+        self.budget = Budget(share, floor=period)  # for scoring new rows: the work grows with the scan
         self.convergence = Convergence()
         self._finder: AnomalyFinder | None = None
         self._last: tuple | None = None  # (scan, rows done, ended, model maps' identity) scored last
@@ -68,20 +76,25 @@ class Watch:
         rows = int(np.argmin(np.r_[filled.all(axis=1), False]))  # complete rows from the top
         model = model_maps.get(names.RECON_ERROR)
         key = (scan.scan_id, rows, scan.ended, None if model is None else float(np.nansum(model)))
-        if key != self._last:  # the whole scan's maps only when there is something new to score
+        # the whole scan's maps only when there is something new to score; new rows only within the budget
+        only_rows = self._last is not None and key[:1] + key[2:] == self._last[:1] + self._last[2:]
+        if key != self._last and not (only_rows and not self.budget.due()):
             self._last = key
-            arrays = {**scan.maps(), **model_maps}
-            scored = score_map(arrays)
-            if scored is not None:
-                for event in self._finder.update(*scored, arrays, rows_done=rows, ended=scan.ended):
-                    self.events.publish(event)
-                    log.info("anomaly in scan %s at %s: %s %.1f > %.1f", event.scan_id, event.position,
-                             event.score_name, event.score, event.threshold)
+            self.budget.run(self._score, scan, model_maps, rows)
         elbo = histories.get(names.HELDOUT_ELBO)
         if elbo is not None and len(elbo):
             event = self.convergence.check(scan.scan_id, elbo, histories.get(names.EVAL_STEP))
             if event is not None:
                 self.events.publish(event)
+
+    def _score(self, scan, model_maps: dict[str, np.ndarray], rows: int) -> None:
+        arrays = {**scan.maps(), **model_maps}
+        scored = score_map(arrays)
+        if scored is not None:
+            for event in self._finder.update(*scored, arrays, rows_done=rows, ended=scan.ended):
+                self.events.publish(event)
+                log.info("anomaly in scan %s at %s: %s %.1f > %.1f", event.scan_id, event.position,
+                         event.score_name, event.score, event.threshold)
 
 
 def error_event(where: str, exc: BaseException, scan_id: str | None) -> ErrorEvent:

@@ -45,3 +45,38 @@ class Worker(threading.Thread):
             self._on_failure(self.name, exc)
         finally:
             del self._body, self._body_args, self._on_failure  # no reference to the service once ended
+
+
+class Budget:
+    """Keeps a repeated whole-scan computation (maps, scores, snapshots) to a ``share`` of one core.
+
+    Such work grows with the scan, not with the batch: at 512x512 positions one
+    snapshot's maps take tens of ms. After a run that took ``t`` seconds the
+    next one is due ``t / share`` after that run started, and never sooner
+    than ``floor`` seconds, so the work costs at most ``share`` of a core
+    whatever the scan's size and the ingest rate. Wall time is used: under
+    load a run takes longer and the pause grows with it.
+    """
+
+    def __init__(self, share: float = 0.1, floor: float = 0.0):
+        if not 0 < share <= 1:
+            raise ValueError(f"a budget's share of a core is in (0, 1], not {share}")
+        self.share, self.floor = share, floor
+        self.next = 0.0  # time.monotonic() when the next run is due
+        self.last_seconds = 0.0  # what the last run took
+
+    def due(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.next
+
+    def spent(self, started: float, seconds: float) -> None:
+        """A run that began at ``started`` (monotonic) took ``seconds``: set when the next one is due."""
+        self.last_seconds = seconds
+        self.next = started + max(self.floor, seconds / self.share)
+
+    def run(self, fn: Callable, *args):
+        """``fn(*args)``, timed: its cost decides when the next run is due. Returns what ``fn`` returned."""
+        t0 = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.spent(t0, time.monotonic() - t0)

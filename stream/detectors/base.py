@@ -88,8 +88,12 @@ class DetectorDecoder:
         self.series: Series | None = None
 
     def decode(self, parts: list[Any]) -> Item | list[Item]:
+        return self._guard(self._decode, parts)
+
+    def _guard(self, fn: Callable, *args) -> Any:
+        """``fn(*args)``, or the ``bad`` item of the ``BadMessage`` (or any other exception) it raised."""
         try:
-            return self._decode(parts)
+            return fn(*args)
         except BadMessage as exc:
             return Item("bad", reason=exc.reason, detail=f"{self.protocol}: {exc}")
         except Exception as exc:  # a malformed message must never stop the receiver

@@ -28,7 +28,7 @@ def numpy_pass(raw, g):
     return binned, sums
 
 
-@pytest.mark.parametrize("b", [1, 2, 3, 4])
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 5])  # 2, 3, 4 bin columns at a constant stride; 5 the general way
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_pass_equals_numpy_bit_for_bit(dtype, b):
     rng = np.random.default_rng(b)
@@ -49,6 +49,21 @@ def test_fused_pass_equals_numpy_bit_for_bit(dtype, b):
         np.testing.assert_allclose(sums, ref, rtol=1e-12)
         np.testing.assert_allclose(total, binned.sum(axis=0), rtol=1e-6)
     assert (store[6:9] == 0).all()  # untouched rows stay as they were
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+def test_without_saturation_masking_a_pixel_at_the_dtype_maximum_counts(dtype):
+    raw = np.full((2, 8, 8), 3, dtype=dtype)
+    raw[1, 2, 5] = np.iinfo(dtype).max
+    g = Geometry((8, 8), 2, (0, 8, 0, 8), (2.0, 2.0), 1.0, 1.5, 3.0, ((0, 0),))
+    store = np.zeros((2, 4, 4), store_dtype(dtype, 2))
+    sums, total = FramePass(g, np.dtype(dtype), store, mask_saturated=False)(np.arange(2), raw)
+    want = np.full((2, 4, 4), 12)
+    want[:, 0, 0] = 9  # the persistently masked pixel (0, 0) counts zero
+    want[1, 1, 2] += int(np.iinfo(dtype).max) - 3
+    np.testing.assert_array_equal(store, want)
+    np.testing.assert_array_equal(sums[:, 0], want.sum(axis=(1, 2)))
+    np.testing.assert_array_equal(total, want.sum(axis=0))
 
 
 def test_strided_frames_and_big_endian_frames_take_the_same_pass():
