@@ -37,23 +37,25 @@ log = logging.getLogger("rrstem.framepass")
 SUMS = 5  #: per-frame sums, in ``maps.PositionSums.COLUMNS`` order: intensity, moment_x, moment_y, vbf, vadf
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, lzero, defer, store, sums, total,
                 line):
     """Bin raw (n, H, W) frames into ``store[rows]``; per-frame sums into ``sums`` (n, 5); ``total`` += valid frames.
 
     Two loops per frame, both over contiguous memory: the binning (raw rows summed column by column into
     ``line``, then the columns of each binned pixel, written to the store row), and the five sums over the
-    binned frame, flat, against ``weights`` (5, h*w: 1, x, y, bright field, annular dark field), with the
-    mean-pattern sum ``total`` (h*w). The binned frame is still in cache for the second loop.
+    binned frame, flat, against ``weights`` (5, h*w: 1, x, y, bright field, annular dark field; float32, which
+    holds these small integers exactly, for a float64 accumulator), with the mean-pattern sum ``total`` (h*w).
+    The binned frame is still in cache for the second loop.
 
     ``zero`` (0 of the accumulator type) fixes the type of the sums; ``lzero`` (0 of ``line``'s type) that of the
     binning: the store's dtype for integer frames (it holds any binned sum, so binning is exact integer
     arithmetic), float64 for float frames. ``sat``: a pixel equal to ``satmax`` (of the raw dtype) counts 0. ``mrows``/``mcols``: raw coordinates of the persistently masked pixels inside the crop.
     ``defer``: add a frame to ``total`` only once it is known valid (signed or float frames); otherwise in the
     same loop (unsigned counts: an invalid, zero-sum frame adds zero). ``line``: scratch of (wb * b,).
-    Sums of integers in float64 are exact below 2**53 in any order, so reassociation (vectorised reductions)
-    changes no result; NaN and Inf still propagate.
+    Sums of integers in float64 are exact below 2**53 in any order and their products with the weights are
+    exact, so reassociation (vectorised reductions) and fused multiply-adds change no result; NaN and Inf still
+    propagate.
     """
     n = raw.shape[0]
     hb, wb = store.shape[1], store.shape[2]
@@ -158,7 +160,9 @@ class FramePass:
         bf, adf = geometry.detector_masks()
         h, w = geometry.binned_shape
         ky, kx = np.mgrid[0:h, 0:w]
-        self._weights = np.stack([np.ones((h, w)), kx, ky, bf, adf]).reshape(SUMS, h * w).astype(acc)
+        # float32 holds these small integers exactly and halves what the sums loop reads (products are float64)
+        wtype = np.float32 if acc == np.float64 else acc
+        self._weights = np.stack([np.ones((h, w)), kx, ky, bf, adf]).reshape(SUMS, h * w).astype(wtype)
         # binning in the store's dtype for counts (exact: it holds any binned sum), float64 for float frames
         ltype = np.dtype(frames.dtype) if raw_dtype.kind in "ui" else np.dtype(np.float64)
         self._lzero = ltype.type(0)
