@@ -40,9 +40,9 @@ class TrainerConfig:
     lr_final: float = 0.05  # lr at the end of consolidate_steps, as a share of lr
     # images per step (the paper: 20) and decoded pixels per step, shared by the batch (None: all). The decoder's
     # cost goes with images x pixels, so 40 x 128 steps as fast as 20 x 256 but with twice the images per
-    # gradient: multislice graphene 1e6 at 133 frames/s, latent |r| at the last frame worst of 10 seeds 0.33 -> 0.79
-    # (median 0.73 -> 0.84); 1e5 in the results worst of 5 0.30 -> 0.62 (virtual-time runs; bench/quality.py figures
-    # in the commit log). 80 x 64: one seed in 5 at 0.69
+    # gradient. bench/quality.py, worst of 5 seeds, latent |r| at the last frame at 133 frames/s, 1e6: pristine
+    # 0.64 -> 0.95, vacancy 0.51 -> 0.96, Si 0.83 -> 0.91; 1e5 in the results 0.72 -> 0.78. 80 x 64: one seed in 5
+    # at 0.69 (virtual time)
     batch_size: int = 40
     pixels: int | None = 128
     new_fraction: float = 0.5  # share of a batch drawn from the newest arrivals while the scan runs
