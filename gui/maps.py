@@ -329,7 +329,8 @@ class ImagePanel:
 
 
 class AnomalyPanel(ImagePanel):
-    """The defect map: ``anomaly`` with its alarm positions ringed, and their count and threshold in the title.
+    """The defect map: ``anomaly`` (stream/defects.py) with its alarm positions ringed, and their count and
+    threshold in the title.
 
     ``set_alarms(yx, threshold)`` takes the snapshot's ``alarms`` ((k, 2) [y, x], highest first) and
     ``anomaly_threshold``; the rings sit on the pixel centres, in the panel's scale like the crosshair.

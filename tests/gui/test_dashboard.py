@@ -239,7 +239,7 @@ def test_each_map_fills_its_panel(qtbot, ny, nx, with_model):
     qtbot.waitExposed(dash)
     dash.show_snapshot(synthetic_snapshot(ny=ny, nx=nx, detector=32, with_model=with_model))
     shown = [p for p in dash.maps.values() if p.image.image is not None]
-    assert len(shown) == (11 if with_model else 4)  # with the model: rotation, recon error, anomaly, 4 latents
+    assert len(shown) == (11 if with_model else 5)  # VBF, VADF, COM x2, defect map; the model: rotation, recon error, 4 latents
     dash.grab()  # paint once: the axes size themselves to their tick labels
 
     def fills():
