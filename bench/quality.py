@@ -311,6 +311,7 @@ def judge(maps: dict, ds: Dataset, threshold: float | None = None) -> dict:
         a = np.where(np.isfinite(anomaly), anomaly, -np.inf)
         peak = np.unravel_index(int(np.argmax(a)), a.shape)
         out["anomaly_peak_px"] = [int(v) for v in peak]
+        out["anomaly_max"] = round(float(a[peak]), 3) if np.isfinite(a[peak]) else None  # the margin
         if ds.defects_px:
             d = min(np.hypot(peak[0] - y, peak[1] - x) for y, x in ds.defects_px)
             out["anomaly_distance_a"] = round(float(d) * ds.step_a, 3)
@@ -517,7 +518,7 @@ def _brief(part: dict) -> dict:
     for where in ("last_frame", "quarter", "results"):
         if where in part:
             out[where] = {k: part[where].get(k) for k in ("rotation_r", "latent_r", "anomaly_distance_a", "alarms",
-                                                          "rrvae_anomaly_distance_a", "rrvae_alarms")}
+                                                          "anomaly_max", "rrvae_anomaly_distance_a", "rrvae_alarms")}
     return out
 
 

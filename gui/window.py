@@ -35,7 +35,7 @@ FIXED_MAPS = [
     (COM_DIRECTION, "COM direction"),
     (Arrays.ROTATION, "rrVAE rotation (rad)"),
     (Arrays.RECON_ERROR, "reconstruction error"),
-    (Arrays.ANOMALY, "defect map (VADF lattice residual)"),
+    (Arrays.ANOMALY, "defect map"),
 ]
 #: maps that only the rrVAE makes; their panels say so until the first arrives
 MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR)

@@ -259,7 +259,7 @@ class AnomalyFinder:
         rows_done = min(rows_done, int(scored[-1]) + 1 if len(scored) else 0)
         above = known & (np.where(known, score, -np.inf) > threshold) & ~self.reported
         out = []
-        for cluster in _clusters(above):
+        for cluster in clusters(above):
             ys, xs = cluster[:, 0], cluster[:, 1]
             if not ended and ys.max() + 2 + BORDER > rows_done:
                 continue  # the scan has not moved past it yet: wait for the rest of it
@@ -279,7 +279,7 @@ class AnomalyFinder:
         return out
 
 
-def _clusters(mask: np.ndarray) -> list[np.ndarray]:
+def clusters(mask: np.ndarray) -> list[np.ndarray]:
     """The 8-connected clusters of True positions, each an (n, 2) array of (y, x)."""
     seen = np.zeros_like(mask)
     ny, nx = mask.shape
