@@ -158,6 +158,7 @@ def block_score(block: np.ndarray) -> np.ndarray | None:
     total = np.maximum(_smooth(weight, kernel), 1e-12)
     smooth = _smooth(res, kernel) / total
     gain = np.sqrt(_smooth(weight, kernel ** 2)) / total  # the noise left of a unit white residual
+    gain = np.where(ok, gain, 1.0)  # (0 far from any scored position)
     smooth = np.where(ok, smooth * np.median(gain[ok]) / gain, np.nan)
     smooth -= np.nanmedian(smooth)
     scale = max(1.4826 * float(np.nanmedian(np.abs(smooth))), FLOOR * float(np.std(lattice[ok])), 1e-300)
