@@ -7,7 +7,7 @@ run as their own processes, over TCP loopback, as in the done-when test.
 Per seed it reports:
 
 - ``defect_to_event_s``: from the arrival of the frame at the vacancy to the
-  example's receipt of the ``anomaly`` event (the lattice residual scores
+  example's receipt of the ``anomaly`` event (the defect map, stream/defects.py, scores
   only complete rows, and a cluster waits for the rows just below it, so this
   includes the frames of those rows); ``disc_to_event_s`` is the same from the
   arrival of every position within 1 A of the vacancy (negative: the event

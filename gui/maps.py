@@ -11,6 +11,8 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
 
+from rrstem.stream.events import clusters
+
 BLANK = "#5a5a5a"  # scan positions without data (NaN, drawn transparent) show as this grey
 CYCLIC = "CET-C6"  # cyclic map for the rrVAE rotation
 SEQUENTIAL = "viridis"
@@ -329,37 +331,67 @@ class ImagePanel:
 
 
 class AnomalyPanel(ImagePanel):
-    """The defect map: ``anomaly`` with its alarm positions ringed, and their count and threshold in the title.
+    """The defect map: ``anomaly`` (stream/defects.py) with its alarm positions marked, and their count and
+    threshold in the title.
 
     ``set_alarms(yx, threshold)`` takes the snapshot's ``alarms`` ((k, 2) [y, x], highest first) and
-    ``anomaly_threshold``; the rings sit on the pixel centres, in the panel's scale like the crosshair.
+    ``anomaly_threshold``. Every alarm position gets a small dot (``rings``), and each cluster of them (one
+    defect: 8-connected, as the events group them) a ring on its highest position (``peaks``), so the map
+    stays visible under a defect's tens of alarm positions. Both sit on the pixel centres, in the panel's
+    scale like the crosshair.
     """
 
     def __init__(self, title, **kwargs):
         super().__init__(title, **kwargs)
         self.alarm_title = title
-        self.rings = pg.ScatterPlotItem(symbol="o", size=11, pen=pg.mkPen("#ff3030", width=2), brush=None,
+        self.rings = pg.ScatterPlotItem(symbol="o", size=4, pen=None, brush=pg.mkBrush(255, 48, 48, 170), pxMode=True)
+        self.peaks = pg.ScatterPlotItem(symbol="o", size=24, pen=pg.mkPen("#ff3030", width=2), brush=None,
                                         pxMode=True)
-        self.rings.setZValue(5)
-        self.plot.addItem(self.rings, ignoreBounds=True)
+        for item in (self.rings, self.peaks):
+            item.setZValue(5)
+            self.plot.addItem(item, ignoreBounds=True)
         self.alarms = np.zeros((0, 2), dtype=np.int32)
+        self.peak_yx = np.zeros((0, 2), dtype=np.int64)
 
     def set_alarms(self, yx: np.ndarray, threshold: float | None) -> None:
         self.alarms = np.asarray(yx, dtype=np.int64).reshape(-1, 2)
-        sy, sx = self._scale
-        self.rings.setData(x=(self.alarms[:, 1] + 0.5) * sx, y=(self.alarms[:, 0] + 0.5) * sy)
+        self.peak_yx = cluster_peaks(self.alarms)
+        self._place()
         if threshold is None or not np.isfinite(threshold):
             self.title = self.alarm_title
         else:
-            self.title = f"{self.alarm_title}: {len(self.alarms)} above {threshold:.3g}"
+            n = len(self.peak_yx)
+            self.title = (f"{self.alarm_title}: {n} defect{'' if n == 1 else 's'} "
+                          f"({len(self.alarms)} positions > {threshold:.3g})")
         self.set_title(self.title)
+
+    def _place(self) -> None:
+        sy, sx = self._scale
+        for item, yx in ((self.rings, self.alarms), (self.peaks, self.peak_yx)):
+            item.setData(x=(yx[:, 1] + 0.5) * sx, y=(yx[:, 0] + 0.5) * sy)
 
     def set_scale(self, sy: float, sx: float, unit: str) -> None:
         moved = (sy, sx) != self._scale
         super().set_scale(sy, sx, unit)
         if moved and len(self.alarms):
-            self.rings.setData(x=(self.alarms[:, 1] + 0.5) * sx, y=(self.alarms[:, 0] + 0.5) * sy)
+            self._place()
 
     def clear(self) -> None:
         super().clear()
         self.set_alarms(np.zeros((0, 2)), None)
+
+
+def cluster_peaks(alarms: np.ndarray) -> np.ndarray:
+    """(m, 2) [y, x]: the first (highest) position of each 8-connected cluster of ``alarms`` (k, 2), in order."""
+    if not len(alarms):
+        return np.zeros((0, 2), dtype=np.int64)
+    lo = alarms.min(axis=0)
+    mask = np.zeros(tuple(alarms.max(axis=0) - lo + 1), dtype=bool)
+    mask[tuple((alarms - lo).T)] = True
+    label = np.full(mask.shape, -1)
+    for k, cluster in enumerate(clusters(mask)):
+        label[tuple(cluster.T)] = k
+    first = {}
+    for y, x in alarms - lo:  # highest first: a cluster's first member is its peak
+        first.setdefault(int(label[y, x]), (y, x))
+    return np.array(list(first.values()), dtype=np.int64).reshape(-1, 2) + lo

@@ -35,10 +35,10 @@ FIXED_MAPS = [
     (COM_DIRECTION, "COM direction"),
     (Arrays.ROTATION, "rrVAE rotation (rad)"),
     (Arrays.RECON_ERROR, "reconstruction error"),
-    (Arrays.ANOMALY, "anomaly (sigma)"),
+    (Arrays.ANOMALY, "defect map"),
 ]
 #: maps that only the rrVAE makes; their panels say so until the first arrives
-MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR, Arrays.ANOMALY)
+MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR)
 #: one panel per channel of Arrays.LATENT, named LATENT_PANEL + channel
 LATENT_PANEL = Arrays.LATENT + "/"
 #: the frame inspector's title while it follows the newest frame

@@ -23,12 +23,12 @@ ROTATION = "rotation"  #: the angle latent's posterior mean phi, rad (sign conve
 LATENT = "latent"  #: (d, ny, nx) content latents' posterior means
 RECON_ERROR = "recon_error"  #: mean squared reconstruction error per pixel, in input units
 RECON_SIGMA = "recon_sigma"  #: RMS reconstruction error in units of the expected Poisson noise (1 = noise level)
-ANOMALY = "anomaly"  #: defect score in robust standard deviations over the scan (``anomaly.py``)
-ALARMS = "alarms"  #: (k, 2) int32 [y, x] of the positions whose ``anomaly`` exceeds the threshold, highest first
-ALARM_THRESHOLD = "anomaly_threshold"  #: () float32 the alarm threshold on ``anomaly`` (``anomaly.py``)
-MAPS = (ROTATION, LATENT, RECON_ERROR, RECON_SIGMA, ANOMALY)
-#: everything an encoder's maps hold: the maps, and the alarms derived from ``ANOMALY``
-OUTPUTS = MAPS + (ALARMS, ALARM_THRESHOLD)
+#: how unlike the rest of the scan the model finds each position, robust standard deviations (``anomaly.py``);
+#: an auxiliary map: the product's defect map, ``anomaly``, and its alarms come from ``stream/defects.py``
+RRVAE_ANOMALY = "rrvae_anomaly"
+MAPS = (ROTATION, LATENT, RECON_ERROR, RECON_SIGMA, RRVAE_ANOMALY)
+#: everything an encoder's maps hold
+OUTPUTS = MAPS
 
 # --- the COM maps a scan gives the model (``ScanView.com_maps``), to judge its maps against ---
 COM_MAGNITUDE = "com_magnitude"  #: (ny, nx) COM deflection magnitude

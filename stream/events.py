@@ -14,8 +14,8 @@ reader never costs an event. Every event is a two-part ZeroMQ message:
 
 ``EventPublisher`` owns the socket and may be called from any thread.
 ``AnomalyFinder`` turns a score map into ``anomaly`` events, once per
-position; ``score_map`` picks the score (see its docstring for what it is
-until the rrVAE's own anomaly map lands). ``Convergence`` says when the
+position; ``score_map`` picks the score: the scan's defect map
+(``stream/defects.py``), the same one the snapshots and results carry. ``Convergence`` says when the
 held-out ELBO has stopped improving. ``docs/steering.md`` documents all of it.
 """
 
@@ -34,6 +34,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from rrstem.stream.auth import Curve
+from rrstem.stream.defects import ALARM_THRESHOLD, ANOMALY
 
 log = logging.getLogger("rrstem.events")
 
@@ -214,72 +215,24 @@ class EventPublisher:
 
 # --- anomaly scores --------------------------------------------------------------------------
 
-#: The rrVAE's anomaly map, once it lands (issue 10): used as it is when a snapshot has it.
-ANOMALY = "anomaly"
-#: Alarm threshold of the fallback score below, in robust z units.
-LATTICE_RESIDUAL_THRESHOLD = 10.0
-#: Share of the 2-D Fourier coefficients of the VADF map kept as the lattice's periodic part.
-LATTICE_FRACTION = 0.006
-#: Positions within this many of the scored block's edge get no score (the FFT's edge artefacts).
+#: Rows past a cluster that must be complete before it is reported (the defect map's smoothing reaches them).
 BORDER = 2
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """(values - median) / (1.4826 * MAD) over the finite values (NaN stays NaN)."""
-    med = np.nanmedian(values)
-    mad = 1.4826 * np.nanmedian(np.abs(values - med))
-    return (values - med) / max(float(mad), 1e-12)
-
-
-def lattice_residual(vadf: np.ndarray, filled: np.ndarray) -> np.ndarray:
-    """Robust z of how far the VADF map departs from the lattice's periodic part, NaN where not scored.
-
-    The periodic part is the map's strongest ``LATTICE_FRACTION`` of Fourier coefficients (the lattice's
-    Bragg peaks); the residual's magnitude, averaged over 3x3 positions, is scaled to robust z. Only
-    complete rows are scored (the scan fills row by row) and not the ``BORDER`` positions at the block's
-    edges. A missing atom, a substitution, an edge or a grain boundary stands out; noise does not.
-    """
-    rows = np.flatnonzero(filled.all(axis=1))
-    out = np.full(vadf.shape, np.nan)
-    if len(rows) < 4 * BORDER + 4:
-        return out
-    y0, y1 = rows[0], rows[0] + np.argmax(np.diff(np.r_[rows, -1]) != 1) + 1  # the first run of complete rows
-    block = np.asarray(vadf[y0:y1], dtype=np.float64)
-    a = block - block.mean()
-    spectrum = np.fft.fft2(a)
-    mag = np.abs(spectrum)
-    keep = max(24, int(LATTICE_FRACTION * a.size))
-    cut = np.partition(mag.ravel(), -keep)[-keep]
-    res = np.abs(a - np.fft.ifft2(np.where(mag >= cut, spectrum, 0)).real)
-    pad = np.pad(res, 1, mode="edge")
-    smooth = sum(pad[dy:dy + res.shape[0], dx:dx + res.shape[1]] for dy in range(3) for dx in range(3)) / 9
-    b = BORDER
-    inner = np.full(smooth.shape, np.nan)
-    inner[b:-b, b:-b] = smooth[b:-b, b:-b]
-    out[y0:y1] = robust_z(inner)
-    return out
-
-
 def score_map(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, float, str] | None:
-    """(score, threshold, name) of a snapshot's arrays: the lattice residual of the VADF map
-    (``lattice_residual``, threshold ``LATTICE_RESIDUAL_THRESHOLD``); without a VADF map, the rrVAE's
-    ``anomaly`` map (threshold ``anomaly_threshold``).
+    """(score, threshold, name) of a snapshot's arrays: the defect map ``anomaly`` and its
+    ``anomaly_threshold`` (stream/defects.py: the VADF lattice residual), the same map and threshold as the
+    snapshots, the results file and the dashboard show; None without one.
 
-    Why the lattice residual and not the rrVAE's maps, measured: on the synthetic 64x64 vacancy scan at
-    1e6 e/pattern, the reconstruction error's highest robust z (3.7) lay 38 positions from the vacancy, and
-    the pristine scan's reached 3.8; the lattice residual put the vacancy at z 15-33 on the vacancy itself
-    and stayed below 7.5 on the pristine scan. The rrVAE's anomaly map (issue 10), at its threshold of 40
-    robust sigma, fired events on 2 of 3 synthetic pristine scans while the model was still training. On
-    the abTEM multislice scans at 1e6 (bench data, 2000 frames/s), the lattice residual fired one event each
-    for the vacancy and the Si substitution, both on the defect's own position, and none on pristine
-    graphene (1e6 and noise-free) or MoS2. The anomaly map stays in the snapshots, results and dashboard.
+    Why the lattice residual and not the rrVAE's outlier map (``rrvae_anomaly``), measured on the abTEM
+    multislice scans through ``rrstem serve`` (docs/steering.md, "The defect map"): the lattice residual's
+    highest score lies on the vacancy's and on the Si's own position at every dose, and no pristine graphene
+    or MoS2 position comes near the threshold; the rrVAE's map found the Si in 3 of 5 trainer seeds, the
+    vacancy in 1 of 5, and alarmed on pristine graphene at 1e5.
     """
-    if "vadf" in arrays and "filled" in arrays:
-        lattice = lattice_residual(np.asarray(arrays["vadf"]), np.asarray(arrays["filled"], dtype=bool))
-        return lattice, LATTICE_RESIDUAL_THRESHOLD, "vadf_lattice_residual"
-    if ANOMALY in arrays:
-        return np.asarray(arrays[ANOMALY], dtype=np.float64), float(arrays.get("anomaly_threshold", 3.0)), ANOMALY
-    return None
+    if ANOMALY not in arrays:
+        return None
+    return (np.asarray(arrays[ANOMALY], dtype=np.float64), float(arrays.get(ALARM_THRESHOLD, np.inf)), ANOMALY)
 
 
 class AnomalyFinder:
@@ -298,11 +251,15 @@ class AnomalyFinder:
     def update(self, score: np.ndarray, threshold: float, name: str, arrays: dict[str, np.ndarray],
                rows_done: int, ended: bool = False, model_step: int | None = None) -> list[Anomaly]:
         """The anomalies newly found in ``score``. ``rows_done``: how many rows, from the top, are complete
-        (a cluster waits until the rows below it are scored, unless the scan has ``ended``)."""
+        (a cluster waits until the rows below it are complete and scored, unless the scan has ``ended``)."""
         known = np.isfinite(score)
+        scored = np.flatnonzero(known.any(axis=1))
+        # the score may lag the scan (the defect map is redone at most a few times a second): count only the
+        # rows it was made from
+        rows_done = min(rows_done, int(scored[-1]) + 1 if len(scored) else 0)
         above = known & (np.where(known, score, -np.inf) > threshold) & ~self.reported
         out = []
-        for cluster in _clusters(above):
+        for cluster in clusters(above):
             ys, xs = cluster[:, 0], cluster[:, 1]
             if not ended and ys.max() + 2 + BORDER > rows_done:
                 continue  # the scan has not moved past it yet: wait for the rest of it
@@ -322,7 +279,7 @@ class AnomalyFinder:
         return out
 
 
-def _clusters(mask: np.ndarray) -> list[np.ndarray]:
+def clusters(mask: np.ndarray) -> list[np.ndarray]:
     """The 8-connected clusters of True positions, each an (n, 2) array of (y, x)."""
     seen = np.zeros_like(mask)
     ny, nx = mask.shape

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rrstem.stream.defects import DefectMap
 from rrstem.stream.framepass import FramePass, accumulator
 from rrstem.stream.maps import FrameSum, PositionSums
 from rrstem.stream.preprocess import Geometry, PreprocessConfig, calibrate
@@ -112,6 +113,7 @@ class Scan:
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # frames before calibration
         self._pending_positions: set[int] = set()  # their distinct positions (at most calibration_frames)
         self._highest = -1
+        self._defects = DefectMap()  # the defect map of the VADF map (stream/defects.py), redone as rows complete
         self._lock = threading.Lock()
         self.log = RateLimitedLog(log)
 
@@ -308,7 +310,8 @@ class Scan:
     # --- what is published and written --------------------------------------------------
 
     def maps(self) -> dict[str, np.ndarray]:
-        """The scan maps (float64, NaN where missing), ``filled`` (ny, nx) bool and the mean pattern; {} before calibration."""
+        """The scan maps (float64, NaN where missing), ``filled`` (ny, nx) bool, the mean pattern and the defect
+        maps (``Arrays.DEFECT_MAPS``); {} before calibration."""
         if not self._ready:
             return {}
         filled = self._filled.copy()
@@ -318,6 +321,7 @@ class Scan:
         # position are written before its ``filled`` flag and never change afterwards.
         out.update(self._positions.snapshot(filled))
         out[Arrays.FILLED] = filled.reshape(self.scan_shape)
+        out.update(self._defects.maps(out, self.ended))
         return out
 
     @property

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rrstem.model import interface as model_names
+from rrstem.stream import defects
 from rrstem.stream.protocol import PROTOCOL, ProtocolError
 
 _SNAPSHOT_DTYPES = ("float32", "float64", "uint8", "int32", "int64", "uint16", "uint32")
@@ -51,14 +52,17 @@ class Arrays:
     LATENT = model_names.LATENT  #: (d, ny, nx) rrVAE content latents
     RECON_ERROR = model_names.RECON_ERROR  #: (ny, nx) rrVAE reconstruction error
     RECON_SIGMA = model_names.RECON_SIGMA  #: (ny, nx) reconstruction error in Poisson-noise units (1 = noise)
-    ANOMALY = model_names.ANOMALY  #: (ny, nx) defect score, robust standard deviations over the scan (model/anomaly.py)
-    ALARMS = model_names.ALARMS  #: (k, 2) int32 [y, x] of positions with ``anomaly`` above the threshold, highest first
-    ALARM_THRESHOLD = model_names.ALARM_THRESHOLD  #: () float32 the alarm threshold on ``anomaly`` (inf: none yet)
+    RRVAE_ANOMALY = model_names.RRVAE_ANOMALY  #: (ny, nx) the rrVAE's own outlier score (model/anomaly.py)
+    ANOMALY = defects.ANOMALY  #: (ny, nx) THE defect map: VADF lattice residual, robust noise units (stream/defects.py)
+    ALARMS = defects.ALARMS  #: (k, 2) int32 [y, x] of positions with ``anomaly`` above the threshold, highest first
+    ALARM_THRESHOLD = defects.ALARM_THRESHOLD  #: () float32 the alarm threshold on ``anomaly`` (inf: none yet)
 
     #: the maps over the scan that the service derives from its sums
     SCAN_MAPS = (VBF, VADF, COM_X, COM_Y, COM_MAGNITUDE, COM_ANGLE)
+    #: the defect map and its alarms, which the scan derives from its VADF map
+    DEFECT_MAPS = (ANOMALY, ALARMS, ALARM_THRESHOLD)
     MODEL_MAPS = model_names.MAPS
-    #: everything the model sends: its maps and the alarms derived from ``anomaly``
+    #: everything the model sends
     MODEL_OUTPUTS = model_names.OUTPUTS
 
 

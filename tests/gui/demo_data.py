@@ -86,10 +86,11 @@ def synthetic_snapshot(ny=64, nx=64, latent_dim=4, filled_rows=None, seq=0, scan
         maps[Arrays.ROTATION] = np.angle(np.exp(1j * (maps[Arrays.COM_ANGLE] + 0.3)))
         maps[Arrays.RECON_ERROR] = 0.1 + 0.05 * atoms
         maps[Arrays.RECON_SIGMA] = 1.0 + 0.2 * atoms
-        maps[Arrays.ANOMALY] = 1.0 + 0.2 * atoms
-        for y, x in DEFECTS:
-            if y < ny and x < nx:
-                maps[Arrays.ANOMALY][y, x] = 6.0 + y / ny  # two defects, the lower one scores higher
+        maps[Arrays.RRVAE_ANOMALY] = 1.0 + 0.2 * atoms
+    maps[Arrays.ANOMALY] = 1.0 + 0.2 * atoms  # the defect map is the scan's own (stream/defects.py)
+    for y, x in DEFECTS:
+        if y < ny and x < nx:
+            maps[Arrays.ANOMALY][y, x] = 6.0 + y / ny  # two defects, the lower one scores higher
     for name in maps:
         arr = maps[name] + 0.02 * rng.standard_normal((ny, nx))
         if name == Arrays.ROTATION:
@@ -101,11 +102,10 @@ def synthetic_snapshot(ny=64, nx=64, latent_dim=4, filled_rows=None, seq=0, scan
         arrays[Arrays.LATENT] = (latent + 0.02 * rng.standard_normal(latent.shape)).astype(np.float32)
     for arr in arrays.values():
         arr[..., filled_rows:, :] = np.nan
-    if with_model:
-        a = np.where(np.isfinite(arrays[Arrays.ANOMALY]), arrays[Arrays.ANOMALY], -np.inf)
-        above = np.argwhere(a > ALARM_THRESHOLD)
-        arrays[Arrays.ALARMS] = above[np.argsort(-a[tuple(above.T)])].astype(np.int32).reshape(-1, 2)
-        arrays[Arrays.ALARM_THRESHOLD] = np.array(ALARM_THRESHOLD, dtype=np.float32)
+    a = np.where(np.isfinite(arrays[Arrays.ANOMALY]), arrays[Arrays.ANOMALY], -np.inf)
+    above = np.argwhere(a > ALARM_THRESHOLD)
+    arrays[Arrays.ALARMS] = above[np.argsort(-a[tuple(above.T)])].astype(np.int32).reshape(-1, 2)
+    arrays[Arrays.ALARM_THRESHOLD] = np.array(ALARM_THRESHOLD, dtype=np.float32)
     filled = np.zeros((ny, nx), np.uint8)
     filled[:filled_rows] = 1
     arrays[Arrays.FILLED] = filled

@@ -78,7 +78,10 @@ def test_maps_hold_exactly_the_published_data(qtbot, publisher, dashboard):
         expect = np.array([[(x + 0.5) * 0.05, (y + 0.5) * 0.05] for y, x in a["alarms"]]).reshape(-1, 2)
         np.testing.assert_allclose(rings.reshape(-1, 2), expect, rtol=1e-6)
         assert len(a["alarms"]) == sum(y < rows for y, _ in ((9, 20), (21, 7)))
-        assert f"{len(a['alarms'])} above 3" in panel.plot.titleLabel.text
+        assert f"({len(a['alarms'])} positions > 3)" in panel.plot.titleLabel.text
+        # one ring per defect (cluster of alarm positions), on its highest position
+        want = np.array([yx for yx in ((21, 7), (9, 20)) if yx[0] < rows]).reshape(-1, 2)  # higher first
+        np.testing.assert_array_equal(panel.peak_yx, want)
     assert dashboard.status.progress.value() == 1000
     assert "received 1280" in dashboard.status.counters.text()
     assert "step 490" in dashboard.status.training.text()
@@ -239,7 +242,7 @@ def test_each_map_fills_its_panel(qtbot, ny, nx, with_model):
     qtbot.waitExposed(dash)
     dash.show_snapshot(synthetic_snapshot(ny=ny, nx=nx, detector=32, with_model=with_model))
     shown = [p for p in dash.maps.values() if p.image.image is not None]
-    assert len(shown) == (11 if with_model else 4)  # with the model: rotation, recon error, anomaly, 4 latents
+    assert len(shown) == (11 if with_model else 5)  # VBF, VADF, COM x2, defect map; the model: rotation, recon error, 4 latents
     dash.grab()  # paint once: the axes size themselves to their tick labels
 
     def fills():
@@ -319,3 +322,12 @@ def test_newest_frame_requests_are_rate_limited(qtbot, publisher, control_server
     assert frames[-1] == [0, 7] and len(frames) == len({tuple(f) for f in frames})  # each index once
     assert len(frames) <= 1 + elapsed / interval  # a slow machine makes fewer requests, never more
     assert frame_title(dash) == "newest frame (0, 7)"
+
+
+def test_one_ring_per_cluster_of_alarm_positions_on_its_highest():
+    from rrstem.gui.maps import cluster_peaks
+
+    # highest first: a blob of 5 around (10, 10) whose peak is (11, 10), a lone (3, 30), a blob of 2 at (30, 3)
+    alarms = np.array([[11, 10], [3, 30], [10, 10], [10, 11], [30, 3], [9, 10], [12, 11], [31, 4]])
+    np.testing.assert_array_equal(cluster_peaks(alarms), [[11, 10], [3, 30], [30, 3]])
+    assert cluster_peaks(np.zeros((0, 2), np.int64)).shape == (0, 2)

@@ -163,7 +163,7 @@ def test_synthetic_snapshots_use_only_the_schemas_names():
     from rrstem.stream.snapshot import COUNTERS, HISTORIES, HISTORY_AXIS, Arrays, Snapshot, history_key
 
     snap = Snapshot.decode(synthetic_snapshot(ny=6, nx=5, filled_rows=4, detector=8).encode())
-    maps = {Arrays.FILLED, Arrays.MEAN_PATTERN, *Arrays.SCAN_MAPS, *Arrays.MODEL_OUTPUTS}
+    maps = {Arrays.FILLED, Arrays.MEAN_PATTERN, *Arrays.SCAN_MAPS, *Arrays.DEFECT_MAPS, *Arrays.MODEL_OUTPUTS}
     assert set(snap.arrays) == maps | {history_key(h) for h in HISTORIES}
     for curve, axis in HISTORY_AXIS.items():  # each curve as long as its axis
         assert len(snap.arrays[history_key(curve)]) == len(snap.arrays[history_key(axis)]) > 0, curve

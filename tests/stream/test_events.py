@@ -1,8 +1,6 @@
-"""Known answers for the events: the lattice residual, anomalies once per position, convergence, the schema."""
+"""Known answers for the events: the score they use, anomalies once per position, convergence, the schema."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -10,56 +8,13 @@ import pytest
 from rrstem.stream import events as E
 
 
-def lattice_map(ny=64, nx=64, missing=None, noise=0.1, seed=0):
-    """A VADF-like map: Gaussian peaks on a hexagonal-ish lattice, one removed at ``missing``, with noise at
-    a tenth of a peak (as 1e6 e/pattern gives; a near noise-free map of an incommensurate field raises the
-    residual's edge leakage above the threshold: see docs/steering.md)."""
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
-    out = np.zeros((ny, nx))
-    a = 6.15  # positions per lattice constant: incommensurate with the scan, as a real one is
-    for j in range(-2, int(ny / a * 1.2) + 3):
-        for i in range(-2, int(nx / a) + 4):
-            cy, cx = j * a * math.sqrt(3) / 2, i * a + (j % 2) * a / 2
-            if missing is not None and math.dist((cy, cx), missing) < 0.5:
-                continue
-            out += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.2 ** 2))
-    return out + np.random.default_rng(seed).normal(0, noise, out.shape)
-
-
-def test_the_lattice_residual_finds_a_missing_peak_and_nothing_in_a_perfect_lattice():
-    full = np.ones((64, 64), bool)
-    a = 6.15
-    site = (6 * a * math.sqrt(3) / 2, 5 * a)  # a lattice site near the middle
-    z = E.lattice_residual(lattice_map(missing=site), full)
-    peak = np.unravel_index(np.nanargmax(z), z.shape)
-    assert math.dist(peak, site) <= 1.5 and np.nanmax(z) > E.LATTICE_RESIDUAL_THRESHOLD
-    for seed in range(3):
-        assert np.nanmax(E.lattice_residual(lattice_map(seed=seed), full)) < E.LATTICE_RESIDUAL_THRESHOLD
-    assert np.isnan(z[:E.BORDER]).all() and np.isnan(z[:, -E.BORDER:]).all()  # no score at the edges
-
-
-def test_events_score_the_lattice_residual_and_the_rrvae_anomaly_only_without_a_vadf_map():
-    full = np.ones((64, 64), bool)
-    vadf = lattice_map()
-    anomaly = np.zeros((64, 64))
+def test_events_score_the_defect_map_with_its_threshold():
+    anomaly = np.zeros((64, 64), np.float32)
     anomaly[40, 20] = 120.0
-    score, threshold, name = E.score_map({"vadf": vadf, "filled": full, "anomaly": anomaly,
-                                          "anomaly_threshold": np.array(40.0)})
-    assert threshold == E.LATTICE_RESIDUAL_THRESHOLD and name == "vadf_lattice_residual"
-    np.testing.assert_array_equal(score, E.lattice_residual(vadf, full))
-    score, threshold, name = E.score_map({"anomaly": anomaly, "anomaly_threshold": np.array(40.0)})
-    assert threshold == 40.0 and name == "anomaly" and score[40, 20] == 120.0
-    assert E.score_map({"filled": full}) is None
-
-
-def test_only_complete_rows_are_scored():
-    filled = np.zeros((64, 64), bool)
-    filled[:30] = True
-    filled[30, :10] = True  # a row being filled
-    z = E.lattice_residual(lattice_map(), filled)
-    assert np.isfinite(z[E.BORDER:30 - E.BORDER, E.BORDER:-E.BORDER]).all()
-    assert np.isnan(z[30 - E.BORDER:]).all()
-    assert np.isnan(E.lattice_residual(lattice_map(), np.zeros((64, 64), bool))).all()
+    score, threshold, name = E.score_map({"vadf": np.ones((64, 64)), "anomaly": anomaly,
+                                          "anomaly_threshold": np.array(10.0, np.float32)})
+    assert threshold == 10.0 and name == "anomaly" and score[40, 20] == 120.0 and score.dtype == np.float64
+    assert E.score_map({"filled": np.ones((64, 64), bool)}) is None
 
 
 def test_an_anomaly_fires_once_when_its_cluster_is_complete_with_the_latents_there():
