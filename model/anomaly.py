@@ -24,7 +24,8 @@ the median and MAD barely move for a handful of defects):
   0.46 A from it.
 
 ``rrvae_anomaly`` is the larger of the two, in robust standard deviations;
-``summary`` counts the positions above ``TrainerConfig.alarm_sigma``.
+``summary`` gives its highest value. It raises no alarms: the defect map
+(``stream/defects.py``) does, measured more reliable on multislice scans.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def outliers(anomaly: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack(np.unravel_index(flat, anomaly.shape), axis=1).astype(np.int32).reshape(-1, 2)
 
 
-def add_alarms(arrays: dict[str, np.ndarray], sigma: float | None = None) -> dict[str, np.ndarray]:
-    """Add ``RRVAE_ANOMALY`` to maps holding ``RECON_SIGMA`` and ``LATENT``; returns ``arrays``. (``sigma``,
-    the trainer's ``alarm_sigma``, is no longer used here: the alarms come from ``stream/defects.py``.)"""
+def add_outlier_map(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add ``RRVAE_ANOMALY`` to maps holding ``RECON_SIGMA`` and ``LATENT``; returns ``arrays``. (It raises no
+    alarms: those come from the defect map, ``stream/defects.py``.)"""
     arrays[RRVAE_ANOMALY] = anomaly_map(arrays)
     return arrays
 

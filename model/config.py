@@ -62,9 +62,7 @@ class TrainerConfig:
     # noise model (encode.count_scale): data brighter than this, or not integer counts, is treated as counts at
     # this dose (electrons per pattern); below it, integer frames are Poisson counts as they are
     dose_cap: float = 1e6
-    # alarms (anomaly.py): a position alarms when its anomaly exceeds this many robust standard deviations.
-    # Multislice graphene at 1e6: pristine scans score up to ~30 (the few exact atom-column positions are the
-    # tail of the latent distribution), a vacancy ~23, a Si substitution 60-100; 8 alarmed on pristine scans
+    # unused since the defect map (stream/defects.py) raises the alarms; kept so configs saved with it still load
     alarm_sigma: float = 40.0
     # consolidation (after the last frame) and cadence
     # wall-time bound of the consolidation: consolidate_seconds less scan_credit x the seconds trained while the

@@ -60,7 +60,7 @@ class FixedEncoder(EncoderThread):
         self.model = model.to(self.device).eval()
         self.gain, self.trained_steps, self.source = float(gain), int(trained_steps), str(source)
         self.refresh_seconds, self.nice = refresh_seconds, nice
-        self.noise = noise or TrainerConfig()  # dose_cap and the alarm settings, as the trainer has them
+        self.noise = noise or TrainerConfig()  # dose_cap, as the trainer has it
         self.scan: ScanView | None = None
         self._maps: ModelMaps | None = None
         self._state = "waiting"
@@ -162,7 +162,7 @@ class FixedEncoder(EncoderThread):
         scale = encode.count_scale(np.asarray(scan.frames[first], dtype=np.float32), self.noise.dose_cap)
         self.model.set_noise_weight(encode.noise_weight(self.model, mean, self.gain, scale))
         arrays = encode.encode_scan(self.model, scan.frames, filled, scan.scan_shape, mean, self.gain, self.device)
-        anomaly.add_alarms(arrays, self.noise.alarm_sigma)
+        anomaly.add_outlier_map(arrays)
         return ModelMaps(scan.scan_id, self.trained_steps, arrays)
 
     # --- worker ---------------------------------------------------------------------------

@@ -311,7 +311,7 @@ class TrainingRun:
             if not final and old is not None and old.arrays[name].shape == err.shape:
                 keep = np.isnan(err) & filled.reshape(err.shape)
                 err[keep] = old.arrays[name][keep]
-        anomaly.add_alarms(new.arrays, self.cfg.alarm_sigma)
+        anomaly.add_outlier_map(new.arrays)
         found = metrics.com_metrics(new.arrays, self.scan.com_maps())
         found.update(anomaly.summary(new.arrays))
         with self._lock:

@@ -38,7 +38,7 @@ def test_the_anomaly_of_an_outlier_frame_in_poisson_sigma_by_hand():
     others = np.delete(a.ravel(), 37)
     np.testing.assert_allclose(others, d / n / math.sqrt(m_px), rtol=1e-5)  # 0.0499 sigma
     maps[LATENT][:] = 0.0  # every latent alike: only the reconstruction error tells the outlier apart
-    anomaly.add_alarms(maps)
+    anomaly.add_outlier_map(maps)
     np.testing.assert_array_equal(anomaly.outliers(maps[RRVAE_ANOMALY], 8.0), [[3, 7]])
     assert maps[RRVAE_ANOMALY][3, 7] > 8.0
 
