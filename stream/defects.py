@@ -199,10 +199,11 @@ def defect_maps(vadf: np.ndarray, filled: np.ndarray, threshold: float = THRESHO
 class DefectMap:
     """One scan's defect maps, recomputed only when there is something new to score.
 
-    ``maps(scan_maps, ended)`` takes the scan's maps (``vadf`` and ``filled``) and returns the defect maps.
-    They are recomputed when more complete rows are in, at most once per ``min_interval`` s and for at most
-    a ``busy`` share of the time (a large scan's maps are not redone for every snapshot), and always once
-    the scan has ``ended``; otherwise the last ones are returned.
+    ``maps(scan_maps, ended, refresh)`` takes the scan's maps (``vadf`` and ``filled``) and returns the defect
+    maps. Only a ``refresh`` (the events thread's, which scores them) or the scan's end recomputes them, and a
+    refresh only when more complete rows are in, at most once per ``min_interval`` s and for at most a
+    ``busy`` share of the time (a 512x512 map takes about 1.5 s); snapshots and the trainer get the last
+    ones, so their own cadence never pays for it (before the first: NaN, no threshold, no alarms).
     """
 
     def __init__(self, threshold: float = THRESHOLD, min_interval: float = 0.2, busy: float = 0.2):
@@ -212,12 +213,16 @@ class DefectMap:
         self._next = 0.0
         self._lock = threading.Lock()  # the publisher, the events and the finisher threads all ask
 
-    def maps(self, scan_maps: dict[str, np.ndarray], ended: bool = False) -> dict[str, np.ndarray]:
+    def maps(self, scan_maps: dict[str, np.ndarray], ended: bool = False, refresh: bool = False) -> dict[str, np.ndarray]:
         if "vadf" not in scan_maps or "filled" not in scan_maps:
             return {}
         filled = np.asarray(scan_maps["filled"], dtype=bool)
         key = (int(np.argmin(np.r_[filled.all(axis=1), False])), bool(ended))  # (complete rows, ended)
         with self._lock:
+            if not (ended or refresh):
+                return self._maps or {ANOMALY: np.full(filled.shape, np.nan, dtype=np.float32),
+                                      ALARMS: np.zeros((0, 2), dtype=np.int32),
+                                      ALARM_THRESHOLD: np.array(np.inf, dtype=np.float32)}
             if key == self._key or (not ended and self._maps and time.monotonic() < self._next):
                 return self._maps
             t = time.monotonic()

@@ -309,9 +309,10 @@ class Scan:
 
     # --- what is published and written --------------------------------------------------
 
-    def maps(self) -> dict[str, np.ndarray]:
+    def maps(self, score_defects: bool = False) -> dict[str, np.ndarray]:
         """The scan maps (float64, NaN where missing), ``filled`` (ny, nx) bool, the mean pattern and the defect
-        maps (``Arrays.DEFECT_MAPS``); {} before calibration."""
+        maps (``Arrays.DEFECT_MAPS``: redone for ``score_defects``, the events thread, and at the end, within
+        ``DefectMap``'s budget; the last ones otherwise); {} before calibration."""
         if not self._ready:
             return {}
         filled = self._filled.copy()
@@ -321,7 +322,7 @@ class Scan:
         # position are written before its ``filled`` flag and never change afterwards.
         out.update(self._positions.snapshot(filled))
         out[Arrays.FILLED] = filled.reshape(self.scan_shape)
-        out.update(self._defects.maps(out, self.ended))
+        out.update(self._defects.maps(out, self.ended, refresh=score_defects))
         return out
 
     @property

@@ -88,7 +88,7 @@ class Watch:
                 self.events.publish(event)
 
     def _score(self, scan, model_maps: dict[str, np.ndarray], rows: int) -> None:
-        arrays = {**scan.maps(), **model_maps}
+        arrays = {**scan.maps(score_defects=True), **model_maps}
         scored = score_map(arrays)
         if scored is not None:
             for event in self._finder.update(*scored, arrays, rows_done=rows, ended=scan.ended):

@@ -107,11 +107,12 @@ def test_the_scan_keeps_its_defect_map_until_a_row_completes_or_it_ends():
     cache = D.DefectMap(min_interval=0.0, busy=1.0)
     filled = np.zeros((64, 64), bool)
     filled[:40] = True
-    first = cache.maps({"vadf": vadf, "filled": filled})
+    first = cache.maps({"vadf": vadf, "filled": filled}, refresh=True)
     filled[40, :5] = True  # no new complete row: the same maps
-    assert cache.maps({"vadf": vadf, "filled": filled}) is first
+    assert cache.maps({"vadf": vadf, "filled": filled}, refresh=True) is first
     filled[40] = True
-    second = cache.maps({"vadf": vadf, "filled": filled})
+    second = cache.maps({"vadf": vadf, "filled": filled}, refresh=True)
+    assert cache.maps({"vadf": vadf, "filled": filled}) is second  # a snapshot: the last maps, not redone
     assert second is not first and np.isfinite(second[D.ANOMALY][40]).any()
     assert cache.maps({"vadf": vadf, "filled": filled}, ended=True) is not second
     assert cache.maps({"filled": filled}) == {}
