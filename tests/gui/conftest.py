@@ -82,11 +82,12 @@ class ControlServer:
         self._thread.join(2.0)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def zctx():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()
+    """One context for the dashboard tests; each test closes its own sockets. It is not terminated at a test's
+    teardown: ``ctx.term()`` there aborted the process once in a fresh-clone CI run (SIGABRT inside libzmq, no
+    message, with only the main thread left), and a context ends with the process anyway."""
+    return zmq.Context()
 
 
 @pytest.fixture
