@@ -295,6 +295,9 @@ class Service(PipelineThread):
                           "when a write succeeds (or to the path a control 'save' names)", scan.scan_id,
                           self.writer.path, exc)
                 self.report("results", exc, scan.scan_id)
+        model_maps, histories = ((self._slot.model(scan, export=False)[0], self._slot.histories(scan))
+                                 if self._slot is not None else ({}, {}))
+        self._watch.final(self, scan, model_maps, histories)  # its last anomalies go out before scan_ended
         scan.done = True
         self.events.publish(ScanEnded(scan_id=scan.scan_id, complete=scan.complete, end_reason=scan.end_reason or "end",
                                       results_path=str(scan.results_path) if scan.results_path else None,

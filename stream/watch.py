@@ -46,8 +46,11 @@ class Watch:
         self.events, self.steering, self.period = events, steering, period
         self.budget = Budget(share, floor=period)  # for scoring new rows: the work grows with the scan
         self.convergence = Convergence()
-        self._finder: AnomalyFinder | None = None
+        self._finders: dict[str, AnomalyFinder] = {}  # by scan id, the last few (a scan's final scoring may
+        # come after the events thread took up the next scan)
         self._last: tuple | None = None  # (scan, rows done, ended, model maps' identity) scored last
+        self._lock = threading.Lock()  # the events thread's tick and the finisher's final scoring
+        self._closed: str | None = None  # the last scan whose final scoring is done: its scan_ended is out
 
     def run(self, service: EventSource, stop: threading.Event) -> None:
         while not stop.wait(self.period):
@@ -60,25 +63,45 @@ class Watch:
             log.warning("%s", msg)
             service.report("steering", TimeoutError(msg), req.parent_scan_id)
         try:
-            view = service.event_view()
-            if view is not None:
-                self._scan(*view)
+            with self._lock:
+                view = service.event_view()
+                if view is not None and view[0].scan_id != self._closed:
+                    self._scan(*view)
         except Exception as exc:  # a bad map must not end the events: report it and go on
             log.exception("events: scoring failed")
             service.report("events", exc)
 
-    def _scan(self, scan, model_maps: dict[str, np.ndarray], histories: dict[str, np.ndarray]) -> None:
-        if self._finder is None or self._finder.scan_id != scan.scan_id:
+    def final(self, service: EventSource, scan, model_maps: dict[str, np.ndarray],
+              histories: dict[str, np.ndarray]) -> None:
+        """Score an ended scan's final maps (finisher thread, before its ``scan_ended``), so every ``anomaly``
+        of a scan is published before its ``scan_ended`` and none after."""
+        try:
+            with self._lock:
+                self._closed = scan.scan_id
+                self._scan(scan, model_maps, histories, force=True)
+        except Exception as exc:
+            log.exception("events: scoring the final maps of scan %s failed", scan.scan_id)
+            service.report("events", exc, scan.scan_id)
+
+    def _scan(self, scan, model_maps: dict[str, np.ndarray], histories: dict[str, np.ndarray],
+              force: bool = False) -> None:
+        if scan.scan_id not in self._finders:
             sub = self.steering.subscan_of(scan.scan_id)
-            self._finder = AnomalyFinder(scan.scan_id, scan.scan_shape, scan.start.calibration.scan_step_nm,
-                                         parent_scan_id=sub.parent_scan_id if sub is not None else None)
+            self._finders[scan.scan_id] = AnomalyFinder(
+                scan.scan_id, scan.scan_shape, scan.start.calibration.scan_step_nm,
+                parent_scan_id=sub.parent_scan_id if sub is not None else None)
+            for old in list(self._finders)[:-4]:
+                del self._finders[old]
         filled = scan.filled.reshape(scan.scan_shape)
         rows = int(np.argmin(np.r_[filled.all(axis=1), False]))  # complete rows from the top
         model = model_maps.get(names.RECON_ERROR)
         key = (scan.scan_id, rows, scan.ended, None if model is None else float(np.nansum(model)))
         # the whole scan's maps only when there is something new to score; new rows only within the budget
         only_rows = self._last is not None and key[:1] + key[2:] == self._last[:1] + self._last[2:]
-        if key != self._last and not (only_rows and not self.budget.due()):
+        if force:
+            self._last = key
+            self._score(scan, model_maps, rows)
+        elif key != self._last and not (only_rows and not self.budget.due()):
             self._last = key
             self.budget.run(self._score, scan, model_maps, rows)
         elbo = histories.get(names.HELDOUT_ELBO)
@@ -91,7 +114,7 @@ class Watch:
         arrays = {**scan.maps(score_defects=True), **model_maps}
         scored = score_map(arrays)
         if scored is not None:
-            for event in self._finder.update(*scored, arrays, rows_done=rows, ended=scan.ended):
+            for event in self._finders[scan.scan_id].update(*scored, arrays, rows_done=rows, ended=scan.ended):
                 self.events.publish(event)
                 log.info("anomaly in scan %s at %s: %s %.1f > %.1f", event.scan_id, event.position,
                          event.score_name, event.score, event.threshold)
