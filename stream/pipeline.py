@@ -175,6 +175,13 @@ class PipelineThread:
                 self.orphans[self._refused[item.scan_id]] += n  # the refusal was logged once, at its start
             elif cur is not None and not cur.ended and item.scan_id in self._seen_ids:
                 cur.stale(n, item.scan_id)
+            elif item.scan_id not in self._seen_ids:  # e.g. a subscriber that joined after the start was sent
+                self.orphans["no_start"] += n
+                if self._no_start_logged != item.scan_id:  # once per scan, not per message
+                    self._no_start_logged = item.scan_id
+                    log.warning("frames of scan %s arrive without its start message; they are counted (no_start) "
+                                "and dropped until a scan starts (did the service join a stream mid-scan?)",
+                                item.scan_id)
             else:
                 self.orphans["stale"] += n
                 log.warning("%d frame(s) of scan %s arrived after it ended", n, item.scan_id)

@@ -71,6 +71,7 @@ class Service(PipelineThread):
         self._n_failures = 0  # failures ever reported (the list keeps the newest 50)
         self._seen_ids: set[str] = set()
         self._refused: dict[str, str] = {}  # scan id -> orphan reason for its frames (rejected or failed scans)
+        self._no_start_logged: str | None = None  # the scan whose frames without a start were logged last
         self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
         self._finish_q: queue.Queue[Scan] = queue.Queue()
         self._rate = RateMeter()
