@@ -204,16 +204,22 @@ class DefectMap:
     refresh only when more complete rows are in, at most once per ``min_interval`` s and for at most a
     ``busy`` share of the time (a 512x512 map takes about 1.5 s); snapshots and the trainer get the last
     ones, so their own cadence never pays for it (before the first: NaN, no threshold, no alarms).
+    While frames arrive faster than ``fast_fps`` (the caller's ``rate``) the share is ``busy_fast``: then
+    ingest needs every cycle (on 2 cores a 20% share cost 256x256-frame ingest a tenth of its rate,
+    bench/ingest.py) and the scan is over within seconds, before a steering client could act on a map.
     """
 
-    def __init__(self, threshold: float = THRESHOLD, min_interval: float = 0.2, busy: float = 0.2):
+    def __init__(self, threshold: float = THRESHOLD, min_interval: float = 0.2, busy: float = 0.2,
+                 busy_fast: float = 0.02, fast_fps: float = 5000.0):
         self.threshold, self.min_interval, self.busy = threshold, min_interval, busy
+        self.busy_fast, self.fast_fps = busy_fast, fast_fps
         self._key: tuple | None = None
         self._maps: dict[str, np.ndarray] = {}
         self._next = 0.0
         self._lock = threading.Lock()  # the publisher, the events and the finisher threads all ask
 
-    def maps(self, scan_maps: dict[str, np.ndarray], ended: bool = False, refresh: bool = False) -> dict[str, np.ndarray]:
+    def maps(self, scan_maps: dict[str, np.ndarray], ended: bool = False, refresh: bool = False,
+             rate: float = 0.0) -> dict[str, np.ndarray]:
         if "vadf" not in scan_maps or "filled" not in scan_maps:
             return {}
         filled = np.asarray(scan_maps["filled"], dtype=bool)
@@ -229,5 +235,6 @@ class DefectMap:
             self._maps = defect_maps(scan_maps["vadf"], filled, self.threshold)
             self._key = key
             now = time.monotonic()
-            self._next = now + max(self.min_interval, (now - t) * (1 / self.busy - 1))
+            busy = self.busy_fast if rate > self.fast_fps else self.busy
+            self._next = now + max(self.min_interval, (now - t) * (1 / busy - 1))
             return self._maps

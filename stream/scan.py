@@ -322,8 +322,15 @@ class Scan:
         # position are written before its ``filled`` flag and never change afterwards.
         out.update(self._positions.snapshot(filled))
         out[Arrays.FILLED] = filled.reshape(self.scan_shape)
-        out.update(self._defects.maps(out, self.ended, refresh=score_defects))
+        out.update(self._defects.maps(out, self.ended, refresh=score_defects, rate=self.frame_rate()))
         return out
+
+    def frame_rate(self) -> float:
+        """Frames taken per second since the first (0 before two frames)."""
+        if self.first_frame_at is None:
+            return 0.0
+        dt = time.perf_counter() - self.first_frame_at
+        return self.counters["received"] / dt if dt > 0 else 0.0
 
     @property
     def com_unit(self) -> str:

@@ -116,3 +116,17 @@ def test_the_scan_keeps_its_defect_map_until_a_row_completes_or_it_ends():
     assert second is not first and np.isfinite(second[D.ANOMALY][40]).any()
     assert cache.maps({"vadf": vadf, "filled": filled}, ended=True) is not second
     assert cache.maps({"filled": filled}) == {}
+
+
+def test_while_frames_arrive_fast_the_map_is_redone_less_often():
+    vadf = lattice_map(site=site_near(20, 20))
+    filled = np.zeros((64, 64), bool)
+    slow, fast = D.DefectMap(min_interval=0.0, busy=1.0, busy_fast=1e-6), D.DefectMap(min_interval=0.0, busy=1.0,
+                                                                                        busy_fast=1e-6)
+    for rows in (30, 31):  # a new complete row each time: due at once at a slow rate, not at a fast one
+        filled[:rows] = True
+        a = slow.maps({"vadf": vadf, "filled": filled}, refresh=True, rate=100.0)
+        b = fast.maps({"vadf": vadf, "filled": filled}, refresh=True, rate=1e5)
+    assert np.isfinite(a[D.ANOMALY][30]).any()  # the slow scan's map has row 30
+    assert not np.isfinite(b[D.ANOMALY][30]).any()  # the fast one's is still the map of 30 rows
+    assert np.isfinite(fast.maps({"vadf": vadf, "filled": filled}, ended=True)[D.ANOMALY][30]).any()  # the end redoes it
