@@ -224,26 +224,3 @@ def test_the_consolidation_is_shorter_the_longer_the_scan_trained():
     clock.t = 8.0 + 13.0
     run.advance()
     assert run.phase == "done"
-
-
-def test_the_consolidation_keeps_the_model_whose_maps_agree_best_with_the_com():
-    run = TrainingRun(ArrayScan.complete(tilted_discs()), config(select="com", patience=100), clock=FakeClock())
-    assert run.build()
-    for _ in range(30):
-        run.step()
-    run.begin_consolidation()  # scores the model as it is: the first candidate
-    good, step = run.encode().arrays, run.step_count
-    with torch.no_grad():  # every frame now encodes to the same latents and angle: no agreement with the COM
-        run.model.encoder.mean.weight.zero_()
-        run.model.encoder.mean.bias.zero_()
-    assert np.ptp(run.encode().arrays[ROTATION]) == 0
-    run.evaluate()
-    final = run.finish()
-    assert run.best_step == step
-    np.testing.assert_allclose(final.arrays[ROTATION], good[ROTATION], atol=1e-6)
-    np.testing.assert_allclose(final.arrays[LATENT], good[LATENT], atol=1e-6)
-
-
-def test_select_must_be_com_or_elbo():
-    with pytest.raises(ValueError, match="select must be 'com' or 'elbo'"):
-        config(select="loss")
