@@ -75,12 +75,6 @@ class TrainerConfig:
     scan_credit: float = 2.0
     consolidate_steps: int = 2000  # step bound of the consolidation phase; the lr schedule's length
     patience: int = 4  # consolidation ends after this many held-out evaluations without a new best
-    # which model the consolidation keeps: "com", the one whose maps agree best with the COM (the smaller of the
-    # rotation's circular r and the best latent's |r|, on select_positions random positions): the paper's own
-    # criterion, "the number of iterations that provide the strongest correlation", as its results "degrade if
-    # too many iterations are performed"; "elbo": the best held-out ELBO
-    select: str = "com"
-    select_positions: int = 4096
     min_improvement: float = 1e-3  # a new best must beat the old by this share of its |ELBO|
     consolidate_eval_steps: int = 50  # held-out evaluation every this many steps while consolidating
     refresh_seconds: float = 0.5  # re-encode the maps this often (at least 5x the encode time)
@@ -99,8 +93,6 @@ class TrainerConfig:
                              "(use TrainerConfig.from_dict for a plain dict)")
         if self.batch_size < 1 or (self.pixels is not None and self.pixels < 1):
             raise ValueError("batch_size and pixels must be positive (pixels=None decodes all)")
-        if self.select not in ("com", "elbo"):
-            raise ValueError(f"select must be 'com' or 'elbo', not {self.select!r}")
         if not (isinstance(self.mask, (int, float)) or self.mask in ("auto", None)):
             raise ValueError(f"mask must be 'auto', a radius in grid units or None, not {self.mask!r}")
 

@@ -27,8 +27,6 @@ pixels. NaN where no frame has arrived.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -148,44 +146,3 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
         sigma[part] = (sq * w).mean(1).sqrt().cpu().numpy()
     return {ROTATION: rotation.reshape(ny, nx), LATENT: latent.reshape(d, ny, nx),  # (N,) -> (ny, nx)
             RECON_ERROR: recon_error.reshape(ny, nx), RECON_SIGMA: sigma.reshape(ny, nx)}
-
-
-@torch.no_grad()
-def refine_angles(model: RRVAE, x: torch.Tensor, lat: torch.Tensor, pixels: torch.Tensor | None,
-                  span: float, steps: int, rows: int = 4 * ROWS) -> torch.Tensor:
-    """Posterior means ``lat`` (b, n_lat) with each angle moved to the one the decoder explains ``x`` best by.
-
-    The encoder's angle is an amortised guess; with the content latents fixed, the angle that minimises the
-    (noise-weighted) squared error of the reconstruction on ``pixels`` is a search over one number: the
-    ``steps`` offsets evenly spaced over [-span, span] (the whole circle if ``span >= pi``), then a parabola
-    through the best one and its neighbours. x (b, P) model input, on the model's device. Returns a new tensor.
-    """
-    if steps < 2 or span <= 0 or not len(lat):
-        return lat.clone()
-    full = span >= math.pi
-    step = 2 * math.pi / steps if full else 2 * span / (steps - 1)
-    offsets = torch.arange(steps, device=lat.device, dtype=lat.dtype) * step - (math.pi if full else span)
-    target = x if pixels is None else x[:, pixels]  # (b, k)
-    w = model.weights(pixels)
-    per = max(1, rows // (steps * target.shape[1]))  # images per decoder call
-    err = torch.empty(len(lat), steps, device=lat.device, dtype=lat.dtype)
-    for lo in range(0, len(lat), per):
-        part = lat[lo:lo + per]
-        trial = part.repeat_interleave(steps, 0)  # (b * steps, n_lat)
-        trial[:, 0] += offsets.repeat(len(part))
-        sq = (model.decode(trial, pixels).view(len(part), steps, -1) - target[lo:lo + per, None]) ** 2
-        err[lo:lo + per] = (sq if w is None else sq * w).sum(-1)  # (b, steps)
-    best = err.argmin(1)  # (b,)
-    left, right = best - 1, best + 1
-    if full:
-        left, right = left % steps, right % steps
-    edge = (left < 0) | (right >= steps)
-    e0 = err.gather(1, left.clamp(0, steps - 1)[:, None])[:, 0]
-    e1 = err.gather(1, best[:, None])[:, 0]
-    e2 = err.gather(1, right.clamp(0, steps - 1)[:, None])[:, 0]
-    curv = e0 - 2 * e1 + e2
-    frac = torch.where((curv > 0) & ~edge, 0.5 * (e0 - e2) / curv.clamp_min(1e-30), torch.zeros_like(curv))
-    phi = lat[:, 0] + offsets[best] + frac.clamp(-0.5, 0.5) * step
-    out = lat.clone()
-    out[:, 0] = torch.atan2(torch.sin(phi), torch.cos(phi))
-    return out

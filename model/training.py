@@ -15,9 +15,8 @@ waits for it. Its phases (``phase``):
 3. consolidating (``begin_consolidation()``, once the scan has ended):
    uniform batches over all frames, the learning rate falling on with the
    steps (``learning_rate``), a held-out evaluation every
-   ``consolidate_eval_steps``; ``evaluate()`` keeps the best model (``select``:
-   by its maps' agreement with the COM, the paper's criterion, or by held-out
-   ELBO), and the consolidation ends once ``patience`` evaluations in a row
+   ``consolidate_eval_steps``; ``evaluate()`` keeps the best model by held-out
+   ELBO, and the consolidation ends once ``patience`` evaluations in a row
    brought no new best (or at ``consolidate_steps``, or ``consolidate_seconds``).
 4. done (``finish()``): the best model is loaded and every frame encoded.
 
@@ -104,8 +103,7 @@ class TrainingRun:
         self._last: dict[str, float] = {}
         self._last_elbo: float | None = None
         self._hist: dict[str, list] = {k: [] for k in HISTORIES}
-        self._best, self._best_score = None, math.inf
-        self._select_idx, self._select_com = np.zeros(0, dtype=np.int64), None
+        self._best, self._best_elbo = None, math.inf
         self._evals_since_best = 0
         self._eval_pixels = self._eval_eps = self._heldout_idx = None
         self._next_eval = self._next_refresh = math.inf
@@ -242,9 +240,8 @@ class TrainingRun:
     def evaluate(self) -> float | None:
         """The held-out ELBO (fixed noise, fixed pixels), also in the histories; None with no held-out frame.
 
-        While consolidating, the best model so far is kept for ``finish()``: by its maps' agreement with
-        the COM (``select="com"``, ``_agreement``) or by this ELBO; ``stalled()`` says whether
-        ``patience`` evaluations in a row brought no new best.
+        While consolidating, the best model so far by this ELBO is kept for ``finish()``, and
+        ``stalled()`` says whether ``patience`` evaluations in a row brought no new best.
         """
         s = self.sampler
         if s.heldout_changed or self._eval_eps is None:
@@ -264,11 +261,9 @@ class TrainingRun:
             recon = torch.cat([m.decode(lat[i:i + n], self._eval_pixels) for i in range(0, len(lat), n)])
             elbo = float(m.loss(x, {"mean": mean, "logsd": logsd, "recon": recon}, self._eval_pixels)["loss"])
             if self.phase == "consolidating":
-                agreement = self._agreement(m) if self.cfg.select == "com" else None
-                score = elbo if agreement is None else -agreement
-                best = self._best_score
-                if score < best - self.cfg.min_improvement * abs(best if math.isfinite(best) else 0.0):
-                    self._best, self._best_score, self.best_step = copy.deepcopy(m.state_dict()), score, self.step_count
+                if elbo < self._best_elbo - self.cfg.min_improvement * abs(self._best_elbo if
+                                                                        math.isfinite(self._best_elbo) else 0.0):
+                    self._best, self._best_elbo, self.best_step = copy.deepcopy(m.state_dict()), elbo, self.step_count
                     self._evals_since_best = 0
                 else:
                     self._evals_since_best += 1
@@ -279,17 +274,6 @@ class TrainingRun:
                          (LATENT_R_MAX, self._metrics.get(LATENT_R_MAX, math.nan))):
                 self._hist[k].append(v)
         return elbo
-
-    def _agreement(self, model: RRVAE) -> float | None:
-        """The smaller of the rotation's and the best latent's agreement with the COM (``metrics.com_metrics``)
-        on the consolidation's fixed positions; None if neither is defined. The caller holds the model lock."""
-        filled = np.zeros(len(self.scan.filled), dtype=bool)
-        filled[self._select_idx] = True
-        arrays = encode.encode_scan(model, self.scan.frames, filled, self.scan.scan_shape, self.mean, self.gain,
-                                    self.device, self._eval_pixels, np.zeros(0, dtype=np.int64))
-        found = metrics.com_metrics(arrays, self._select_com)
-        values = [v for v in (found["rotation_r"], found["latent_r_max"]) if np.isfinite(v)]
-        return min(values) if values else None
 
     def encode(self, filled: np.ndarray | None = None, recon_index: np.ndarray | None = None) -> ModelMaps:
         """The maps of the ``filled`` frames (default: all filled now) with the current model, published nowhere.
@@ -338,7 +322,7 @@ class TrainingRun:
 
     def begin_consolidation(self) -> None:
         """At scan end: take in the last frames and the final mean, freeze the PCA basis, and from now on train
-        on uniform batches over all frames, keeping the best model (``select``)."""
+        on uniform batches over all frames, keeping the best model by held-out ELBO."""
         if not self.built:
             raise ValueError("no model yet: begin_consolidation() needs build() to have succeeded")
         if not self.scan.ended:
@@ -350,12 +334,8 @@ class TrainingRun:
         self._consolidation_t0 = self.clock()
         self._deadline = self._consolidation_t0 + consolidation_seconds(self.cfg, self._consolidation_t0 - self._t_built)
         self._step_limit = self.step_count + self.cfg.consolidate_steps
-        self._best, self._best_score, self._evals_since_best = None, math.inf, 0
+        self._best, self._best_elbo, self._evals_since_best = None, math.inf, 0
         self._consolidation_step0 = self.step_count
-        idx = np.flatnonzero(self.scan.filled)
-        if len(idx) > self.cfg.select_positions:
-            idx = np.sort(np.random.default_rng(self.cfg.seed + 3).choice(idx, self.cfg.select_positions, replace=False))
-        self._select_idx, self._select_com = idx, self.scan.com_maps()
         self.evaluate()
 
     def consolidation_progress(self) -> float:
