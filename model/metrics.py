@@ -8,16 +8,22 @@
   angle's prior has no mean term), its sense may be reversed (the paper saw
   "reversed polarity"), and for a pattern with n-fold symmetry only n*phi is
   determined. So both angles are multiplied by n, for n in 1..max_fold, and
-  compared with the Jammalamadaka-SenGupta circular correlation
+  compared with the Fisher-Lee circular correlation (Fisher and Lee 1983)
 
-      r = sum w sin(a - abar) sin(b - bbar) / sqrt(sum w sin^2(a - abar) * sum w sin^2(b - bbar))
+      r = sum_ij w_i w_j sin(a_i - a_j) sin(b_i - b_j)
+          / sqrt(sum_ij w_i w_j sin^2(a_i - a_j) * sum_ij w_i w_j sin^2(b_i - b_j))
 
-  (abar, bbar: weighted circular means), which is +1 for b = a + c, -1 for
-  b = -a + c, and 0 for unrelated angles. The reported value is the largest
+  which is +1 for b = a + c, -1 for b = -a + c, and 0 for unrelated angles,
+  whatever the angles' spread. It is computed in O(N) (``fisher_lee``). The
+  Jammalamadaka-SenGupta coefficient used before measures each angle from its
+  circular mean, which is undefined for angles that go round the whole circle,
+  as the COM angle does round every atom: on a multislice graphene scan whose
+  rotation map matched the COM angle to +-10 degrees at 97% of the weight (the
+  mean resultant of their difference 0.998), it gave 0.79 at n = 1 (Fisher-Lee
+  0.996), and the best n then looked like 6. The reported value is the largest
   |r| over n (at the smallest n within ``FOLD_TOLERANCE`` of it), with the n,
-  the sign and the offset that give it. Weights
-  (optional, typically the COM magnitude) make positions with a well-defined
-  COM angle count more.
+  the sign and the offset that give it. Weights (optional, typically the COM
+  magnitude) make positions with a well-defined COM angle count more.
 """
 
 from __future__ import annotations
@@ -58,14 +64,19 @@ def latent_pearson(latent: np.ndarray, com_magnitude: np.ndarray, filled: np.nda
     return [pearson(lat, com_magnitude, filled) for lat in latent]
 
 
-def circular_correlation(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Weighted Jammalamadaka-SenGupta circular correlation of angle arrays (finite values only)."""
+def fisher_lee(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Weighted Fisher-Lee circular correlation of angle arrays (finite values only); 0 if either is constant.
+
+    The sums over pairs come from sums over single angles: with s, c = sin a, cos a and t, u = sin b, cos b,
+    sum_ij w_i w_j sin(a_i - a_j) sin(b_i - b_j) = 2 [(sum w s t)(sum w c u) - (sum w s u)(sum w c t)].
+    """
     w = np.ones_like(a) if weights is None else weights
-    abar = np.angle((w * np.exp(1j * a)).sum())
-    bbar = np.angle((w * np.exp(1j * b)).sum())
-    sa, sb = np.sin(a - abar), np.sin(b - bbar)
-    den = np.sqrt((w * sa * sa).sum() * (w * sb * sb).sum())
-    return float((w * sa * sb).sum() / den) if den > 0 else 0.0
+    s, c, t, u = np.sin(a), np.cos(a), np.sin(b), np.cos(b)
+    ab = (w * s * t).sum() * (w * c * u).sum() - (w * s * u).sum() * (w * c * t).sum()
+    aa = (w * s * s).sum() * (w * c * c).sum() - (w * s * c).sum() ** 2
+    bb = (w * t * t).sum() * (w * u * u).sum() - (w * t * u).sum() ** 2
+    den = np.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
+    return float(np.clip(ab / den, -1.0, 1.0)) if den > 0 else 0.0
 
 
 def rotation_correlation(rotation: np.ndarray, com_angle: np.ndarray, weights: np.ndarray | None = None,
@@ -87,7 +98,7 @@ def rotation_correlation(rotation: np.ndarray, com_angle: np.ndarray, weights: n
         return {"r": float("nan"), "fold": 0, "sign": 0, "offset": float("nan"), "by_fold": []}
     phi, theta = rotation[ok], com_angle[ok]
     w = None if weights is None else weights[ok]
-    by_fold = [circular_correlation(n * phi, n * theta, w) for n in range(1, max_fold + 1)]
+    by_fold = [fisher_lee(n * phi, n * theta, w) for n in range(1, max_fold + 1)]
     best = float(np.max(np.abs(by_fold)))
     n = 1 + int(np.flatnonzero(np.abs(by_fold) >= best - FOLD_TOLERANCE)[0])  # multiples of n fit as well
     sign = 1 if by_fold[n - 1] >= 0 else -1

@@ -76,3 +76,25 @@ def test_latent_pearson_nan_aware_and_filled():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in shape"):
         metrics.rotation_correlation(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+def test_fisher_lee_equals_its_definition_over_pairs():
+    rng = np.random.default_rng(3)
+    a, b, w = rng.uniform(-np.pi, np.pi, 40), rng.uniform(-np.pi, np.pi, 40), rng.uniform(0, 2, 40)
+    b = wrap(0.7 * a + b * 0.5)
+    da, db = a[:, None] - a[None], b[:, None] - b[None]  # (40, 40) all pairs
+    ww = w[:, None] * w[None]
+    pairs = (ww * np.sin(da) * np.sin(db)).sum() / np.sqrt((ww * np.sin(da) ** 2).sum() * (ww * np.sin(db) ** 2).sum())
+    assert metrics.fisher_lee(a, b, w) == pytest.approx(pairs, abs=1e-12)
+
+
+def test_angles_round_a_vortex_agree_whatever_their_mean():
+    # the COM angle goes round every atom: its circular mean is undefined. A map that follows it to +-0.1 rad
+    # (plus an offset) agrees at about exp(-0.1^2) whatever that mean would be
+    y, x = np.mgrid[-20:21, -20:21].astype(float)
+    com = np.arctan2(y, x)
+    mag = np.hypot(x, y)
+    rot = wrap(com + 2.5 + np.random.default_rng(4).normal(0, 0.1, com.shape))
+    out = metrics.rotation_correlation(rot, com, weights=mag)
+    assert out["fold"] == 1 and out["sign"] == 1 and 0.97 < out["r"] < 1.0
+    assert out["offset"] == pytest.approx(2.5, abs=0.01)
