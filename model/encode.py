@@ -16,7 +16,11 @@ variance ``max(scale * mean, 1)`` in scaled counts (at least one count), and
 
 Maps (named in ``interface.MAPS``): ``rotation`` (ny, nx) = the angle's
 posterior mean phi (rad, see ``rrvae.py`` for its sign), ``latent``
-(d, ny, nx) = the content posterior means, ``recon_error`` (ny, nx) = mean
+(d, ny, nx) = the content posterior means in their principal axes over the
+scan (``principal_axes``: latent 0 varies most; the prior N(0, I) is the
+same in any rotation of them, so nothing else fixes their axes while the
+model trains, and one quantity the frames show, such as the COM magnitude,
+can lie along a diagonal of two), ``recon_error`` (ny, nx) = mean
 squared error per pixel of the reconstruction from the posterior means, in
 input units, and ``recon_sigma`` (ny, nx) = the same error in units of the
 expected Poisson noise: sqrt(mean over pixels of w_p (x_p - xhat_p)^2), about
@@ -100,6 +104,23 @@ def noise_weight(model: RRVAE, mean: np.ndarray, gain: float, scale: float) -> t
     return (scale / gain) ** 2 / counts
 
 
+def principal_axes(z: np.ndarray) -> np.ndarray:
+    """(d, d) orthogonal matrix whose rows are the principal directions of latents ``z`` (N, d), largest first.
+
+    Each row's largest component is positive, so that the axes keep their sense from one refresh to the next.
+    ``principal_axes(z) @ z.T`` are the latents in those axes.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    d = z.shape[1]
+    if len(z) < 2 or d < 2:
+        return np.eye(d)
+    zc = z - z.mean(axis=0)
+    values, vectors = np.linalg.eigh(zc.T @ zc)  # ascending
+    axes = vectors[:, ::-1].T  # (d, d) rows = directions, largest variance first
+    big = np.argmax(np.abs(axes), axis=1)
+    return axes * np.sign(axes[np.arange(d), big])[:, None]
+
+
 def prepare(model: RRVAE, frames: np.ndarray, mean: np.ndarray, gain: float, device) -> torch.Tensor:
     """(B, h, w) raw binned frames -> (B, P) model input on ``device`` (the encoder denoises it itself)."""
     x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device)
@@ -134,6 +155,8 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
         rotation[part] = mu_np[:, 0]
         latent[:, part] = mu_np[:, 1 + model.n_shift:].T
         means.update(zip(part.tolist(), mu))
+    if len(idx):
+        latent[:, idx] = (principal_axes(latent[:, idx].T) @ latent[:, idx]).astype(np.float32)
     todo = idx if recon_index is None else np.intersect1d(idx, recon_index)
     n_dec = max(1, ROWS // (model.n_pixels if recon_pixels is None else len(recon_pixels)))
     for lo in range(0, len(todo), n_dec):
