@@ -62,6 +62,10 @@ class TrainerConfig:
     # noise model (encode.count_scale): data brighter than this, or not integer counts, is treated as counts at
     # this dose (electrons per pattern); below it, integer frames are Poisson counts as they are
     dose_cap: float = 1e6
+    # frames that are not counts (noise-free simulations, gain-corrected data) are trained on as Poisson draws at
+    # dose_cap electrons per pattern (encode.prepare): the detail finer than that dose's noise is not fitted.
+    # Multislice graphene, noise-free, 2,000 frames/s: see the commit log
+    resample: bool = True
     # unused since the defect map (stream/defects.py) raises the alarms; kept so configs saved with it still load
     alarm_sigma: float = 40.0
     # consolidation (after the last frame) and cadence

@@ -121,11 +121,19 @@ def principal_axes(z: np.ndarray) -> np.ndarray:
     return axes * np.sign(axes[np.arange(d), big])[:, None]
 
 
-def prepare(model: RRVAE, frames: np.ndarray, mean: np.ndarray, gain: float, device) -> torch.Tensor:
-    """(B, h, w) raw binned frames -> (B, P) model input on ``device`` (the encoder denoises it itself)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device)
-    m = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32)).to(device)
-    return model.flatten((x - m) * gain)
+def prepare(model: RRVAE, frames: np.ndarray, mean: np.ndarray, gain: float, device,
+            resample: float | None = None) -> torch.Tensor:
+    """(B, h, w) raw binned frames -> (B, P) model input on ``device`` (the encoder denoises it itself).
+
+    ``resample`` (a ``count_scale``): each model pixel is first replaced by a Poisson draw of its counts at that
+    scale, divided by it again: frames that are not counts (noise-free, gain-corrected) then carry the counting
+    noise of ``dose_cap`` electrons per pattern, and the model is not trained to fit finer detail than that.
+    """
+    x = model.flatten(torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device))  # (B, P)
+    m = model.flatten(torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32)).to(device)[None])  # (1, P)
+    if resample:
+        x = torch.poisson(x.clamp_min(0) * resample) / resample
+    return (x - m) * gain
 
 
 @torch.no_grad()

@@ -91,6 +91,7 @@ class TrainingRun:
         self.images_seen = 0
         self.gain: float | None = previous.gain if fits else None  #: the input gain, frozen by build()
         self.scale: float | None = None  #: counts per stored unit, this scan's own (build())
+        self.resample: float | None = None  #: the scale training batches are Poisson-resampled at (not counts)
         self.mean: np.ndarray | None = None  #: (h, w) the mean pattern subtracted from the inputs now
         self.best_step: int | None = None  #: the step of the best model while consolidating
         self.sampler = FrameSampler(len(scan.filled), config.heldout, np.random.default_rng(config.seed))
@@ -162,6 +163,7 @@ class TrainingRun:
                                           counts=cfg.signal_gain and encode.is_counts(frames))
         if self.scale is None:
             self.scale = encode.count_scale(frames, cfg.dose_cap)
+        self.resample = self.scale if cfg.resample and not encode.is_counts(frames) else None
         self.set_mean(mean)
         if not self.warm:
             self.refresh_basis()
@@ -182,7 +184,8 @@ class TrainingRun:
         idx = s.sample(cfg.batch_size, cfg.new_fraction if running else 0.0, cfg.recent)
         if running:
             self.set_mean(self.scan.mean_pattern())
-        x = encode.prepare(self.model, self.scan.frames[idx], self.mean, self.gain, self.device)  # (B, P)
+        x = encode.prepare(self.model, self.scan.frames[idx], self.mean, self.gain, self.device,
+                           self.resample)  # (B, P)
         pixels = None
         if cfg.pixels is not None and cfg.pixels < self.model.n_pixels:
             pixels = torch.randperm(self.model.n_pixels, generator=self._gen)[:cfg.pixels].to(self.device)

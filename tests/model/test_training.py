@@ -225,3 +225,14 @@ def test_the_consolidation_is_shorter_the_longer_the_scan_trained():
     clock.t = 8.0 + 13.0
     run.advance()
     assert run.phase == "done"
+
+
+def test_only_frames_that_are_not_counts_are_resampled():
+    smooth = tilted_discs()  # expected intensities, not counts
+    run = TrainingRun(ArrayScan.complete(smooth), config())
+    assert run.build() and run.resample == run.scale and 0 < run.scale
+    counted = np.random.default_rng(0).poisson(smooth * 50).astype(np.float32)
+    run = TrainingRun(ArrayScan.complete(counted), config())
+    assert run.build() and run.resample is None
+    off = TrainingRun(ArrayScan.complete(smooth), config(resample=False))
+    assert off.build() and off.resample is None
