@@ -13,7 +13,11 @@ Scoring reads the whole scan (its maps, an FFT of the VADF map), so its cost
 grows with the scan. New rows are scored within a CPU budget
 (``workers.Budget``, ``share`` of one core): at 512x512 positions and detector
 rate a row completes every few ms, and scoring each would compete with ingest.
-A model refresh and the scan's end are scored at the next tick.
+While frames arrive faster than ``fast_fps`` the share is ``share_fast``, as
+for the defect map (``defects.DefectMap``): then ingest needs every cycle (on
+2 cores the 5% share cost 256x256-frame ingest about 3 us of CPU per frame,
+bench/ingest.py) and the scan is over within seconds. A model refresh and the
+scan's end are scored at the next tick.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ class EventSource(Protocol):
 
 
 class Watch:
-    def __init__(self, events: EventPublisher, steering: Steering, period: float = 0.1, share: float = 0.05):
+    def __init__(self, events: EventPublisher, steering: Steering, period: float = 0.1, share: float = 0.05,
+                 share_fast: float = 0.01, fast_fps: float = 5000.0):
         self.events, self.steering, self.period = events, steering, period
         self.budget = Budget(share, floor=period)  # for scoring new rows: the work grows with the scan
+        self.share, self.share_fast, self.fast_fps = share, share_fast, fast_fps
         self.convergence = Convergence()
         self._finders: dict[str, AnomalyFinder] = {}  # by scan id, the last few (a scan's final scoring may
         # come after the events thread took up the next scan)
@@ -103,6 +109,7 @@ class Watch:
             self._score(scan, model_maps, rows)
         elif key != self._last and not (only_rows and not self.budget.due()):
             self._last = key
+            self.budget.share = self.share_fast if scan.frame_rate() > self.fast_fps else self.share
             self.budget.run(self._score, scan, model_maps, rows)
         elbo = histories.get(names.HELDOUT_ELBO)
         if elbo is not None and len(elbo):
