@@ -115,7 +115,7 @@ def principal_axes(z: np.ndarray) -> np.ndarray:
     if len(z) < 2 or d < 2:
         return np.eye(d)
     zc = z - z.mean(axis=0)
-    values, vectors = np.linalg.eigh(zc.T @ zc)  # ascending
+    _, vectors = np.linalg.eigh(zc.T @ zc)  # ascending eigenvalues
     axes = vectors[:, ::-1].T  # (d, d) rows = directions, largest variance first
     big = np.argmax(np.abs(axes), axis=1)
     return axes * np.sign(axes[np.arange(d), big])[:, None]

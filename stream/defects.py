@@ -40,9 +40,10 @@ e/pattern): ``docs/steering.md``, "The defect map".
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
+
+from rrstem.stream.workers import Budget
 
 ANOMALY = "anomaly"  #: (ny, nx) float32 defect score (this module's units), NaN where not scored
 ALARMS = "alarms"  #: (k, 2) int32 [y, x] of the positions above the threshold, highest first
@@ -211,11 +212,10 @@ class DefectMap:
 
     def __init__(self, threshold: float = THRESHOLD, min_interval: float = 0.2, busy: float = 0.2,
                  busy_fast: float = 0.02, fast_fps: float = 5000.0):
-        self.threshold, self.min_interval, self.busy = threshold, min_interval, busy
-        self.busy_fast, self.fast_fps = busy_fast, fast_fps
+        self.threshold = threshold
+        self._budget = Budget(busy, floor=min_interval, fast_share=busy_fast, fast_fps=fast_fps)
         self._key: tuple | None = None
         self._maps: dict[str, np.ndarray] = {}
-        self._next = 0.0
         self._lock = threading.Lock()  # the publisher, the events and the finisher threads all ask
 
     def maps(self, scan_maps: dict[str, np.ndarray], ended: bool = False, refresh: bool = False,
@@ -229,12 +229,8 @@ class DefectMap:
                 return self._maps or {ANOMALY: np.full(filled.shape, np.nan, dtype=np.float32),
                                       ALARMS: np.zeros((0, 2), dtype=np.int32),
                                       ALARM_THRESHOLD: np.array(np.inf, dtype=np.float32)}
-            if key == self._key or (not ended and self._maps and time.monotonic() < self._next):
+            if key == self._key or (not ended and self._maps and not self._budget.due()):
                 return self._maps
-            t = time.monotonic()
-            self._maps = defect_maps(scan_maps["vadf"], filled, self.threshold)
+            self._maps = self._budget.run(defect_maps, scan_maps["vadf"], filled, self.threshold, rate=rate)
             self._key = key
-            now = time.monotonic()
-            busy = self.busy_fast if rate > self.fast_fps else self.busy
-            self._next = now + max(self.min_interval, (now - t) * (1 / busy - 1))
             return self._maps

@@ -49,8 +49,8 @@ class Watch:
     def __init__(self, events: EventPublisher, steering: Steering, period: float = 0.1, share: float = 0.05,
                  share_fast: float = 0.01, fast_fps: float = 5000.0):
         self.events, self.steering, self.period = events, steering, period
-        self.budget = Budget(share, floor=period)  # for scoring new rows: the work grows with the scan
-        self.share, self.share_fast, self.fast_fps = share, share_fast, fast_fps
+        # for scoring new rows: the work grows with the scan
+        self.budget = Budget(share, floor=period, fast_share=share_fast, fast_fps=fast_fps)
         self.convergence = Convergence()
         self._finders: dict[str, AnomalyFinder] = {}  # by scan id, the last few (a scan's final scoring may
         # come after the events thread took up the next scan)
@@ -109,8 +109,7 @@ class Watch:
             self._score(scan, model_maps, rows)
         elif key != self._last and not (only_rows and not self.budget.due()):
             self._last = key
-            self.budget.share = self.share_fast if scan.frame_rate() > self.fast_fps else self.share
-            self.budget.run(self._score, scan, model_maps, rows)
+            self.budget.run(self._score, scan, model_maps, rows, rate=scan.frame_rate())
         elbo = histories.get(names.HELDOUT_ELBO)
         if elbo is not None and len(elbo):
             event = self.convergence.check(scan.scan_id, elbo, histories.get(names.EVAL_STEP))

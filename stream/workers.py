@@ -55,28 +55,37 @@ class Budget:
     next one is due ``t / share`` after that run started, and never sooner
     than ``floor`` seconds, so the work costs at most ``share`` of a core
     whatever the scan's size and the ingest rate. Wall time is used: under
-    load a run takes longer and the pause grows with it.
+    load a run takes longer and the pause grows with it. While frames arrive
+    faster than ``fast_fps`` (the ``rate`` a run is told) the share is
+    ``fast_share``: then ingest needs every cycle and the scan is over within
+    seconds.
     """
 
-    def __init__(self, share: float = 0.1, floor: float = 0.0):
-        if not 0 < share <= 1:
-            raise ValueError(f"a budget's share of a core is in (0, 1], not {share}")
-        self.share, self.floor = share, floor
+    def __init__(self, share: float = 0.1, floor: float = 0.0, fast_share: float | None = None,
+                 fast_fps: float = 5000.0):
+        fast_share = share if fast_share is None else fast_share
+        for value in (share, fast_share):
+            if not 0 < value <= 1:
+                raise ValueError(f"a budget's share of a core is in (0, 1], not {value}")
+        self.share, self.floor, self.fast_share, self.fast_fps = share, floor, fast_share, fast_fps
         self.next = 0.0  # time.monotonic() when the next run is due
         self.last_seconds = 0.0  # what the last run took
 
     def due(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) >= self.next
 
-    def spent(self, started: float, seconds: float) -> None:
-        """A run that began at ``started`` (monotonic) took ``seconds``: set when the next one is due."""
+    def spent(self, started: float, seconds: float, rate: float = 0.0) -> None:
+        """A run that began at ``started`` (monotonic) took ``seconds`` while frames arrived at ``rate`` per
+        second: set when the next one is due."""
         self.last_seconds = seconds
-        self.next = started + max(self.floor, seconds / self.share)
+        share = self.fast_share if rate > self.fast_fps else self.share
+        self.next = started + max(self.floor, seconds / share)
 
-    def run(self, fn: Callable, *args):
-        """``fn(*args)``, timed: its cost decides when the next run is due. Returns what ``fn`` returned."""
+    def run(self, fn: Callable, *args, rate: float = 0.0):
+        """``fn(*args)``, timed: its cost (and ``rate``, see ``spent``) decides when the next run is due.
+        Returns what ``fn`` returned."""
         t0 = time.monotonic()
         try:
             return fn(*args)
         finally:
-            self.spent(t0, time.monotonic() - t0)
+            self.spent(t0, time.monotonic() - t0, rate)

@@ -147,3 +147,14 @@ def test_a_budget_keeps_work_to_its_share_of_a_core():
     assert budget.run(lambda a, b: a + b, 2, 3) == 5 and budget.last_seconds >= 0
     with pytest.raises(ValueError):
         Budget(share=0)
+
+
+def test_a_budget_takes_its_fast_share_while_frames_arrive_fast():
+    budget = Budget(share=0.1, floor=0.0, fast_share=0.01, fast_fps=5000)
+    budget.spent(10.0, 0.2, rate=4000)  # slow enough: 0.2 / 0.1
+    assert not budget.due(11.9) and budget.due(12.0)
+    budget.spent(20.0, 0.2, rate=6000)  # fast: 0.2 / 0.01
+    assert not budget.due(39.9) and budget.due(40.0)
+    assert Budget(share=0.1).fast_share == 0.1  # none given: the same share at any rate
+    with pytest.raises(ValueError):
+        Budget(share=0.1, fast_share=0)
