@@ -36,7 +36,7 @@ import torch
 from rrstem.model.config import TrainerConfig
 from rrstem.model.interface import HELDOUT_ELBO, LOSS, STATES, ModelMaps, ScanView
 from rrstem.model.system import lower_priority, tune_malloc
-from rrstem.model.training import TrainingRun, empty_export
+from rrstem.model.training import TrainingRun, empty_export, warm_up
 from rrstem.model.worker import EncoderThread, check_scan, describe
 
 __all__ = ["OnlineTrainer", "TrainerConfig", "STATES"]
@@ -134,6 +134,7 @@ class OnlineTrainer(EncoderThread):
         if self.cfg.tune_malloc:
             tune_malloc()
         lower_priority(self.cfg.nice)
+        log.debug("torch warmed up in %.2f s", warm_up(self.device))
         while not self._stop.is_set():
             try:
                 self._iterate()

@@ -66,6 +66,27 @@ def consolidation_seconds(cfg: TrainerConfig, trained: float) -> float:
                                             cfg.consolidate_seconds - cfg.scan_credit * max(trained, 0.0)))
 
 
+def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, with the fused kernel where torch has one (CPU, CUDA): 0.15 ms a step for the rrVAE's 17
+    tensors on a CPU core against 0.53 ms for the per-tensor loop (about 4% of a training step)."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+def warm_up(device) -> float:
+    """Pay torch's first-use costs now, not in a scan's first seconds; returns the seconds it took.
+
+    The first optimiser a process makes imports ``torch._dynamo`` (1.35 s of a 12 s scan at 133 frames/s
+    went there, py-spy on ``rrstem serve``); the first backward pass starts autograd's engine. The trainer
+    thread calls this once, as the service starts.
+    """
+    t0 = time.perf_counter()
+    p = torch.zeros(4, device=device, requires_grad=True)
+    opt = adam([p], 1e-3, torch.device(device))
+    torch.tanh(p).square().sum().backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
 def empty_export(cfg: TrainerConfig) -> dict:
     """``export()`` before any model: no weights, no histories."""
     return {"training": {k: np.zeros(0) for k in HISTORIES}, "metrics": {}, "step": 0, "state": {},
@@ -169,7 +190,7 @@ class TrainingRun:
             self.refresh_basis()
         self._eval_pixels = torch.randperm(self.model.n_pixels, generator=self._gen)[:cfg.eval_pixels].to(self.device)
         self._next_eval = self._next_refresh = self.clock()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = adam(self.model.parameters(), cfg.lr, self.device)
         self.phase = "running"
         self._t_built = self.clock()
         return True
