@@ -3,12 +3,16 @@
 Measured, in one run, for each case:
 - ``raw_zmq_fps``: a separate sender process PUSHes the same rrstem/1 frames
   messages to a bare PULL socket that only receives them (zero-copy) and
-  decodes their headers, timed from the first to the last frames message —
-  the loopback ceiling for these messages on this machine.
+  decodes their headers, timed from the moment the sender sends its first
+  frames message to the moment the last one is received — the loopback
+  ceiling for these messages on this machine.
 - ``rrstem_fps``: the same sender, the same messages, into the full service
   (receiver, validation, binning, pixel masking, mean pattern, COM, VBF/VADF,
-  frame store, 10 Hz snapshots), timed from the first frame to the moment the
-  last frame is in the maps.
+  frame store, snapshots), timed as the user sees it: from the moment the
+  sender sends its first frames message to the moment a snapshot on the
+  service's PUB socket reports every frame received (a subscriber here
+  decodes the snapshot headers). ``rrstem_pipeline_fps``: the service's own
+  clock, from its first frame to its last, for comparison.
 - ``ratio``: rrstem_fps / raw_zmq_fps. Both alternate ``--repeats`` times;
   medians are reported, because the machine is shared and noisy.
 
@@ -31,8 +35,10 @@ frames, one image per message, in the CBOR messages of ``simulators/dectris.py``
 starts, so it is not what is measured. ``raw_zmq_fps`` is a bare PULL socket
 that receives the same messages (zero-copy, nothing parsed); ``rrstem_fps``
 the service with ``protocol="stream2"`` (as ``serve --protocol stream2``:
-CBOR decoding, then the same pipeline). Both are timed from the first image
-message to the last.
+CBOR decoding, then the same pipeline). Both are timed as above: from the
+sender's first image message to the last one received (raw) or to the
+snapshot that reports every image (rrstem). The Merlin case is timed the
+same way, from the first frame's bytes sent.
 
 The training case (``training_256x256_uint16_bin4``): the 256x256 uint16
 bin-4 case with the rrVAE trainer off and on, alternating;
@@ -65,6 +71,7 @@ import sys
 import tempfile
 import time
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -90,13 +97,14 @@ def connected_push(endpoint: str, hwm: int, ready, go):
 
 
 def sender(endpoint: str, scan_id: str, scan: tuple[int, int], frame: tuple[int, int], per_msg: int,
-           ready, go) -> None:
+           ready, go, sent) -> None:
     """Child process: connect a PUSH socket and send one whole scan as fast as the receiver takes it."""
     frames = make_frames(*frame, n=max(64, per_msg))
     ctx, sock = connected_push(endpoint, 8, ready, go)
     n = scan[0] * scan[1]
     P.send_start(sock, P.Start(scan_id=scan_id, scan_shape=scan, frame_shape=frame, dtype="uint16"))
     chunks = [frames[k:k + per_msg] for k in range(0, len(frames) - per_msg + 1, per_msg)]
+    sent.value = time.monotonic()
     for i, first in enumerate(range(0, n, per_msg)):
         count = min(per_msg, n - first)
         P.send_frames(sock, scan_id, first, chunks[i % len(chunks)][:count], copy=False)
@@ -106,18 +114,43 @@ def sender(endpoint: str, scan_id: str, scan: tuple[int, int], frame: tuple[int,
 
 
 def spawn(target, *args):
-    """Start ``target(*args, ready, go)`` in a spawned process; return it and ``go`` once it is ``ready``."""
+    """Start ``target(*args, ready, go, sent)`` in a spawned process; return it, ``go`` and ``sent`` once it
+    is ``ready``. The sender sets ``sent.value`` to ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in
+    every process) as it sends its first frame."""
     mpc = mp.get_context("spawn")
-    ready, go = mpc.Event(), mpc.Event()
-    proc = mpc.Process(target=target, args=(*args, ready, go), daemon=True)
+    ready, go, sent = mpc.Event(), mpc.Event(), mpc.Value("d", 0.0)
+    proc = mpc.Process(target=target, args=(*args, ready, go, sent), daemon=True)
     proc.start()
     if not ready.wait(120):
         raise RuntimeError("sender process did not start")
-    return proc, go
+    return proc, go, sent
 
 
 def spawn_sender(endpoint, scan_id, scan, frame, per_msg):
     return spawn(sender, endpoint, scan_id, scan, frame, per_msg)
+
+
+def subscribe(svc) -> zmq.Socket:
+    """A SUB socket on the service's snapshots."""
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(svc.publish_endpoint)
+    time.sleep(0.2)  # the subscription reaches the publisher before the scan starts
+    return sub
+
+
+def wait_reported(sub: zmq.Socket, total: int) -> float:
+    """``time.monotonic()`` when a snapshot on ``sub`` first reports ``total`` frames received."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if sub.poll(1000):
+            parts = sub.recv_multipart(copy=False)
+            now = time.monotonic()
+            head = msgpack.unpackb(parts[0].bytes, raw=False)
+            if (head.get("counters") or {}).get("received", 0) >= total:
+                sub.close(linger=0)
+                return now
+    raise RuntimeError(f"no snapshot reported {total} frames received")
 
 
 def wait_all(svc, total: int) -> float:
@@ -144,9 +177,9 @@ def run_raw(scan, frame, per_msg) -> float:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 64)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    proc, go = spawn_sender(f"tcp://127.0.0.1:{port}", "raw", scan, frame, per_msg)
+    proc, go, sent = spawn_sender(f"tcp://127.0.0.1:{port}", "raw", scan, frame, per_msg)
     go.set()
-    n, t0 = 0, None
+    n = 0
     total = scan[0] * scan[1]
     while True:
         if not sock.poll(30000):
@@ -154,13 +187,11 @@ def run_raw(scan, frame, per_msg) -> float:
         parts = sock.recv_multipart(copy=False)
         head = P.decode_header(parts[0].buffer)
         if head.type == "frames":
-            if t0 is None:
-                t0 = time.perf_counter()
             n += head.count
-            t1 = time.perf_counter()
+            t1 = time.monotonic()
         elif head.type == "end":
             break
-    dt = t1 - t0
+    dt = t1 - sent.value
     proc.join(30)
     sock.close()
     assert n == total, (n, total)
@@ -176,31 +207,40 @@ def service_config(tmp: str, bin_: int, train: bool, **kw):
                          preprocess=PreprocessConfig(bin=bin_), **kw)
 
 
-def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str, status: dict | None = None) -> float:
-    """One scan into the in-process service; ``status`` (if given) gets the encoder's status at the last frame."""
+def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str, status: dict | None = None,
+                pipeline: list | None = None) -> float:
+    """One scan into the in-process service, frames/s as the user sees it; ``status`` (if given) gets the
+    encoder's status at the last frame, ``pipeline`` the service's own first-to-last frames/s."""
     from rrstem.stream.service import Service
 
     total = scan[0] * scan[1]
     with Service(service_config(tmp, bin_, train, listen="tcp://127.0.0.1:0", bind=True)) as svc:
-        proc, go = spawn_sender(svc.listen_endpoint, "bench", scan, frame, per_msg)
+        sub = subscribe(svc)
+        proc, go, sent = spawn_sender(svc.listen_endpoint, "bench", scan, frame, per_msg)
         go.set()
+        reported = wait_reported(sub, total)
         dt = wait_all(svc, total)
         if status is not None and svc.encoder is not None:
             status.update(svc.encoder.status())
         proc.join(30)
-    return total / dt
+    if pipeline is not None:
+        pipeline.append(total / dt)
+    return total / (reported - sent.value)
 
 
-def stream2_sender(endpoint: str, scan: tuple[int, int], frame: tuple[int, int], ready, go) -> None:
+def stream2_sender(endpoint: str, scan: tuple[int, int], frame: tuple[int, int], ready, go, sent) -> None:
     """Child process: build a whole DECTRIS stream2 series in RAM (``simulators/dectris.py``), then PUSH it."""
     from rrstem.simulators.dectris import Stream2Encoder
 
     n = scan[0] * scan[1]
     enc = Stream2Encoder(P.Start(scan_id="bench-stream2", scan_shape=scan, frame_shape=frame, dtype="uint16"))
     frames = make_frames(*frame)
-    messages = enc.header() + [enc.image(i, frames[i % len(frames)])[0] for i in range(n)] + enc.end()
+    head = enc.header()
+    messages = head + [enc.image(i, frames[i % len(frames)])[0] for i in range(n)] + enc.end()
     ctx, sock = connected_push(endpoint, 64, ready, go)
-    for msg in messages:
+    for k, msg in enumerate(messages):
+        if k == len(head):
+            sent.value = time.monotonic()
         sock.send(msg, copy=False)
     sock.close(linger=30000)
     ctx.term()
@@ -212,22 +252,20 @@ def run_raw_stream2(scan, frame) -> float:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 64)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    proc, go = spawn(stream2_sender, f"tcp://127.0.0.1:{port}", scan, frame)
+    proc, go, sent = spawn(stream2_sender, f"tcp://127.0.0.1:{port}", scan, frame)
     n = scan[0] * scan[1]
     go.set()
-    got, t0, t1 = 0, None, None
+    got, t1 = 0, None
     while got < n + 2:  # start, n images, end
         if not sock.poll(30000):
             raise RuntimeError("raw stream2 receiver timed out")
         sock.recv(copy=False)
         got += 1
-        if got == 2:
-            t0 = time.perf_counter()
-        elif got == n + 1:
-            t1 = time.perf_counter()
+        if got == n + 1:
+            t1 = time.monotonic()
     proc.join(30)
     sock.close()
-    return (n - 1) / (t1 - t0)  # n - 1 intervals between the first and the last image
+    return n / (t1 - sent.value)
 
 
 def run_stream2_service(scan, frame, bin_, train: bool, tmp: str) -> float:
@@ -238,14 +276,16 @@ def run_stream2_service(scan, frame, bin_, train: bool, tmp: str) -> float:
     cfg = service_config(tmp, bin_, train, listen="tcp://127.0.0.1:0", bind=True, protocol="stream2",
                          scan_shape=scan)
     with Service(cfg) as svc:
-        proc, go = spawn(stream2_sender, svc.listen_endpoint, scan, frame)
+        sub = subscribe(svc)
+        proc, go, sent = spawn(stream2_sender, svc.listen_endpoint, scan, frame)
         go.set()
-        dt = wait_all(svc, total)
+        reported = wait_reported(sub, total)
+        wait_all(svc, total)
         proc.join(30)
-    return (total - 1) / dt
+    return total / (reported - sent.value)
 
 
-def merlin_sender(scan: tuple[int, int], frame: tuple[int, int], port_q, go) -> None:
+def merlin_sender(scan: tuple[int, int], frame: tuple[int, int], port_q, go, sent) -> None:
     """Child process: serve one Merlin acquisition on a loopback port (reported on ``port_q``) as fast as it is read."""
     import socket
 
@@ -265,6 +305,7 @@ def merlin_sender(scan: tuple[int, int], frame: tuple[int, int], port_q, go) -> 
     conn, _ = server.accept()
     go.wait(30)
     conn.sendall(mpx(len(header)) + header)
+    sent.value = time.monotonic()
     for i in range(n):
         msg = messages[i % len(messages)]
         msg[19:25] = b"%06d" % ((i + 1) % 1000000)  # MPX,<10>, then MQ1, then the sequence number
@@ -281,31 +322,29 @@ def merlin_sender(scan: tuple[int, int], frame: tuple[int, int], port_q, go) -> 
 
 def spawn_merlin(scan, frame):
     mpc = mp.get_context("spawn")
-    port_q, go = mpc.Queue(), mpc.Event()
-    proc = mpc.Process(target=merlin_sender, args=(scan, frame, port_q, go), daemon=True)
+    port_q, go, sent = mpc.Queue(), mpc.Event(), mpc.Value("d", 0.0)
+    proc = mpc.Process(target=merlin_sender, args=(scan, frame, port_q, go, sent), daemon=True)
     proc.start()
-    return proc, port_q.get(timeout=60), go
+    return proc, port_q.get(timeout=60), go, sent
 
 
 def run_raw_tcp(scan, frame) -> float:
     import socket
 
     n = scan[0] * scan[1]
-    proc, port, go = spawn_merlin(scan, frame)
+    proc, port, go, sent = spawn_merlin(scan, frame)
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     go.set()
     buf = memoryview(bytearray(4 << 20))
-    total, t0 = 0, None
+    total = 0
     per_frame = 15 + 384 + frame[0] * frame[1] * 2
     expected = n * per_frame  # plus the acquisition header
     while total < expected:
         got = sock.recv_into(buf)
         if not got:
             raise RuntimeError("raw TCP reader: the sender closed early")
-        if t0 is None:
-            t0 = time.perf_counter()
         total += got
-    dt = time.perf_counter() - t0
+    dt = time.monotonic() - sent.value
     sock.close()
     proc.join(30)
     return n / dt
@@ -315,12 +354,14 @@ def run_merlin_service(scan, frame, bin_, train: bool, tmp: str) -> float:
     from rrstem.stream.service import Service
 
     total = scan[0] * scan[1]
-    proc, port, go = spawn_merlin(scan, frame)
+    proc, port, go, sent = spawn_merlin(scan, frame)
     with Service(service_config(tmp, bin_, train, listen=f"tcp://127.0.0.1:{port}", protocol="merlin")) as svc:
+        sub = subscribe(svc)
         go.set()
-        dt = wait_all(svc, total)
+        reported = wait_reported(sub, total)
+        wait_all(svc, total)
     proc.join(30)
-    return total / dt
+    return total / (reported - sent.value)
 
 
 def reset_peak_rss() -> None:
@@ -368,9 +409,11 @@ def run_case(scan, case, args, tmp) -> dict:
     frame, per_msg, bin_ = case["frame"], case["per_msg"], case["bin"]
     run_service(scan, frame, per_msg, bin_, args.train, tmp)  # warm-up
     reset_peak_rss()
+    pipeline: list[float] = []
     out = compare(args.repeats, lambda: run_raw(scan, frame, per_msg),
-                  lambda: run_service(scan, frame, per_msg, bin_, args.train, tmp), scan, frame, per_msg, bin_)
-    return {**out, "peak_rss_GB": round(peak_rss_gb(), 2), "store_GB": round(store_gb(scan, frame, bin_), 2)}
+                  lambda: run_service(scan, frame, per_msg, bin_, args.train, tmp, pipeline=pipeline),
+                  scan, frame, per_msg, bin_)
+    return {**out, "rrstem_pipeline_fps": round(statistics.median(pipeline)), "peak_rss_GB": round(peak_rss_gb(), 2), "store_GB": round(store_gb(scan, frame, bin_), 2)}
 
 
 CASES = ("256x256_uint16_bin4", "96x96_uint16_bin1", "merlin", "stream2", "training")

@@ -201,10 +201,11 @@ class DefectMap:
     """One scan's defect maps, recomputed only when there is something new to score.
 
     ``maps(scan_maps, ended, refresh)`` takes the scan's maps (``vadf`` and ``filled``) and returns the defect
-    maps. Only a ``refresh`` (the events thread's, which scores them) or the scan's end recomputes them, and a
-    refresh only when more complete rows are in, at most once per ``min_interval`` s and for at most a
-    ``busy`` share of the time (a 512x512 map takes about 1.5 s); snapshots and the trainer get the last
-    ones, so their own cadence never pays for it (before the first: NaN, no threshold, no alarms).
+    maps. Only a ``refresh`` recomputes them (the events thread's, which scores them, and the finisher's
+    for the results): while the scan runs, only when more complete rows are in, at most once per
+    ``min_interval`` s and for at most a ``busy`` share of the time (a 512x512 map takes about 1.5 s); once
+    it has ended, once more. Snapshots and the trainer get the last ones without waiting, so their own
+    cadence never pays for it (before the first: NaN, no threshold, no alarms).
     While frames arrive faster than ``fast_fps`` (the caller's ``rate``) the share is ``busy_fast``: then
     ingest needs every cycle (on 2 cores a 20% share cost 256x256-frame ingest a tenth of its rate,
     bench/ingest.py) and the scan is over within seconds, before a steering client could act on a map.
@@ -216,7 +217,12 @@ class DefectMap:
         self._budget = Budget(busy, floor=min_interval, fast_share=busy_fast, fast_fps=fast_fps)
         self._key: tuple | None = None
         self._maps: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()  # the publisher, the events and the finisher threads all ask
+        # The publisher, the events and the finisher threads all ask. ``_lock`` guards the last maps and is
+        # held only to read or replace them, so a snapshot never waits for a recompute (at 256x256 positions
+        # one took 0.3 s, and the snapshot that reports a scan's last frame waited for it); ``_compute`` runs
+        # one recompute at a time.
+        self._lock = threading.Lock()
+        self._compute = threading.Lock()
 
     def maps(self, scan_maps: dict[str, np.ndarray], ended: bool = False, refresh: bool = False,
              rate: float = 0.0) -> dict[str, np.ndarray]:
@@ -225,12 +231,15 @@ class DefectMap:
         filled = np.asarray(scan_maps["filled"], dtype=bool)
         key = (int(np.argmin(np.r_[filled.all(axis=1), False])), bool(ended))  # (complete rows, ended)
         with self._lock:
-            if not (ended or refresh):
+            if not refresh:
                 return self._maps or {ANOMALY: np.full(filled.shape, np.nan, dtype=np.float32),
                                       ALARMS: np.zeros((0, 2), dtype=np.int32),
                                       ALARM_THRESHOLD: np.array(np.inf, dtype=np.float32)}
-            if key == self._key or (not ended and self._maps and not self._budget.due()):
-                return self._maps
-            self._maps = self._budget.run(defect_maps, scan_maps["vadf"], filled, self.threshold, rate=rate)
-            self._key = key
-            return self._maps
+        with self._compute:
+            with self._lock:  # another thread may have scored this key while this one waited
+                if key == self._key or (not ended and self._maps and not self._budget.due()):
+                    return self._maps
+            found = self._budget.run(defect_maps, scan_maps["vadf"], filled, self.threshold, rate=rate)
+            with self._lock:
+                self._maps, self._key = found, key
+            return found

@@ -10,7 +10,9 @@ honest), and it routes each control request to the service's ``ControlAPI``
 A snapshot derives the whole scan's maps, so its cost grows with the scan (tens
 of ms at 512x512 positions): snapshots are kept to ``SNAPSHOT_SHARE`` of one
 core (``workers.Budget``), so a large scan is shown at a lower rate instead of
-slowing ingest.
+slowing ingest. A milestone (a scan starts, has every position, ends, has its
+results: ``snapshot_milestone``) is published at once, outside the budget:
+that is the snapshot a user waits for, and one per scan costs nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +33,14 @@ from rrstem.stream.workers import Budget
 log = logging.getLogger("rrstem.publisher")
 
 HEARTBEAT_SECONDS = 1.0
-#: Share of one core that snapshots may take (building and encoding them).
+#: Longest the thread sleeps between looks at the service: how late a milestone snapshot can be.
+POLL_SECONDS = 0.02
+#: Share of one core that snapshots may take (building and encoding them) ...
 SNAPSHOT_SHARE = 0.1
+#: ... and while frames arrive faster than FAST_FPS, when ingest needs every cycle and the scan is over in
+#: seconds (a 512x512 scan then shows a new snapshot about every second; milestones still go out at once)
+SNAPSHOT_FAST_SHARE = 0.03
+FAST_FPS = 5000.0
 
 
 class Published(control.ControlAPI, Protocol):
@@ -43,6 +51,13 @@ class Published(control.ControlAPI, Protocol):
 
     def snapshot_key(self) -> Hashable:
         """Changes whenever a new snapshot would differ from the last one."""
+
+    def frame_rate(self) -> float:
+        """Frames per second the current scan is taking (0 when none is being acquired)."""
+
+    def snapshot_milestone(self) -> Hashable:
+        """Changes only at the moments a user waits for (a scan starts, has every position, ends, has its
+        results); cheap, asked at every look."""
 
     def report(self, where: str, exc: BaseException) -> None:
         """Record a failure that the service survives."""
@@ -96,11 +111,11 @@ class Publisher:
 
         ``service`` is passed here, not kept: once the thread ends, nothing here refers to it.
         """
-        budget = Budget(SNAPSHOT_SHARE, floor=1.0 / hz)
-        last_key, last_sent = None, 0.0
+        budget = Budget(SNAPSHOT_SHARE, floor=1.0 / hz, fast_share=SNAPSHOT_FAST_SHARE, fast_fps=FAST_FPS)
+        last_key, last_sent, last_milestone = None, 0.0, None
         while not stop.is_set():
             now = time.monotonic()
-            wait = max(0.001, min(budget.next - now, 0.1))
+            wait = max(0.001, min(budget.next - now, POLL_SECONDS))
             if self._rep is not None and self._rep.poll(int(wait * 1000)):
                 reply = control.handle(service, self._rep.recv(), read_only=self.read_only)
                 if reply.get("read_only"):
@@ -111,14 +126,18 @@ class Publisher:
             if self._rep is None:
                 stop.wait(wait)
             now = time.monotonic()
-            if not budget.due(now) or self._pub is None:
+            if self._pub is None:
+                continue
+            milestone = service.snapshot_milestone()
+            if milestone == last_milestone and not budget.due(now):
                 continue
             key = service.snapshot_key()
-            if key == last_key and now - last_sent < HEARTBEAT_SECONDS:
+            if milestone == last_milestone and key == last_key and now - last_sent < HEARTBEAT_SECONDS:
                 budget.spent(now, 0.0)
                 continue
+            last_milestone = milestone  # a failing snapshot is not retried at every look
             try:
-                parts = budget.run(self._encode, service)
+                parts = budget.run(self._encode, service, rate=service.frame_rate())
             except Exception as exc:  # a bad snapshot is reported; the service and later snapshots go on
                 log.exception("snapshot failed")
                 service.report("snapshot", exc)

@@ -311,8 +311,9 @@ class Scan:
 
     def maps(self, score_defects: bool = False) -> dict[str, np.ndarray]:
         """The scan maps (float64, NaN where missing), ``filled`` (ny, nx) bool, the mean pattern and the defect
-        maps (``Arrays.DEFECT_MAPS``: redone for ``score_defects``, the events thread, and at the end, within
-        ``DefectMap``'s budget; the last ones otherwise); {} before calibration."""
+        maps (``Arrays.DEFECT_MAPS``: redone for ``score_defects``, as the events thread and ``results()`` ask,
+        within ``DefectMap``'s budget until the scan ends; the last ones otherwise, at once); {} before
+        calibration."""
         if not self._ready:
             return {}
         filled = self._filled.copy()
@@ -394,4 +395,4 @@ class Scan:
             attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
         if self.model_failure is not None:
             attrs["model_error"] = f"{type(self.model_failure).__name__}: {self.model_failure}"
-        return ScanResults(self.scan_id, attrs, self.maps(), self.com_unit, mask)
+        return ScanResults(self.scan_id, attrs, self.maps(score_defects=True), self.com_unit, mask)

@@ -406,6 +406,16 @@ class Service(PipelineThread):
         scan = (id(cur), sum(cur.counters.values()), cur.ended, cur.done) if cur is not None else None
         return scan, step, self._n_failures, sum(self.orphans.values())
 
+    def frame_rate(self) -> float:
+        cur = self.current
+        return cur.frame_rate() if cur is not None and not cur.ended else 0.0
+
+    def snapshot_milestone(self) -> Hashable:
+        cur = self.current
+        if cur is None:
+            return None
+        return id(cur), cur.n_filled() == cur.filled.size, cur.ended, cur.done
+
     def frame_reply(self, index: Any) -> dict[str, Any]:
         """The ``frame`` control reply for scan position ``index`` = [y, x] (arrays packed)."""
         cur = self.current

@@ -102,7 +102,7 @@ def test_a_map_with_no_lattice_has_no_threshold_and_no_alarm():
     assert maps[D.ALARMS].shape == (0, 2)
 
 
-def test_the_scan_keeps_its_defect_map_until_a_row_completes_or_it_ends():
+def test_the_scan_keeps_its_defect_map_until_a_row_completes_or_it_ends_and_snapshots_never_recompute():
     vadf = lattice_map(site=site_near(20, 20))
     cache = D.DefectMap(min_interval=0.0, busy=1.0)
     filled = np.zeros((64, 64), bool)
@@ -114,7 +114,12 @@ def test_the_scan_keeps_its_defect_map_until_a_row_completes_or_it_ends():
     second = cache.maps({"vadf": vadf, "filled": filled}, refresh=True)
     assert cache.maps({"vadf": vadf, "filled": filled}) is second  # a snapshot: the last maps, not redone
     assert second is not first and np.isfinite(second[D.ANOMALY][40]).any()
-    assert cache.maps({"vadf": vadf, "filled": filled}, ended=True) is not second
+    assert cache.maps({"vadf": vadf, "filled": filled}, ended=True) is second  # a snapshot after the end
+    with cache._compute:  # a recompute under way (the events thread's): a snapshot does not wait for it
+        assert cache.maps({"vadf": vadf, "filled": filled}) is second
+    final = cache.maps({"vadf": vadf, "filled": filled}, ended=True, refresh=True)  # the results' call
+    assert final is not second
+    assert cache.maps({"vadf": vadf, "filled": filled}, ended=True, refresh=True) is final  # once
     assert cache.maps({"filled": filled}) == {}
 
 
@@ -129,4 +134,4 @@ def test_while_frames_arrive_fast_the_map_is_redone_less_often():
         b = fast.maps({"vadf": vadf, "filled": filled}, refresh=True, rate=1e5)
     assert np.isfinite(a[D.ANOMALY][30]).any()  # the slow scan's map has row 30
     assert not np.isfinite(b[D.ANOMALY][30]).any()  # the fast one's is still the map of 30 rows
-    assert np.isfinite(fast.maps({"vadf": vadf, "filled": filled}, ended=True)[D.ANOMALY][30]).any()  # the end redoes it
+    assert np.isfinite(fast.maps({"vadf": vadf, "filled": filled}, ended=True, refresh=True)[D.ANOMALY][30]).any()  # the end redoes it

@@ -329,3 +329,34 @@ def test_repeats_before_calibration_do_not_count_towards_it(make_service, sender
     res = read_scan(wait_results(svc))
     assert res["attrs"]["counters"]["received"] == 8 and res["attrs"]["counters"]["duplicate"] == 4
     assert_maps_match(res, frames.reshape(2, 4, 32, 32))
+
+
+def test_the_snapshot_with_every_frame_is_published_at_once_outside_the_rate_limit(make_service, sender_for):
+    """At one snapshot per 10 s (snapshot_hz 0.1), the snapshot that reports the last frame still comes
+    within a second of it, and its maps are the whole scan's."""
+    frames = disc_frames(4, 5, seed=7)
+    svc = make_service(snapshot_hz=0.1)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(svc.publish_endpoint)
+    s = sender_for(svc)
+    time.sleep(0.3)  # the subscription is in place
+    s.start("m", (4, 5), (32, 32))
+    s.frames("m", 0, frames.reshape(20, 32, 32)[:12])
+    first = None  # the first snapshot: the scan's start, also a milestone
+    deadline = time.monotonic() + 5
+    while first is None or first.header.scan_id != "m":
+        assert time.monotonic() < deadline, "no snapshot of the new scan"
+        if sub.poll(100):
+            first = Snapshot.decode(sub.recv_multipart())
+    time.sleep(0.5)
+    s.frames("m", 12, frames.reshape(20, 32, 32)[12:])
+    sent = time.monotonic()
+    snap = None
+    while snap is None or snap.header.counters.get("received") != 20:
+        assert time.monotonic() - sent < 1.0, "the snapshot with every frame waited for the rate limit"
+        if sub.poll(50):
+            snap = Snapshot.decode(sub.recv_multipart())
+    ref = reference(frames, svc.current.geometry.to_json())
+    np.testing.assert_array_equal(snap.arrays["vbf"], ref["vbf"].astype(np.float32))
+    sub.close()
