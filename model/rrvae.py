@@ -63,9 +63,12 @@ import torch.nn as nn
 class RRVAEConfig:
     image_shape: tuple[int, int] = (64, 64)  # (h, w) of the binned frames the model sees
     latent_dim: int = 2  # content latents z (the paper: 2; "3D rrVAE" = phi + 2)
-    # units per hidden layer, encoder and decoder (paper: 128). 64 steps 3.4x faster on a CPU core, which at a
-    # detector's pace buys the steps that converge the maps by the last frame (bench/quality.py, multislice)
-    hidden: int = 64
+    # units per hidden layer, encoder and decoder (paper: 128). Fewer units step faster on a CPU core, which at
+    # a detector's pace buys the steps that converge the maps by the last frame (bench/quality.py, multislice
+    # graphene at 133 frames/s, 5 seeds): 64 stepped 3.4x faster than 128; 32 takes 1,300-1,900 steps by the
+    # last frame against 720-1,060 for 64, and the last-frame best latent |r| at 1e6 went from 0.49-0.95 to
+    # 0.952-0.959, at 1e5 from 0.60-0.78 to 0.755-0.846
+    hidden: int = 32
     encoder_layers: int = 2  # [Linear, Tanh] blocks before the two heads (paper: 2)
     decoder_layers: int = 2  # [Linear(H, H), Tanh] blocks after the coordinate layer (paper: 2)
     translation: bool = False  # two translation latents shift the coordinates (paper: False)
