@@ -185,14 +185,15 @@ class Dashboard(QtWidgets.QMainWindow):
             except ProtocolError as exc:
                 snap = None
                 self.banner.set_problem("decode", f"Undecodable snapshot: {exc}")
-            if snap is not None:
-                self.show_snapshot(snap)
+            # judged before drawing: a snapshot that takes longer than stale_after to draw is not stale
             age = time.monotonic() - (self.source.last_time or self._started)
             self.banner.set_problem(
                 "stale",
                 f"Service unreachable: no snapshot from {self.source.endpoint} for {age:.0f} s"
                 if age > self.stale_after else None,
             )
+            if snap is not None:
+                self.show_snapshot(snap)
         if self.worker is not None:
             for reply in self.worker.replies():
                 self._on_reply(reply)
