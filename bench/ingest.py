@@ -382,10 +382,10 @@ def peak_rss_gb() -> float:
 
 
 def store_gb(scan, frame, bin_) -> float:
-    from rrstem.stream.store import FrameStore, store_dtype
+    from rrstem.stream.store import FrameStore, narrow_dtype
 
     binned = (frame[0] // bin_, frame[1] // bin_)
-    return FrameStore.nbytes(scan[0] * scan[1], binned, store_dtype("uint16", bin_)) / 1e9
+    return FrameStore.nbytes(scan[0] * scan[1], binned, narrow_dtype("uint16", bin_)) / 1e9
 
 
 def compare(repeats: int, raw_run, our_run, scan, frame, per_msg: int, bin_: int, raw_key: str = "raw_zmq_fps") -> dict:

@@ -3,7 +3,8 @@ and the copy into the frame store, fused in one compiled loop (numba).
 
 Ingest is bound by memory bandwidth, so every raw pixel is read once: the
 binned row is formed, written into the store in the store's dtype
-(``store.store_dtype``), and reduced into the frame's intensity, first moments
+(``store.narrow_dtype``: uint16 for binned uint16 counts, checked per frame,
+see ``Scan``), and reduced into the frame's intensity, first moments
 (x, y), virtual bright field and virtual annular dark field while it is still
 in cache. Integer counts are summed in float64 wherever no per-frame sum can
 reach 2**53 (``accumulator``), so every sum is exact in any order and the
@@ -30,7 +31,7 @@ import numba
 import numpy as np
 
 from rrstem.stream.preprocess import Geometry
-from rrstem.stream.store import store_dtype
+from rrstem.stream.store import narrow_dtype, store_dtype
 
 log = logging.getLogger("rrstem.framepass")
 
@@ -39,8 +40,10 @@ SUMS = 5  #: per-frame sums, in ``maps.PositionSums.COLUMNS`` order: intensity, 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, lzero, defer, store, sums, total,
-                line):
+                line, smax):
     """Bin raw (n, H, W) frames into ``store[rows]``; per-frame sums into ``sums`` (n, 5); ``total`` += valid frames.
+    Returns -1, or the first frame k with a binned pixel above ``smax`` (the store dtype's maximum), where it
+    stopped: frames before k are complete, frame k's store row is not (its value would have wrapped).
 
     Two loops per frame, both over contiguous memory: the binning (raw rows summed column by column into
     ``line``, then the columns of each binned pixel, written to the store row), and the five sums over the
@@ -49,8 +52,8 @@ def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, 
     The binned frame is still in cache for the second loop.
 
     ``zero`` (0 of the accumulator type) fixes the type of the sums; ``lzero`` (0 of ``line``'s type) that of the
-    binning: the store's dtype for integer frames (it holds any binned sum, so binning is exact integer
-    arithmetic), float64 for float frames. ``sat``: a pixel equal to ``satmax`` (of the raw dtype) counts 0. ``mrows``/``mcols``: raw coordinates of the persistently masked pixels inside the crop.
+    binning: ``store.store_dtype`` for integer frames (it holds any binned sum, so binning is exact integer
+    arithmetic; the store itself may be narrower, ``store.narrow_dtype``, hence ``smax``), float64 for float frames. ``sat``: a pixel equal to ``satmax`` (of the raw dtype) counts 0. ``mrows``/``mcols``: raw coordinates of the persistently masked pixels inside the crop.
     ``defer``: add a frame to ``total`` only once it is known valid (signed or float frames); otherwise in the
     same loop (unsigned counts: an invalid, zero-sum frame adds zero). ``line``: scratch of (wb * b,).
     Sums of integers in float64 are exact below 2**53 in any order and their products with the weights are
@@ -64,6 +67,7 @@ def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, 
     wx, wy, wbf, wadf = weights[1], weights[2], weights[3], weights[4]
     for k in range(n):
         out = store[rows[k]]
+        top = lzero  # the largest binned pixel of this frame, before masking
         for i in range(hb):
             o = out[i]
             # the b raw rows of binned row i, summed column by column (contiguous reads), saturated pixels as 0
@@ -82,21 +86,31 @@ def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, 
                     v = src[x]
                     line[x] += lzero if sat and v == satmax else lzero + v
             # then the b columns of each binned pixel; a constant stride for the usual bins, which vectorises
+            # (a max reduction beside the store, which vectorises, where a branch per pixel would not)
             if b == 2:
                 for j in range(wb):
-                    o[j] = line[2 * j] + line[2 * j + 1]
+                    a = line[2 * j] + line[2 * j + 1]
+                    top = max(top, a)
+                    o[j] = a
             elif b == 3:
                 for j in range(wb):
-                    o[j] = line[3 * j] + line[3 * j + 1] + line[3 * j + 2]
+                    a = line[3 * j] + line[3 * j + 1] + line[3 * j + 2]
+                    top = max(top, a)
+                    o[j] = a
             elif b == 4:
                 for j in range(wb):
-                    o[j] = line[4 * j] + line[4 * j + 1] + line[4 * j + 2] + line[4 * j + 3]
+                    a = line[4 * j] + line[4 * j + 1] + line[4 * j + 2] + line[4 * j + 3]
+                    top = max(top, a)
+                    o[j] = a
             else:
                 for j in range(wb):
                     a = line[j * b]
                     for dj in range(1, b):
                         a += line[j * b + dj]
+                    top = max(top, a)
                     o[j] = a
+        if top > smax:
+            return k  # a binned pixel does not fit the store: the caller widens it and passes frames k.. again
         for m in range(mrows.shape[0]):  # the persistently bad pixels: take back what they added
             v = raw[k, mrows[m], mcols[m]]
             if not (sat and v == satmax):  # else already counted as zero
@@ -121,6 +135,7 @@ def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, 
         sums[k, 2] = s_y
         sums[k, 3] = s_bf
         sums[k, 4] = s_adf
+    return -1
 
 
 def accumulator(raw_dtype: np.dtype, bin: int, binned_shape: tuple[int, int]) -> np.dtype:
@@ -138,15 +153,18 @@ class FramePass:
     """The fused pass for one scan: fixed geometry, raw dtype and store array.
 
     ``__call__(rows, raw)`` bins ``raw`` into ``frames[rows]`` and returns the (n, 5) float64 sums
-    of each frame and the (h, w) sum of its valid frames (a frame is valid when its intensity is finite
-    and not zero). Rows of invalid frames are written too: the scan's ``filled`` mask says which rows hold data.
+    of each frame, the (h, w) sum of its valid frames (a frame is valid when its intensity is finite
+    and not zero) and ``over``: None, or the first frame whose binned counts do not fit ``frames``' dtype
+    (a narrow store, ``store.narrow_dtype``). There the pass stopped: the sums and the total are of the frames
+    before it, and the caller passes the rest again into a wider store. Rows of invalid frames are written
+    too: the scan's ``filled`` mask says which rows hold data.
     """
 
     def __init__(self, geometry: Geometry, raw_dtype: np.dtype, frames: np.ndarray, mask_saturated: bool = True):
         self.g = geometry
         raw_dtype = np.dtype(raw_dtype).newbyteorder("=")
         self.raw_dtype = raw_dtype
-        self.frames = frames  # (n_positions, h, w): the store's array, in ``store_dtype(raw_dtype, bin)``
+        self.frames = frames  # (n_positions, h, w): the store's array, in ``store_dtype`` or ``narrow_dtype``
         acc = accumulator(raw_dtype, geometry.bin, geometry.binned_shape)
         self._zero = acc.type(0)
         y0, y1, x0, x1 = geometry.crop
@@ -163,21 +181,26 @@ class FramePass:
         # float32 holds these small integers exactly and halves what the sums loop reads (products are float64)
         wtype = np.float32 if acc == np.float64 else acc
         self._weights = np.stack([np.ones((h, w)), kx, ky, bf, adf]).reshape(SUMS, h * w).astype(wtype)
-        # binning in the store's dtype for counts (exact: it holds any binned sum), float64 for float frames
-        ltype = np.dtype(frames.dtype) if raw_dtype.kind in "ui" else np.dtype(np.float64)
+        # binning in store_dtype for counts (exact: it holds any binned sum), float64 for float frames
+        counts = raw_dtype.kind in "ui"
+        ltype = store_dtype(raw_dtype, geometry.bin) if counts else np.dtype(np.float64)
         self._lzero = ltype.type(0)
+        fits = np.iinfo(frames.dtype).max if frames.dtype.kind in "ui" else np.inf
+        self._smax = ltype.type(min(fits, np.iinfo(ltype).max) if counts else np.inf)
         self._line = np.zeros(geometry.binned_shape[1] * geometry.bin, dtype=ltype)
         self._acc = acc
 
-    def __call__(self, rows: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, rows: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
         if not raw.dtype.isnative:  # big-endian wire data (Merlin): one conversion, then the same pass
             raw = raw.astype(raw.dtype.newbyteorder("="))
         sums = np.empty((len(rows), SUMS), dtype=np.float64)
         total = np.zeros(self.g.binned_shape[0] * self.g.binned_shape[1], dtype=self._acc)
-        _frame_pass(raw, np.asarray(rows, dtype=np.int64), self.g.crop[0], self.g.crop[2], self.g.bin,
-                    self._sat, self._satmax, self._mrows, self._mcols, self._weights, self._zero, self._lzero, self._defer,
-                    self.frames, sums, total, self._line)
-        return sums, total.reshape(self.g.binned_shape)
+        over = _frame_pass(raw, np.asarray(rows, dtype=np.int64), self.g.crop[0], self.g.crop[2], self.g.bin,
+                           self._sat, self._satmax, self._mrows, self._mcols, self._weights, self._zero, self._lzero,
+                           self._defer, self.frames, sums, total, self._line, self._smax)
+        if over < 0:
+            return sums, total.reshape(self.g.binned_shape), None
+        return sums[:over], total.reshape(self.g.binned_shape), int(over)
 
 
 def warm_up(dtypes=("uint16",), bins=(1, 2), strided: bool = True) -> float:
@@ -188,7 +211,7 @@ def warm_up(dtypes=("uint16",), bins=(1, 2), strided: bool = True) -> float:
     for name in dtypes:
         for b in bins:
             gb = Geometry((4, 4), b, (0, 4, 0, 4), (1.5, 1.5), 1.0, 1.5, 3.0) if b > 1 else g
-            fp = FramePass(gb, np.dtype(name), np.zeros((2, *gb.binned_shape), store_dtype(name, b)))
+            fp = FramePass(gb, np.dtype(name), np.zeros((2, *gb.binned_shape), narrow_dtype(name, b)))
             raw = np.ones((2, 4, 4), dtype=name)
             fp(np.arange(2), raw)
             if strided:

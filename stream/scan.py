@@ -31,7 +31,7 @@ from rrstem.stream.preprocess import Geometry, PreprocessConfig, calibrate
 from rrstem.stream.protocol import Start
 from rrstem.stream.results import ScanResults
 from rrstem.stream.snapshot import COUNTERS, Arrays
-from rrstem.stream.store import FrameStore, store_dtype
+from rrstem.stream.store import FrameStore, narrow_dtype, store_dtype
 
 log = logging.getLogger("rrstem.scan")
 
@@ -55,10 +55,14 @@ class RateLimitedLog:
 
 
 def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) -> None:
-    """Refuse a scan whose preallocated frame store could not fit in this machine's memory."""
+    """Refuse a scan whose preallocated frame store could not fit in this machine's memory: its narrow store,
+    and the wide one as well where counts could outgrow the narrow one (both are held while it moves)."""
     h, w = start.frame_shape
-    dtype = store_dtype(start.dtype, cfg.bin)
-    need = FrameStore.nbytes(start.n_positions, (-(-h // cfg.bin), -(-w // cfg.bin)), dtype)
+    binned = (-(-h // cfg.bin), -(-w // cfg.bin))
+    dtype, narrow = store_dtype(start.dtype, cfg.bin), narrow_dtype(start.dtype, cfg.bin)
+    need = FrameStore.nbytes(start.n_positions, binned, dtype)
+    if narrow != dtype:
+        need += FrameStore.nbytes(start.n_positions, binned, narrow)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on Linux: no check
@@ -109,6 +113,7 @@ class Scan:
         self._sums: FrameSum | None = None
         self._positions: PositionSums | None = None
         self._store: FrameStore | None = None
+        self._retired: list[FrameStore] = []  # a narrow store after a move to a wider one (``_widen``)
         self._ready = False  # geometry fixed, store and reductions exist (set last)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # frames before calibration
         self._pending_positions: set[int] = set()  # their distinct positions (at most calibration_frames)
@@ -207,7 +212,7 @@ class Scan:
             raw = np.dtype(self.start.dtype)
             self._sums = FrameSum(g.binned_shape, accumulator(raw, g.bin, g.binned_shape))
             self._positions = PositionSums(self.start.scan_shape, g, pixel_mrad)
-            self._store = FrameStore(self.start.n_positions, g.binned_shape, store_dtype(raw, g.bin))
+            self._store = FrameStore(self.start.n_positions, g.binned_shape, narrow_dtype(raw, g.bin))
             self._pass = FramePass(g, raw, self._store.frames, self.cfg.mask_saturated)
         log.info("scan %s: disc at (%.1f, %.1f) r=%.1f binned px, binned %s, %d masked pixel(s)",
                  self.scan_id, *g.center, g.radius, g.binned_shape, len(g.masked))
@@ -228,7 +233,40 @@ class Scan:
     def _take_batch(self, idx: np.ndarray, raw: np.ndarray) -> None:
         # One pass: bin, mask and copy into the store rows, the per-frame sums and the sum of the valid frames.
         # Rows of invalid frames are written but never flagged in ``filled``.
-        products, total = self._pass(idx, raw)
+        products, total, over = self._pass(idx, raw)
+        if over is not None:  # frame idx[over] has a binned count the narrow store cannot hold
+            self._accept(idx[:over], products, total)
+            self._widen(int(idx[over]))
+            idx, raw = idx[over:], raw[over:]
+            products, total, over = self._pass(idx, raw)
+            assert over is None, "the wide store holds any binned sum"
+        self._accept(idx, products, total)
+
+    def _widen(self, index: int) -> None:
+        """Move the store to ``store_dtype``, which holds any binned sum, before frame ``index`` is stored.
+
+        The filled rows are copied; the narrow store is kept until the scan is gone, for a reader that took
+        ``frames`` before the move (it only reads rows flagged before it, which the narrow store holds).
+        """
+        old, g = self._store, self.geometry
+        dtype = store_dtype(self.start.dtype, g.bin)
+        t0 = time.perf_counter()
+        new = FrameStore(self.start.n_positions, g.binned_shape, dtype)
+        rows = np.flatnonzero(self._filled)
+        new.frames[rows] = old.frames[rows]
+        with self._lock:
+            self._retired.append(old)
+            self._store = new
+            self._pass = FramePass(g, np.dtype(self.start.dtype), new.frames, self.cfg.mask_saturated)
+        log.warning("scan %s: frame %d has a binned count above %d, the most %s holds; the frames are stored as "
+                    "%s from here on (%d stored frame(s) copied in %.2f s, %.1f GiB more)", self.scan_id, index,
+                    np.iinfo(old.dtype).max, old.dtype, dtype, len(rows), time.perf_counter() - t0,
+                    new.frames.nbytes / 2**30)
+
+    def _accept(self, idx: np.ndarray, products: np.ndarray, total: np.ndarray) -> None:
+        """Count and flag the frames ``idx`` just stored, with their sums ``products`` and their valid ``total``."""
+        if not len(idx):
+            return
         totals = products[:, 0]
         ok = np.isfinite(totals) & (totals != 0)
         if not ok.all():
@@ -287,8 +325,9 @@ class Scan:
 
     @property
     def frames(self) -> np.ndarray:
-        """(ny*nx, h, w) binned frames in the store's dtype (``store.store_dtype``: counts stay integers; the
-        model converts when it builds a batch); rows are valid where ``filled``."""
+        """(ny*nx, h, w) binned frames in the store's dtype (``store.narrow_dtype``, or ``store_dtype`` once counts
+        outgrew it: counts stay integers; the model converts when it builds a batch); rows are valid where
+        ``filled``, which a reader takes first."""
         return self._store.frames
 
     @property

@@ -10,11 +10,17 @@ What is stored is the binned, masked frame itself, never anything derived from
 the running mean: the mean changes as frames arrive, so the trainer subtracts
 the *current* mean when it assembles a batch.
 
-Frames are stored in their own dtype where that is exact (``store_dtype``):
-counts stay counts, in the narrowest integer type that holds any binned sum
-of the raw dtype (uint16 counts at bin 1 in uint16, at bin 2..256 in uint32),
-so no scan can wrap around, whatever its counts. The trainer converts to
-float when it builds a minibatch. Float frames are stored as float32.
+Frames are stored in their own dtype where that is exact: counts stay
+counts. A scan starts in ``narrow_dtype``, the raw dtype itself (uint16
+counts at bin 1 in uint16, and at bin 2 and more in uint16 too, half of what
+any-sum-fits would take: a binned pixel of a real scan rarely passes 65535).
+The fused pass checks every binned frame against the store's maximum; the
+first frame that does not fit makes the scan move to ``store_dtype``, which
+holds any binned sum (uint32 for uint16 counts), before that frame is
+stored, so nothing wraps around. Readers take a scan's ``filled`` mask
+before its ``frames``: a row flagged before the move is in both stores, one
+flagged after it only in the new one. The trainer converts to float when it
+builds a minibatch. Float frames are stored as float32.
 """
 
 from __future__ import annotations
@@ -84,6 +90,17 @@ def store_dtype(raw_dtype, bin: int) -> np.dtype:
         if t.min <= lo and hi <= t.max:
             return np.dtype(name)
     raise ValueError(f"bin {bin} is too large for {raw} frames: a binned pixel could exceed 64 bits")
+
+
+def narrow_dtype(raw_dtype, bin: int) -> np.dtype:
+    """The dtype a scan's store starts in: unsigned counts in their own dtype (uint8 binned: uint16), which
+    holds any binned frame whose pixels do not pass its maximum; otherwise ``store_dtype``."""
+    raw = np.dtype(raw_dtype)
+    wide = store_dtype(raw, bin)
+    if raw.kind != "u" or bin == 1:
+        return wide
+    narrow = np.dtype(f"u{max(raw.itemsize, 2)}")
+    return narrow if narrow.itemsize < wide.itemsize else wide
 
 
 class FrameStore:

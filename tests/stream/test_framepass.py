@@ -7,7 +7,7 @@ from rrstem.stream.framepass import FramePass
 from rrstem.stream.preprocess import Geometry, PreprocessConfig
 from rrstem.stream.protocol import DTYPES, Start
 from rrstem.stream.scan import Scan, check_memory
-from rrstem.stream.store import store_dtype
+from rrstem.stream.store import narrow_dtype, store_dtype
 
 MASKED = ((5, 6), (2, 2), (10, 11))
 
@@ -39,7 +39,8 @@ def test_fused_pass_equals_numpy_bit_for_bit(dtype, b):
                  3.0, 9.0, MASKED)
     store = np.zeros((10, *g.binned_shape), store_dtype(dtype, b))
     rows = np.array([9, 0, 1, 2, 3, 4, 5])
-    sums, total = FramePass(g, np.dtype(dtype), store)(rows, raw)
+    sums, total, over = FramePass(g, np.dtype(dtype), store)(rows, raw)
+    assert over is None
     binned, ref = numpy_pass(raw, g)
     np.testing.assert_array_equal(store[rows], binned)
     if raw.dtype.kind in "ui":  # integer counts: exact
@@ -57,7 +58,7 @@ def test_without_saturation_masking_a_pixel_at_the_dtype_maximum_counts(dtype):
     raw[1, 2, 5] = np.iinfo(dtype).max
     g = Geometry((8, 8), 2, (0, 8, 0, 8), (2.0, 2.0), 1.0, 1.5, 3.0, ((0, 0),))
     store = np.zeros((2, 4, 4), store_dtype(dtype, 2))
-    sums, total = FramePass(g, np.dtype(dtype), store, mask_saturated=False)(np.arange(2), raw)
+    sums, total, _ = FramePass(g, np.dtype(dtype), store, mask_saturated=False)(np.arange(2), raw)
     want = np.full((2, 4, 4), 12)
     want[:, 0, 0] = 9  # the persistently masked pixel (0, 0) counts zero
     want[1, 1, 2] += int(np.iinfo(dtype).max) - 3
@@ -73,7 +74,7 @@ def test_strided_frames_and_big_endian_frames_take_the_same_pass():
     expected, ref = numpy_pass(np.ascontiguousarray(block[:, :, :16]), g)
     for raw in (block[:, :, :16], block[:, :, :16].astype(">u2")):  # a strided view; Merlin's wire order
         store = np.zeros((6, 8, 8), np.uint32)
-        sums, _ = FramePass(g, raw.dtype, store)(np.arange(6), raw)
+        sums, _, _ = FramePass(g, raw.dtype, store)(np.arange(6), raw)
         np.testing.assert_array_equal(store, expected)
         np.testing.assert_array_equal(sums, ref)
 
@@ -88,13 +89,61 @@ def test_counts_that_overflow_the_raw_dtype_are_stored_without_loss():
     assert store_dtype(np.uint32, 2) == np.uint64 and store_dtype(np.int16, 2) == np.int32
     assert store_dtype(np.float64, 4) == np.float32
     store = np.zeros((3, 4, 4), store_dtype(np.uint16, 4))
-    sums, _ = FramePass(g, np.uint16, store)(np.arange(3), raw)
+    sums, _, _ = FramePass(g, np.uint16, store)(np.arange(3), raw)
     assert store[0, 0, 0] == 16 * 60000 and store[1, 0, 0] == 15 * 60000 + 65534
     assert sums[0, 0] == 256 * 60000
     # the largest sum a bin can hold: every pixel one below saturation
     top = np.full((1, 16, 16), 65534, np.uint16)
     FramePass(g, np.uint16, store)(np.arange(1), top)
     assert (store[0] == 16 * 65534).all()
+
+
+def test_a_narrow_store_stops_the_pass_at_the_first_frame_that_does_not_fit():
+    """uint16 counts binned 4x4 into a uint16 store: frame 2 has a bin of 16 x 5000, past 65535."""
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 300, (5, 16, 16)).astype(np.uint16)
+    raw[2, 4:8, 8:12] = 5000
+    g = Geometry((16, 16), 4, (0, 16, 0, 16), (1.5, 1.5), 1.0, 1.5, 9.0, ((0, 1),))
+    assert narrow_dtype(np.uint16, 4) == np.uint16 and narrow_dtype(np.uint16, 1) == np.uint16
+    assert narrow_dtype(np.uint8, 4) == np.uint16 and narrow_dtype(np.int16, 2) == np.int32
+    store = np.zeros((5, 4, 4), np.uint16)
+    sums, total, over = FramePass(g, np.uint16, store)(np.arange(5), raw)
+    binned, ref = numpy_pass(raw, g)
+    assert over == 2 and len(sums) == 2
+    np.testing.assert_array_equal(store[:2], binned[:2])
+    np.testing.assert_array_equal(sums, ref[:2])
+    np.testing.assert_array_equal(total, binned[:2].sum(axis=0))
+    assert (store[3:] == 0).all()  # nothing after the frame that did not fit
+    # the largest bin that fits passes: 65535 exactly
+    raw[2, 4:8, 8:12] = 0
+    raw[2, 4, 8] = 65535 - 1  # saturated pixels count zero; this one is one below
+    raw[2, 4, 9] = 1
+    sums, total, over = FramePass(g, np.uint16, store)(np.arange(5), raw)
+    binned, ref = numpy_pass(raw, g)
+    assert over is None and binned[2].max() == 65535
+    np.testing.assert_array_equal(store, binned)
+    np.testing.assert_array_equal(sums, ref)
+
+
+def test_a_scan_whose_counts_outgrow_uint16_moves_to_uint32_without_loss(caplog):
+    """Binned 4x4, frames 0..39 fit uint16; frame 41 does not: the store moves to uint32, every frame exact."""
+    rng = np.random.default_rng(4)
+    frames = rng.poisson(40, (64, 32, 32)).astype(np.uint16)
+    frames[41:, 10:14, 12:16] = 20000  # 16 x 20000 = 320000 in one bin, from frame 41 on
+    start = Start(scan_id="bright", scan_shape=(8, 8), frame_shape=(32, 32), dtype="uint16")
+    scan = Scan(start, PreprocessConfig(bin=4, calibration_frames=8, mask_outliers=False))
+    for lo in range(0, 64, 12):  # batches that straddle the move
+        scan.add(lo, frames[lo:lo + 12])
+        if lo == 24:
+            early_filled, early = scan.filled.copy(), scan.frames  # as a trainer reads: filled, then frames
+            assert early.dtype == np.uint16
+    assert scan.frames.dtype == np.uint32 and scan.counters["received"] == 64
+    g = scan.geometry
+    binned, ref = numpy_pass(frames, g)
+    np.testing.assert_array_equal(scan.frames, binned)  # bit for bit, the frames before the move too
+    np.testing.assert_array_equal(early[early_filled], binned[early_filled])  # the old store still holds its rows
+    np.testing.assert_allclose(scan.mean_pattern(), binned.mean(axis=0), rtol=1e-6)
+    assert any("frame 41 has a binned count above 65535" in r.getMessage() for r in caplog.records)
 
 
 def test_memory_check_uses_the_stored_dtype():

@@ -360,3 +360,31 @@ def test_the_snapshot_with_every_frame_is_published_at_once_outside_the_rate_lim
     ref = reference(frames, svc.current.geometry.to_json())
     np.testing.assert_array_equal(snap.arrays["vbf"], ref["vbf"].astype(np.float32))
     sub.close()
+
+
+def test_counts_that_outgrow_the_uint16_store_midway_are_kept_exactly(make_service, sender_for):
+    """Binned 4x4, uint16 frames start in a uint16 store; from row 3 on a bin holds 16 x 9000 counts, past
+    65535: the service moves the store to uint32 and every map and frame still equals NumPy, bit for bit."""
+    frames = disc_frames(6, 6, seed=8, level=200.0)
+    frames[3:, :, 12:16, 12:16] = 9000  # 144000 in one binned pixel
+    svc = make_service(preprocess={"bin": 4, "calibration_frames": 8})
+    s = sender_for(svc)
+    s.start("bright", (6, 6), (32, 32))
+    flat = frames.reshape(36, 32, 32)
+    for lo in range(0, 36, 5):  # a message straddles the first bright frame (18)
+        s.frames("bright", lo, flat[lo:lo + 5])
+    with ControlClient(svc.control_endpoint, timeout=5) as ctl:
+        deadline = time.monotonic() + 10
+        while ctl.request("status")["status"]["counters"].get("received") != 36:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ref = reference(frames, svc.current.geometry.to_json())
+        for y, x in ((0, 1), (2, 5), (3, 0), (5, 5)):  # before and after the move
+            got = unpack_array(ctl.request("frame", index=[y, x])["frame"])
+            np.testing.assert_array_equal(got, ref["binned"][y, x])
+        assert ref["binned"][3, 0].max() == 16 * 9000
+    assert svc.current.frames.dtype == np.uint32
+    s.end("bright", 36)
+    res = read_scan(wait_results(svc))
+    assert res["attrs"]["counters"]["received"] == 36 and res["attrs"]["complete"] == 1
+    assert_maps_match(res, frames)
