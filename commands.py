@@ -124,7 +124,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         trainer=trainer_overrides(args), device=args.device, once=args.headless and not args.steer,
                         **({"events": "tcp://127.0.0.1:0", "steering": "tcp://127.0.0.1:0"} if args.steer else {}))
     service = Service(cfg).start()
-    service.wait_ready()  # the demo scan trains from its first frame
     print(f"rrstem demo: graphene {args.scan[0]}x{args.scan[1]} scan, {args.detector}px detector, "
           f"dose {args.dose or 'noise-free'}, {rate:.4g} frames/s ({1e3 / rate:.3g} ms dwell: "
           f"{src.n_frames / rate:.1f} s); snapshots on {service.publish_endpoint}, "

@@ -49,10 +49,7 @@ class OnlineTrainer(EncoderThread):
 
     ``config``: a ``TrainerConfig``, or a plain dict of overrides for ``TrainerConfig.from_dict``
     (as ``ServiceConfig.trainer`` holds them); ``device``: the torch device the model trains on.
-    ``ready`` is set once torch's first-use costs are paid (``training.warm_up``, 2 s and more here).
     """
-
-    warms_up = True
 
     def __init__(self, config: TrainerConfig | Mapping[str, Any] | None = None, device: str = "cpu"):
         super().__init__("rrvae-trainer")
@@ -138,7 +135,6 @@ class OnlineTrainer(EncoderThread):
             tune_malloc()
         lower_priority(self.cfg.nice)
         log.debug("torch warmed up in %.2f s", warm_up(self.device))
-        self.ready.set()
         while not self._stop.is_set():
             try:
                 self._iterate()

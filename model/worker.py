@@ -37,13 +37,7 @@ def check_scan(scan: ScanView) -> None:
 
 
 class EncoderThread:
-    """A daemon thread running ``self._work()``; a context manager (start, then close).
-
-    ``ready`` is set once the thread can take a scan at full speed: at once, or, where ``warms_up``, when the
-    subclass has paid its first-use costs (``OnlineTrainer``: torch's); also if the thread fails.
-    """
-
-    warms_up = False
+    """A daemon thread running ``self._work()``; a context manager (start, then close)."""
 
     def __init__(self, name: str):
         self.error: BaseException | None = None  #: the thread's failure, with its traceback
@@ -53,7 +47,6 @@ class EncoderThread:
         self._stop = threading.Event()  # the thread should end
         self._wake = threading.Event()  # something changed: stop waiting
         self._done = threading.Event()  # the attached scan's final maps are made (or the thread failed)
-        self.ready = threading.Event()
 
     def start(self):
         """Start the thread (idempotent); returns self."""
@@ -90,8 +83,6 @@ class EncoderThread:
         return self._done.wait(timeout) and self.error is None
 
     def _main(self) -> None:
-        if not self.warms_up:
-            self.ready.set()
         try:
             self._work()
         except BaseException as exc:  # kept and reported, never lost
@@ -99,8 +90,6 @@ class EncoderThread:
             log.error("%s failed: %s", self._name, describe(exc), exc_info=exc)
             traceback.clear_frames(exc.__traceback__)  # keep the traceback, not the scans in its frames
             self._done.set()
-        finally:
-            self.ready.set()  # nobody waits for a thread that has ended
 
     def _work(self) -> None:
         raise NotImplementedError

@@ -207,10 +207,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: service.stop())  # from now on: run_service installs the full handlers
-    waited = service.wait_ready()  # announced warm: a scan started on this line trains from its first frames
     print(f"rrstem serve: frames from {service.listen_endpoint}, snapshots on {service.publish_endpoint}, "
           f"control on {service.control_endpoint}, events on {service.events.endpoint}, "
-          f"steering on {service.steering.endpoint}, results to {cfg.out} (ready in {waited:.1f} s)", flush=True)
+          f"steering on {service.steering.endpoint}, results to {cfg.out}", flush=True)
     return run_service(service, progress=not args.no_progress)
 
 

@@ -149,17 +149,6 @@ class Service(PipelineThread):
                       if ep is not None]
         warn_if_exposed(bound)
 
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Wait until the fused passes are compiled and the encoder is warm (torch's first-use costs paid), at
-        most ``timeout`` s; returns the seconds waited. Frames are taken meanwhile too; a scan that starts
-        before this returns only trains later. ``rrstem serve`` announces its endpoints after it."""
-        t0 = time.monotonic()
-        self.warm_up.join(timeout)
-        ready = getattr(self.encoder, "ready", None)
-        if ready is not None and not ready.wait(max(0.0, timeout - (time.monotonic() - t0))):
-            log.warning("the encoder is not warm after %.0f s: a scan starting now trains later", timeout)
-        return time.monotonic() - t0
-
     def start(self) -> "Service":
         """Start the threads; calling it again (e.g. ``with Service(cfg).start() as svc``) does nothing."""
         if self._started:

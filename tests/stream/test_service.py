@@ -388,14 +388,3 @@ def test_counts_that_outgrow_the_uint16_store_midway_are_kept_exactly(make_servi
     res = read_scan(wait_results(svc))
     assert res["attrs"]["counters"]["received"] == 36 and res["attrs"]["complete"] == 1
     assert_maps_match(res, frames)
-
-
-def test_wait_ready_returns_once_the_passes_are_compiled_and_the_trainer_is_warm(make_service):
-    svc = make_service(train=True, trainer={"min_frames": 8})
-    assert svc.wait_ready(60) < 60
-    assert svc.encoder.ready.is_set() and svc.encoder.error is None
-    assert not svc.warm_up.is_alive() and svc.warm_up.seconds is not None  # the fused passes are compiled
-    import sys
-    assert "torch._dynamo" in sys.modules  # the trainer's warm-up ran: its first optimiser imports it
-    untrained = make_service()  # no encoder: only the passes to wait for
-    assert untrained.encoder is None and untrained.wait_ready(60) < 60 and not untrained.warm_up.is_alive()
