@@ -135,11 +135,11 @@ class Receiver(threading.Thread):
 
     def _batch(self) -> list[Item]:
         """One message, plus the small ones already waiting behind it, decoded; runs of small frames merged."""
-        messages = [self.sock.recv_multipart(copy=False)]
+        messages = [self._recv(0)]
         size = sum(len(p) for p in messages[0])
         while len(messages) < BATCH_MESSAGES and size < BATCH_BYTES:
             try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = self._recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             messages.append(parts)
@@ -149,6 +149,15 @@ class Receiver(threading.Thread):
             items = self.decoder.decode(messages[0])
             return items if isinstance(items, list) else [items]
         return merge_small(decode_all(self.decoder, messages))
+
+    def _recv(self, flags: int) -> list[zmq.Frame]:
+        """One whole message, its parts as frames (zero-copy). ``recv_multipart`` asks the socket for more
+        parts with a ``getsockopt`` call per part; a frame says so itself (``more``), which saves a
+        microsecond per one-part message."""
+        parts = [self.sock.recv(flags, copy=False)]
+        while parts[-1].more:
+            parts.append(self.sock.recv(copy=False))
+        return parts
 
     def _put(self, item: Item) -> None:
         put_until_stopped(self.out, item, self.stop)

@@ -13,6 +13,7 @@ decoding as a ``bad`` item.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -47,6 +48,31 @@ class BadMessage(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+
+class BlockPool:
+    """Blocks of memory for the frames of batched small messages, used again once nothing views them.
+
+    A fresh 4 MB block per batch costs its page faults on every first write, as much as the copy itself.
+    ``get(rows, row_bytes)`` hands out a (rows, row_bytes) uint8 view of a pooled block that no item, scan
+    or store still holds (its only references are the pool's and the check's own), else a new block,
+    pooled up to ``keep`` of them.
+    """
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self._blocks: list[np.ndarray] = []
+
+    def get(self, rows: int, row_bytes: int) -> np.ndarray:
+        for block in self._blocks:
+            # 3 references: the list's, this loop's and getrefcount's argument; any view of it adds one
+            if block.shape[1] == row_bytes and block.shape[0] >= rows and sys.getrefcount(block) <= 3:
+                return block[:rows]
+        block = np.empty((rows, row_bytes), np.uint8)
+        if len(self._blocks) >= self.keep:
+            self._blocks.pop(0)
+        self._blocks.append(block)
+        return block
 
 
 # --- one detector series -> one rrstem scan ----------------------------------------------------

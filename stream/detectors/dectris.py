@@ -45,10 +45,15 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from rrstem.stream.detectors.base import BadMessage, DetectorDecoder, Item, Series
+from rrstem.stream.detectors.base import BadMessage, BlockPool, DetectorDecoder, Item, Series
+from rrstem.stream.detectors.cborscan import ImageWalk
 from rrstem.stream.detectors.codecs import decompress
 from rrstem.stream.protocol import DTYPES, Frames
 
+#: Rows of a pooled frame block (``decode_many``): the receiver's largest batch, ``receiver.BATCH_MESSAGES``.
+BATCH_ROWS = 256
+#: Batches of at least this many messages take a pooled block; fewer, a block of their own size.
+POOLED = 16
 #: RFC 8746 typed-array tags for the pixel types rrstem takes (little-endian, plus uint8).
 TYPED_ARRAY_TAGS = {64: "uint8", 69: "uint16", 70: "uint32", 77: "int16", 78: "int32", 85: "float32", 86: "float64"}
 MULTIDIM_ROW_MAJOR, DECTRIS_COMPRESSION = 40, 56500
@@ -223,6 +228,11 @@ class SimplonDecoder(DetectorDecoder):
 # --- SIMPLON stream2 (CBOR) ---------------------------------------------------------------------
 
 
+def _buffer(part):
+    """The bytes of a message part: a ZeroMQ frame's buffer, or the bytes themselves."""
+    return part.buffer if hasattr(part, "buffer") else part
+
+
 def _tag(obj: Any, number: int, what: str):
     if not isinstance(obj, cbor2.CBORTag) or obj.tag != number:
         got = f"tag {obj.tag}" if isinstance(obj, cbor2.CBORTag) else type(obj).__name__
@@ -235,6 +245,15 @@ class Stream2Decoder(DetectorDecoder):
 
     protocol = "stream2"
 
+    def __init__(self, scan_shape):
+        super().__init__(scan_shape)
+        self._walk: tuple | None = None  # (the series' Start, its ImageWalk)
+        self._blocks = BlockPool()
+
+    def decode(self, parts):
+        """One message: the same way as in a batch (``decode_many``), so an image is taken or refused alike."""
+        return self.decode_many([parts])
+
     def _decode(self, parts):
         return self._message(self._loads(parts))
 
@@ -242,7 +261,7 @@ class Stream2Decoder(DetectorDecoder):
     def _loads(parts) -> Mapping:
         if len(parts) != 1:
             raise BadMessage("extra_part", f"stream2 messages have one part, this one has {len(parts)}")
-        buf = memoryview(parts[0].buffer if hasattr(parts[0], "buffer") else parts[0]).cast("B")
+        buf = memoryview(_buffer(parts[0])).cast("B")
         if buf[:3] == SELF_DESCRIBED_CBOR:  # decoded without it, cbor2 gives plain dicts and lists
             buf = buf[3:]
         try:
@@ -255,41 +274,71 @@ class Stream2Decoder(DetectorDecoder):
 
     def decode_many(self, messages: list) -> list[Item]:
         """The items of several messages, the same as ``decode`` gives one by one, except that each run of
-        images with consecutive ids is one item (its pixels copied into one array).
+        images with consecutive ids is one item (its pixels copied into one block of frames).
 
-        An image goes the fast way (``_fast_image``) only when it is uncompressed and of the running series,
-        shape and dtype, exactly what ``decode`` would take as it is; every other message goes through
-        ``decode``'s own path, with its checks and counters.
+        An image goes the fast way when it is uncompressed and of the running series, shape and dtype: first
+        the compiled walk (``cborscan.ImageWalk``), which reads the bytes without decoding them, then, for a
+        message it does not take, cbor2 and ``_fast_image``. Every other message goes through the checks and
+        counters of ``_message``. The walk reads only an image's own fields: an image whose other fields
+        cbor2 would not decode (a malformed date) is taken all the same, its pixels and id intact.
         """
         out: list[Item] = []
-        run: list[bytes] = []
-        first = 0
+        start, walk, block = None, None, None
+        lo = hi = first = 0  # the open run: block rows lo..hi, image ids first..
 
         def flush():
-            if run:
-                s = self.series.start
-                frames = np.frombuffer(b"".join(run), dtype=np.dtype(s.dtype).newbyteorder("<"))
-                out.append(Item("frames", Frames.model_construct(scan_id=s.scan_id, first=first, count=len(run)),
-                                frames=frames.reshape(len(run), *s.frame_shape), scan_id=s.scan_id, count=len(run)))
-                run.clear()
+            nonlocal lo
+            if hi > lo:
+                frames = block[lo:hi].view(np.dtype(start.dtype).newbyteorder("<"))
+                out.append(Item("frames", Frames.model_construct(scan_id=start.scan_id, first=first, count=hi - lo),
+                                frames=frames.reshape(hi - lo, *start.frame_shape), scan_id=start.scan_id,
+                                count=hi - lo))
+            lo = hi
 
         for parts in messages:
-            msg = self._guard(self._loads, parts)
-            hit = None if isinstance(msg, Item) else self._fast_image(msg)
-            if hit is None or (run and hit[0] != first + len(run)):
+            s = self.series
+            if (s.start if s is not None else None) is not start:  # a series began or ended: a new block
                 flush()
-            if hit is not None:
-                if not run:
-                    first = hit[0]
-                run.append(hit[1])
-            else:
+                start, block, lo, hi = s.start if s is not None else None, None, 0, 0
+                walk = self._walk_of(s) if start is not None else None
+            if block is None and start is not None:  # pooled for a batch; exact for a few messages
+                block = (self._blocks.get(BATCH_ROWS, start.frame_nbytes)[:len(messages)]
+                         if POOLED <= len(messages) <= BATCH_ROWS else np.empty((len(messages), start.frame_nbytes), np.uint8))
+            index = walk.take(_buffer(parts[0]), block, hi) if walk is not None and len(parts) == 1 else None
+            msg = None
+            if index is None:
+                msg = self._guard(self._loads, parts)
+                hit = None if isinstance(msg, Item) or start is None else self._fast_image(msg)
+                if hit is not None:
+                    index = hit[0]
+                    block[hi] = np.frombuffer(hit[1], np.uint8)
+            if index is None:
+                flush()
                 out += _as_list(msg if isinstance(msg, Item) else self._guard(self._message, msg))
+                continue
+            s.images += 1
+            if hi > lo and index != first + (hi - lo):
+                flush()
+            if hi == lo:
+                first = index
+            hi += 1
         flush()
         return out
 
+    def _walk_of(self, s: Series) -> ImageWalk | None:
+        """The compiled walk for the images of series ``s`` (kept while the series runs)."""
+        if self._walk is not None and self._walk[0] is s.start:
+            return self._walk[1]
+        tag = next((t for t, name in TYPED_ARRAY_TAGS.items() if name == s.start.dtype), None)
+        series_id, unique_id = s.key
+        walk = None if tag is None else ImageWalk(series_id, unique_id, s.channel, s.start.frame_shape, tag,
+                                                  s.start.frame_nbytes)
+        self._walk = (s.start, walk)
+        return walk
+
     def _fast_image(self, msg: Mapping) -> tuple[int, bytes] | None:
         """(image id, pixel bytes) of an uncompressed image of the running series in its frame shape and
-        dtype, counted as an image of the series; None (and nothing counted) for anything else."""
+        dtype; None for anything else."""
         s = self.series
         if s is None or s.start is None or msg.get("type") != "image":
             return None
@@ -314,7 +363,6 @@ class Stream2Decoder(DetectorDecoder):
         payload = typed.value
         if type(payload) is not bytes or len(payload) != st.frame_nbytes:
             return None
-        s.images += 1
         return index, payload
 
     def _message(self, msg: Mapping):

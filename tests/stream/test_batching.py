@@ -158,3 +158,19 @@ def test_a_budget_takes_its_fast_share_while_frames_arrive_fast():
     assert Budget(share=0.1).fast_share == 0.1  # none given: the same share at any rate
     with pytest.raises(ValueError):
         Budget(share=0.1, fast_share=0)
+
+
+def test_a_pooled_frame_block_is_used_again_only_when_nothing_views_it():
+    frames, enc = series(seed=2)
+    images = [[enc.image(i, frames[i])[0]] for i in range(N)]
+    dec = Stream2Decoder((NY, NX))
+    dec.decode(enc.header())
+    first = dec.decode_many(images[:20])  # >= POOLED messages: a pooled block
+    second = dec.decode_many(images[20:40])
+    assert not np.shares_memory(first[0].frames, second[0].frames)  # the first is still held
+    kept = second[0].frames
+    del first
+    third = dec.decode_many(images[:20])  # the first block is free again: used, the second untouched
+    assert len(dec._blocks._blocks) == 2 and not np.shares_memory(third[0].frames, kept)
+    np.testing.assert_array_equal(kept, frames[20:40])
+    np.testing.assert_array_equal(third[0].frames, frames[:20])
