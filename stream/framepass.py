@@ -118,18 +118,28 @@ def _frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, 
                 out[bi, bj] = out[bi, bj] - v
         flat = out.reshape(p_all)
         s_i, s_x, s_y, s_bf, s_adf = zero, zero, zero, zero, zero
-        for p in range(p_all):
-            a = zero + flat[p]
-            s_i += a
-            s_x += a * wx[p]
-            s_y += a * wy[p]
-            s_bf += a * wbf[p]
-            s_adf += a * wadf[p]
-            if not defer:
-                total[p] += a
-        if defer and s_i == s_i and s_i != 0 and abs(s_i) != np.inf:
+        # two copies of one loop: with ``if not defer`` inside it, numba vectorised neither (13 us for a
+        # 96x96 frame, against 6 us in all with the branch outside)
+        if defer:
             for p in range(p_all):
-                total[p] += flat[p]
+                a = zero + flat[p]
+                s_i += a
+                s_x += a * wx[p]
+                s_y += a * wy[p]
+                s_bf += a * wbf[p]
+                s_adf += a * wadf[p]
+            if s_i == s_i and s_i != 0 and abs(s_i) != np.inf:
+                for p in range(p_all):
+                    total[p] += flat[p]
+        else:
+            for p in range(p_all):
+                a = zero + flat[p]
+                s_i += a
+                s_x += a * wx[p]
+                s_y += a * wy[p]
+                s_bf += a * wbf[p]
+                s_adf += a * wadf[p]
+                total[p] += a
         sums[k, 0] = s_i
         sums[k, 1] = s_x
         sums[k, 2] = s_y
