@@ -26,10 +26,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# the field names the walk reads, and the type it takes (UTF-8; constants of the compiled code)
-_K0, _K1, _K2, _K3, _K4, _IMAGE = (np.frombuffer(k.encode(), dtype=np.uint8).copy() for k in
-                                   ("type", "series_id", "series_unique_id", "image_id", "data", "image"))
 
+def _utf8(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode(), dtype=np.uint8).copy()
+
+
+# the field names the walk reads, and the type it takes (constants of the compiled code)
+_K0, _K1, _K2, _K3, _K4, _IMAGE = (_utf8(k) for k in ("type", "series_id", "series_unique_id", "image_id", "data",
+                                                      "image"))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -266,10 +270,6 @@ def _walk(buf, uid, channel, want):
     if chosen[0] != want[1] or chosen[1] != want[2] or chosen[2] != want[3] or chosen[4] != want[4]:
         return -1, -1
     return index, chosen[3]
-
-
-def _utf8(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode(), dtype=np.uint8).copy()
 
 
 class ImageWalk:
