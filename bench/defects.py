@@ -3,7 +3,7 @@
 What is measured: for each scan NAME and dose of ``--data`` (the files of
 ``python -m rrstem.simulators.multislice``: ``NAME-DOSE.h5`` and ``NAME.json``),
 the VADF map as the service makes it (``--bin 2``, the geometry calibrated
-from the first 64 frames, ``stream.maps.PositionSums``), then
+from the first 64 frames, ``stream.reductions.Partial``), then
 ``defects.defect_score`` of the whole map and of every partial fill (the
 first k rows complete, k from ``MIN_ROWS - 2`` to all). Reported per file:
 the highest score and its distance from the defect (truth JSON), in A; the
@@ -26,8 +26,8 @@ import h5py
 import numpy as np
 
 from rrstem.stream import defects
-from rrstem.stream.maps import PositionSums
 from rrstem.stream.preprocess import PreprocessConfig, calibrate
+from rrstem.stream.reductions import Partial, ScanInfo
 
 SCANS = ("graphene-vacancy", "graphene-si", "graphene-pristine", "mos2-pristine")
 FAR_A = 1.5  #: "elsewhere": farther than this from the defect
@@ -42,9 +42,11 @@ def vadf_map(path: Path, bin_: int = 2) -> np.ndarray:
     geometry = calibrate(frames[:64], PreprocessConfig(bin=bin_))
     y0, y1, x0, x1 = geometry.crop
     binned = frames[:, y0:y1, x0:x1].reshape(ny * nx, (y1 - y0) // bin_, bin_, (x1 - x0) // bin_, bin_)
-    sums = PositionSums((ny, nx), geometry)
-    sums.update(np.arange(ny * nx), binned.sum(axis=(2, 4), dtype=np.float64))
-    return sums.snapshot(np.ones(ny * nx, bool))["vadf"]
+    binned = binned.sum(axis=(2, 4), dtype=np.float64)
+    partial = Partial(ScanInfo((ny, nx), geometry))
+    weights = partial.weight_images().reshape(len(partial.table), -1)
+    partial.take(np.arange(ny * nx), binned.reshape(ny * nx, -1) @ weights.T, binned.sum(axis=0))
+    return partial.maps()["vadf"]
 
 
 def measure(vadf: np.ndarray, defect: tuple[float, float] | None, step_a: float) -> dict:

@@ -225,6 +225,7 @@ class Dashboard(QtWidgets.QMainWindow):
             self.map_grid.set_aspect(shape[0] * sy / (shape[1] * sx))
         if Arrays.MEAN_PATTERN in a:
             self.pattern_grid.set_aspect(a[Arrays.MEAN_PATTERN].shape[0] / a[Arrays.MEAN_PATTERN].shape[1])
+        self._add_declared_maps(h.maps, a)
         for name, panel in self.maps.items():
             panel.set_scale(*(step or (1.0, 1.0)), unit)
             if name in a:
@@ -260,6 +261,15 @@ class Dashboard(QtWidgets.QMainWindow):
         curves = {k: v for k, v in hist.items() if k not in HISTORY_AXES}
         self.loss_plot.set_histories({k: v for k, v in curves.items() if is_loss_history(k)}, axes)
         self.metric_plot.set_histories({k: v for k, v in curves.items() if not is_loss_history(k)}, axes)
+
+    def _add_declared_maps(self, declared: list[dict], arrays: dict) -> None:
+        """A panel for each map the service declares as one (``header.maps``) that has none yet, once it has
+        data: a reduction added to the service shows here without a change to the dashboard."""
+        for spec in declared:
+            name = spec.get("name")
+            if (spec.get("panel") and spec.get("per_position", True) and name not in self.maps
+                    and np.ndim(arrays.get(name)) == 2):
+                self._add_map(name, spec.get("description") or name)
 
     def _new_scan(self) -> None:
         for panel in [*self.maps.values(), *self.patterns.values()]:

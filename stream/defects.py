@@ -43,11 +43,18 @@ import threading
 
 import numpy as np
 
+from rrstem.stream.reductions.base import MapSpec
 from rrstem.stream.workers import Budget
 
 ANOMALY = "anomaly"  #: (ny, nx) float32 defect score (this module's units), NaN where not scored
 ALARMS = "alarms"  #: (k, 2) int32 [y, x] of the positions above the threshold, highest first
 ALARM_THRESHOLD = "anomaly_threshold"  #: () float32 the alarm threshold (inf: nothing scored yet)
+#: the declarations of the three, for snapshots, the results file and the dashboard
+DEFECT_SPECS = (MapSpec(ANOMALY, "robust_sigma", "defect map"),
+                MapSpec(ALARMS, "", "[y, x] of the positions above the threshold, highest first", panel=False,
+                        per_position=False),
+                MapSpec(ALARM_THRESHOLD, "robust_sigma", "the alarm threshold on the defect map", panel=False,
+                        per_position=False))
 
 THRESHOLD = 10.0  #: alarm threshold on ``anomaly``
 SIGMA = 1.0  #: Gaussian smoothing of the residual, in scan positions

@@ -65,6 +65,12 @@ class Geometry:
         d["binned_shape"] = list(self.binned_shape)
         return d
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Geometry":
+        """The inverse of ``to_json``."""
+        return cls(tuple(d["frame_shape"]), int(d["bin"]), tuple(d["crop"]), tuple(d["center"]), float(d["radius"]),
+                   float(d["adf_inner"]), float(d["adf_outer"]), tuple(tuple(p) for p in d["masked"]))
+
     def detector_masks(self) -> tuple[np.ndarray, np.ndarray]:
         """Boolean (h, w) bright-field and annular-dark-field masks on the binned frame."""
         h, w = self.binned_shape

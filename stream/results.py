@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 import rrstem
+from rrstem.stream.reductions import MapSpec
 from rrstem.stream.snapshot import Arrays
 
 FORMAT = "rrstem-results"
@@ -34,7 +35,8 @@ def _json(obj: Any) -> str:
 class ScanResults:
     """One scan's group of the results file, made by ``Scan.results()``.
 
-    ``attrs`` are the group's attributes (lists and dicts are stored as JSON);
+    ``attrs`` are the group's attributes (lists and dicts are stored as JSON); ``specs`` declares the maps
+    (name -> ``MapSpec``: each dataset gets its ``unit``, where it has one, and its ``description``);
     ``maps`` holds ``mean_pattern`` and the (ny, nx) maps (``latent`` is (d, ny, nx); ``alarms`` is (k, 2)
     [y, x]; ``anomaly_threshold``, a 0-d array, is written as the ``threshold`` attribute of ``anomaly``
     and ``alarms`` and read back into ``maps``);
@@ -45,7 +47,7 @@ class ScanResults:
     scan_id: str
     attrs: dict[str, Any]
     maps: dict[str, np.ndarray]
-    com_unit: str = "px"
+    specs: dict[str, MapSpec] = field(default_factory=dict)
     pixel_mask: np.ndarray | None = None
     model: dict[str, Any] | None = None
 
@@ -87,14 +89,11 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
         if name in (Arrays.MEAN_PATTERN, Arrays.ALARM_THRESHOLD):
             continue
         ds = m.create_dataset(name, data=arr.astype(bool) if name == Arrays.FILLED else arr)
-        if name in Arrays.SCAN_MAPS and name.startswith("com_"):
-            ds.attrs["unit"] = "rad" if name == Arrays.COM_ANGLE else r.com_unit
-        elif name == Arrays.ROTATION:
-            ds.attrs["unit"] = "rad"
-        elif name == Arrays.RECON_SIGMA:
-            ds.attrs["unit"] = "poisson_sigma"
-        elif name == Arrays.ANOMALY:
-            ds.attrs["unit"] = "robust_sigma"
+        spec = r.specs.get(name)
+        if spec is not None:
+            if spec.unit:
+                ds.attrs["unit"] = spec.unit
+            ds.attrs["description"] = spec.description
         if name in (Arrays.ANOMALY, Arrays.ALARMS) and Arrays.ALARM_THRESHOLD in maps:
             ds.attrs["threshold"] = float(maps[Arrays.ALARM_THRESHOLD])
     if model is None:

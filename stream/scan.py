@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rrstem.stream.defects import DefectMap
+from rrstem.stream.defects import DEFECT_SPECS, DefectMap
 from rrstem.stream.framepass import FramePass, accumulator
-from rrstem.stream.maps import FrameSum, PositionSums
 from rrstem.stream.preprocess import Geometry, PreprocessConfig, calibrate
 from rrstem.stream.protocol import Start
+from rrstem.stream.reductions import MapSpec, Partial, ScanInfo, registered
 from rrstem.stream.results import ScanResults
-from rrstem.stream.snapshot import COUNTERS, Arrays
+from rrstem.stream.snapshot import COUNTERS, FILLED_MAP, Arrays
 from rrstem.stream.store import FrameStore, narrow_dtype, store_dtype
 
 log = logging.getLogger("rrstem.scan")
@@ -110,8 +110,8 @@ class Scan:
         self._gap: float | None = None  # running mean of the time between its messages, s
         self.geometry: Geometry | None = None
         self._pass: FramePass | None = None
-        self._sums: FrameSum | None = None
-        self._positions: PositionSums | None = None
+        self._reductions = registered()  # the reductions this scan runs, fixed at its start
+        self._partial: Partial | None = None  # their merged buffers (stream/reductions/), made at calibration
         self._store: FrameStore | None = None
         self._retired: list[FrameStore] = []  # a narrow store after a move to a wider one (``_widen``)
         self._ready = False  # geometry fixed, store and reductions exist (set last)
@@ -210,10 +210,10 @@ class Scan:
         with self._lock:
             self.geometry = g
             raw = np.dtype(self.start.dtype)
-            self._sums = FrameSum(g.binned_shape, accumulator(raw, g.bin, g.binned_shape))
-            self._positions = PositionSums(self.start.scan_shape, g, pixel_mrad)
+            self._partial = Partial(ScanInfo(self.scan_shape, g, pixel_mrad), self._reductions,
+                                    accumulator(raw, g.bin, g.binned_shape), filled=self._filled)
             self._store = FrameStore(self.start.n_positions, g.binned_shape, narrow_dtype(raw, g.bin))
-            self._pass = FramePass(g, raw, self._store.frames, self.cfg.mask_saturated)
+            self._pass = self._frame_pass(self._store)
         log.info("scan %s: disc at (%.1f, %.1f) r=%.1f binned px, binned %s, %d masked pixel(s)",
                  self.scan_id, *g.center, g.radius, g.binned_shape, len(g.masked))
         self._ready = True
@@ -257,18 +257,23 @@ class Scan:
         with self._lock:
             self._retired.append(old)
             self._store = new
-            self._pass = FramePass(g, np.dtype(self.start.dtype), new.frames, self.cfg.mask_saturated)
+            self._pass = self._frame_pass(new)
         log.warning("scan %s: frame %d has a binned count above %d, the most %s holds; the frames are stored as "
                     "%s from here on (%d stored frame(s) copied in %.2f s, %.1f GiB more)", self.scan_id, index,
                     np.iinfo(old.dtype).max, old.dtype, dtype, len(rows), time.perf_counter() - t0,
                     new.frames.nbytes / 2**30)
 
+    def _frame_pass(self, store: FrameStore) -> FramePass:
+        return FramePass(self.geometry, np.dtype(self.start.dtype), store.frames, self.cfg.mask_saturated,
+                         self._partial.weight_images())
+
     def _accept(self, idx: np.ndarray, products: np.ndarray, total: np.ndarray) -> None:
-        """Count and flag the frames ``idx`` just stored, with their sums ``products`` and their valid ``total``."""
+        """Count the frames ``idx`` just stored, with their weight sums ``products`` and their valid ``total``;
+        the reductions take (and flag as ``filled``) the valid ones."""
         if not len(idx):
             return
         totals = products[:, 0]
-        ok = np.isfinite(totals) & (totals != 0)
+        ok = self._partial.take(idx, products, total)
         if not ok.all():
             nonfinite = ~np.isfinite(totals)
             if nonfinite.any():
@@ -279,13 +284,9 @@ class Scan:
             if self._rejected is None:
                 self._rejected = np.zeros(self.start.n_positions, dtype=bool)
             self._rejected[idx[~ok]] = True
-            idx, products = idx[ok], products[ok]
+            idx = idx[ok]
             if not len(idx):
                 return
-        with self._lock:
-            self._sums.add(len(idx), total)
-            self._positions.update(idx, None, products)
-        self._filled[idx] = True  # after the store: a reader that sees the flag reads a whole frame
         self._n_filled += len(idx)
         self.counters["received"] += len(idx)
         self.latest_index = int(idx[-1])
@@ -339,8 +340,7 @@ class Scan:
         return self._n_filled
 
     def mean_pattern(self) -> np.ndarray:
-        with self._lock:
-            return self._sums.snapshot()[Arrays.MEAN_PATTERN]
+        return self._partial.maps(names=(Arrays.MEAN_PATTERN,))[Arrays.MEAN_PATTERN]
 
     def com_maps(self) -> dict[str, np.ndarray]:
         maps = self.maps()
@@ -356,11 +356,7 @@ class Scan:
         if not self._ready:
             return {}
         filled = self._filled.copy()
-        with self._lock:
-            out = self._sums.snapshot()
-        # Outside the lock, so a 10 Hz snapshot of a large scan never holds up the pipeline: the sums of a
-        # position are written before its ``filled`` flag and never change afterwards.
-        out.update(self._positions.snapshot(filled))
+        out = self._partial.maps(filled)
         out[Arrays.FILLED] = filled.reshape(self.scan_shape)
         out.update(self._defects.maps(out, self.ended, refresh=score_defects, rate=self.frame_rate()))
         return out
@@ -372,9 +368,15 @@ class Scan:
         dt = time.perf_counter() - self.first_frame_at
         return self.counters["received"] / dt if dt > 0 else 0.0
 
+    def map_specs(self) -> dict[str, MapSpec]:
+        """Name -> declaration of every map this scan publishes: its reductions', ``filled`` and the defect maps."""
+        specs = self._partial.specs() if self._partial is not None else ()
+        return {m.name: m for m in (*specs, FILLED_MAP, *DEFECT_SPECS)}
+
     @property
     def com_unit(self) -> str:
-        return self._positions.unit if self._positions is not None else "px"
+        spec = self.map_specs().get(Arrays.COM_X)
+        return spec.unit if spec is not None else "px"
 
     def position(self, index) -> int:
         """The scan index of position ``index`` = [y, x]; ValueError if it is not one."""
@@ -434,4 +436,4 @@ class Scan:
             attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
         if self.model_failure is not None:
             attrs["model_error"] = f"{type(self.model_failure).__name__}: {self.model_failure}"
-        return ScanResults(self.scan_id, attrs, self.maps(score_defects=True), self.com_unit, mask)
+        return ScanResults(self.scan_id, attrs, self.maps(score_defects=True), self.map_specs(), mask)

@@ -19,6 +19,7 @@ are written, marked failed) and the service goes on with the next.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -44,7 +45,7 @@ from rrstem.stream.receiver import Receiver, TcpReceiver
 from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
 from rrstem.stream.pipeline import PipelineThread, RateMeter
 from rrstem.stream.scan import Scan
-from rrstem.stream.snapshot import Snapshot, SnapshotHeader, history_key
+from rrstem.stream.snapshot import MODEL_SPECS, Snapshot, SnapshotHeader, history_key
 from rrstem.stream.steering import Steering
 from rrstem.stream.watch import Watch, error_event
 from rrstem.stream.workers import Failure, Worker
@@ -352,6 +353,7 @@ class Service(PipelineThread):
         model_maps, export = self._slot.model(scan) if self._slot is not None else ({}, None)
         if model_maps:
             results.maps.update(model_maps)
+            results.specs.update(MODEL_SPECS)
             results.model = export
         path = self.writer.write(results, keep=keep)
         scan.results_path = path
@@ -382,6 +384,8 @@ class Service(PipelineThread):
             for key, value in cur.header_fields().items():
                 setattr(h, key, value)
             h.state = self.state(cur)
+            specs = {**cur.map_specs(), **(MODEL_SPECS if self.encoder is not None else {})}
+            h.maps = [dataclasses.asdict(m) for m in specs.values()]
             h.rescans = self.steering.requests(parent=cur.scan_id)
             sub = self.steering.subscan_of(cur.scan_id)
             h.subscan = sub.model_dump(mode="json") if sub is not None else None

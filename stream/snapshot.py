@@ -6,7 +6,8 @@ part each, in order. Subscribers (dashboards, steering clients) keep only the
 newest snapshot by draining the socket and decoding the last message.
 (``zmq.CONFLATE`` cannot be used: it breaks multipart messages.)
 
-The schema is declared once, here: the array names (``Arrays``), the
+The schema is declared once, here: the array names (``Arrays``, taken from
+the declarations of the reductions, the defect map and the model), the
 training histories (``history_key`` over ``model.interface.HISTORIES``), the
 scan states (``STATES``) and the counters (``COUNTERS``). The service, the
 dashboard and the tests use these names, and nothing else.
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rrstem.model import interface as model_names
 from rrstem.stream import defects
 from rrstem.stream.protocol import PROTOCOL, ProtocolError
+from rrstem.stream.reductions import MapSpec, com, mean, virtual
 
 _SNAPSHOT_DTYPES = ("float32", "float64", "uint8", "int32", "int64", "uint16", "uint32")
 
@@ -37,17 +39,29 @@ COUNTERS = ("received", "missing", "duplicate", "invalid", "stale", "dropped")
 STATES = ("idle", "acquiring", "finishing", "consolidating", "done")
 
 
-class Arrays:
-    """Names of the arrays a snapshot carries (float32 unless noted)."""
+#: which positions hold a frame: published and written beside every scan's maps
+FILLED_MAP = MapSpec("filled", "", "positions that hold a frame", panel=False)
+#: the maps the rrVAE makes, once it has encoded the scan
+MODEL_SPECS = {m.name: m for m in (
+    MapSpec(model_names.ROTATION, "rad", "rrVAE rotation (rad)"),
+    MapSpec(model_names.LATENT, "", "rrVAE content latents (d, ny, nx)", panel=False),  # a panel per latent
+    MapSpec(model_names.RECON_ERROR, "", "reconstruction error"),
+    MapSpec(model_names.RECON_SIGMA, "poisson_sigma", "reconstruction error in Poisson-noise units", panel=False),
+    MapSpec(model_names.RRVAE_ANOMALY, "", "the rrVAE's own outlier score", panel=False))}
 
-    VBF = "vbf"  #: (ny, nx) virtual bright field; NaN where no frame has arrived (so are all maps)
-    VADF = "vadf"  #: (ny, nx) virtual annular dark field
-    COM_X = "com_x"  #: (ny, nx) centre of mass relative to the mean pattern's, in ``com_unit``
-    COM_Y = "com_y"  #: (ny, nx)
-    COM_MAGNITUDE = model_names.COM_MAGNITUDE  #: (ny, nx) hypot(com_x, com_y)
-    COM_ANGLE = model_names.COM_ANGLE  #: (ny, nx) atan2(com_y, com_x), rad
-    FILLED = "filled"  #: (ny, nx) bool where a frame has arrived (sent as uint8)
-    MEAN_PATTERN = "mean_pattern"  #: (h, w) running mean of the binned frames
+
+class Arrays:
+    """Names of the arrays a snapshot carries (float32 unless noted): the maps come from their declarations
+    (``stream/reductions/``, ``defects.DEFECT_SPECS``, ``MODEL_SPECS``); any registered reduction adds its own."""
+
+    VBF = virtual.VBF.name  #: (ny, nx) virtual bright field; NaN where no frame has arrived (so are all maps)
+    VADF = virtual.VADF.name  #: (ny, nx) virtual annular dark field
+    COM_X = com.COM_X.name  #: (ny, nx) centre of mass relative to the mean pattern's, in ``com_unit``
+    COM_Y = com.COM_Y.name  #: (ny, nx)
+    COM_MAGNITUDE = com.COM_MAGNITUDE.name  #: (ny, nx) hypot(com_x, com_y)
+    COM_ANGLE = com.COM_ANGLE.name  #: (ny, nx) atan2(com_y, com_x), rad
+    FILLED = FILLED_MAP.name  #: (ny, nx) bool where a frame has arrived (sent as uint8)
+    MEAN_PATTERN = mean.MEAN_PATTERN.name  #: (h, w) running mean of the binned frames
     ROTATION = model_names.ROTATION  #: (ny, nx) rrVAE angle, rad; present once the model has encoded the scan
     LATENT = model_names.LATENT  #: (d, ny, nx) rrVAE content latents
     RECON_ERROR = model_names.RECON_ERROR  #: (ny, nx) rrVAE reconstruction error
@@ -57,10 +71,10 @@ class Arrays:
     ALARMS = defects.ALARMS  #: (k, 2) int32 [y, x] of positions with ``anomaly`` above the threshold, highest first
     ALARM_THRESHOLD = defects.ALARM_THRESHOLD  #: () float32 the alarm threshold on ``anomaly`` (inf: none yet)
 
-    #: the maps over the scan that the service derives from its sums
-    SCAN_MAPS = (VBF, VADF, COM_X, COM_Y, COM_MAGNITUDE, COM_ANGLE)
+    #: the maps over the scan that the built-in reductions derive from their sums
+    SCAN_MAPS = tuple(m.name for m in (virtual.VBF, virtual.VADF, *com.CentreOfMass.maps))
     #: the defect map and its alarms, which the scan derives from its VADF map
-    DEFECT_MAPS = (ANOMALY, ALARMS, ALARM_THRESHOLD)
+    DEFECT_MAPS = tuple(m.name for m in defects.DEFECT_SPECS)
     MODEL_MAPS = model_names.MAPS
     #: everything the model sends
     MODEL_OUTPUTS = model_names.OUTPUTS
@@ -109,6 +123,10 @@ class SnapshotHeader(BaseModel):
     calibration: dict[str, Any] = Field(default_factory=dict, description="Start message calibration.")
     geometry: dict[str, Any] = Field(default_factory=dict, description="Disc centre/radius, bin, crop.")
     com_unit: str = Field("px", description="Unit of com_x, com_y, com_magnitude.")
+    maps: list[dict[str, Any]] = Field(
+        default_factory=list, description="The declaration of each map the service makes of the current scan: "
+        "name, unit, description, panel (whether a dashboard shows it as a panel of its own), per_position "
+        "(ny, nx) or (d, ny, nx) over the scan, else another shape. A map is present in arrays once it has data.")
     training: dict[str, Any] = Field(
         default_factory=dict, description="state, step, latest loss and metrics of the trainer."
     )
