@@ -175,7 +175,8 @@ def has_display() -> bool:
 
 
 def pregenerate(source):
-    """The whole synthetic scan in memory, so it streams at the requested rate (generation is ~0.5 ms/frame)."""
+    """The whole synthetic scan in memory, so it streams at the requested rate (generating frames on the fly
+    could not keep up with a fast one)."""
     import numpy as np
     from tqdm import tqdm
 

@@ -2,11 +2,9 @@
 
 This is an auxiliary map, ``rrvae_anomaly`` in snapshots and results. The
 product's defect map (``anomaly``) and its alarms are the VADF lattice
-residual of ``stream/defects.py``: measured on the abTEM multislice scans,
-this map put its highest score on the Si substitution in 3 of 5 trainer
-seeds and on the vacancy in 1 of 5, and raised up to 3 alarms on pristine
-graphene at 1e5, where the lattice residual is right in every case and
-needs no model (docs/steering.md, "The defect map").
+residual of ``stream/defects.py``, which found the defects more reliably on
+the multislice scans and needs no model (docs/steering.md, "The defect map";
+the figures are in bench/README.md).
 
 Two signs of an outlier, each turned into a robust z-score over the scan
 (``(s - median) / (1.4826 MAD)``: standard deviations for normal scores, and
@@ -18,14 +16,12 @@ the median and MAD barely move for a handful of defects):
 - the distance of the position's content latents from the others' (the
   ``NEIGHBOURS``-th nearest of up to ``REFERENCE`` latents, in units of each
   latent's spread): a pattern the model explains, but one the rest of the
-  scan does not have, such as the deflections around a vacancy. Measured on
-  a multislice vacancy, the reconstruction error is lowest at the vacancy
-  (its pattern is like a hexagon centre's), while the latent distance peaks
-  0.46 A from it.
+  scan does not have, such as the deflections around a vacancy, where the
+  reconstruction error is low (its pattern is like a hexagon centre's).
 
 ``rrvae_anomaly`` is the larger of the two, in robust standard deviations;
 ``summary`` gives its highest value. It raises no alarms: the defect map
-(``stream/defects.py``) does, measured more reliable on multislice scans.
+(``stream/defects.py``) does.
 """
 
 from __future__ import annotations

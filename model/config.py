@@ -3,11 +3,10 @@
 The defaults are what ``rrstem serve`` and ``rrstem demo`` use. The network's
 options live in ``RRVAEConfig`` (``model/rrvae.py``) and nowhere else:
 ``TrainerConfig.model`` holds one, whose ``image_shape`` and ``mask_radius``
-the trainer fills in from the scan when it builds the model. The numbers in
-the comments come from ``bench/quality.py`` (the synthetic graphene, and since
-issue 10 the abTEM multislice scans of branch multislice: graphene pristine,
-vacancy and Si at 1e6 and 1e5 e/pattern, streamed at 133 and 2,000 frames/s)
-and from offline runs of the same scans; the commit log has the runs.
+the trainer fills in from the scan when it builds the model. The comments
+say why a default is what it is; the measurements behind them
+(``bench/quality.py`` on the abTEM multislice scans, and offline runs of the
+same scans) are in ``bench/README.md``, "Measurements behind defaults".
 
 The service is configured with a plain dict, which ``TrainerConfig.from_dict``
 turns into a config: trainer fields and model options side by side (or the
@@ -40,15 +39,13 @@ class TrainerConfig:
     lr_final: float = 0.05  # lr at the end of consolidate_steps, as a share of lr
     # images per step (the paper: 20) and decoded pixels per step, shared by the batch (None: all). The decoder's
     # cost goes with images x pixels, so 40 x 128 steps as fast as 20 x 256 but with twice the images per
-    # gradient. bench/quality.py, worst of 5 seeds, latent |r| at the last frame at 133 frames/s, 1e6: pristine
-    # 0.64 -> 0.95, vacancy 0.51 -> 0.96, Si 0.83 -> 0.91; 1e5 in the results 0.72 -> 0.78. 80 x 64: one seed in 5
-    # at 0.69 (virtual time)
+    # gradient, which made the worst seed's latents better by the last frame
     batch_size: int = 40
     pixels: int | None = 128
     new_fraction: float = 0.5  # share of a batch drawn from the newest arrivals while the scan runs
     recent: int = 256  # how many of the newest arrivals count as new
     # 0.3 weighs the KL ~11x more than 1.0: the content latents then carry the deflection magnitude instead of
-    # spreading the direction over two latents (latent vs COM |r| 0.85-0.98; 1.0: 0.73-0.82; 0.1: 0.26-0.74)
+    # spreading the direction over two latents
     input_std: float = 0.3  # std of the model input over the first frames (fixes the gain; smaller = more KL weight)
     # the gain scales the signal, not the signal plus counting noise (encode.input_gain): the balance of
     # reconstruction against KL is then the same at every dose
@@ -63,19 +60,18 @@ class TrainerConfig:
     # this dose (electrons per pattern); below it, integer frames are Poisson counts as they are
     dose_cap: float = 1e6
     # frames that are not counts (noise-free simulations, gain-corrected data) are trained on as Poisson draws at
-    # dose_cap electrons per pattern (encode.prepare): the detail finer than that dose's noise is not fitted.
-    # Multislice graphene, noise-free, 2,000 frames/s: see the commit log
+    # dose_cap electrons per pattern (encode.prepare): the detail finer than that dose's noise is not fitted
     resample: bool = True
     # unused since the defect map (stream/defects.py) raises the alarms; kept so configs saved with it still load
     alarm_sigma: float = 40.0
     # consolidation (after the last frame) and cadence
     # wall-time bound of the consolidation: consolidate_seconds less scan_credit x the seconds trained while the
-    # scan ran, at least consolidate_min_seconds (133 frames/s: results <= 10 s after the last frame; a scan that
-    # arrives at once, 2,000 frames/s: the whole 25 s, results <= 30 s)
+    # scan ran, at least consolidate_min_seconds: a scan that trained while it arrived gets its results soon after
+    # its last frame, one that arrived at once gets the whole consolidation
     consolidate_seconds: float = 25.0
     consolidate_min_seconds: float = 5.0
-    # 2 (was 1.5): a 12 s scan at 133 frames/s then consolidates 5 s, not 7, so the results stay within 10 s of
-    # the last frame when the machine is loaded (a loaded run took 11.9 s at 1.5)
+    # each second trained during the scan takes two off the consolidation, so a scan at a detector's pace has its
+    # results within 10 s of its last frame even on a loaded machine
     scan_credit: float = 2.0
     consolidate_steps: int = 2000  # step bound of the consolidation phase; the lr schedule's length
     patience: int = 4  # consolidation ends after this many held-out evaluations without a new best
@@ -86,7 +82,7 @@ class TrainerConfig:
     eval_pixels: int = 256  # fixed pixel subset for the held-out ELBO and recon_error
     recon_budget: int = 512  # frames whose recon_error is refreshed per map refresh
     log_every: int = 10  # steps between history points
-    # torch threads on CPU. 2 measured slower on the shared 2-core machine: 1.9 against 15.3 steps/s at load 6
+    # torch threads on CPU: one, the trainer's core (2 threads were slower on a 2-core machine under load)
     threads: int = 1
     tune_malloc: bool = True  # glibc: keep freed activation buffers instead of unmapping them (see system.py)
     nice: int = 10  # CPU priority of the trainer thread (Linux nice, 0..19; 0 = same as ingest): ingest runs first

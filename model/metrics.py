@@ -17,10 +17,8 @@
   whatever the angles' spread. It is computed in O(N) (``fisher_lee``). The
   Jammalamadaka-SenGupta coefficient used before measures each angle from its
   circular mean, which is undefined for angles that go round the whole circle,
-  as the COM angle does round every atom: on a multislice graphene scan whose
-  rotation map matched the COM angle to +-10 degrees at 97% of the weight (the
-  mean resultant of their difference 0.998), it gave 0.79 at n = 1 (Fisher-Lee
-  0.996), and the best n then looked like 6. The reported value is the largest
+  as the COM angle does round every atom: it scored a near-perfect rotation map
+  low and picked the wrong fold (``bench/README.md``). The reported value is the largest
   |r| over n (at the smallest n within ``FOLD_TOLERANCE`` of it), with the n,
   the sign and the offset that give it. Weights (optional, typically the COM
   magnitude) make positions with a well-defined COM angle count more.

@@ -5,7 +5,7 @@ This is the rVAE of the atomai library as the paper configured it
 encoder and decoder, MSE loss, Adam at 1e-4), written so that the decoder is
 fast on a CPU. ``RRVAEConfig``'s defaults are the paper's but for the angle
 head (``angle_head="vector"``; ``"scalar"`` is the paper's) and the width
-(``hidden=64``; the paper's 128), both measured better here.
+(``hidden=32``; the paper's 128), both better here (``bench/README.md``).
 
 Likelihood
 ----------
@@ -45,8 +45,7 @@ image step). Four things keep it down without changing the model:
 - an optional random subset of pixels per step, shared by the batch, with the
   reconstruction term rescaled by P/k so its expectation is unchanged;
 - tanh computed as 2 sigmoid(2x) - 1 (``FastTanh``; equal to torch.tanh
-  within 2e-7): PyTorch's CPU tanh kernel is ~10x slower than its sigmoid and
-  was a third of the step time.
+  within 2e-7): PyTorch's CPU tanh kernel is much slower than its sigmoid.
 """
 
 from __future__ import annotations
@@ -64,10 +63,7 @@ class RRVAEConfig:
     image_shape: tuple[int, int] = (64, 64)  # (h, w) of the binned frames the model sees
     latent_dim: int = 2  # content latents z (the paper: 2; "3D rrVAE" = phi + 2)
     # units per hidden layer, encoder and decoder (paper: 128). Fewer units step faster on a CPU core, which at
-    # a detector's pace buys the steps that converge the maps by the last frame (bench/quality.py, multislice
-    # graphene at 133 frames/s, 5 seeds): 64 stepped 3.4x faster than 128; 32 takes 1,300-1,900 steps by the
-    # last frame against 720-1,060 for 64, and the last-frame best latent |r| at 1e6 went from 0.49-0.95 to
-    # 0.952-0.959, at 1e5 from 0.60-0.78 to 0.755-0.846
+    # a detector's pace buys the steps that converge the maps by the last frame
     hidden: int = 32
     encoder_layers: int = 2  # [Linear, Tanh] blocks before the two heads (paper: 2)
     decoder_layers: int = 2  # [Linear(H, H), Tanh] blocks after the coordinate layer (paper: 2)
@@ -76,14 +72,13 @@ class RRVAEConfig:
     phi_prior: float = 0.1  # scale s of the angle's zero-mean Gaussian prior (atomai default 0.1)
     mask_radius: float | None = None  # keep pixels with |c| <= r (grid units; 1 = inscribed circle), None = all
     # "vector": phi's mean is atan2 of a 2-vector head (see Encoder); "scalar": a linear head, as in the paper.
-    # "vector" measured better: content latent vs COM magnitude |r| 0.73-0.82 against 0.56-0.58 (bench/quality.py)
+    # "vector" is the default: its content latents follow the COM magnitude more closely
     angle_head: str = "vector"
     # > 0: the encoder's input is projected on this many principal components (the ``basis`` buffer), a
     # denoising as the paper's experimental notebook did; the reconstruction target stays the raw input. 0 = off
     pca: int = 0
     # "poisson": Gaussian with each pixel's Poisson variance (``noise_weight``); "mse": plain squared error.
-    # "mse" (with the trainer's signal_gain) measured better: multislice graphene 1e6 at 133 frames/s, latent
-    # |r| 0.955 against 0.11-0.56 for "poisson" at any dose cap (the dark pixels' noise then dominates)
+    # "mse" (with the trainer's signal_gain) is the default: with "poisson" the dark pixels' noise dominates
     likelihood: str = "mse"
 
     def __post_init__(self):

@@ -15,8 +15,8 @@ def tune_malloc() -> bool:
     """Make glibc reuse freed multi-MB buffers instead of returning them to the OS (process-wide).
 
     By default glibc serves large allocations with mmap and trims freed heap
-    memory, so every training step page-faults its activation buffers in again
-    (measured: 2-3x slower elementwise ops, most of the time in the kernel).
+    memory, so every training step page-faults its activation buffers in again,
+    which slows its elementwise ops several times over.
     Raising the mmap threshold to its 32 MB maximum and the trim threshold to
     256 MB keeps them; the cost is up to 256 MB of freed memory kept per arena.
     Returns False where it does not apply (not glibc).
@@ -35,9 +35,7 @@ def lower_priority(nice: int) -> bool:
 
     The trainer calls this so that, when both cores are busy, the kernel runs
     the ingest threads (receiver, pipeline, ZeroMQ I/O) first: training may
-    fall behind the detector and sample, ingest may not. Measured on 2 cores
-    with a sender process on the same machine: 256x256 ingest with training
-    rose from 5-10k to 11-13k frames/s at nice 19. Returns False where it
+    fall behind the detector and sample, ingest may not. Returns False where it
     does not apply.
     """
     if nice <= 0 or not sys.platform.startswith("linux"):

@@ -67,17 +67,16 @@ def consolidation_seconds(cfg: TrainerConfig, trained: float) -> float:
 
 
 def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, with the fused kernel where torch has one (CPU, CUDA): 0.15 ms a step for the rrVAE's 17
-    tensors on a CPU core against 0.53 ms for the per-tensor loop (about 4% of a training step)."""
+    """Adam, with the fused kernel where torch has one (CPU, CUDA): one kernel for all the rrVAE's tensors
+    is faster than the per-tensor loop."""
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
 def warm_up(device) -> float:
     """Pay torch's first-use costs now, not in a scan's first seconds; returns the seconds it took.
 
-    The first optimiser a process makes imports ``torch._dynamo`` (1.35 s of a 12 s scan at 133 frames/s
-    went there, py-spy on ``rrstem serve``); the first backward pass starts autograd's engine. The trainer
-    thread calls this once, as the service starts.
+    The first optimiser a process makes imports ``torch._dynamo``, a slow import; the first backward
+    pass starts autograd's engine. The trainer thread calls this once, as the service starts.
     """
     t0 = time.perf_counter()
     p = torch.zeros(4, device=device, requires_grad=True)

@@ -61,8 +61,7 @@ def limit_blas_threads() -> None:
 
     The service budgets its cores explicitly (ingest on one, the trainer on the
     other). OpenBLAS's own pool would spin on both cores for the small
-    per-batch products and starve the ZeroMQ I/O thread: with it, ingest ran
-    2-3x slower on a 2-core machine.
+    per-batch products and starve the ZeroMQ I/O thread, which slows ingest.
     """
     from threadpoolctl import threadpool_limits
 

@@ -210,12 +210,12 @@ class DefectMap:
     ``maps(scan_maps, ended, refresh)`` takes the scan's maps (``vadf`` and ``filled``) and returns the defect
     maps. Only a ``refresh`` recomputes them (the events thread's, which scores them, and the finisher's
     for the results): while the scan runs, only when more complete rows are in, at most once per
-    ``min_interval`` s and for at most a ``busy`` share of the time (a 512x512 map takes about 1.5 s); once
+    ``min_interval`` s and for at most a ``busy`` share of the time (a large map takes seconds); once
     it has ended, once more. Snapshots and the trainer get the last ones without waiting, so their own
     cadence never pays for it (before the first: NaN, no threshold, no alarms).
     While frames arrive faster than ``fast_fps`` (the caller's ``rate``) the share is ``busy_fast``: then
-    ingest needs every cycle (on 2 cores a 20% share cost 256x256-frame ingest a tenth of its rate,
-    bench/ingest.py) and the scan is over within seconds, before a steering client could act on a map.
+    ingest needs every cycle (the ``busy`` share would cost it a noticeable part of its rate) and the scan is
+    over within seconds, before a steering client could act on a map.
     """
 
     def __init__(self, threshold: float = THRESHOLD, min_interval: float = 0.2, busy: float = 0.2,
@@ -225,9 +225,8 @@ class DefectMap:
         self._key: tuple | None = None
         self._maps: dict[str, np.ndarray] = {}
         # The publisher, the events and the finisher threads all ask. ``_lock`` guards the last maps and is
-        # held only to read or replace them, so a snapshot never waits for a recompute (at 256x256 positions
-        # one took 0.3 s, and the snapshot that reports a scan's last frame waited for it); ``_compute`` runs
-        # one recompute at a time.
+        # held only to read or replace them, so a snapshot (the one that reports a scan's last frame above all)
+        # never waits for a recompute; ``_compute`` runs one recompute at a time.
         self._lock = threading.Lock()
         self._compute = threading.Lock()
 

@@ -224,11 +224,9 @@ def score_map(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, float, str] | 
     ``anomaly_threshold`` (stream/defects.py: the VADF lattice residual), the same map and threshold as the
     snapshots, the results file and the dashboard show; None without one.
 
-    Why the lattice residual and not the rrVAE's outlier map (``rrvae_anomaly``), measured on the abTEM
-    multislice scans through ``rrstem serve`` (docs/steering.md, "The defect map"): the lattice residual's
-    highest score lies on the vacancy's and on the Si's own position at every dose, and no pristine graphene
-    or MoS2 position comes near the threshold; the rrVAE's map found the Si in 3 of 5 trainer seeds, the
-    vacancy in 1 of 5, and alarmed on pristine graphene at 1e5.
+    Why the lattice residual and not the rrVAE's outlier map (``rrvae_anomaly``): on the abTEM multislice
+    scans it found every defect and raised no alarm on pristine scans, which the rrVAE's map did not
+    (docs/steering.md, "The defect map"; bench/README.md).
     """
     if ANOMALY not in arrays:
         return None

@@ -7,8 +7,8 @@ heartbeat is due, which keeps dashboards' "service unreachable" banners
 honest), and it routes each control request to the service's ``ControlAPI``
 (``stream/control.py``).
 
-A snapshot derives the whole scan's maps, so its cost grows with the scan (tens
-of ms at 512x512 positions): snapshots are kept to ``SNAPSHOT_SHARE`` of one
+A snapshot derives the whole scan's maps, so its cost grows with the scan:
+snapshots are kept to ``SNAPSHOT_SHARE`` of one
 core (``workers.Budget``), so a large scan is shown at a lower rate instead of
 slowing ingest. A milestone (a scan starts, has every position, ends, has its
 results: ``snapshot_milestone``) is published at once, outside the budget:

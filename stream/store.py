@@ -35,9 +35,8 @@ import numpy as np
 class _Spare:
     """One released store buffer, kept for the next scan of the same size.
 
-    A new buffer costs its page mapping (measured 0.2 s to 1.9 s for 604 MB on
-    these machines, depending on the host); scan after scan of one size, as
-    at the microscope, reuses the same pages. Reused memory is not zeroed:
+    A new buffer costs its page mapping, up to seconds for a large scan; scan
+    after scan of one size, as at the microscope, reuses the same pages. Reused memory is not zeroed:
     rows are read only where the scan's ``filled`` mask says a frame was written.
     """
 

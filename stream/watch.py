@@ -14,9 +14,8 @@ grows with the scan. New rows are scored within a CPU budget
 (``workers.Budget``, ``share`` of one core): at 512x512 positions and detector
 rate a row completes every few ms, and scoring each would compete with ingest.
 While frames arrive faster than ``fast_fps`` the share is ``share_fast``, as
-for the defect map (``defects.DefectMap``): then ingest needs every cycle (on
-2 cores the 5% share cost 256x256-frame ingest about 3 us of CPU per frame,
-bench/ingest.py) and the scan is over within seconds. A model refresh and the
+for the defect map (``defects.DefectMap``): then ingest needs every cycle and
+the scan is over within seconds. A model refresh and the
 scan's end are scored at the next tick.
 """
 
