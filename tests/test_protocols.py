@@ -9,6 +9,8 @@ import threading
 import pytest
 import zmq
 
+from rrstem.simulators.cli import add_replay_args, add_simulate_args
+from rrstem.simulators.senders import SENDERS, SPECIFIC, Sender, send_args
 from rrstem.stream.cli import add_serve_args
 from rrstem.stream.detectors import PROTOCOLS, Framing, Protocol, decoder_for, lookup
 from rrstem.stream.detectors.rrstem import RrstemDecoder
@@ -83,3 +85,47 @@ def test_make_receiver_picks_the_transport_and_framing_from_the_table():
         assert isinstance(zmq_receiver, Receiver) and zmq_receiver.endpoint.startswith("tcp://127.0.0.1:")
     finally:
         zmq_receiver.sock.close(linger=0)
+
+
+@pytest.mark.parametrize("add, argv", [(add_simulate_args, ["simulate"]), (add_replay_args, ["replay", "x.npy"])])
+def test_every_protocol_is_a_simulate_and_replay_choice_with_a_sender(add, argv):
+    p = argparse.ArgumentParser(prog="rrstem")
+    command = add(p.add_subparsers(dest="command"))
+    base = [*argv, "--to", "tcp://127.0.0.1:0"]
+    for name in PROTOCOLS:
+        assert p.parse_args([*base, "--protocol", name]).protocol == name
+    assert p.parse_args(base).protocol == "rrstem"
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--protocol", "nonesuch"])
+    text = " ".join(command.format_help().split())
+    for name, spec in PROTOCOLS.items():
+        assert f"{name}: {spec.description}" in text
+    assert set(SENDERS) == set(PROTOCOLS)  # every protocol has its sender, and no sender is left over
+    for name, sender in SENDERS.items():
+        assert isinstance(sender, Sender) and callable(sender.send) and set(sender.options) <= set(SPECIFIC)
+        defaults = p.parse_args([*base, "--protocol", name])
+        for dest, (flag, default) in SPECIFIC.items():  # each option's flag and default are the parser's
+            assert getattr(defaults, dest) == default and flag.lstrip("-").replace("-", "_") == dest
+
+
+def test_options_a_protocol_does_not_take_are_refused_by_the_table():
+    p = argparse.ArgumentParser(prog="rrstem")
+    add_simulate_args(p.add_subparsers(dest="command"))
+
+    def refused(*extra) -> str:
+        args = p.parse_args(["simulate", "--to", "tcp://127.0.0.1:0", *extra])
+        with pytest.raises(ValueError) as exc:
+            send_args(None, args, None, print)  # refused before anything is sent
+        return str(exc.value)
+
+    assert refused("--compression", "lz4") == "--compression applies to --protocol simplon or stream2, not rrstem"
+    assert refused("--protocol", "merlin", "--compression", "lz4", "--connect").startswith(
+        "--compression applies to --protocol simplon or stream2, not merlin")
+    assert refused("--protocol", "stream2", "--layout", "2x2", "--flyback", "2") == (
+        "--layout applies to --protocol merlin; --flyback applies to --protocol merlin, not stream2")
+    assert refused("--protocol", "merlin", "--pub") == (
+        "the merlin detector serves its data port over plain TCP: rrstem serve --protocol merlin connects to it; "
+        "drop --connect and --pub")
+    for name in ("simplon", "merlin"):
+        assert refused("--protocol", name, "--keys", "/nonexistent") == (
+            f"--keys applies to --protocol rrstem: {name} has no CURVE, as the detectors that speak it have none")
