@@ -4,6 +4,8 @@
 - ``open_file`` / ``load_array``: replay of recorded files, one reader per format (``files``, ``formats/``).
 - ``Source``, ``ArraySource``, ``stream``: the shared interface and sender (``source``).
 - ``add_simulate_args``, ``add_replay_args``: CLI subcommands (``cli``).
+- ``SENDERS``: the sender of every protocol in ``stream.detectors.PROTOCOLS`` (``senders``; the senders
+  themselves: ``source.stream``, ``dectris.stream_detector``, ``merlin.serve_merlin``).
 """
 
 from rrstem.simulators.files import load_array, open_file

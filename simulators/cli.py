@@ -4,7 +4,9 @@ The one parser (``rrstem.cli``) registers them with
 ``add_simulate_args(subparsers)`` and ``add_replay_args(subparsers)``; each
 sets ``func``, which takes the parsed arguments and returns an exit code.
 Both share one set of streaming options (``--to``, ``--rate``, ``--connect``,
-``--pub``, ...), because every source streams the same way.
+``--pub``, ...), because every source streams the same way. ``--protocol``
+offers the names of ``stream.detectors.PROTOCOLS``, with help from their
+descriptions, and each is sent by its sender in ``simulators/senders.py``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
 from rrstem.simulators.bridge import Bridge, graphene_subscans, replay_subscans
-from rrstem.simulators.dectris import COMPRESSIONS, HEADER_DETAILS, PROTOCOLS, stream_detector
+from rrstem.simulators.dectris import COMPRESSIONS, HEADER_DETAILS
 from rrstem.simulators.files import SUFFIXES, open_file
 from rrstem.simulators.graphene import DEFECTS, GrapheneSource
-from rrstem.simulators.merlin import LAYOUTS, serve_merlin
+from rrstem.simulators.merlin import LAYOUTS
+from rrstem.simulators.senders import send_args
 from rrstem.simulators import source as source_module
-from rrstem.simulators.source import Source, stream
+from rrstem.simulators.source import Source
 from rrstem.stream.cli import add_keys_option, parse_scan_shape
+from rrstem.stream.detectors import PROTOCOLS
 
 
 def parse_dose(text: str) -> float | None:
@@ -44,6 +46,16 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"must be positive, not {text!r}")
         return value
     return parse
+
+
+def protocols_help() -> str:
+    """What ``simulate/replay --protocol`` says of each protocol in ``PROTOCOLS``."""
+    def one(p) -> str:
+        return (f"{p.name}: {p.description}"
+                + (", sends no scan shape (serve it with --scan-shape NYxNX)" if p.needs_scan_shape else "")
+                + (f", served as the detector serves it, on --to tcp://HOST:PORT (rrstem serve --protocol {p.name} "
+                   "--listen tcp://HOST:PORT connects to it)" if p.transport == "tcp" else ""))
+    return "; ".join(one(p) for p in PROTOCOLS.values())
 
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -71,12 +83,8 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--steer-idle", type=_positive(float), default=60.0, metavar="S",
                    help="with --steer: exit once no rescan request has come for S seconds (default 60)")
     d = p.add_argument_group("detector protocol")
-    d.add_argument("--protocol", choices=("rrstem", *PROTOCOLS, "merlin"), default="rrstem",
-                   help="wire protocol: rrstem/1 (default), or a DECTRIS detector's SIMPLON stream v1 (simplon) "
-                        "or stream2; DECTRIS streams send one image per message and no scan shape "
-                        "(serve them with --protocol NAME --scan-shape NYxNX); merlin serves the acquisition "
-                        "as a Merlin PC's data port over plain TCP on --to tcp://HOST:PORT "
-                        "(rrstem serve --protocol merlin --listen tcp://HOST:PORT connects to it)")
+    d.add_argument("--protocol", choices=PROTOCOLS, default=next(iter(PROTOCOLS)),
+                   help=f"wire protocol (default %(default)s): {protocols_help()}")
     d.add_argument("--compression", choices=COMPRESSIONS, default="none",
                    help="DECTRIS protocols: pixel data compression (default none)")
     d.add_argument("--header-detail", choices=HEADER_DETAILS, default="basic",
@@ -136,32 +144,8 @@ def _stream_args(args, source: Source, command: str) -> int:
     if source.problem:
         print(f"rrstem {command}: warning: {source.problem}; sending the {source.available_frames} good frames "
               f"of {source.n_frames}", file=sys.stderr, flush=True)
-    common = dict(bind=not args.connect, socket_type="pub" if args.pub else "push", rate=args.rate,
-                  progress=not args.no_progress, timeout=args.timeout, on_endpoint=announce)
     order = getattr(source, "valid_order", None)  # a damaged file: the frames before the damage
-    if args.keys is not None and args.protocol != "rrstem":
-        raise ValueError(f"--keys applies to --protocol rrstem: {args.protocol} has no CURVE, as the detectors "
-                         "that speak it have none")
-    if args.protocol != "merlin" and (args.sync_offset or args.flyback or args.layout != "1x1" or args.no_scan_xy):
-        raise ValueError("--layout, --sync-offset, --flyback and --no-scan-xy apply to --protocol merlin")
-    if args.protocol == "merlin":
-        if args.compression != "none":
-            raise ValueError("--compression applies to the DECTRIS protocols; a Merlin sends raw pixels")
-        if args.connect or args.pub:
-            raise ValueError("a Merlin PC serves its data port: rrstem serve --protocol merlin connects to it; "
-                             "drop --connect and --pub")
-        stats = serve_merlin(source, args.to, layout=args.layout, sync_offset=args.sync_offset, flyback=args.flyback,
-                             scan_xy=not args.no_scan_xy, rate=args.rate, progress=not args.no_progress,
-                             timeout=args.timeout, on_endpoint=announce,
-                             order=None if order is None else np.asarray(order))
-    elif args.protocol == "rrstem":
-        if args.compression != "none":
-            raise ValueError("--compression applies to the DECTRIS protocols; add --protocol simplon or stream2")
-        stats = stream(source, args.to, frames_per_message=args.frames_per_message, order=order, keys=args.keys,
-                       **common)
-    else:
-        stats = stream_detector(source, args.to, protocol=args.protocol, compression=args.compression,
-                                header_detail=args.header_detail, series=args.series, order=order, **common)
+    stats = send_args(source, args, order, announce)  # the protocol's sender (simulators/senders.py)
     print(f"rrstem {command}: sent {stats.frames} frames in {stats.seconds:.2f} s "
           f"({stats.frames_per_s:.0f} frames/s) to {stats.endpoint}", file=sys.stderr, flush=True)
     if getattr(source, "damage", None):

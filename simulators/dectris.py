@@ -39,7 +39,6 @@ from rrstem.stream.detectors.dectris import (DECTRIS_COMPRESSION, MULTIDIM_ROW_M
                                             TYPED_ARRAY_TAGS)
 from rrstem.stream.protocol import Start
 
-PROTOCOLS = ("simplon", "stream2")
 COMPRESSIONS = ("none", "lz4", "bslz4")
 HEADER_DETAILS = ("all", "basic", "none")
 #: Physical pixel size the simulators report (an ARINA-like 100 um pixel).

@@ -3,7 +3,8 @@
 ``open_file(path, key=None, scan_shape=None)`` returns a ``Source`` over the
 scan in the file's own dtype. The readers live here (``.npy``, ``.npz``,
 generic HDF5, Nion Swift ``.ndata1``) and in ``simulators/formats/``
-(DECTRIS master, EMPAD, EMD/py4DSTEM, HyperSpy, DigitalMicrograph). To add a
+(DECTRIS master, EMPAD, EMD/py4DSTEM, HyperSpy, DigitalMicrograph, Merlin
+``.mib``). To add a
 format, register its reader ``reader(path, key) -> Loaded`` in ``OPENERS``
 under its suffix, and in ``MAGIC`` under its first bytes if it has any.
 
@@ -270,7 +271,7 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
     context manager) to release the file.
     """
     path = Path(path)
-    from rrstem.simulators.mib import MibSource, is_mib  # Merlin .mib/.hdr, by suffix or first bytes
+    from rrstem.simulators.formats.mib import MibSource, is_mib  # Merlin .mib/.hdr, by suffix or first bytes
 
     if path.is_file() and is_mib(path):
         return MibSource(path, scan_shape=scan_shape, scan_id=scan_id)

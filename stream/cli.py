@@ -21,6 +21,8 @@ import sys
 import logging
 from pathlib import Path
 
+from rrstem.stream.detectors import PROTOCOLS
+
 log = logging.getLogger("rrstem")
 
 #: Scan states in which every frame of the scan is in (see ``stream.snapshot.STATES``).
@@ -36,6 +38,15 @@ def parse_scan_shape(text: str) -> tuple[int, int]:
             return ny, nx
     raise argparse.ArgumentTypeError(
         f"scan shape must be NYxNX or N (a square scan) in positive integers, such as 64x48 or 64; got {text!r}")
+
+
+def protocols_help() -> str:
+    """What ``serve --protocol`` says of each protocol in ``PROTOCOLS``."""
+    def one(p) -> str:
+        return (f"{p.name}: {p.description}" + (", needs --scan-shape NYxNX" if p.needs_scan_shape else "")
+                + (", connects to the port the detector serves: --listen tcp://HOST:PORT" if p.transport == "tcp"
+                   else ""))
+    return "; ".join(one(p) for p in PROTOCOLS.values())
 
 
 def add_processing_args(p: argparse.ArgumentParser) -> None:
@@ -222,9 +233,8 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
                    help="bind the frames endpoint instead of connecting (the sender then connects: "
                         "replay/simulate --connect)")
     p.add_argument("--sub", action="store_true", help="tap a PUB stream (lossy; losses are counted)")
-    p.add_argument("--protocol", default="rrstem",
-                   help="sender's wire protocol: rrstem (default), simplon, stream2, or merlin (connects to the "
-                        "Merlin PC's data port over plain TCP: --listen tcp://MERLIN_PC:6342); see docs/protocol.md")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=next(iter(PROTOCOLS)),
+                   help=f"sender's wire protocol (default %(default)s; docs/protocol.md): {protocols_help()}")
     p.add_argument("--publish", default="tcp://127.0.0.1:5556", metavar="EP", help="snapshot PUB endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", metavar="EP", help="control REP endpoint")
     p.add_argument("--events", default="tcp://127.0.0.1:5558", metavar="EP",

@@ -1,5 +1,7 @@
 """The receiver thread: ZeroMQ socket (or a detector's TCP port, ``TcpReceiver``) -> decoder (``stream/detectors/``) -> items -> bounded queue.
 
+``make_receiver`` picks the thread by the protocol's entry in ``stream.detectors.PROTOCOLS``.
+
 PULL (default) is lossless: when the queue is full the receiver stops reading,
 ZeroMQ's high-water mark fills, and the sender blocks (back-pressure). SUB taps
 a PUB stream: the publisher drops when we fall behind, and the pipeline counts
@@ -36,7 +38,7 @@ import numpy as np
 import zmq
 
 from rrstem.stream.auth import Curve
-from rrstem.stream.detectors import Decoder, Item
+from rrstem.stream.detectors import Decoder, Framing, Item, lookup
 from rrstem.stream.protocol import Frames
 from rrstem.stream.detectors.rrstem import RrstemDecoder
 
@@ -163,10 +165,7 @@ class Receiver(threading.Thread):
         put_until_stopped(self.out, item, self.stop)
 
 
-# --- plain TCP: the Merlin data port ---------------------------------------------------------
-
-MPX_PREFIX = re.compile(rb"MPX,(\d{10}),")
-PREFIX_SIZE = 15  # b"MPX," + 10 digits + b","
+# --- plain TCP: a detector's data port (Merlin), cut into messages by the protocol's framing -------------
 
 
 def tcp_address(endpoint: str) -> tuple[str, int]:
@@ -178,28 +177,30 @@ def tcp_address(endpoint: str) -> tuple[str, int]:
 
 
 class TcpReceiver(threading.Thread):
-    """Connects to a detector's TCP data port (the Merlin PC serves it) and reads ``MPX`` messages until ``stop``.
+    """Connects to a detector's TCP data port (the Merlin PC serves it) and reads messages until ``stop``.
 
-    The same contract as ``Receiver``: decoded items go on the bounded queue
-    ``out`` (when it is full, the socket is not read and TCP holds the sender
-    back), every wait has a timeout, and the exception that ended the thread
-    is kept in ``error``. Messages are received straight into
-    a block of memory (``recv_into``) and frames are views of it, handed on in
-    batches of consecutive frames, not copied.
+    ``framing`` (a ``stream.detectors.Framing``, e.g. Merlin's ``MpxFraming``)
+    cuts the byte stream into messages. The same contract as ``Receiver``:
+    decoded items go on the bounded queue ``out`` (when it is full, the socket
+    is not read and TCP holds the sender back), every wait has a timeout, and
+    the exception that ended the thread is kept in ``error``. Messages are
+    received straight into a block of memory (``recv_into``) and frames are
+    views of it, handed on in batches of consecutive frames, not copied.
 
-    Damage is counted, never fatal: bytes that are not an ``MPX,<length>,``
-    prefix are skipped up to the next ``MPX,`` (a ``resync`` item says how
-    many); a dropped connection is logged, counted (``connection_lost``) and
-    retried with back-off, and the decoder carries on where it was.
+    Damage is counted, never fatal: bytes the framing skips to the next
+    possible message (e.g. up to the next ``MPX,``) become a ``resync`` item
+    that says how many; a dropped connection is logged, counted
+    (``connection_lost``) and retried with back-off, and the decoder carries
+    on where it was.
     """
 
-    def __init__(self, endpoint: str, out: queue.Queue, stop: threading.Event, decoder: Decoder,
-                 max_message: int = 1 << 28, backoff: tuple[float, float] = (0.05, 2.0), block: int = 4 << 20):
+    def __init__(self, endpoint: str, out: queue.Queue, stop: threading.Event, decoder: Decoder, framing: Framing,
+                 backoff: tuple[float, float] = (0.05, 2.0), block: int = 4 << 20):
         super().__init__(name="rrstem-receiver", daemon=True)
         self.address = tcp_address(endpoint)
         self.endpoint = endpoint
-        self.out, self.stop, self.decoder = out, stop, decoder
-        self.max_message, self.backoff = max_message, backoff
+        self.out, self.stop, self.decoder, self.framing = out, stop, decoder, framing
+        self.backoff = backoff
         self.error: BaseException | None = None
         self.messages = self.connections = self.disconnects = self.resyncs = self.skipped_bytes = 0
         self.block = block
@@ -256,11 +257,13 @@ class TcpReceiver(threading.Thread):
                 continue
             if n == 0:  # closed: skipped bytes not yet reported and an unfinished message are counted
                 if skipped or fill:
-                    self._resync_item(skipped + fill, "bytes that are no complete MPX message, before the "
-                                      "connection closed")
+                    self._resync_item(skipped + fill, f"bytes that are no complete {self.framing.name} message, "
+                                      "before the connection closed")
                 return got
             fill += n
-            pos, messages, skipped = self._split(buf, fill, skipped)
+            pos, messages, skipped, resyncs = self.framing.split(buf, fill, skipped)
+            for count, why in resyncs:
+                self._resync_item(count, why)
             if messages:
                 got = True
                 self.messages += len(messages)
@@ -270,7 +273,7 @@ class TcpReceiver(threading.Thread):
                     items += out if isinstance(out, list) else [out]
                 for item in coalesce(items, buf):
                     self._put(item)
-            need = max(self.block, self._message_size(buf, pos, fill))
+            need = max(self.block, self.framing.message_size(buf, pos, fill))
             tail = fill - pos
             if messages or need > len(buf):  # items view this block: the tail moves to a new one
                 new = np.empty(need, np.uint8)
@@ -281,47 +284,28 @@ class TcpReceiver(threading.Thread):
                 fill = tail
         return got
 
-    def _split(self, buf: np.ndarray, fill: int, skipped: int) -> tuple[int, list[memoryview], int]:
-        """The complete messages in ``buf[:fill]``: (where the rest starts, payload views, bytes skipped so far)."""
-        mv = memoryview(buf)
-        pos, out = 0, []
-        while fill - pos >= PREFIX_SIZE:
-            m = MPX_PREFIX.match(bytes(mv[pos:pos + PREFIX_SIZE]))
-            if m is None:
-                at = bytes(mv[pos + 1:fill]).find(b"MPX,")
-                jump = at + 1 if at >= 0 else max(1, fill - pos - 3)  # keep a possible partial "MPX" at the end
-                skipped += jump
-                pos += jump
-                continue
-            length = int(m.group(1)) - 1  # the length counts the comma before the payload
-            if not 0 < length <= self.max_message:
-                self._resync_item(0, f"message length {length + 1} is outside 2..{self.max_message + 1}")
-                skipped, pos = skipped + 1, pos + 1
-                continue
-            if skipped:
-                self._resync_item(skipped, "bytes that are no MPX message")
-                skipped = 0
-            if pos + PREFIX_SIZE + length > fill:
-                break  # incomplete: the rest comes with the next read
-            out.append(mv[pos + PREFIX_SIZE:pos + PREFIX_SIZE + length])
-            pos += PREFIX_SIZE + length
-        return pos, out, skipped
-
-    def _message_size(self, buf: np.ndarray, pos: int, fill: int) -> int:
-        """Bytes of the message that starts at ``pos``, if its prefix is in; else 0."""
-        if fill - pos < PREFIX_SIZE:
-            return 0
-        m = MPX_PREFIX.match(bytes(memoryview(buf)[pos:pos + PREFIX_SIZE]))
-        return PREFIX_SIZE + int(m.group(1)) - 1 if m and int(m.group(1)) - 1 <= self.max_message else 0
-
     def _resync_item(self, skipped: int, why: str) -> None:
         self.resyncs += 1
         self.skipped_bytes += skipped
         self._put(Item("bad", reason="resync", detail=f"{self.endpoint}: skipped {skipped} byte(s) up to the next "
-                       f"MPX, prefix: {why}"))
+                       f"{self.framing.marker} prefix: {why}"))
 
     def _put(self, item: Item) -> None:
         put_until_stopped(self.out, item, self.stop)
+
+
+def make_receiver(protocol: str, context: zmq.Context, endpoint: str, out: queue.Queue, stop: threading.Event,
+                  decoder: Decoder, *, bind: bool = False, mode: str = "pull",
+                  curve: Curve | None = None) -> Receiver | TcpReceiver:
+    """The receiver thread of the protocol named ``protocol`` (``stream.detectors.PROTOCOLS``): a ``Receiver``
+    over ZeroMQ; over plain TCP a ``TcpReceiver`` with the protocol's framing, connected to the detector's port."""
+    spec = lookup(protocol)
+    if spec.transport == "tcp":  # the detector serves its port: connect to it
+        if bind or mode != "pull":
+            raise ValueError(f"the {spec.name} detector serves its data port over plain TCP and rrstem "
+                             "connects to it: drop --bind and --sub")
+        return TcpReceiver(endpoint, out, stop, decoder, spec.framing())
+    return Receiver(context, endpoint, out, stop, bind=bind, mode=mode, decoder=decoder, curve=curve)
 
 
 def decode_all(decoder: Decoder, messages: list[list[Any]]) -> list[Item]:

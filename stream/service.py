@@ -36,12 +36,12 @@ from rrstem.model.interface import Encoder
 from rrstem.stream import control
 from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
 from rrstem.stream.auth import Curve, warn_if_exposed
-from rrstem.stream.detectors import TCP_PROTOCOLS, Item, decoder_for
+from rrstem.stream.detectors import Item, decoder_for
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.events import EventPublisher, ScanEnded
 from rrstem.stream.framepass import WarmUp
 from rrstem.stream.publisher import Publisher
-from rrstem.stream.receiver import Receiver, TcpReceiver
+from rrstem.stream.receiver import make_receiver
 from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
 from rrstem.stream.pipeline import PipelineThread, RateMeter
 from rrstem.stream.scan import Scan
@@ -93,14 +93,8 @@ class Service(PipelineThread):
         self._said_plain = False
         self.curve = Curve(config.keys, self.ctx) if config.keys is not None else None  # stream/auth.py
         frames_curve = self._frames_curve()
-        if config.protocol in TCP_PROTOCOLS:  # the detector serves its port: connect to it
-            if config.bind or config.mode != "pull":
-                raise ValueError(f"the {config.protocol} detector serves its data port over plain TCP and rrstem "
-                                 "connects to it: drop --bind and --sub")
-            self.receiver = TcpReceiver(config.listen, self._queue, self.stop_event, decoder)
-        else:
-            self.receiver = Receiver(self.ctx, config.listen, self._queue, self.stop_event, bind=config.bind,
-                                     mode=config.mode, decoder=decoder, curve=frames_curve)
+        self.receiver = make_receiver(config.protocol, self.ctx, config.listen, self._queue, self.stop_event, decoder,
+                                      bind=config.bind, mode=config.mode, curve=frames_curve)
         self.publisher = Publisher(self.ctx, config.publish, config.control, curve=self.curve,
                                    read_only=config.read_only_control)
         # events and steering (stream/events.py, stream/steering.py, the events thread in stream/watch.py)

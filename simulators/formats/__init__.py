@@ -8,4 +8,7 @@ file's first bytes (``MAGIC``) and turns what it returns into a ``Source``.
 - ``emd``: EMD 1.0 / py4DSTEM HDF5 (``emd_group_type`` array groups).
 - ``hyperspy``: HyperSpy ``.hspy`` (HDF5) and ``.zspy`` (zarr).
 - ``dm``: Gatan DigitalMicrograph ``.dm3`` / ``.dm4`` (own tag-tree parser, memory-mapped data).
+- ``mib``: Quantum Detectors Merlin ``.mib`` (with or without its ``.hdr``); it returns a ``Source``
+  (``MibSource``) itself, since its frames are records with a header each, and ``open_file`` takes a
+  ``.mib`` by suffix or by its first bytes (``is_mib``) before the other readers.
 """

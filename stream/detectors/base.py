@@ -9,13 +9,16 @@ reason it is counted under. ``decode`` never raises on bad input.
 scan shape: it is given the scan shape (``rrstem serve --scan-shape``), turns
 a series into one rrstem scan and files every ``BadMessage`` raised while
 decoding as a ``bad`` item.
+
+``Framing`` is what a protocol over plain TCP adds: how its byte stream is
+cut into messages (Merlin's ``MPX`` framing, ``merlin.py``).
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 from pydantic import ValidationError
@@ -48,6 +51,42 @@ class BadMessage(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+
+class Cut(NamedTuple):
+    """What ``Framing.split`` found in a block of bytes."""
+
+    end: int  # where the unread rest starts: an incomplete message, or bytes still to be judged
+    messages: list[memoryview]  # the complete messages' payloads, views of the block
+    skipped: int  # bytes skipped since the last good message and not yet reported
+    resyncs: list[tuple[int, str]]  # (bytes skipped, why) for each resync to report, in order
+
+
+class Framing:
+    """How a TCP transport (``stream.receiver.TcpReceiver``) cuts a detector's byte stream into messages.
+
+    A protocol over plain TCP names its framing in its ``Protocol`` entry
+    (``stream/detectors/__init__.py``); the receiver makes one per connection
+    and owns the buffers. ``split`` takes the bytes received so far,
+    ``buf[:fill]``, and the bytes skipped but not yet reported; it returns a
+    ``Cut``. After damage it skips to where a message may start again
+    (``marker``), and reports what it skipped once it finds a good message
+    (the receiver reports the rest when the connection closes).
+    ``message_size`` tells the receiver how large a block the message at
+    ``pos`` needs, once its length is in (else 0).
+    """
+
+    name = ""  # the message's name in resync details: "no complete <name> message"
+    marker = ""  # where reading resumes after damage: "skipped ... up to the next <marker> prefix"
+
+    def __init__(self, max_message: int = 1 << 28):
+        self.max_message = max_message
+
+    def split(self, buf: np.ndarray, fill: int, skipped: int) -> Cut:
+        raise NotImplementedError
+
+    def message_size(self, buf: np.ndarray, pos: int, fill: int) -> int:
+        raise NotImplementedError
 
 
 class BlockPool:
@@ -101,7 +140,7 @@ class DetectorDecoder:
     ``_end`` at the series end.
     """
 
-    protocol = ""  # the name in DECODERS, used in messages
+    protocol = ""  # the name in PROTOCOLS, used in messages
 
     def __init__(self, scan_shape: tuple[int, int] | None):
         if scan_shape is None:

@@ -2,9 +2,9 @@
 
 On the wire (plain TCP, the Merlin PC serves port 6342) every message is
 ``MPX,<10-digit length>,<payload>``, where the length counts the payload plus
-the comma before it. The TCP transport (``stream/receiver.py``) cuts the
-stream into payloads and resynchronises on the next ``MPX,`` after damage;
-this decoder turns one payload into items:
+the comma before it. ``MpxFraming`` cuts the stream into payloads for the TCP
+transport (``stream.receiver.TcpReceiver``) and resynchronises on the next
+``MPX,`` after damage; ``MerlinDecoder`` turns one payload into items:
 
 - ``HDR,`` then ``Key:\\tValue`` lines up to ``End``: the acquisition header.
   Used: ``Frames in Acquisition (Number)`` (0: continuous), ``Frames per
@@ -35,6 +35,7 @@ offset and flyback (``stream/acquisition.py``) for every protocol alike.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,13 +43,53 @@ from typing import Any
 import numpy as np
 
 from rrstem.stream.acquisition import AcquisitionMap
-from rrstem.stream.detectors.base import BadMessage, Item
+from rrstem.stream.detectors.base import BadMessage, Cut, Framing, Item
 from rrstem.stream.protocol import MAX_SCAN_EDGE, End, Frames, Start
 
 #: Merlin pixel type -> (wire dtype, the scan's little-endian dtype name)
 PIXEL_TYPES = {"U08": (">u1", "uint8"), "U16": (">u2", "uint16"), "U32": (">u4", "uint32")}
 FRAMES_KEY = "Frames in Acquisition (Number)"
 PER_TRIGGER_KEY = "Frames per Trigger (Number)"
+MPX_PREFIX = re.compile(rb"MPX,(\d{10}),")
+PREFIX_SIZE = 15  # b"MPX," + 10 digits + b","
+
+
+class MpxFraming(Framing):
+    """The data port's byte stream -> ``MPX`` payloads; bytes that are no ``MPX,<length>,`` prefix are skipped
+    up to the next ``MPX,``, and a length outside 2 .. ``max_message`` + 1 is skipped too."""
+
+    name, marker = "MPX", "MPX,"
+
+    def split(self, buf: np.ndarray, fill: int, skipped: int) -> Cut:
+        mv = memoryview(buf)
+        pos, out, resyncs = 0, [], []
+        while fill - pos >= PREFIX_SIZE:
+            m = MPX_PREFIX.match(bytes(mv[pos:pos + PREFIX_SIZE]))
+            if m is None:
+                at = bytes(mv[pos + 1:fill]).find(b"MPX,")
+                jump = at + 1 if at >= 0 else max(1, fill - pos - 3)  # keep a possible partial "MPX" at the end
+                skipped += jump
+                pos += jump
+                continue
+            length = int(m.group(1)) - 1  # the length counts the comma before the payload
+            if not 0 < length <= self.max_message:
+                resyncs.append((0, f"message length {length + 1} is outside 2..{self.max_message + 1}"))
+                skipped, pos = skipped + 1, pos + 1
+                continue
+            if skipped:
+                resyncs.append((skipped, "bytes that are no MPX message"))
+                skipped = 0
+            if pos + PREFIX_SIZE + length > fill:
+                break  # incomplete: the rest comes with the next read
+            out.append(mv[pos + PREFIX_SIZE:pos + PREFIX_SIZE + length])
+            pos += PREFIX_SIZE + length
+        return Cut(pos, out, skipped, resyncs)
+
+    def message_size(self, buf: np.ndarray, pos: int, fill: int) -> int:
+        if fill - pos < PREFIX_SIZE:
+            return 0
+        m = MPX_PREFIX.match(bytes(memoryview(buf)[pos:pos + PREFIX_SIZE]))
+        return PREFIX_SIZE + int(m.group(1)) - 1 if m and int(m.group(1)) - 1 <= self.max_message else 0
 
 
 def parse_acquisition_header(payload: bytes) -> dict[str, str]:

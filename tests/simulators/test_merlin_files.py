@@ -12,7 +12,7 @@ from support import disc_frames, reference, wait_results
 from rrstem.cli import main
 from rrstem.simulators.files import open_file
 from rrstem.simulators.merlin import MerlinFormat, acquisition_order, write_mib
-from rrstem.simulators.mib import MibSource
+from rrstem.simulators.formats.mib import MibSource
 from rrstem.simulators.source import stream
 from rrstem.stream.preprocess import PreprocessConfig
 from rrstem.stream.results import read_scan

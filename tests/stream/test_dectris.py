@@ -212,7 +212,7 @@ def test_cli_replays_a_file_as_stream2(make_service, tmp_path, capsys):
     assert res["attrs"]["counters"]["received"] == 20
     assert_maps_equal_reference(res, frames)
     assert main(argv + ["--compression", "lz4"]) == 1
-    assert "--compression applies to the DECTRIS protocols" in capsys.readouterr().err
+    assert "--compression applies to --protocol simplon or stream2, not rrstem" in capsys.readouterr().err
 
 
 def test_legacy_encoding_strings_follow_the_simplon_grammar():

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from rrstem.simulators.dectris import SimplonEncoder, Stream2Encoder
 from rrstem.stream import control
 from rrstem.stream import protocol as P
-from rrstem.stream.detectors import DECODERS, Item
+from rrstem.stream.detectors import Item, decoder_for
 from rrstem.stream.protocol import ProtocolError
 from rrstem.stream.snapshot import Snapshot, SnapshotHeader
 
@@ -52,7 +52,7 @@ VALID = {
 
 def decoder(protocol: str):
     """A decoder that has seen its protocol's header, so mutated images reach the image code."""
-    dec = DECODERS[protocol](SCAN)
+    dec = decoder_for(protocol, SCAN)
     dec.decode([zmq.Frame(p) for p in VALID[protocol][0]])
     return dec
 
@@ -121,7 +121,7 @@ def test_mutated_messages_never_raise_and_never_over_allocate(protocol, data):
 @pytest.mark.parametrize("protocol", sorted(VALID))
 def test_the_valid_messages_decode(protocol):
     """The base of the mutations: unmutated, every message decodes to the frames sent."""
-    dec = DECODERS[protocol](SCAN)
+    dec = decoder_for(protocol, SCAN)
     items = [i for parts in VALID[protocol] for i in decode_checked(dec, parts)]
     frames = [i for i in items if i.kind == "frames"]
     assert [i.kind for i in items if i.kind != "frames"] == ["start", "end"]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from rrstem.simulators.merlin import MerlinFormat, mpx
 from rrstem.stream.detectors import Item
-from rrstem.stream.detectors.merlin import FRAMES_KEY, PER_TRIGGER_KEY, MerlinDecoder
+from rrstem.stream.detectors.merlin import FRAMES_KEY, PER_TRIGGER_KEY, MerlinDecoder, MpxFraming
 from rrstem.stream.receiver import TcpReceiver
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -164,13 +164,13 @@ def test_the_valid_messages_decode():
 class Connection:
     """A Merlin PC on port 0 and a ``TcpReceiver`` connected to it; ``items()`` drains its queue."""
 
-    def __init__(self, **kw):
+    def __init__(self, max_message: int = 1 << 28, **kw):
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(10)
         self.out: queue.Queue[Item] = queue.Queue(1000)
         self.stop = threading.Event()
         self.receiver = TcpReceiver(f"tcp://127.0.0.1:{self.server.getsockname()[1]}", self.out, self.stop,
-                                    MerlinDecoder(), backoff=(0.01, 0.05), **kw)
+                                    MerlinDecoder(), MpxFraming(max_message), backoff=(0.01, 0.05), **kw)
         self.receiver.start()
         self.conn, _ = self.server.accept()
 
