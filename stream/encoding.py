@@ -4,8 +4,8 @@ There is one encoder (the online trainer, or a fixed trained model) and it
 works on one scan at a time. The pipeline thread attaches each scan once it
 is calibrated; a new scan cuts the previous one's consolidation short, so
 what the encoder made of the scan it leaves (maps, export, failure) is kept
-on that scan first. The finisher thread waits for the encoder's final maps
-of an ended scan and keeps them on the scan the same way. Attaching and
+here first, by scan. The finisher thread waits for the encoder's final maps
+of an ended scan and keeps them the same way. Attaching and
 keeping happen under one lock, so a scan's results never mix with the next
 scan's.
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -25,10 +27,20 @@ from rrstem.stream.scan import Scan
 log = logging.getLogger("rrstem.service")
 
 
+@dataclass
+class Kept:
+    """What the encoder made of a scan it left."""
+
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    export: dict | None = None
+    failure: BaseException | None = None  #: what stopped the rrVAE on this scan, if anything
+
+
 class EncoderSlot:
     def __init__(self, encoder: Encoder):
         self.encoder = encoder
         self.attached: Scan | None = None  # the scan the encoder works on
+        self._kept: weakref.WeakKeyDictionary[Scan, Kept] = weakref.WeakKeyDictionary()  # scans it left
         self._lock = threading.Lock()
 
     def attach_if_ready(self, scan: Scan) -> BaseException | None:
@@ -37,7 +49,7 @@ class EncoderSlot:
             return None
         with self._lock:
             previous, failure = self.attached, None
-            if previous is not None and not previous.model_taken:
+            if previous is not None and previous not in self._kept:
                 failure = self._take(previous)  # a new scan cuts the previous one's consolidation short
             self.attached = scan
             self.encoder.attach(scan)
@@ -57,27 +69,39 @@ class EncoderSlot:
                 log.warning("scan %s: the rrVAE did not finish in time; writing what it has", scan.scan_id)
                 break
         with self._lock:
-            if self.attached is scan and not scan.model_taken:
+            if self.attached is scan and scan not in self._kept:
                 return self._take(scan)
         return None
 
     def _take(self, scan: Scan) -> BaseException | None:
-        """Keep the encoder's maps, export and failure of ``scan`` on the scan (under the lock)."""
+        """Keep the encoder's maps, export and failure of ``scan`` (under the lock)."""
         enc = self.encoder
-        scan.model_taken = True
+        kept = self._kept[scan] = Kept()
         if enc.status().get("scan_id") != scan.scan_id:  # the encoder never took it up
             return None
         maps = enc.maps()
         if maps is not None and maps.scan_id == scan.scan_id:
-            scan.model_maps, scan.model_export = maps.arrays, enc.export()
-        scan.model_failure = enc.error
+            kept.maps, kept.export = maps.arrays, enc.export()
+        kept.failure = enc.error
         return enc.error
 
+    def failed(self, scan: Scan | None, exc: BaseException, report: Callable) -> None:
+        """Report the encoder's failure ``exc`` on ``scan`` (the scan's maps are written without the model)."""
+        report(f"rrVAE {type(self.encoder).__name__}", exc, scan.scan_id if scan is not None else None)
+        log.error("scan %s: the rrVAE failed (%s: %s); its maps are written without the model",
+                  scan.scan_id if scan is not None else "-", type(exc).__name__, exc)
+
+    def failure(self, scan: Scan) -> BaseException | None:
+        """What stopped the rrVAE on ``scan``, once the encoder left it."""
+        kept = self._kept.get(scan)
+        return kept.failure if kept is not None else None
+
     def model(self, scan: Scan, export: bool = True) -> tuple[dict[str, np.ndarray], dict | None]:
-        """The model's maps of ``scan`` and (if ``export``) its export: kept on the scan once the encoder
-        left it, else the encoder's newest; ({}, None) if there are none."""
-        if scan.model_taken:
-            return scan.model_maps or {}, scan.model_export
+        """The model's maps of ``scan`` and (if ``export``) its export: kept once the encoder left it, else
+        the encoder's newest; ({}, None) if there are none."""
+        kept = self._kept.get(scan)
+        if kept is not None:
+            return kept.maps, kept.export
         if scan is not self.attached:
             return {}, None
         with self._lock:
@@ -88,8 +112,9 @@ class EncoderSlot:
 
     def histories(self, scan: Scan) -> dict[str, Any]:
         """The training histories of ``scan``."""
-        if scan.model_taken:
-            return (scan.model_export or {}).get("training", {})
+        kept = self._kept.get(scan)
+        if kept is not None:
+            return (kept.export or {}).get("training", {})
         return self.encoder.histories() if scan is self.attached else {}
 
     def reconstruct(self, scan: Scan, index: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -41,6 +41,7 @@ from rrstem.stream.auth import Curve
 from rrstem.stream.detectors import Decoder, Framing, Item, lookup
 from rrstem.stream.protocol import Frames
 from rrstem.stream.detectors.rrstem import RrstemDecoder
+from rrstem.stream.workers import FailureHandler, Worker, ignore_failure
 
 log = logging.getLogger("rrstem.receiver")
 
@@ -102,18 +103,18 @@ def bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool, curve: Curve | 
         raise ValueError(f"cannot {verb} {endpoint!r}: {exc}; use e.g. {example} or ipc:///tmp/name") from None
 
 
-class Receiver(threading.Thread):
-    """Reads one socket until ``stop`` is set. Stores its exception in ``error`` if it fails."""
+class Receiver(Worker):
+    """Reads one socket until ``stop`` is set: a worker thread, so an exception that ends it is kept in
+    ``error`` and handed to ``on_failure``."""
 
     def __init__(self, context: zmq.Context, endpoint: str, out: queue.Queue, stop: threading.Event,
                  bind: bool = False, mode: str = "pull", hwm: int = 64, decoder: Decoder | None = None,
-                 curve: Curve | None = None):
-        super().__init__(name="rrstem-receiver", daemon=True)
+                 curve: Curve | None = None, on_failure: FailureHandler = ignore_failure):
+        super().__init__("rrstem-receiver", self._loop, on_failure)
         if mode not in ("pull", "sub"):
             raise ValueError(f"receiver mode must be 'pull' or 'sub', got {mode!r}")
         self.out, self.stop, self.mode = out, stop, mode
         self.decoder = decoder or RrstemDecoder()
-        self.error: BaseException | None = None
         self.sock = context.socket(zmq.PULL if mode == "pull" else zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -122,16 +123,13 @@ class Receiver(threading.Thread):
         self.endpoint = bind_or_connect(self.sock, endpoint, bind, curve)
         self.messages = 0
 
-    def run(self) -> None:
+    def _loop(self) -> None:
         try:
             while not self.stop.is_set():
                 if not self.sock.poll(100):
                     continue
                 for item in self._batch():
                     self._put(item)
-        except BaseException as exc:  # stored and reported by the service
-            self.error = exc
-            log.exception("receiver failed")
         finally:
             self.sock.close(linger=0)
 
@@ -176,7 +174,7 @@ def tcp_address(endpoint: str) -> tuple[str, int]:
     return m.group(1).strip("[]"), int(m.group(2))
 
 
-class TcpReceiver(threading.Thread):
+class TcpReceiver(Worker):
     """Connects to a detector's TCP data port (the Merlin PC serves it) and reads messages until ``stop``.
 
     ``framing`` (a ``stream.detectors.Framing``, e.g. Merlin's ``MpxFraming``)
@@ -195,48 +193,44 @@ class TcpReceiver(threading.Thread):
     """
 
     def __init__(self, endpoint: str, out: queue.Queue, stop: threading.Event, decoder: Decoder, framing: Framing,
-                 backoff: tuple[float, float] = (0.05, 2.0), block: int = 4 << 20):
-        super().__init__(name="rrstem-receiver", daemon=True)
+                 backoff: tuple[float, float] = (0.05, 2.0), block: int = 4 << 20,
+                 on_failure: FailureHandler = ignore_failure):
+        super().__init__("rrstem-receiver", self._loop, on_failure)
         self.address = tcp_address(endpoint)
         self.endpoint = endpoint
         self.out, self.stop, self.decoder, self.framing = out, stop, decoder, framing
         self.backoff = backoff
-        self.error: BaseException | None = None
         self.messages = self.connections = self.disconnects = self.resyncs = self.skipped_bytes = 0
         self.block = block
 
-    def run(self) -> None:
+    def _loop(self) -> None:
         delay = self.backoff[0]
-        try:
-            while not self.stop.is_set():
-                try:
-                    sock = socket.create_connection(self.address, timeout=1.0)
-                except OSError as exc:
-                    (log.warning if delay == self.backoff[0] else log.debug)(
-                        "cannot connect to %s (%s); retrying every %.2f..%.0f s", self.endpoint, exc, *self.backoff)
-                    self.stop.wait(delay)
-                    delay = min(2 * delay, self.backoff[1])
-                    continue
-                self.connections += 1
-                log.info("connected to %s", self.endpoint)
-                try:
-                    sock.settimeout(0.1)
-                    got = self._read(sock)
-                except (ConnectionError, OSError) as exc:
-                    got, reason = True, f"{type(exc).__name__}: {exc}"
-                else:
-                    reason = "closed by the sender"
-                finally:
-                    sock.close()
-                if self.stop.is_set():
-                    break
-                self.disconnects += 1
-                delay = self.backoff[0] if got else min(2 * delay, self.backoff[1])
-                log.warning("connection to %s lost (%s); reconnecting", self.endpoint, reason)
-                self._put(Item("bad", reason="connection_lost", detail=f"{self.endpoint}: {reason}"))
-        except BaseException as exc:  # stored and reported by the service
-            self.error = exc
-            log.exception("receiver failed")
+        while not self.stop.is_set():
+            try:
+                sock = socket.create_connection(self.address, timeout=1.0)
+            except OSError as exc:
+                (log.warning if delay == self.backoff[0] else log.debug)(
+                    "cannot connect to %s (%s); retrying every %.2f..%.0f s", self.endpoint, exc, *self.backoff)
+                self.stop.wait(delay)
+                delay = min(2 * delay, self.backoff[1])
+                continue
+            self.connections += 1
+            log.info("connected to %s", self.endpoint)
+            try:
+                sock.settimeout(0.1)
+                got = self._read(sock)
+            except (ConnectionError, OSError) as exc:
+                got, reason = True, f"{type(exc).__name__}: {exc}"
+            else:
+                reason = "closed by the sender"
+            finally:
+                sock.close()
+            if self.stop.is_set():
+                break
+            self.disconnects += 1
+            delay = self.backoff[0] if got else min(2 * delay, self.backoff[1])
+            log.warning("connection to %s lost (%s); reconnecting", self.endpoint, reason)
+            self._put(Item("bad", reason="connection_lost", detail=f"{self.endpoint}: {reason}"))
 
     def _read(self, sock: socket.socket) -> bool:
         """Read messages until the connection closes (returns whether any arrived) or ``stop`` is set.
@@ -295,8 +289,8 @@ class TcpReceiver(threading.Thread):
 
 
 def make_receiver(protocol: str, context: zmq.Context, endpoint: str, out: queue.Queue, stop: threading.Event,
-                  decoder: Decoder, *, bind: bool = False, mode: str = "pull",
-                  curve: Curve | None = None) -> Receiver | TcpReceiver:
+                  decoder: Decoder, *, bind: bool = False, mode: str = "pull", curve: Curve | None = None,
+                  on_failure: FailureHandler = ignore_failure) -> Receiver | TcpReceiver:
     """The receiver thread of the protocol named ``protocol`` (``stream.detectors.PROTOCOLS``): a ``Receiver``
     over ZeroMQ; over plain TCP a ``TcpReceiver`` with the protocol's framing, connected to the detector's port."""
     spec = lookup(protocol)
@@ -304,8 +298,9 @@ def make_receiver(protocol: str, context: zmq.Context, endpoint: str, out: queue
         if bind or mode != "pull":
             raise ValueError(f"the {spec.name} detector serves its data port over plain TCP and rrstem "
                              "connects to it: drop --bind and --sub")
-        return TcpReceiver(endpoint, out, stop, decoder, spec.framing())
-    return Receiver(context, endpoint, out, stop, bind=bind, mode=mode, decoder=decoder, curve=curve)
+        return TcpReceiver(endpoint, out, stop, decoder, spec.framing(), on_failure=on_failure)
+    return Receiver(context, endpoint, out, stop, bind=bind, mode=mode, decoder=decoder, curve=curve,
+                    on_failure=on_failure)
 
 
 def decode_all(decoder: Decoder, messages: list[list[Any]]) -> list[Item]:

@@ -95,14 +95,8 @@ class Scan:
         self.ended_at: float | None = None
         self.end_reason: str | None = None  # "end" (the sender's end message), "superseded", "failed"
         self.failure: BaseException | None = None  # what stopped this scan's processing, if anything
-        # What the encoder made of this scan, kept once it left the scan (``model_taken``): the scan's
-        # own results, whatever the encoder does next. Until then the service asks the encoder.
-        self.model_taken = False
-        self.model_maps: dict[str, np.ndarray] | None = None
-        self.model_export: dict | None = None
-        self.model_failure: BaseException | None = None  # what stopped the rrVAE on this scan, if anything
-        self.results_path: Path | None = None  # where the results went, once written
-        self.done = False  # results made (and written, if the service writes results)
+        self.results_path: Path | None = None  # where the results went, once written (``written``)
+        self.done = False  # results made (and written, if the service writes results): ``done_with``
         self.first_frame_at: float | None = None  # perf_counter of the first and last frames taken
         self.last_frame_at: float | None = None
         self.latest_index: int | None = None  # scan index of the newest frame taken
@@ -308,6 +302,14 @@ class Scan:
         self.end_reason = reason
         self.ended_at = time.time()
 
+    def written(self, path: Path) -> None:
+        """Its results (or a checkpoint of them) are in the file at ``path`` (finisher thread)."""
+        self.results_path = path
+
+    def done_with(self) -> None:
+        """Its results are made, and written where the service writes results (finisher thread, last)."""
+        self.done = True
+
     def fail(self, exc: BaseException) -> None:
         """Processing this scan raised ``exc``: it ends here, marked failed; what it has is kept."""
         self.failure = exc
@@ -434,6 +436,4 @@ class Scan:
         }
         if self.failure is not None:
             attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
-        if self.model_failure is not None:
-            attrs["model_error"] = f"{type(self.model_failure).__name__}: {self.model_failure}"
         return ScanResults(self.scan_id, attrs, self.maps(score_defects=True), self.map_specs(), mask)

@@ -1,20 +1,24 @@
-"""The rrstem service: threads, dispatch and the scan lifecycle.
+"""The rrstem service: it wires the threads and serves the control API.
 
 One frame's path: the receiver thread (``stream/receiver.py``) reads a
 message and decodes it (``stream/detectors/``) into an ``Item`` on a bounded
-queue; the pipeline thread (its methods in ``stream/pipeline.py``) hands it to ``Service.dispatch``, which gives a
-``frames`` item to the current ``Scan`` (``stream/scan.py``: validation,
-binning, the merged sums, the frame store and the one filled mask). The
-encoder (``model/``: the online trainer, or a fixed trained model) reads the
-scan through ``model.interface.ScanView``. At the scan's end the finisher
-thread waits for the encoder's final maps and writes ``Scan.results()`` plus
-the model to the results file (``stream/results.py``). Meanwhile the
-publisher thread (``stream/publisher.py``) asks the service for snapshots
-(``Service.snapshot``) and routes control requests to it.
+queue; the pipeline thread hands each item to the ``Lifecycle``
+(``stream/lifecycle.py``), which decides which scan is current and how each
+ends, and gives ``frames`` to the current ``Scan`` (``stream/scan.py``:
+validation, the fused pass, the reductions of ``stream/reductions/``, the
+frame store). The encoder (``model/``: the online trainer, or a fixed
+trained model) reads the scan through ``model.interface.ScanView``
+(``stream/encoding.py``). An ended scan goes to the finisher thread
+(``stream/finisher.py``): final maps, results file, ``scan_ended``. The
+publisher thread (``stream/publisher.py``) asks for snapshots and routes
+control requests here; the events thread (``stream/watch.py``) scores the
+maps for anomalies.
 
-Every worker stores the exception that stopped it; ``check()`` re-raises
-the original. A failure in one scan's processing ends that scan (its results
-are written, marked failed) and the service goes on with the next.
+Failures: every thread is a ``workers.Worker`` that keeps the exception that
+ended it. One that dies is reported (log, ``error`` event, the snapshots'
+banner), the running scan ends ``failed`` and is written, and the service
+stops; ``check()`` re-raises the original (``rrstem serve`` exits 1). A
+failure in one scan's processing only ends that scan, marked failed.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ import math
 import queue
 import threading
 import time
-import traceback
-from collections import Counter
 from pathlib import Path
 from typing import Any, Hashable
 
@@ -34,67 +36,52 @@ import zmq
 
 from rrstem.model.interface import Encoder
 from rrstem.stream import control
-from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
 from rrstem.stream.auth import Curve, warn_if_exposed
-from rrstem.stream.detectors import Item, decoder_for
+from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
+from rrstem.stream.detectors import Item, decoder_for, lookup
 from rrstem.stream.encoding import EncoderSlot
-from rrstem.stream.events import EventPublisher, ScanEnded
+from rrstem.stream.events import EventPublisher, ScanStarted
+from rrstem.stream.finisher import Finisher
 from rrstem.stream.framepass import WarmUp
+from rrstem.stream.lifecycle import Lifecycle
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import make_receiver
-from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
-from rrstem.stream.pipeline import PipelineThread, RateMeter
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import MODEL_SPECS, Snapshot, SnapshotHeader, history_key
 from rrstem.stream.steering import Steering
 from rrstem.stream.watch import Watch, error_event
-from rrstem.stream.workers import Failure, Worker
+from rrstem.stream.workers import Failure, RateMeter, Worker
 
 log = logging.getLogger("rrstem.service")
 
 
-class Service(PipelineThread):
+class Service:
     """Receives scans, keeps their maps current, trains the encoder on them, publishes and writes results."""
 
     def __init__(self, config: ServiceConfig, context: zmq.Context | None = None):
         limit_blas_threads()
         self.cfg = config
         self.ctx = context or zmq.Context.instance()
-        self.stop_event = threading.Event()
-        self.current: Scan | None = None  # the newest scan (kept, done, until the next start)
-        self.orphans: Counter[str] = Counter()  # bad input that belongs to no scan, by reason
+        self.stop_event = threading.Event()  # set: the threads end
         self.failures: list[Failure] = []  # every failure the service survived or died of, oldest first
-        self.notice: str | None = None  # the latest refused input, shown until the next scan starts
-        self.results_written: list[tuple[str, Path]] = []
-        self.results_event = threading.Event()
-        self._once = config.once
-        self._started = False
         self._n_failures = 0  # failures ever reported (the list keeps the newest 50)
-        self._seen_ids: set[str] = set()
-        self._refused: dict[str, str] = {}  # scan id -> orphan reason for its frames (rejected or failed scans)
-        self._no_start_logged: str | None = None  # the scan whose frames without a start were logged last
-        self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
-        self._finish_q: queue.Queue[Scan] = queue.Queue()
-        self._rate = RateMeter()
+        self._started = False
         self._stopping = threading.Event()  # a graceful stop was asked for
+        self._stop_failure: BaseException | None = None  # ... because a thread died of this
+        self._stop_asked = math.inf  # monotonic time of the stop
         self._pipeline_done = threading.Event()  # the pipeline has ended the last scan and takes no more input
-        self._stop_deadline = math.inf
-        self._scan_deadline = math.inf
-        self._next_checkpoint = math.inf
-        self.writer: ResultsWriter | None = None
-        self.unfinished: list[tuple[str, str]] = []  # scans a checkpoint left unfinished in the results file
-        if config.out is not None:
-            check_results_path(config.out)  # fail now, with what to fix, not at the end of the first scan
-            self.writer = ResultsWriter(config.out, config.retry_seconds)
-            self.unfinished = unfinished_scans(config.out)
+        self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
+        self._rate = RateMeter()
         self.encoder: Encoder | None = make_encoder(config)
         self._slot = EncoderSlot(self.encoder) if self.encoder is not None else None
-        decoder = decoder_for(config.protocol, config.scan_shape, config.sync_offset, config.flyback)
-        self._said_plain = False
+        self.lifecycle = Lifecycle(config, on_start=self._scan_started, on_frames=self._frames_taken,
+                                   on_end=self._scan_ended, on_failure=self.report)
         self.curve = Curve(config.keys, self.ctx) if config.keys is not None else None  # stream/auth.py
-        frames_curve = self._frames_curve()
-        self.receiver = make_receiver(config.protocol, self.ctx, config.listen, self._queue, self.stop_event, decoder,
-                                      bind=config.bind, mode=config.mode, curve=frames_curve)
+        self.receiver = make_receiver(config.protocol, self.ctx, config.listen, self._queue, self.stop_event,
+                                      decoder_for(config.protocol, config.scan_shape, config.sync_offset,
+                                                  config.flyback),
+                                      bind=config.bind, mode=config.mode, curve=self._frames_curve(),
+                                      on_failure=self._died)
         self.publisher = Publisher(self.ctx, config.publish, config.control, curve=self.curve,
                                    read_only=config.read_only_control)
         # events and steering (stream/events.py, stream/steering.py, the events thread in stream/watch.py)
@@ -102,15 +89,41 @@ class Service(PipelineThread):
         self.steering = Steering(self.ctx, config.steering, config.steer_timeout, self.curve)
         self.steering.answer_to = self.publisher.control_endpoint
         self._watch = Watch(self.events, self.steering)
+        self.finisher = Finisher(config, self._slot, self.events, self.steering, self._watch, self.report,
+                                 lambda: self.lifecycle.current)
         self._workers = [
+            self.receiver,
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
-            Worker("rrstem-finisher", self._finish_loop, self._died),
+            Worker("rrstem-finisher", self.finisher.run, self._died, args=(self.stop_event, self._pipeline_done)),
             Worker("rrstem-publisher", self.publisher.run, self._died,
                    args=(self, self.stop_event, config.snapshot_hz)),
             Worker("rrstem-events", self._watch.run, self._died, args=(self, self.stop_event)),
         ]
 
-    # --- lifecycle ----------------------------------------------------------------------
+    # --- what others read ---------------------------------------------------------------
+
+    @property
+    def current(self) -> Scan | None:
+        """The newest scan (kept, once ended, until the next starts)."""
+        return self.lifecycle.current
+
+    @property
+    def orphans(self):
+        """Bad input that belongs to no scan, by reason."""
+        return self.lifecycle.orphans
+
+    @property
+    def results_written(self) -> list[tuple[str, Path]]:
+        """(scan id, path) of every results write, oldest first."""
+        return self.finisher.results_written
+
+    @property
+    def results_event(self) -> threading.Event:
+        return self.finisher.results_event
+
+    @property
+    def writer(self):
+        return self.finisher.writer
 
     @property
     def listen_endpoint(self) -> str:
@@ -125,24 +138,25 @@ class Service(PipelineThread):
         return self.publisher.control_endpoint
 
     def _frames_curve(self) -> Curve | None:
-        """CURVE for the frames socket: with keys, for rrstem/1 only (detector firmware speaks no CURVE)."""
-        if self.curve is None or self.cfg.protocol == "rrstem":
+        """CURVE for the frames socket: with keys, where the protocol speaks it (detector firmware does not)."""
+        if self.curve is None or lookup(self.cfg.protocol).curve:
             return self.curve
-        if not self._said_plain:
-            self._said_plain = True
-            log.warning("frames from the %s detector are neither encrypted nor authenticated: its firmware speaks no "
-                        "CURVE (--keys secures the snapshot and control sockets); keep the detector on its own "
-                        "network", self.cfg.protocol)
+        log.warning("frames from the %s detector are neither encrypted nor authenticated: its firmware speaks no "
+                    "CURVE (--keys secures the snapshot and control sockets); keep the detector on its own "
+                    "network", self.cfg.protocol)
         return None
 
     def _warn_if_exposed(self) -> None:
         """A WARNING for every socket bound beyond this machine without CURVE: anyone there can use it."""
-        bound = [(self.listen_endpoint, "frames")] if self.cfg.bind and self._frames_curve() is None else []
+        plain_frames = self.curve is None or not lookup(self.cfg.protocol).curve
+        bound = [(self.listen_endpoint, "frames")] if self.cfg.bind and plain_frames else []
         if self.curve is None:
             bound += [(self.publish_endpoint, "snapshots"), (self.control_endpoint, "control")]
             bound += [(ep, name) for ep, name in ((self.events.endpoint, "events"), (self.steering.endpoint, "steering"))
                       if ep is not None]
         warn_if_exposed(bound)
+
+    # --- start and stop -----------------------------------------------------------------
 
     def start(self) -> "Service":
         """Start the threads; calling it again (e.g. ``with Service(cfg).start() as svc``) does nothing."""
@@ -153,39 +167,42 @@ class Service(PipelineThread):
         self.warm_up.start()
         if self.encoder is not None:
             self.encoder.start()
-        self.receiver.start()
         for t in self._workers:
             t.start()
         log.info("listening on %s (%s, %s); snapshots on %s; control on %s", self.listen_endpoint, self.cfg.mode,
                  "bound" if self.cfg.bind else "connected", self.publish_endpoint, self.control_endpoint)
         self._warn_if_exposed()
-        for scan_id, _ in self.unfinished:
+        for scan_id, _ in self.finisher.unfinished:
             log.warning("%s holds scan %s from a service that stopped mid-scan: its maps up to its last checkpoint "
                         "are there, marked incomplete (end_reason 'running')", self.cfg.out, scan_id)
         return self
 
-    def stop(self) -> None:
-        """Stop gracefully: the running scan ends ('stopped') and its results, with the model as it is, are
-        written within ``stop_timeout``; then the threads end and ``wait()`` returns."""
+    def stop(self, failure: BaseException | None = None) -> None:
+        """Stop gracefully: the running scan ends (``stopped``, or ``failed`` with ``failure``) and its results,
+        with the model as it is, are written within ``stop_timeout`` (a second after a failure); then the
+        threads end and ``wait()`` returns."""
         if self._stopping.is_set():
             return
-        self._stop_deadline = time.monotonic() + self.cfg.stop_timeout
+        self._stop_failure = failure
+        self._stop_asked = time.monotonic()
+        self.finisher.stop_deadline = self._stop_asked + (min(1.0, self.cfg.stop_timeout) if failure
+                                                          else self.cfg.stop_timeout)
         self._stopping.set()
         if not self._started:
             self.stop_event.set()
 
     def stopping_for(self) -> float:
         """Seconds since a graceful stop was asked for (0 if none)."""
-        return max(0.0, time.monotonic() - self._stop_deadline + self.cfg.stop_timeout) if self._stopping.is_set() else 0.0
+        return max(0.0, time.monotonic() - self._stop_asked) if self._stopping.is_set() else 0.0
 
     def stop_after_scan(self) -> None:
         """Stop once the current scan is done (at once if it already is)."""
-        self._once = True  # set before looking: the finisher sets ``done`` before it looks at this
+        self.finisher.once = True  # set before looking: the finisher sets ``done`` before it looks at this
         if self.current is not None and self.current.done:
             self.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the service stops (control ``stop``, ``once``); False on timeout."""
+        """Wait until the service stops (control ``stop``, ``once``, a thread's death); False on timeout."""
         return self.stop_event.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -194,7 +211,7 @@ class Service(PipelineThread):
         self.stop_event.wait(min(timeout, self.cfg.stop_timeout + 1.0))
         self.stop_event.set()
         deadline = time.monotonic() + timeout
-        for t in (self.receiver, *self._workers):
+        for t in self._workers:
             if t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
         if self.encoder is not None:
@@ -211,6 +228,55 @@ class Service(PipelineThread):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # --- the pipeline thread ------------------------------------------------------------
+
+    def _pipeline_loop(self) -> None:
+        lifecycle = self.lifecycle
+        while not self.stop_event.is_set():
+            if self._stopping.is_set():
+                self._wind_down()
+                return
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                lifecycle.tick()
+                continue
+            lifecycle.dispatch(item)
+
+    def _wind_down(self) -> None:
+        """On a stop: the running scan ends, the encoder makes its final maps now, the finisher writes them."""
+        try:
+            self.lifecycle.stop(self._stop_failure)
+        finally:
+            if self.encoder is not None:
+                self.encoder.finish_now()
+            self._pipeline_done.set()
+
+    def _scan_started(self, scan: Scan) -> None:
+        start = scan.start
+        self.events.publish(ScanStarted(scan_id=start.scan_id, scan_shape=start.scan_shape,
+                                        frame_shape=start.frame_shape,
+                                        calibration=start.calibration.model_dump(exclude_none=True),
+                                        subscan=self.steering.scan_started(start)))
+        self.finisher.scan_started()
+
+    def _frames_taken(self, scan: Scan, n: int) -> None:
+        self._rate.add(n)
+        self._attach_if_ready(scan)
+
+    def _scan_ended(self, scan: Scan) -> None:
+        try:
+            self._attach_if_ready(scan)  # a scan too short to calibrate before its end calibrates at its end
+        finally:
+            self.finisher.queue.put(scan)  # an ended scan always reaches the results file
+
+    def _attach_if_ready(self, scan: Scan) -> None:
+        if self._slot is not None:
+            left = self._slot.attached
+            failure = self._slot.attach_if_ready(scan)
+            if failure is not None:
+                self._slot.failed(left, failure, self.report)
+
     # --- failures -----------------------------------------------------------------------
 
     def report(self, where: str, exc: BaseException, scan_id: str | None = None) -> None:
@@ -221,8 +287,14 @@ class Service(PipelineThread):
         self.events.publish(error_event(where, exc, scan_id))
 
     def _died(self, where: str, exc: BaseException) -> None:
-        self.report(where, exc)
-        self.stop_event.set()
+        """A worker thread died of ``exc``: report it, end and write the running scan (failed), stop."""
+        log.error("%s died (%s: %s): the running scan ends here, failed; the service stops", where,
+                  type(exc).__name__, exc)
+        cur = self.current
+        self.report(where, exc, cur.scan_id if cur is not None and not cur.ended else None)
+        self.stop(failure=exc)
+        if threading.current_thread().name == "rrstem-pipeline":  # no pipeline left to wind down: do it here
+            self._wind_down()
 
     def worker_failures(self) -> list[Failure]:
         """Failures of threads that ended: the service cannot go on after any of these.
@@ -231,7 +303,7 @@ class Service(PipelineThread):
         scan, so they are reported, in the log, the snapshots and the scan's results. Its thread
         dying is.)
         """
-        out = [Failure(t.name, t.error) for t in (self.receiver, *self._workers) if t.error is not None]
+        out = [Failure(t.name, t.error) for t in self._workers if t.error is not None]
         enc = self.encoder
         if enc is not None and self._started and enc.error is not None and not enc.is_alive():
             out.append(Failure(f"rrVAE {type(enc).__name__}", enc.error))
@@ -255,104 +327,11 @@ class Service(PipelineThread):
             return str(failed[-1])
         if self.encoder is not None and self.encoder.error is not None:
             return str(Failure(f"rrVAE {type(self.encoder).__name__}", self.encoder.error))
-        return self.notice
-
-    # --- finisher thread ----------------------------------------------------------------
-
-    def _finish_loop(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                scan = self._finish_q.get(timeout=0.1)
-            except queue.Empty:
-                if self._pipeline_done.is_set():  # stopping, and every scan is finished
-                    if self.writer is not None:
-                        self._written(self.writer.retry(force=True))
-                    self.stop_event.set()
-                    return
-                self._between_scans()
-                continue
-            self._finish(scan)
-
-    def _deadline(self) -> float:
-        """When the encoder's final maps of an ended scan are due: ``finish_timeout``, or the stop's deadline."""
-        return min(self._scan_deadline, self._stop_deadline) if not self.stop_event.is_set() else -math.inf
-
-    def _finish(self, scan: Scan) -> None:
-        if self._slot is not None:
-            self._scan_deadline = time.monotonic() + self.cfg.finish_timeout
-            failure = self._slot.finish(scan, self._deadline)
-            if failure is not None:
-                self._model_failed(scan, failure)
-        if self.writer is not None:
-            try:
-                self._written([(scan.scan_id, self.save(scan))])
-            except Exception as exc:
-                log.error("scan %s: writing its results to %s failed (%s); they are kept in memory and written "
-                          "when a write succeeds (or to the path a control 'save' names)", scan.scan_id,
-                          self.writer.path, exc)
-                self.report("results", exc, scan.scan_id)
-        model_maps, histories = ((self._slot.model(scan, export=False)[0], self._slot.histories(scan))
-                                 if self._slot is not None else ({}, {}))
-        self._watch.final(self, scan, model_maps, histories)  # its last anomalies go out before scan_ended
-        scan.done = True
-        self.events.publish(ScanEnded(scan_id=scan.scan_id, complete=scan.complete, end_reason=scan.end_reason or "end",
-                                      results_path=str(scan.results_path) if scan.results_path else None,
-                                      counters=scan.counter_dict()))
-        self.results_event.set()
-        if self._once:
-            self.stop_event.set()
-
-    def _written(self, pairs: list[tuple[str, Path]]) -> None:
-        if pairs:
-            self.results_written.extend(pairs)
-            self.results_event.set()
-
-    def _between_scans(self) -> None:
-        """Finisher thread, while no scan ends: retry kept results, checkpoint the running scan."""
-        if self.writer is None:
-            return
-        self._written(self.writer.retry())
-        cur = self.current
-        if cur is None or cur.ended or not cur.ready or time.monotonic() < self._next_checkpoint:
-            return
-        self._next_checkpoint = time.monotonic() + self.cfg.checkpoint_seconds
-        try:
-            self.save(cur, keep=False)  # a failed checkpoint is not kept: the next one replaces it
-        except Exception as exc:
-            log.warning("scan %s: checkpoint to %s failed: %s", cur.scan_id, self.writer.path, exc)
-            self.report("checkpoint", exc, cur.scan_id)
+        return self.lifecycle.notice
 
     def save(self, scan: Scan | None = None, path: str | Path | None = None, keep: bool = True) -> Path:
-        """Write the results of ``scan`` (default: the current scan) now; to ``path`` (and from then on
-        every scan) if given. Results that fail to write are kept and retried (unless not ``keep``)."""
-        if path is not None:
-            if self.writer is None:
-                check_results_path(Path(path))
-                self.writer = ResultsWriter(Path(path), self.cfg.retry_seconds)
-            else:
-                self.writer.move_to(Path(path))
-            self._written(self.writer.retry(force=True))
-        scan = scan or self.current
-        if scan is None:
-            raise ValueError("no scan yet: nothing to save")
-        if self.writer is None:
-            raise ValueError("the service was started without a results file (--out): name one with save's 'path'")
-        results = scan.results()
-        if not scan.ended:
-            results.attrs["checkpoint_time"] = time.time()
-        results.attrs["config"] = self.cfg.model_dump(mode="json")
-        sub = self.steering.subscan_of(scan.scan_id)
-        if sub is not None:  # a subscan: where it lies on its parent, so its maps can be placed there
-            results.attrs.update({k: v for k, v in sub.model_dump(mode="json").items() if v is not None})
-        model_maps, export = self._slot.model(scan) if self._slot is not None else ({}, None)
-        if model_maps:
-            results.maps.update(model_maps)
-            results.specs.update(MODEL_SPECS)
-            results.model = export
-        path = self.writer.write(results, keep=keep)
-        scan.results_path = path
-        log.info("scan %s: results written to %s", scan.scan_id, path)
-        return path
+        """Write the results of ``scan`` (default: the current scan) now (control ``save``; ``Finisher.save``)."""
+        return self.finisher.save(scan, path, keep)
 
     # --- what the publisher and the control socket ask for ------------------------------
 

@@ -1,4 +1,5 @@
-"""Worker threads that keep the exception that ended them, and the record of a failure."""
+"""Worker threads that keep the exception that ended them, the record of a failure, and two meters of time:
+``Budget`` (a whole-scan computation kept to a share of a core) and ``RateMeter`` (frames per second)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,10 +28,20 @@ class Failure:
         return f"{self.where} failed{on}: {type(self.error).__name__}: {self.error}"
 
 
-class Worker(threading.Thread):
-    """A daemon thread that stores the exception that ended it and hands it to ``on_failure``."""
+#: what a worker calls with its name and the exception that ended it
+FailureHandler = Callable[[str, BaseException], None]
 
-    def __init__(self, name: str, target: Callable[..., None], on_failure: Callable[[str, BaseException], None],
+
+def ignore_failure(name: str, exc: BaseException) -> None:
+    """A worker's default ``on_failure``: the exception stays in its ``error`` (and the log) only."""
+
+
+class Worker(threading.Thread):
+    """A daemon thread that stores the exception that ended it and hands it to ``on_failure``.
+
+    Every thread of the service is one (receivers included), so a thread that dies is reported one way."""
+
+    def __init__(self, name: str, target: Callable[..., None], on_failure: FailureHandler = ignore_failure,
                  args: tuple = ()):
         super().__init__(name=name, daemon=True)
         self._body, self._body_args, self._on_failure = target, args, on_failure
@@ -89,3 +101,23 @@ class Budget:
             return fn(*args)
         finally:
             self.spent(t0, time.monotonic() - t0, rate)
+
+
+class RateMeter:
+    """Frames per second over the last ``window`` seconds, from (time, running total) samples."""
+
+    def __init__(self, window: float = 2.0):
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque(maxlen=64)
+        self._total = 0
+
+    def add(self, n: int) -> None:
+        self._total += n
+        self._samples.append((time.monotonic(), self._total))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._samples) if now - t <= self.window]  # copy: the pipeline appends
+        if len(recent) < 2:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / max(now - recent[0][0], 1e-3)

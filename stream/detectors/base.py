@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Literal, NamedTuple, Protocol, get_args
 
 import numpy as np
 from pydantic import ValidationError
@@ -26,11 +26,16 @@ from pydantic import ValidationError
 from rrstem.stream.protocol import Calibration, End, Frames, Start
 
 
+#: What an ``Item`` is: a scan's start, frames or end, or a rejected message.
+ItemKind = Literal["start", "frames", "end", "bad"]
+ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
+
+
 @dataclass
 class Item:
     """One decoded message, or a rejected one (``kind == "bad"``)."""
 
-    kind: str  # start | frames | end | bad
+    kind: ItemKind
     message: Start | Frames | End | None = None
     frames: np.ndarray | None = None  # (count, h, w) view of the socket buffer
     reason: str = ""  # for bad items

@@ -22,9 +22,9 @@ from rrstem.stream.results import read_scan
 RRSTEM = [sys.executable, "-m", "rrstem.cli"]
 
 
-def serve(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str, str]:
+def serve(tmp_path: Path, *extra: str, command: list[str] = RRSTEM) -> tuple[subprocess.Popen, str, str]:
     """``rrstem serve`` bound on port 0 in its own process; (process, frames endpoint, control endpoint)."""
-    proc = subprocess.Popen([*RRSTEM, "serve", "--bind", "--listen", "tcp://127.0.0.1:0", "--publish",
+    proc = subprocess.Popen([*command, "serve", "--bind", "--listen", "tcp://127.0.0.1:0", "--publish",
                              "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0", "--no-train", "--no-progress",
                              "--calibration-frames", "4", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -37,6 +37,7 @@ def serve(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str, str]:
         raise AssertionError("".join(seen))
     frames_ep = line.split("frames from ")[1].split(",")[0]
     control_ep = line.split("control on ")[1].split(",")[0]
+    proc.banner = line
     return proc, frames_ep, control_ep
 
 
@@ -207,3 +208,69 @@ def test_control_save_can_name_another_path(make_service, sender_for, tmp_path):
     s.end("moved", 9)
     assert wait_results(svc) == other  # the scan's end goes to the new path too
     assert read_scan(other)["attrs"]["counters"]["received"] == 9
+
+
+#: ``rrstem serve`` whose receiver raises at frame 12 of a scan: the real command, with one fault put in
+FAULTY_RECEIVER = """
+import sys
+from rrstem.stream.receiver import Receiver
+batch = Receiver._batch
+
+def faulty(self):
+    items = batch(self)
+    if any(item.kind == "frames" and item.message.first == 12 for item in items):
+        raise RuntimeError("injected receiver fault at frame 12")
+    return items
+
+Receiver._batch = faulty
+from rrstem.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_receiver_that_raises_inside_serve_ends_the_scan_failed_publishes_an_error_and_exits_1(tmp_path):
+    import zmq
+
+    from rrstem.stream.events import decode_event
+
+    out = tmp_path / "r.h5"
+    proc, frames_ep, control_ep = serve(tmp_path, "--out", str(out), "--events", "tcp://127.0.0.1:0",
+                                        command=[sys.executable, "-c", FAULTY_RECEIVER])
+    events_ep = proc.banner.split("events on ")[1].split(",")[0]
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(events_ep)
+    s = Sender(frames_ep)
+    frames = disc_frames(4, 5, seed=9).reshape(20, 32, 32)
+    try:
+        seen = []
+        deadline = time.monotonic() + 20
+        while not any(e.type == "scan_started" for e in seen):  # resend the start until the SUB is through
+            assert time.monotonic() < deadline, "no scan_started event"
+            s.start("faulty", (4, 5), (32, 32))
+            if sub.poll(300):
+                seen.append(decode_event(sub.recv_multipart()))
+        for i in range(12):
+            s.frames("faulty", i, frames[i:i + 1])
+        wait_received(control_ep, 12)
+        t0 = time.monotonic()
+        s.frames("faulty", 12, frames[12:13])  # the receiver raises on this one
+        code = proc.wait(15)
+        took = time.monotonic() - t0
+        while sub.poll(1000):
+            seen.append(decode_event(sub.recv_multipart()))
+    finally:
+        s.close()
+        sub.close(linger=0)
+        proc.kill()
+    log = proc.stdout.read()
+    assert code == 1, log
+    assert took < 5, took  # it stops within a second once it sees the failure; the rest is process start-up
+    assert "injected receiver fault at frame 12" in log
+    errors = [e for e in seen if e.type == "error"]
+    assert errors and errors[0].where == "rrstem-receiver" and "injected receiver fault" in errors[0].message
+    assert errors[0].scan_id == "faulty"
+    res = read_scan(out, "faulty")
+    a = res["attrs"]
+    assert a["complete"] == 0 and a["end_reason"] == "failed" and "injected receiver fault" in a["error"]
+    assert a["counters"]["received"] == 12 and res["maps"]["filled"].sum() == 12
