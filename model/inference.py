@@ -1,6 +1,6 @@
 """A trained rrVAE applied to new scans, with no training: ``rrstem analyze --model``.
 
-``FixedEncoder`` is an ``interface.Encoder``, like the trainer, so the service
+``FixedEncoder`` is an ``interface.ScanEncoder``, like the trainer, so the service
 treats "train a model" and "use a trained model" alike. The model's input
 contract travels with it: its intensity ``gain`` is the one the model was
 trained with; the mean pattern subtracted is that of the new scan (as the

@@ -4,7 +4,7 @@
 view of a scan it trains on (``ScanView``); the service's scan implements it,
 and tests implement it over plain arrays. Every encoder of scans
 (``OnlineTrainer``, which trains, and ``FixedEncoder``, which applies a
-trained model) implements ``Encoder``, so the service drives both alike.
+trained model) implements ``ScanEncoder``, so the service drives both alike.
 
 The names of the maps and training histories an encoder produces are
 declared here, once; the snapshot schema (``stream/snapshot.py``) publishes
@@ -14,7 +14,7 @@ them under these names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
@@ -52,7 +52,8 @@ HISTORY_AXIS = {**{k: STEP for k in STEP_HISTORIES if k not in HISTORY_AXES},
 LOSS_HISTORIES = (LOSS, RECONSTRUCTION, CONTENT_KL, ANGLE_KL, HELDOUT_ELBO)
 
 #: encoder states, as ``status()["state"]`` reports them
-STATES = ("waiting", "running", "paused", "consolidating", "done", "failed")
+EncoderState = Literal["waiting", "running", "paused", "consolidating", "done", "failed"]
+STATES: tuple[str, ...] = get_args(EncoderState)
 
 
 @runtime_checkable
@@ -105,7 +106,7 @@ class ModelMaps:
 
 
 @runtime_checkable
-class Encoder(Protocol):
+class ScanEncoder(Protocol):
     """What the service asks of whatever encodes its scans: a trainer or a fixed, trained model.
 
     Every method may be called from any thread; none blocks longer than its timeout.
@@ -113,7 +114,7 @@ class Encoder(Protocol):
 
     error: BaseException | None  #: the worker's failure, if any, with its traceback
 
-    def start(self) -> "Encoder":
+    def start(self) -> "ScanEncoder":
         """Start the worker thread (idempotent)."""
 
     def close(self, timeout: float = 10.0) -> bool:

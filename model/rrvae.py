@@ -71,7 +71,7 @@ class RRVAEConfig:
     translation_scale: float = 0.1  # a unit translation latent shifts by this, in grid units [-1, 1]
     phi_prior: float = 0.1  # scale s of the angle's zero-mean Gaussian prior (atomai default 0.1)
     mask_radius: float | None = None  # keep pixels with |c| <= r (grid units; 1 = inscribed circle), None = all
-    # "vector": phi's mean is atan2 of a 2-vector head (see Encoder); "scalar": a linear head, as in the paper.
+    # "vector": phi's mean is atan2 of a 2-vector head (see ImageEncoder); "scalar": a linear head, as in the paper.
     # "vector" is the default: its content latents follow the COM magnitude more closely
     angle_head: str = "vector"
     # > 0: the encoder's input is projected on this many principal components (the ``basis`` buffer), a
@@ -171,7 +171,7 @@ class _Atan2Fn(torch.autograd.Function):
         return grad * u / r2, -grad * w / r2, None
 
 
-class Encoder(nn.Module):
+class ImageEncoder(nn.Module):
     """Flattened (masked) frame -> mean and log std of [phi, (tx, ty), z].
 
     With ``angle_vector`` the mean head gives a 2-vector (u, w) for the angle
@@ -242,7 +242,7 @@ class RRVAE(nn.Module):
         # (P,) inverse noise variance per model pixel, in input units (likelihood "poisson"; ones until set)
         self.register_buffer("noise_weight", torch.ones(self.n_pixels), persistent=False)
         n_lat = 1 + self.n_shift + cfg.latent_dim
-        self.encoder = Encoder(self.n_pixels, n_lat, cfg.hidden, cfg.encoder_layers, cfg.angle_head == "vector")
+        self.encoder = ImageEncoder(self.n_pixels, n_lat, cfg.hidden, cfg.encoder_layers, cfg.angle_head == "vector")
         self.decoder = Decoder(cfg.latent_dim, cfg.hidden, cfg.decoder_layers)
 
     def flatten(self, frames: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The online trainer: a thin thread that trains the rrVAE on each attached scan as it streams in.
 
-``OnlineTrainer`` is an ``interface.Encoder``. Its thread makes one
-``training.TrainingRun`` per attached scan and calls its ``advance()`` in a
+``OnlineTrainer`` is an ``interface.ScanEncoder``. Its thread makes one
+``run.TrainingRun`` per attached scan and calls its ``advance()`` in a
 loop; all the training is there, in public methods a test can call one by
 one. The thread adds what needs a thread:
 
@@ -36,7 +36,8 @@ import torch
 from rrstem.model.config import TrainerConfig
 from rrstem.model.interface import HELDOUT_ELBO, LOSS, STATES, ModelMaps, ScanView
 from rrstem.model.system import lower_priority, tune_malloc
-from rrstem.model.training import TrainingRun, empty_export, warm_up
+from rrstem.model.optim import warm_up
+from rrstem.model.run import TrainingRun, empty_export
 from rrstem.model.worker import EncoderThread, check_scan, describe
 
 __all__ = ["OnlineTrainer", "TrainerConfig", "STATES"]

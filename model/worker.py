@@ -1,6 +1,6 @@
 """The thread every encoder runs in: start, close, wait, and a failure kept as the exception itself.
 
-``EncoderThread`` is the part of ``interface.Encoder`` that the trainer and
+``EncoderThread`` is the part of ``interface.ScanEncoder`` that the trainer and
 the fixed encoder share. A subclass implements ``_work()``, the loop that
 runs in the thread until ``_stop`` is set; ``_wake`` cuts its waits short and
 ``_done`` says the attached scan's final maps are made. An exception that

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rrstem.model.interface import Encoder
+from rrstem.model.interface import ScanEncoder
 from rrstem.stream.preprocess import PreprocessConfig
 
 
@@ -68,7 +68,7 @@ def limit_blas_threads() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def make_encoder(cfg: ServiceConfig) -> Encoder | None:
+def make_encoder(cfg: ServiceConfig) -> ScanEncoder | None:
     """The encoder ``cfg`` asks for: a fixed trained model (``model``), the online trainer (``train``), or none."""
     if cfg.model is not None:
         from rrstem.model.inference import FixedEncoder

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rrstem.model.interface import Encoder
+from rrstem.model.interface import ScanEncoder
 from rrstem.stream.scan import Scan
 
 log = logging.getLogger("rrstem.service")
@@ -37,7 +37,7 @@ class Kept:
 
 
 class EncoderSlot:
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: ScanEncoder):
         self.encoder = encoder
         self.attached: Scan | None = None  # the scan the encoder works on
         self._kept: weakref.WeakKeyDictionary[Scan, Kept] = weakref.WeakKeyDictionary()  # scans it left

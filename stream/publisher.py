@@ -43,8 +43,8 @@ SNAPSHOT_FAST_SHARE = 0.03
 FAST_FPS = 5000.0
 
 
-class Published(control.ControlAPI, Protocol):
-    """What the publisher needs of the service besides the control commands."""
+class Published(Protocol):
+    """What the publisher publishes (``report.Reporter``)."""
 
     def snapshot(self) -> Snapshot:
         """The current snapshot (its ``seq`` is set by the publisher)."""
@@ -100,16 +100,17 @@ class Publisher:
             if sock is not None:
                 sock.close(linger=0)
 
-    def _encode(self, service: Published) -> list:
-        snap = service.snapshot()
+    def _encode(self, source: Published) -> list:
+        snap = source.snapshot()
         self.seq += 1
         snap.header.seq = self.seq
         return snap.encode()
 
-    def run(self, service: Published, stop: threading.Event, hz: float) -> None:
-        """The thread body: serve control requests, publish when due, until ``stop`` is set.
+    def run(self, api: control.ControlAPI, source: Published, stop: threading.Event, hz: float) -> None:
+        """The thread body: serve control requests (``api``), publish ``source``'s snapshots when due, until
+        ``stop`` is set.
 
-        ``service`` is passed here, not kept: once the thread ends, nothing here refers to it.
+        ``api`` and ``source`` are passed here, not kept: once the thread ends, nothing here refers to them.
         """
         budget = Budget(SNAPSHOT_SHARE, floor=1.0 / hz, fast_share=SNAPSHOT_FAST_SHARE, fast_fps=FAST_FPS)
         last_key, last_sent, last_milestone = None, 0.0, None
@@ -117,7 +118,7 @@ class Publisher:
             now = time.monotonic()
             wait = max(0.001, min(budget.next - now, POLL_SECONDS))
             if self._rep is not None and self._rep.poll(int(wait * 1000)):
-                reply = control.handle(service, self._rep.recv(), read_only=self.read_only)
+                reply = control.handle(api, self._rep.recv(), read_only=self.read_only)
                 if reply.get("read_only"):
                     self.refused[reply["cmd"]] += 1
                     log.warning("refused control %r: %s", reply["cmd"], reply["error"])
@@ -128,19 +129,19 @@ class Publisher:
             now = time.monotonic()
             if self._pub is None:
                 continue
-            milestone = service.snapshot_milestone()
+            milestone = source.snapshot_milestone()
             if milestone == last_milestone and not budget.due(now):
                 continue
-            key = service.snapshot_key()
+            key = source.snapshot_key()
             if milestone == last_milestone and key == last_key and now - last_sent < HEARTBEAT_SECONDS:
                 budget.spent(now, 0.0)
                 continue
             last_milestone = milestone  # a failing snapshot is not retried at every look
             try:
-                parts = budget.run(self._encode, service, rate=service.frame_rate())
+                parts = budget.run(self._encode, source, rate=source.frame_rate())
             except Exception as exc:  # a bad snapshot is reported; the service and later snapshots go on
                 log.exception("snapshot failed")
-                service.report("snapshot", exc)
+                source.report("snapshot", exc)
                 continue
             self._pub.send_multipart(parts, copy=False)
             last_key, last_sent = key, now

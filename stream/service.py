@@ -23,18 +23,17 @@ failure in one scan's processing only ends that scan, marked failed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any
 
 import zmq
 
-from rrstem.model.interface import Encoder
+from rrstem.model.interface import ScanEncoder
 from rrstem.stream import control
 from rrstem.stream.auth import Curve, warn_if_exposed
 from rrstem.stream.config import ServiceConfig, limit_blas_threads, make_encoder
@@ -46,11 +45,12 @@ from rrstem.stream.framepass import WarmUp
 from rrstem.stream.lifecycle import Lifecycle
 from rrstem.stream.publisher import Publisher
 from rrstem.stream.receiver import make_receiver
+from rrstem.stream.report import FailureLog, Reporter
 from rrstem.stream.scan import Scan
-from rrstem.stream.snapshot import MODEL_SPECS, Snapshot, SnapshotHeader, history_key
+from rrstem.stream.snapshot import Snapshot, SnapshotHeader
 from rrstem.stream.steering import Steering
-from rrstem.stream.watch import Watch, error_event
-from rrstem.stream.workers import Failure, RateMeter, Worker
+from rrstem.stream.watch import Watch
+from rrstem.stream.workers import Failure, Worker
 
 log = logging.getLogger("rrstem.service")
 
@@ -63,16 +63,13 @@ class Service:
         self.cfg = config
         self.ctx = context or zmq.Context.instance()
         self.stop_event = threading.Event()  # set: the threads end
-        self.failures: list[Failure] = []  # every failure the service survived or died of, oldest first
-        self._n_failures = 0  # failures ever reported (the list keeps the newest 50)
         self._started = False
         self._stopping = threading.Event()  # a graceful stop was asked for
         self._stop_failure: BaseException | None = None  # ... because a thread died of this
         self._stop_asked = math.inf  # monotonic time of the stop
         self._pipeline_done = threading.Event()  # the pipeline has ended the last scan and takes no more input
         self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
-        self._rate = RateMeter()
-        self.encoder: Encoder | None = make_encoder(config)
+        self.encoder: ScanEncoder | None = make_encoder(config)
         self._slot = EncoderSlot(self.encoder) if self.encoder is not None else None
         self.lifecycle = Lifecycle(config, on_start=self._scan_started, on_frames=self._frames_taken,
                                    on_end=self._scan_ended, on_failure=self.report)
@@ -89,6 +86,9 @@ class Service:
         self.steering = Steering(self.ctx, config.steering, config.steer_timeout, self.curve)
         self.steering.answer_to = self.publisher.control_endpoint
         self._watch = Watch(self.events, self.steering)
+        self.failure_log = FailureLog(self.events)
+        self.reporter = Reporter(self.lifecycle, self._slot, self.steering, self.failure_log, self.worker_failures,
+                                 lambda: self.publisher.control_endpoint)
         self.finisher = Finisher(config, self._slot, self.events, self.steering, self._watch, self.report,
                                  lambda: self.lifecycle.current)
         self._workers = [
@@ -96,8 +96,8 @@ class Service:
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
             Worker("rrstem-finisher", self.finisher.run, self._died, args=(self.stop_event, self._pipeline_done)),
             Worker("rrstem-publisher", self.publisher.run, self._died,
-                   args=(self, self.stop_event, config.snapshot_hz)),
-            Worker("rrstem-events", self._watch.run, self._died, args=(self, self.stop_event)),
+                   args=(self, self.reporter, self.stop_event, config.snapshot_hz)),
+            Worker("rrstem-events", self._watch.run, self._died, args=(self.reporter, self.stop_event)),
         ]
 
     # --- what others read ---------------------------------------------------------------
@@ -261,7 +261,7 @@ class Service:
         self.finisher.scan_started()
 
     def _frames_taken(self, scan: Scan, n: int) -> None:
-        self._rate.add(n)
+        self.reporter.rate.add(n)
         self._attach_if_ready(scan)
 
     def _scan_ended(self, scan: Scan) -> None:
@@ -279,12 +279,14 @@ class Service:
 
     # --- failures -----------------------------------------------------------------------
 
+    @property
+    def failures(self) -> list[Failure]:
+        """Every failure the service survived or died of, oldest first (``report.FailureLog``)."""
+        return self.failure_log.recent
+
     def report(self, where: str, exc: BaseException, scan_id: str | None = None) -> None:
-        """Record a failure the service survives (it shows in snapshots and the log)."""
-        self.failures.append(Failure(where, exc, scan_id))
-        del self.failures[:-50]
-        self._n_failures += 1
-        self.events.publish(error_event(where, exc, scan_id))
+        """Record a failure the service survives (it shows in snapshots and the log, and as an ``error`` event)."""
+        self.failure_log.report(where, exc, scan_id)
 
     def _died(self, where: str, exc: BaseException) -> None:
         """A worker thread died of ``exc``: report it, end and write the running scan (failed), stop."""
@@ -316,82 +318,22 @@ class Service:
             raise failed[0].error
 
     def last_error(self) -> str | None:
-        """What the dashboard's banner shows: a dead thread, else the newest failure that concerns the
-        current scan (its own, or the service's since it started), else the encoder's, else the latest
-        refused scan. A failure of an earlier scan stays in ``failures`` and its results, not on the banner."""
-        cur = self.current
-        since = cur.started_at if cur is not None else 0.0
-        failed = self.worker_failures() or [f for f in self.failures if (cur is not None and f.scan_id == cur.scan_id)
-                                            or (f.scan_id is None and f.time >= since)]
-        if failed:
-            return str(failed[-1])
-        if self.encoder is not None and self.encoder.error is not None:
-            return str(Failure(f"rrVAE {type(self.encoder).__name__}", self.encoder.error))
-        return self.lifecycle.notice
+        """What the dashboard's banner shows (``Reporter.last_error``)."""
+        return self.reporter.last_error()
+
+    # --- the control API (stream/control.py): what the control socket's commands call -----
+
+    def header(self, cur: Scan | None = None) -> SnapshotHeader:
+        """The state, counters and training status of ``cur`` (default: the current scan): control ``status``."""
+        return self.reporter.header(cur)
+
+    def snapshot(self) -> Snapshot:
+        """The current maps, counters and training state, as published."""
+        return self.reporter.snapshot()
 
     def save(self, scan: Scan | None = None, path: str | Path | None = None, keep: bool = True) -> Path:
         """Write the results of ``scan`` (default: the current scan) now (control ``save``; ``Finisher.save``)."""
         return self.finisher.save(scan, path, keep)
-
-    # --- what the publisher and the control socket ask for ------------------------------
-
-    def state(self, scan: Scan) -> str:
-        """``acquiring``, ``finishing``, ``consolidating`` (the rrVAE's last phase) or ``done``."""
-        if not scan.ended:
-            return "acquiring"
-        if scan.done:
-            return "done"
-        training = self.encoder.status() if self.encoder is not None else {}
-        if training.get("state") == "consolidating" and training.get("scan_id") == scan.scan_id:
-            return "consolidating"
-        return "finishing"
-
-    def header(self, cur: Scan | None = None) -> SnapshotHeader:
-        """The state, counters and training status of ``cur`` (default: the current scan), without the arrays."""
-        h = SnapshotHeader(error=self.last_error(), frames_per_s=self._rate.rate(), control=self.control_endpoint,
-                           orphans=dict(self.orphans))
-        if self.encoder is not None:
-            h.training = self.encoder.status()
-        cur = cur or self.current
-        if cur is not None:
-            for key, value in cur.header_fields().items():
-                setattr(h, key, value)
-            h.state = self.state(cur)
-            specs = {**cur.map_specs(), **(MODEL_SPECS if self.encoder is not None else {})}
-            h.maps = [dataclasses.asdict(m) for m in specs.values()]
-            h.rescans = self.steering.requests(parent=cur.scan_id)
-            sub = self.steering.subscan_of(cur.scan_id)
-            h.subscan = sub.model_dump(mode="json") if sub is not None else None
-        return h
-
-    def snapshot(self) -> Snapshot:
-        """The current maps, counters and training state, as published."""
-        cur = self.current  # once: header and arrays describe the same scan
-        header = self.header(cur)
-        if cur is None:
-            return Snapshot(header)
-        # float32 is plenty for display and halves what every subscriber receives
-        arrays = {k: v.astype("float32") if v.dtype == "float64" else v for k, v in cur.maps().items()}
-        if self._slot is not None:
-            arrays.update(self._slot.model(cur, export=False)[0])
-            arrays.update({history_key(k): v for k, v in self._slot.histories(cur).items()})
-        return Snapshot(header, arrays)
-
-    def snapshot_key(self) -> Hashable:
-        cur = self.current
-        step = self.encoder.status().get("step") if self.encoder is not None else None
-        scan = (id(cur), sum(cur.counters.values()), cur.ended, cur.done) if cur is not None else None
-        return scan, step, self._n_failures, sum(self.orphans.values())
-
-    def frame_rate(self) -> float:
-        cur = self.current
-        return cur.frame_rate() if cur is not None and not cur.ended else 0.0
-
-    def snapshot_milestone(self) -> Hashable:
-        cur = self.current
-        if cur is None:
-            return None
-        return id(cur), cur.n_filled() == cur.filled.size, cur.ended, cur.done
 
     def frame_reply(self, index: Any) -> dict[str, Any]:
         """The ``frame`` control reply for scan position ``index`` = [y, x] (arrays packed)."""
@@ -438,12 +380,3 @@ class Service:
         if accepted is False:
             self.report("steering", RuntimeError(f"the bridge refused rescan {request_id}: {reason}"))
         return out
-
-    def event_view(self):
-        """The events thread's view of the current scan: (scan, the model's maps of it, histories)."""
-        cur = self.current
-        if cur is None or not cur.ready:
-            return None
-        if self._slot is not None:
-            return cur, self._slot.model(cur, export=False)[0], self._slot.histories(cur)
-        return cur, {}, {}

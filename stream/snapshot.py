@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import msgpack
 import numpy as np
@@ -36,7 +36,8 @@ COUNTERS = ("received", "missing", "duplicate", "invalid", "stale", "dropped")
 
 #: Scan states: ``idle`` before the first scan; ``acquiring`` until its end; ``finishing`` while the
 #: results are made (``consolidating`` while the rrVAE consolidates); ``done`` once they are written.
-STATES = ("idle", "acquiring", "finishing", "consolidating", "done")
+ScanState = Literal["idle", "acquiring", "finishing", "consolidating", "done"]
+STATES: tuple[str, ...] = get_args(ScanState)
 
 
 #: which positions hold a frame: published and written beside every scan's maps

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgpack
 import zmq
@@ -44,7 +44,8 @@ FACTOR_LIMITS = {"step_factor": (1 / 32, 4.0), "dwell_factor": (0.01, 100.0), "d
 MAX_POSITIONS = 1 << 22
 #: Request states: ``sent`` (published, no answer yet), ``accepted`` (the bridge said yes), ``acquiring``
 #: (its scan started), ``refused`` (the bridge said no), ``timed_out`` (no answer within the timeout).
-STATES = ("sent", "accepted", "acquiring", "refused", "timed_out")
+RescanState = Literal["sent", "accepted", "acquiring", "refused", "timed_out"]
+STATES: tuple[str, ...] = get_args(RescanState)
 
 
 class RescanRequest(BaseModel):

@@ -12,7 +12,7 @@ from rrstem.model import anomaly, encode
 from rrstem.model.config import TrainerConfig
 from rrstem.model.interface import LATENT, RECON_SIGMA, RRVAE_ANOMALY
 from rrstem.model.rrvae import RRVAE, RRVAEConfig
-from rrstem.model.training import TrainingRun
+from rrstem.model.run import TrainingRun
 
 
 def test_the_anomaly_of_an_outlier_frame_in_poisson_sigma_by_hand():

@@ -7,7 +7,7 @@ import torch
 from feeder import FAST, ArrayScan, tilted_discs, wait_for
 from rrstem.model import checkpoint, encode
 from rrstem.model.inference import FixedEncoder
-from rrstem.model.interface import HISTORIES, LATENT, OUTPUTS, RECON_ERROR, ROTATION, STATES, Encoder, ModelMaps
+from rrstem.model.interface import HISTORIES, LATENT, OUTPUTS, RECON_ERROR, ROTATION, STATES, ModelMaps, ScanEncoder
 from rrstem.model.rrvae import RRVAE, RRVAEConfig, pixel_mask
 from rrstem.model.trainer import OnlineTrainer
 
@@ -37,7 +37,7 @@ class BrokenScan(ArrayScan):
 
 def encode_partial_scan(enc) -> tuple[ModelMaps, dict, ArrayScan]:
     """Attach an ended scan holding 70 of its 100 frames and check the final maps against the exported model."""
-    assert isinstance(enc, Encoder)
+    assert isinstance(enc, ScanEncoder)
     scan = ArrayScan(tilted_discs(), "partial")
     scan.feed(70)
     scan.end()

@@ -9,7 +9,7 @@ from feeder import FAST, ArrayScan, tilted_discs
 from rrstem.model import checkpoint, encode
 from rrstem.model.config import TrainerConfig
 from rrstem.model.rrvae import RRVAE, RRVAEConfig
-from rrstem.model.training import TrainingRun
+from rrstem.model.run import TrainingRun
 
 
 def test_vector_angle_head_is_atan2_of_two_outputs():

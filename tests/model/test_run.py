@@ -9,7 +9,8 @@ from rrstem.model import checkpoint, encode
 from rrstem.model.config import TrainerConfig
 from rrstem.model.interface import EVAL_STEP, HELDOUT_ELBO, LATENT, RECON_ERROR, ROTATION, STEP_HISTORIES, ModelMaps
 from rrstem.model.rrvae import RRVAE
-from rrstem.model.training import TrainingRun, adam, learning_rate, warm_up
+from rrstem.model.optim import adam, learning_rate, warm_up
+from rrstem.model.run import TrainingRun
 
 
 def config(**kw) -> TrainerConfig:
@@ -216,7 +217,7 @@ def test_export_carries_what_reloading_needs():
 
 
 def test_the_consolidation_is_shorter_the_longer_the_scan_trained():
-    from rrstem.model.training import consolidation_seconds
+    from rrstem.model.optim import consolidation_seconds
 
     cfg = config(consolidate_seconds=25.0, consolidate_min_seconds=5.0, scan_credit=1.5)
     assert consolidation_seconds(cfg, 0.0) == 25.0  # a scan that arrived at once
