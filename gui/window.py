@@ -17,6 +17,8 @@ import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
 from rrstem.gui.grid import MapGrid
+from rrstem.gui.layout import (COM_DIRECTION, FIXED_MAPS, LATENT_PANEL, MODEL_PANELS, NEWEST_TITLE, latent_panel,
+                               scan_step)
 from rrstem.gui.maps import (CYCLIC, DIVERGING, AnomalyPanel, ImagePanel, ViewGroup, colour_wheel, direction_rgba,
                              wrap_angle)
 from rrstem.gui.overlay import SubscanOverlay
@@ -24,41 +26,6 @@ from rrstem.gui.panels import Banner, ControlBar, HistoryPlot, StatusPanel, is_l
 from rrstem.gui.source import ControlReply, ControlWorker, SnapshotSource
 from rrstem.stream.protocol import ProtocolError
 from rrstem.stream.snapshot import HISTORY_AXES, HISTORY_PREFIX, Arrays, Snapshot
-
-#: the one map panel that shows no snapshot array of its own: it colours Arrays.COM_ANGLE by Arrays.COM_MAGNITUDE
-COM_DIRECTION = "com_direction"
-#: (panel name, title); a panel is named after the snapshot array it shows
-FIXED_MAPS = [
-    (Arrays.VBF, "virtual bright field"),
-    (Arrays.VADF, "virtual annular dark field"),
-    (Arrays.COM_MAGNITUDE, "COM magnitude"),
-    (COM_DIRECTION, "COM direction"),
-    (Arrays.ROTATION, "rrVAE rotation (rad)"),
-    (Arrays.RECON_ERROR, "reconstruction error"),
-    (Arrays.ANOMALY, "defect map"),
-]
-#: maps that only the rrVAE makes; their panels say so until the first arrives
-MODEL_PANELS = (Arrays.ROTATION, Arrays.RECON_ERROR)
-#: one panel per channel of Arrays.LATENT, named LATENT_PANEL + channel
-LATENT_PANEL = Arrays.LATENT + "/"
-#: the frame inspector's title while it follows the newest frame
-NEWEST_TITLE = "newest frame"
-
-
-def latent_panel(i: int) -> str:
-    """Panel name of content latent ``i``."""
-    return f"{LATENT_PANEL}{i}"
-
-
-def scan_step(calibration: dict) -> tuple[float, float] | None:
-    """(sy, sx) in nm from ``calibration['scan_step_nm']`` (a number or [sy, sx])."""
-    step = calibration.get("scan_step_nm")
-    if step is None:
-        return None
-    if isinstance(step, (list, tuple)):
-        return float(step[0]), float(step[1])
-    return float(step), float(step)
-
 
 class Dashboard(QtWidgets.QMainWindow):
     """Live view of one service. Without ``connect`` it only shows what it is given.

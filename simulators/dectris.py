@@ -35,7 +35,7 @@ import zmq
 
 from rrstem.simulators.source import Source, StreamStats, stream
 from rrstem.stream.detectors.codecs import compress
-from rrstem.stream.detectors.dectris import (DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, SELF_DESCRIBED_CBOR,
+from rrstem.stream.detectors.stream2 import (DECTRIS_COMPRESSION, MULTIDIM_ROW_MAJOR, SELF_DESCRIBED_CBOR,
                                             TYPED_ARRAY_TAGS)
 from rrstem.stream.protocol import Start
 

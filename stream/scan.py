@@ -16,7 +16,6 @@ lock only to copy the sums, and read the counters as they are. The frame store i
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -31,46 +30,13 @@ from rrstem.stream.protocol import Start
 from rrstem.stream.reductions import MapSpec, Partial, ScanInfo, registered
 from rrstem.stream.results import ScanResults
 from rrstem.stream.snapshot import COUNTERS, FILLED_MAP, Arrays
-from rrstem.stream.store import FrameStore, narrow_dtype, store_dtype
+from rrstem.stream.store import FrameStore, check_memory, narrow_dtype, store_dtype
+from rrstem.stream.workers import RateLimitedLog
 
 log = logging.getLogger("rrstem.scan")
 
 #: Frames per call of the fused pass (the pass runs outside the scan's lock and without the GIL).
 _PASS_FRAMES = 4096
-
-
-class RateLimitedLog:
-    """Logs the first few occurrences of each reason, then every 1000th, so bad input cannot flood the log."""
-
-    def __init__(self, logger: logging.Logger, first: int = 5, every: int = 1000):
-        self._log, self._first, self._every = logger, first, every
-        self._seen: Counter[str] = Counter()
-
-    def warning(self, reason: str, msg: str, *args) -> None:
-        self._seen[reason] += 1
-        k = self._seen[reason]
-        if k <= self._first or k % self._every == 0:
-            suffix = f" [{reason} #{k}]" if k > 1 else ""
-            self._log.warning(msg + suffix, *args)
-
-
-def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) -> None:
-    """Refuse a scan whose preallocated frame store could not fit in this machine's memory: its narrow store,
-    and the wide one as well where counts could outgrow the narrow one (both are held while it moves)."""
-    h, w = start.frame_shape
-    binned = (-(-h // cfg.bin), -(-w // cfg.bin))
-    dtype, narrow = store_dtype(start.dtype, cfg.bin), narrow_dtype(start.dtype, cfg.bin)
-    need = FrameStore.nbytes(start.n_positions, binned, dtype)
-    if narrow != dtype:
-        need += FrameStore.nbytes(start.n_positions, binned, narrow)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not on Linux: no check
-        return
-    if need > fraction * total:
-        raise ValueError(f"scan {start.scan_id} ({start.scan_shape[0]}x{start.scan_shape[1]} positions of "
-                         f"{h}x{w} frames at bin {cfg.bin}) needs {need / 2**30:.1f} GiB for its binned frames ({dtype}); "
-                         f"this machine has {total / 2**30:.1f} GiB: use a larger --bin or --crop")
 
 
 class Scan:

@@ -26,10 +26,14 @@ builds a minibatch. Float frames are stored as float32.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import weakref
 
 import numpy as np
+
+from rrstem.stream.preprocess import PreprocessConfig
+from rrstem.stream.protocol import Start
 
 
 class _Spare:
@@ -123,3 +127,22 @@ class FrameStore:
     def nbytes(n_positions: int, binned_shape: tuple[int, int], dtype=np.float32) -> int:
         """What a store of this size holds."""
         return n_positions * binned_shape[0] * binned_shape[1] * np.dtype(dtype).itemsize
+
+
+def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) -> None:
+    """Refuse a scan whose preallocated frame store could not fit in this machine's memory: its narrow store,
+    and the wide one as well where counts could outgrow the narrow one (both are held while it moves)."""
+    h, w = start.frame_shape
+    binned = (-(-h // cfg.bin), -(-w // cfg.bin))
+    dtype, narrow = store_dtype(start.dtype, cfg.bin), narrow_dtype(start.dtype, cfg.bin)
+    need = FrameStore.nbytes(start.n_positions, binned, dtype)
+    if narrow != dtype:
+        need += FrameStore.nbytes(start.n_positions, binned, narrow)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on Linux: no check
+        return
+    if need > fraction * total:
+        raise ValueError(f"scan {start.scan_id} ({start.scan_shape[0]}x{start.scan_shape[1]} positions of "
+                         f"{h}x{w} frames at bin {cfg.bin}) needs {need / 2**30:.1f} GiB for its binned frames ({dtype}); "
+                         f"this machine has {total / 2**30:.1f} GiB: use a larger --bin or --crop")

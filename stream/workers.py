@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -121,3 +121,18 @@ class RateMeter:
         if len(recent) < 2:
             return 0.0
         return (recent[-1][1] - recent[0][1]) / max(now - recent[0][0], 1e-3)
+
+
+class RateLimitedLog:
+    """Logs the first few occurrences of each reason, then every 1000th, so bad input cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, first: int = 5, every: int = 1000):
+        self._log, self._first, self._every = logger, first, every
+        self._seen: Counter[str] = Counter()
+
+    def warning(self, reason: str, msg: str, *args) -> None:
+        self._seen[reason] += 1
+        k = self._seen[reason]
+        if k <= self._first or k % self._every == 0:
+            suffix = f" [{reason} #{k}]" if k > 1 else ""
+            self._log.warning(msg + suffix, *args)

@@ -6,7 +6,7 @@ One module per protocol, and the table of them below (``PROTOCOLS``):
   ``DetectorDecoder`` (the series bookkeeping of detector protocols) and
   ``Framing`` (how a TCP byte stream is cut into messages);
 - ``rrstem.py``: the native ``rrstem/1`` (``stream/protocol.py``);
-- ``dectris.py``: DECTRIS SIMPLON stream v1 (``simplon``) and stream2;
+- ``dectris.py``: DECTRIS SIMPLON stream v1 (``simplon``); ``stream2.py``: DECTRIS stream2 (CBOR);
 - ``merlin.py``: Quantum Detectors Merlin (``MPX`` messages over plain TCP:
   ``MpxFraming``, read by ``stream.receiver.TcpReceiver``);
 - ``codecs.py``: LZ4 and bitshuffle+LZ4 in the HDF5 filters' framing.
@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rrstem.stream.detectors.base import BadMessage, Decoder, Framing, Item
-from rrstem.stream.detectors.dectris import SimplonDecoder, Stream2Decoder
+from rrstem.stream.detectors.dectris import SimplonDecoder
+from rrstem.stream.detectors.stream2 import Stream2Decoder
 from rrstem.stream.detectors.merlin import MerlinDecoder, MpxFraming
 from rrstem.stream.detectors.rrstem import RrstemDecoder
 

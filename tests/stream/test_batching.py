@@ -13,7 +13,7 @@ import zmq
 
 from support import disc_frames, reference, wait_results
 from rrstem.simulators.dectris import Stream2Encoder
-from rrstem.stream.detectors.dectris import Stream2Decoder
+from rrstem.stream.detectors.stream2 import Stream2Decoder
 from rrstem.stream.protocol import Start
 from rrstem.stream.receiver import Receiver
 from rrstem.stream.results import read_scan

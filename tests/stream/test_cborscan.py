@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from rrstem.simulators.dectris import Stream2Encoder
 from rrstem.stream.detectors.cborscan import ImageWalk
-from rrstem.stream.detectors.dectris import Stream2Decoder
+from rrstem.stream.detectors.stream2 import Stream2Decoder
 from rrstem.stream.protocol import Start
 
 SHAPE = (6, 5)

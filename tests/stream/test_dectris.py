@@ -12,7 +12,8 @@ from rrstem.simulators.dectris import SimplonEncoder, Stream2Encoder, stream_det
 from rrstem.simulators.source import ArraySource
 from rrstem.stream.detectors import Item, decoder_for
 from rrstem.stream.detectors.codecs import compress, decompress
-from rrstem.stream.detectors.dectris import SimplonDecoder, Stream2Decoder
+from rrstem.stream.detectors.dectris import SimplonDecoder
+from rrstem.stream.detectors.stream2 import Stream2Decoder
 from rrstem.stream.protocol import Start
 from rrstem.stream.results import read_scan
 from rrstem.stream.service import Service, ServiceConfig

@@ -32,7 +32,7 @@ from support import reference, wait_results
 from rrstem.simulators.dectris import SimplonEncoder, Stream2Encoder, stream_detector
 from rrstem.simulators.source import ArraySource
 from rrstem.stream.detectors.codecs import compress, decompress
-from rrstem.stream.detectors.dectris import Stream2Decoder
+from rrstem.stream.detectors.stream2 import Stream2Decoder
 from rrstem.stream.protocol import Start
 from rrstem.stream.results import read_scan
 

@@ -6,7 +6,8 @@ import pytest
 from rrstem.stream.framepass import FramePass
 from rrstem.stream.preprocess import Geometry, PreprocessConfig
 from rrstem.stream.protocol import DTYPES, Start
-from rrstem.stream.scan import Scan, check_memory
+from rrstem.stream.scan import Scan
+from rrstem.stream.store import check_memory
 from rrstem.stream.store import narrow_dtype, store_dtype
 
 MASKED = ((5, 6), (2, 2), (10, 11))
