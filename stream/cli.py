@@ -60,6 +60,9 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-frames", type=int, default=64,
                    help="frames used to find the disc and bad pixels (default 64)")
     g.add_argument("--no-mask", action="store_true", help="do not mask saturated and hot pixels")
+    g.add_argument("--reductions", type=_reduction_modules, default=None, metavar="MODULE[,MODULE]",
+                   help="your own maps: Python modules (my_maps.py, or a module name) whose reductions "
+                        "(@register) every scan runs beside the built-in ones (README, 'Your own maps')")
     t = p.add_argument_group("training")
     t.add_argument("--no-train", action="store_true", help="do not train the rrVAE")
     t.add_argument("--device", default="cpu", help="torch device for the rrVAE: cpu, cuda, cuda:1, mps")
@@ -72,6 +75,16 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--trainer", type=_json_object, default=None, metavar="JSON",
                    help="trainer and model options as JSON, as TrainerConfig.from_dict takes them (model/config.py), "
                         "e.g. '{\"seed\": 3, \"lr\": 1e-3}'; --consolidate and --latent-dim win over it")
+
+
+def _reduction_modules(text: str) -> list:
+    """``--reductions``: import each module now, so a bad one is refused with the command line's message."""
+    from rrstem.stream.reductions.base import load
+
+    try:
+        return [load(name) for name in text.split(",") if name]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _json_object(text: str) -> dict:

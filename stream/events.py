@@ -96,7 +96,7 @@ class ScanEnded(_Event):
     type: Literal["scan_ended"] = "scan_ended"
     scan_id: str = Field(description="The scan that ended.")
     complete: bool = Field(description="Every position arrived and the scan ended normally.")
-    end_reason: str = Field(description="end | idle | superseded | stopped | failed.")
+    end_reason: str = Field(description="snapshot.END_REASONS: end | idle | superseded | stopped | failed.")
     results_path: str | None = Field(description="The results file holding the scan's group, None if unwritten.")
     counters: dict[str, int] = Field(default_factory=dict, description="The scan's COUNTERS.")
 

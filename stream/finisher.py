@@ -23,6 +23,7 @@ from typing import Callable
 from rrstem.stream.config import ServiceConfig
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.events import EventPublisher, ScanEnded
+from rrstem.stream.lifecycle import Lifecycle
 from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import MODEL_SPECS
@@ -36,10 +37,9 @@ class Finisher:
     """The end of each scan and every write of the results file (module docstring)."""
 
     def __init__(self, cfg: ServiceConfig, slot: EncoderSlot | None, events: EventPublisher, steering: Steering,
-                 watch: Watch, report: Callable[[str, BaseException, str | None], None],
-                 current: Callable[[], Scan | None]):
+                 watch: Watch, report: Callable[[str, BaseException, str | None], None], lifecycle: Lifecycle):
         self.cfg, self.slot, self.events, self.steering, self.watch = cfg, slot, events, steering, watch
-        self.report, self._current = report, current
+        self.report, self._lifecycle = report, lifecycle
         self.queue: queue.Queue[Scan] = queue.Queue()
         self.writer: ResultsWriter | None = None
         self.unfinished: list[tuple[str, str]] = []  # scans a checkpoint left unfinished in the results file
@@ -92,7 +92,7 @@ class Finisher:
                 self.slot.failed(scan, failure, self.report)
         if self.writer is not None:
             try:
-                self._written([(scan.scan_id, self.save(scan))])
+                self._written([(scan.results_name, self.save(scan))])
             except Exception as exc:
                 log.error("scan %s: writing its results to %s failed (%s); they are kept in memory and written "
                           "when a write succeeds (or to the path a control 'save' names)", scan.scan_id,
@@ -117,7 +117,7 @@ class Finisher:
         if self.writer is None:
             return
         self._written(self.writer.retry())
-        cur = self._current()
+        cur = self._lifecycle.current
         if cur is None or cur.ended or not cur.ready or time.monotonic() < self._next_checkpoint:
             return
         self._next_checkpoint = time.monotonic() + self.cfg.checkpoint_seconds
@@ -137,7 +137,7 @@ class Finisher:
             else:
                 self.writer.move_to(Path(path))
             self._written(self.writer.retry(force=True))
-        scan = scan or self._current()
+        scan = scan or self._lifecycle.current
         if scan is None:
             raise ValueError("no scan yet: nothing to save")
         if self.writer is None:

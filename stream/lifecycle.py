@@ -28,19 +28,21 @@ import logging
 import time
 import traceback
 from collections import Counter
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 from rrstem.stream.acquisition import AcquisitionMap
 from rrstem.stream.config import ServiceConfig
 from rrstem.stream.detectors import Item
 from rrstem.stream.protocol import Start
 from rrstem.stream.scan import Scan
+from rrstem.stream.snapshot import EndReason
+from rrstem.stream.workers import RateLimitedLog
 
 log = logging.getLogger("rrstem.service")
 
-#: Why a scan ended (its results' ``end_reason``; ``running`` in a checkpoint of a scan that has not).
-EndReason = Literal["end", "idle", "stopped", "superseded", "failed", "running"]
-END_REASONS: tuple[str, ...] = get_args(EndReason)
+#: A gap this long between two runs of the lifecycle (it ticks every 0.1 s while idle) means the process
+#: did not run: that time does not count towards a scan's idle timeout.
+STALL_SECONDS = 1.0
 
 
 def _noop(*_) -> None:
@@ -58,18 +60,22 @@ class Lifecycle:
         self.current: Scan | None = None  # the newest scan (kept, ended, until the next start)
         self.orphans: Counter[str] = Counter()  # bad input that belongs to no scan, by reason
         self.notice: str | None = None  # the latest refused start, until the next scan starts
-        self._seen: set[str] = set()  # every scan id started
+        self._seen: dict[str, int] = {}  # every scan id started, and how many scans came with it
         self._refused: dict[str, str] = {}  # scan id -> orphan reason for its frames (rejected or failed scans)
         self._no_start_logged: str | None = None  # the scan whose frames without a start were logged last
+        self._awake = time.monotonic()  # when this lifecycle last ran (dispatch or tick): see ``tick``
+        self._log = RateLimitedLog(log)  # per-message warnings: at most one line per reason per second
 
-    def seen(self, scan_id: str) -> bool:
-        """Whether a scan of this id has started."""
-        return scan_id in self._seen
+    def detach(self) -> None:
+        """Drop the callbacks (the service closes): they refer to parts that refer back to this lifecycle,
+        and a cycle would keep the current scan, frame store and all, until the garbage collector ran."""
+        self.on_start = self.on_frames = self.on_end = self.on_failure = _noop
 
     # --- what drives it ---------------------------------------------------------------------
 
     def dispatch(self, item: Item) -> None:
         """Act on one decoded message. A failure ends the scan it concerns, marked failed; it never raises."""
+        self._awake = time.monotonic()
         try:
             self._dispatch(item)
         except Exception as exc:  # a bug or bad data in one scan must not stop ingest of the next
@@ -86,12 +92,24 @@ class Lifecycle:
             del cur, item
 
     def tick(self, now: float | None = None) -> None:
-        """A scan that has had no message for its idle timeout ends here, incomplete (``idle``)."""
+        """A scan that has had no message for its idle timeout ends here, incomplete (``idle``).
+
+        Only time in which frames could have arrived counts: the caller ticks only when its queue is
+        empty, and a gap of more than ``STALL_SECONDS`` since this lifecycle last ran (the process was
+        stopped, swapped out or starved: nothing was read, whatever the sender did) is not idle time.
+        """
+        now = time.monotonic() if now is None else now
+        stalled, self._awake = now - self._awake, now
         cur = self.current
         if cur is None or cur.ended:
             return
+        if stalled > STALL_SECONDS:
+            log.warning("the service did not run for %.1f s; scan %s's idle clock does not count that time",
+                        stalled, cur.scan_id)
+            cur.not_idle(stalled)
+            return
         limit = self.cfg.idle_timeout or cur.idle_timeout()
-        idle = (time.monotonic() if now is None else now) - cur.last_activity
+        idle = now - cur.last_activity
         if idle > limit:
             log.warning("scan %s: no frames for %.1f s (the sender died, or the acquisition was aborted): it ends "
                         "here, incomplete", cur.scan_id, idle)
@@ -126,32 +144,40 @@ class Lifecycle:
             else:
                 reason = "end_repeated" if item.scan_id in self._seen else "end_without_start"
                 self.orphans[reason] += 1
-                log.warning("%s for scan %s ignored", reason.replace("_", " "), item.scan_id)
+                self._log.warning(reason, "%s for scan %s ignored", reason.replace("_", " "), item.scan_id)
         elif cur is not None and item.scan_id == cur.scan_id and not cur.ended and item.count:
             cur.invalid(item.reason, item.count, item.detail)
         else:
             self.orphans[item.reason] += max(item.count, 1)
-            log.warning("rejected message (%s): %s", item.reason, item.detail)
+            self._log.warning(item.reason, "rejected message (%s): %s", item.reason, item.detail)
 
     def _start(self, start: Start) -> None:
         cur = self.current
         if self.cfg.scan_shape is not None and tuple(start.scan_shape) != self.cfg.scan_shape:
             log.info("scan %s: scan shape %s overridden to %s", start.scan_id, start.scan_shape, self.cfg.scan_shape)
             start = start.model_copy(update={"scan_shape": self.cfg.scan_shape})
+        if cur is not None and not cur.ended and start.scan_id == cur.scan_id and start == cur.start:
+            self.orphans["start_repeated"] += 1  # the same start again (a sender's retry): the scan goes on
+            self._log.warning("start_repeated", "scan %s: its start message came again; the scan goes on with "
+                              "every frame it has", start.scan_id)
+            return
         if cur is not None and not cur.ended:
             log.warning("scan %s had no end message; it ends at the start of scan %s", cur.scan_id, start.scan_id)
             self._end_safely(cur, "superseded")  # should it fail, the old scan fails; the new one starts all the same
+        seen = self._seen.get(start.scan_id, 0)
+        name = f"{start.scan_id}.{seen + 1}" if seen else None  # a scan id seen before: stored beside, not over
         try:
-            scan = Scan(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub")
+            scan = Scan(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub", results_name=name)
         except ValueError as exc:  # the scan cannot be taken; its frames are counted, not processed
             self._refused[start.scan_id] = "rejected_scan"
             self.orphans["rejected_start"] += 1
             self.notice = f"scan {start.scan_id} rejected: {exc}"
             log.error("scan %s rejected: %s", start.scan_id, exc)
             return
-        if start.scan_id in self._seen:
-            log.warning("scan id %s seen before: its results will be replaced", start.scan_id)
-        self._seen.add(start.scan_id)
+        if seen:
+            log.warning("scan id %s seen before: this scan's results go to scans/%s, beside the earlier one's",
+                        start.scan_id, name)
+        self._seen[start.scan_id] = seen + 1
         self._refused.pop(start.scan_id, None)
         self.current, self.notice = scan, None
         log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
@@ -174,7 +200,7 @@ class Lifecycle:
                                 item.scan_id)
             else:
                 self.orphans["stale"] += n
-                log.warning("%d frame(s) of scan %s arrived after it ended", n, item.scan_id)
+                self._log.warning("stale", "%d frame(s) of scan %s arrived after it ended", n, item.scan_id)
             return
         runs, discarded = AcquisitionMap(cur.scan_shape, self.cfg.sync_offset, self.cfg.flyback).place(
             item.message.first, item.frames)  # acquisition indices -> scan positions (identity by default)

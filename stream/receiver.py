@@ -281,8 +281,8 @@ class TcpReceiver(Worker):
     def _resync_item(self, skipped: int, why: str) -> None:
         self.resyncs += 1
         self.skipped_bytes += skipped
-        self._put(Item("bad", reason="resync", detail=f"{self.endpoint}: skipped {skipped} byte(s) up to the next "
-                       f"{self.framing.marker} prefix: {why}"))
+        skip = f"skipped {skipped} byte(s) up to the next {self.framing.marker} prefix: " if skipped else ""
+        self._put(Item("bad", reason="resync", detail=f"{self.endpoint}: {skip}{why}"))
 
     def _put(self, item: Item) -> None:
         put_until_stopped(self.out, item, self.stop)

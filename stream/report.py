@@ -13,17 +13,18 @@ holds no state of its own but the ingest rate.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Hashable
+from typing import Hashable
 
 from rrstem.model.interface import ScanEncoder
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.events import EventPublisher
 from rrstem.stream.lifecycle import Lifecycle
+from rrstem.stream.publisher import Publisher
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import MODEL_SPECS, ScanState, Snapshot, SnapshotHeader, history_key
 from rrstem.stream.steering import Steering
 from rrstem.stream.watch import error_event
-from rrstem.stream.workers import Failure, RateMeter
+from rrstem.stream.workers import Failure, RateMeter, Worker
 
 
 class FailureLog:
@@ -47,11 +48,23 @@ class Reporter:
     """Snapshots and the events thread's view, derived from the service's parts (module docstring)."""
 
     def __init__(self, lifecycle: Lifecycle, slot: EncoderSlot | None, steering: Steering, failures: FailureLog,
-                 dead: Callable[[], list[Failure]], control_endpoint: Callable[[], str | None]):
+                 threads: list[Worker], publisher: Publisher):
         self.lifecycle, self.slot, self.steering, self.failures = lifecycle, slot, steering, failures
         self.encoder: ScanEncoder | None = slot.encoder if slot is not None else None
-        self._dead, self._control = dead, control_endpoint
+        self._threads, self._publisher = threads, publisher  # the service's threads (filled in as it builds them)
         self.rate = RateMeter()  # frames taken per second, over the last seconds (the pipeline adds)
+
+    def dead(self) -> list[Failure]:
+        """Failures of threads that ended: the service cannot go on after any of these.
+
+        (The encoder's failures on one scan are not among them: its thread goes on with the next scan, so
+        they are reported, in the log, the snapshots and the scan's results. Its thread dying is.)
+        """
+        out = [Failure(t.name, t.error) for t in self._threads if t.error is not None]
+        enc = self.encoder
+        if enc is not None and enc.error is not None and not enc.is_alive():
+            out.append(Failure(f"rrVAE {type(enc).__name__}", enc.error))
+        return out
 
     def report(self, where: str, exc: BaseException, scan_id: str | None = None) -> None:
         self.failures.report(where, exc, scan_id)
@@ -62,7 +75,7 @@ class Reporter:
         refused scan. A failure of an earlier scan stays in ``failures`` and its results, not on the banner."""
         cur = self.lifecycle.current
         since = cur.started_at if cur is not None else 0.0
-        failed = self._dead() or [f for f in self.failures.recent if (cur is not None and f.scan_id == cur.scan_id)
+        failed = self.dead() or [f for f in self.failures.recent if (cur is not None and f.scan_id == cur.scan_id)
                                   or (f.scan_id is None and f.time >= since)]
         if failed:
             return str(failed[-1])
@@ -83,7 +96,7 @@ class Reporter:
 
     def header(self, cur: Scan | None = None) -> SnapshotHeader:
         """The state, counters and training status of ``cur`` (default: the current scan), without the arrays."""
-        h = SnapshotHeader(error=self.last_error(), frames_per_s=self.rate.rate(), control=self._control(),
+        h = SnapshotHeader(error=self.last_error(), frames_per_s=self.rate.rate(), control=self._publisher.control_endpoint,
                            orphans=dict(self.lifecycle.orphans))
         if self.encoder is not None:
             h.training = self.encoder.status()

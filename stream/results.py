@@ -1,4 +1,4 @@
-"""The HDF5 results file, laid out as in DESIGN.md, written atomically.
+"""The HDF5 results file, laid out as ``docs/results.md`` describes, written atomically.
 
 Writing goes to a temporary file in the same folder, which then replaces the
 target (``os.replace``), so a reader never sees a half-written file. Scans
@@ -8,6 +8,7 @@ scans.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -53,26 +54,41 @@ class ScanResults:
 
 
 def write_scan(path: str | os.PathLike, results: ScanResults) -> Path:
-    """Write (or replace) one scan group in the results file at ``path``."""
+    """Write (or replace) one scan group in the results file at ``path``.
+
+    The new file is built in memory by HDF5 and written with plain file I/O (then fsync, then ``os.replace``):
+    a full disk or an I/O error is an ``OSError`` here, never a crash inside libhdf5 (which a full disk
+    can cause while HDF5 itself writes a file), and the target is never left half-written.
+    """
     path = Path(path)
-    scan_id = results.scan_id
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with _lock:
+        image = _file_image(path, results)
         try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, rrstem_version=rrstem.__version__)
-                scans = f.create_group("scans")
-                if path.exists():
-                    with h5py.File(path, "r") as old:
-                        for name in old.get("scans", {}):
-                            if name != scan_id:
-                                old.copy(old["scans"][name], scans, name=name)
-                _fill_scan(scans.create_group(scan_id), results)
+            with open(tmp, "wb") as fh:
+                fh.write(image)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def _file_image(path: Path, results: ScanResults) -> bytes:
+    """The bytes of the results file ``path`` with ``results``' scan group added (or replaced)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, rrstem_version=rrstem.__version__)
+        scans = f.create_group("scans")
+        if path.exists():
+            with h5py.File(path, "r") as old:
+                for name in old.get("scans", {}):
+                    if name != results.scan_id:
+                        old.copy(old["scans"][name], scans, name=name)
+        _fill_scan(scans.create_group(results.scan_id), results)
+    return buf.getvalue()
 
 
 def _fill_scan(g: h5py.Group, r: ScanResults) -> None:

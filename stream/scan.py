@@ -27,9 +27,9 @@ from rrstem.stream.defects import DEFECT_SPECS, DefectMap
 from rrstem.stream.framepass import FramePass, accumulator
 from rrstem.stream.preprocess import Geometry, PreprocessConfig, calibrate
 from rrstem.stream.protocol import Start
-from rrstem.stream.reductions import MapSpec, Partial, ScanInfo, registered
+from rrstem.stream.reductions import MapSpec, Partial, ScanInfo, bytes_per_position, registered
 from rrstem.stream.results import ScanResults
-from rrstem.stream.snapshot import COUNTERS, FILLED_MAP, Arrays
+from rrstem.stream.snapshot import COUNTERS, FILLED_MAP, Arrays, EndReason
 from rrstem.stream.store import FrameStore, check_memory, narrow_dtype, store_dtype
 from rrstem.stream.workers import RateLimitedLog
 
@@ -42,12 +42,16 @@ _PASS_FRAMES = 4096
 class Scan:
     """One scan in the service; implements ``model.interface.ScanView``."""
 
-    def __init__(self, start: Start, cfg: PreprocessConfig, lossy: bool = False):
-        check_memory(start, cfg)
+    def __init__(self, start: Start, cfg: PreprocessConfig, lossy: bool = False, results_name: str | None = None):
+        self._reductions = registered()  # the reductions this scan runs, fixed at its start
+        check_memory(start, cfg, per_position=bytes_per_position(self._reductions))
         self.start = start
         self.cfg = cfg
         self.lossy = lossy  # SUB mode: positions that never arrived were dropped, not missing
         self.scan_id = start.scan_id
+        #: its group in the results file: the scan id, or ``<id>.<n>`` for the n-th scan that came with an id
+        #: seen before, so no scan's results replace another's
+        self.results_name = results_name or start.scan_id
         self.scan_shape = tuple(start.scan_shape)
         n = start.n_positions
         self.counters: Counter[str] = Counter({k: 0 for k in COUNTERS})
@@ -59,7 +63,7 @@ class Scan:
         self.frames_sent: int | None = None
         self.started_at = time.time()
         self.ended_at: float | None = None
-        self.end_reason: str | None = None  # "end" (the sender's end message), "superseded", "failed"
+        self.end_reason: EndReason | None = None  # ``snapshot.END_REASONS``
         self.failure: BaseException | None = None  # what stopped this scan's processing, if anything
         self.results_path: Path | None = None  # where the results went, once written (``written``)
         self.done = False  # results made (and written, if the service writes results): ``done_with``
@@ -70,7 +74,6 @@ class Scan:
         self._gap: float | None = None  # running mean of the time between its messages, s
         self.geometry: Geometry | None = None
         self._pass: FramePass | None = None
-        self._reductions = registered()  # the reductions this scan runs, fixed at its start
         self._partial: Partial | None = None  # their merged buffers (stream/reductions/), made at calibration
         self._store: FrameStore | None = None
         self._retired: list[FrameStore] = []  # a narrow store after a move to a wider one (``_widen``)
@@ -105,6 +108,10 @@ class Scan:
         gap = now - self.last_activity
         self._gap = gap if self._gap is None else 0.9 * self._gap + 0.1 * gap
         self.last_activity = now
+
+    def not_idle(self, seconds: float) -> None:
+        """``seconds`` in which the service did not run do not count towards this scan's idle time."""
+        self.last_activity += seconds
 
     def idle_timeout(self) -> float:
         """How long this scan may go without a message before it is closed as idle: 30 times the
@@ -252,7 +259,7 @@ class Scan:
         self.latest_index = int(idx[-1])
         self.last_frame_at = time.perf_counter()
 
-    def finish(self, frames_sent: int | None, reason: str = "end") -> None:
+    def finish(self, frames_sent: int | None, reason: EndReason = "end") -> None:
         """The scan ended (``reason``): calibrate if it never did, and count what never arrived."""
         if self._pass is None and self._pending:
             self._calibrate()
@@ -402,4 +409,6 @@ class Scan:
         }
         if self.failure is not None:
             attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
-        return ScanResults(self.scan_id, attrs, self.maps(score_defects=True), self.map_specs(), mask)
+        if self.results_name != self.scan_id:
+            attrs["scan_id"] = self.scan_id  # the id it came with
+        return ScanResults(self.results_name, attrs, self.maps(score_defects=True), self.map_specs(), mask)

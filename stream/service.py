@@ -28,6 +28,7 @@ import math
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,44 @@ from rrstem.stream.workers import Failure, Worker
 log = logging.getLogger("rrstem.service")
 
 
+@dataclass
+class ScanHooks:
+    """What happens around a scan's start, frames and end (the lifecycle calls these): its events, the encoder
+    taking it up, the ingest rate, the finisher."""
+
+    events: EventPublisher
+    steering: Steering
+    finisher: Finisher
+    reporter: Reporter
+    slot: EncoderSlot | None
+    failures: FailureLog
+
+    def started(self, scan: Scan) -> None:
+        start = scan.start
+        self.events.publish(ScanStarted(scan_id=start.scan_id, scan_shape=start.scan_shape,
+                                        frame_shape=start.frame_shape,
+                                        calibration=start.calibration.model_dump(exclude_none=True),
+                                        subscan=self.steering.scan_started(start)))
+        self.finisher.scan_started()
+
+    def frames(self, scan: Scan, n: int) -> None:
+        self.reporter.rate.add(n)
+        self.attach(scan)
+
+    def ended(self, scan: Scan) -> None:
+        try:
+            self.attach(scan)  # a scan too short to calibrate before its end calibrates at its end
+        finally:
+            self.finisher.queue.put(scan)  # an ended scan always reaches the results file
+
+    def attach(self, scan: Scan) -> None:
+        if self.slot is not None:
+            left = self.slot.attached
+            failure = self.slot.attach_if_ready(scan)
+            if failure is not None:
+                self.slot.failed(left, failure, self.failures.report)
+
+
 class Service:
     """Receives scans, keeps their maps current, trains the encoder on them, publishes and writes results."""
 
@@ -71,8 +110,6 @@ class Service:
         self._queue: queue.Queue[Item] = queue.Queue(config.queue_size)
         self.encoder: ScanEncoder | None = make_encoder(config)
         self._slot = EncoderSlot(self.encoder) if self.encoder is not None else None
-        self.lifecycle = Lifecycle(config, on_start=self._scan_started, on_frames=self._frames_taken,
-                                   on_end=self._scan_ended, on_failure=self.report)
         self.curve = Curve(config.keys, self.ctx) if config.keys is not None else None  # stream/auth.py
         self.receiver = make_receiver(config.protocol, self.ctx, config.listen, self._queue, self.stop_event,
                                       decoder_for(config.protocol, config.scan_shape, config.sync_offset,
@@ -86,13 +123,19 @@ class Service:
         self.steering = Steering(self.ctx, config.steering, config.steer_timeout, self.curve)
         self.steering.answer_to = self.publisher.control_endpoint
         self._watch = Watch(self.events, self.steering)
+        # The parts below refer to each other, never to the service: once its threads have ended, nothing
+        # holds the service, and its scans' frame stores go with it (no reference cycle waits for the GC).
+        self._workers: list[Worker] = [self.receiver]
         self.failure_log = FailureLog(self.events)
-        self.reporter = Reporter(self.lifecycle, self._slot, self.steering, self.failure_log, self.worker_failures,
-                                 lambda: self.publisher.control_endpoint)
-        self.finisher = Finisher(config, self._slot, self.events, self.steering, self._watch, self.report,
-                                 lambda: self.lifecycle.current)
-        self._workers = [
-            self.receiver,
+        self.lifecycle = Lifecycle(config, on_failure=self.failure_log.report)
+        self.reporter = Reporter(self.lifecycle, self._slot, self.steering, self.failure_log, self._workers,
+                                 self.publisher)
+        self.finisher = Finisher(config, self._slot, self.events, self.steering, self._watch,
+                                 self.failure_log.report, self.lifecycle)
+        hooks = ScanHooks(self.events, self.steering, self.finisher, self.reporter, self._slot, self.failure_log)
+        lc = self.lifecycle
+        lc.on_start, lc.on_frames, lc.on_end = hooks.started, hooks.frames, hooks.ended
+        self._workers += [
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
             Worker("rrstem-finisher", self.finisher.run, self._died, args=(self.stop_event, self._pipeline_done)),
             Worker("rrstem-publisher", self.publisher.run, self._died,
@@ -216,6 +259,8 @@ class Service:
                 t.join(max(0.0, deadline - time.monotonic()))
         if self.encoder is not None:
             self.encoder.close(timeout=max(0.5, deadline - time.monotonic()))
+        if not any(t.is_alive() for t in self._workers):  # (a thread that outlived close may still end a scan)
+            self.lifecycle.detach()  # no reference cycle keeps the last scan once the service is gone
         self.publisher.close()
         self.events.close()
         self.steering.close()
@@ -252,31 +297,6 @@ class Service:
                 self.encoder.finish_now()
             self._pipeline_done.set()
 
-    def _scan_started(self, scan: Scan) -> None:
-        start = scan.start
-        self.events.publish(ScanStarted(scan_id=start.scan_id, scan_shape=start.scan_shape,
-                                        frame_shape=start.frame_shape,
-                                        calibration=start.calibration.model_dump(exclude_none=True),
-                                        subscan=self.steering.scan_started(start)))
-        self.finisher.scan_started()
-
-    def _frames_taken(self, scan: Scan, n: int) -> None:
-        self.reporter.rate.add(n)
-        self._attach_if_ready(scan)
-
-    def _scan_ended(self, scan: Scan) -> None:
-        try:
-            self._attach_if_ready(scan)  # a scan too short to calibrate before its end calibrates at its end
-        finally:
-            self.finisher.queue.put(scan)  # an ended scan always reaches the results file
-
-    def _attach_if_ready(self, scan: Scan) -> None:
-        if self._slot is not None:
-            left = self._slot.attached
-            failure = self._slot.attach_if_ready(scan)
-            if failure is not None:
-                self._slot.failed(left, failure, self.report)
-
     # --- failures -----------------------------------------------------------------------
 
     @property
@@ -305,11 +325,7 @@ class Service:
         scan, so they are reported, in the log, the snapshots and the scan's results. Its thread
         dying is.)
         """
-        out = [Failure(t.name, t.error) for t in self._workers if t.error is not None]
-        enc = self.encoder
-        if enc is not None and self._started and enc.error is not None and not enc.is_alive():
-            out.append(Failure(f"rrVAE {type(enc).__name__}", enc.error))
-        return out
+        return self.reporter.dead()
 
     def check(self) -> None:
         """Re-raise the first worker thread's failure, the original exception with its traceback."""

@@ -37,6 +37,11 @@ COUNTERS = ("received", "missing", "duplicate", "invalid", "stale", "dropped")
 #: Scan states: ``idle`` before the first scan; ``acquiring`` until its end; ``finishing`` while the
 #: results are made (``consolidating`` while the rrVAE consolidates); ``done`` once they are written.
 ScanState = Literal["idle", "acquiring", "finishing", "consolidating", "done"]
+#: Why a scan ended, as its results' ``end_reason`` and the ``scan_ended`` event say: the sender's ``end`` (or
+#: a detector's announced frame count), no message for the idle timeout, a stop, a newer start, a failure;
+#: ``running`` in a checkpoint of a scan that has not ended.
+EndReason = Literal["end", "idle", "stopped", "superseded", "failed", "running"]
+END_REASONS: tuple[str, ...] = get_args(EndReason)
 STATES: tuple[str, ...] = get_args(ScanState)
 
 

@@ -129,20 +129,24 @@ class FrameStore:
         return n_positions * binned_shape[0] * binned_shape[1] * np.dtype(dtype).itemsize
 
 
-def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75) -> None:
-    """Refuse a scan whose preallocated frame store could not fit in this machine's memory: its narrow store,
-    and the wide one as well where counts could outgrow the narrow one (both are held while it moves)."""
+def check_memory(start: Start, cfg: PreprocessConfig, fraction: float = 0.75, per_position: int = 0) -> None:
+    """Refuse a scan whose memory could not fit in this machine's: its narrow store, the wide one as well where
+    counts could outgrow the narrow one (both are held while it moves), and ``per_position`` bytes for each
+    position besides the store (the reductions' sums, the maps a snapshot builds, the rrVAE's maps)."""
     h, w = start.frame_shape
     binned = (-(-h // cfg.bin), -(-w // cfg.bin))
     dtype, narrow = store_dtype(start.dtype, cfg.bin), narrow_dtype(start.dtype, cfg.bin)
-    need = FrameStore.nbytes(start.n_positions, binned, dtype)
+    store = FrameStore.nbytes(start.n_positions, binned, dtype)
     if narrow != dtype:
-        need += FrameStore.nbytes(start.n_positions, binned, narrow)
+        store += FrameStore.nbytes(start.n_positions, binned, narrow)
+    maps = per_position * start.n_positions
+    need = store + maps
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on Linux: no check
         return
     if need > fraction * total:
         raise ValueError(f"scan {start.scan_id} ({start.scan_shape[0]}x{start.scan_shape[1]} positions of "
-                         f"{h}x{w} frames at bin {cfg.bin}) needs {need / 2**30:.1f} GiB for its binned frames ({dtype}); "
-                         f"this machine has {total / 2**30:.1f} GiB: use a larger --bin or --crop")
+                         f"{h}x{w} frames at bin {cfg.bin}) needs {need / 2**30:.1f} GiB: {store / 2**30:.1f} GiB for "
+                         f"its binned frames ({dtype}) and {maps / 2**30:.1f} GiB for its maps; this machine has "
+                         f"{total / 2**30:.1f} GiB: use a larger --bin or --crop, or scan fewer positions")

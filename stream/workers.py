@@ -62,8 +62,8 @@ class Worker(threading.Thread):
 class Budget:
     """Keeps a repeated whole-scan computation (maps, scores, snapshots) to a ``share`` of one core.
 
-    Such work grows with the scan, not with the batch: at 512x512 positions one
-    snapshot's maps take tens of ms. After a run that took ``t`` seconds the
+    Such work grows with the scan, not with the batch: a snapshot of a large
+    scan derives every map of it. After a run that took ``t`` seconds the
     next one is due ``t / share`` after that run started, and never sooner
     than ``floor`` seconds, so the work costs at most ``share`` of a core
     whatever the scan's size and the ingest rate. Wall time is used: under
@@ -124,15 +124,25 @@ class RateMeter:
 
 
 class RateLimitedLog:
-    """Logs the first few occurrences of each reason, then every 1000th, so bad input cannot flood the log."""
+    """At most one log line per reason per ``period`` seconds, so bad input cannot flood the log: the first
+    occurrence of a reason is logged at once, later ones when ``period`` has passed since that reason's last
+    line, saying how many of that reason there have been and how many went unlogged."""
 
-    def __init__(self, logger: logging.Logger, first: int = 5, every: int = 1000):
-        self._log, self._first, self._every = logger, first, every
-        self._seen: Counter[str] = Counter()
+    def __init__(self, logger: logging.Logger, period: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self._log, self._period, self._clock = logger, period, clock
+        self._seen: Counter[str] = Counter()  # occurrences, by reason
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (time of its last line, occurrences then)
 
     def warning(self, reason: str, msg: str, *args) -> None:
+        self.log(logging.WARNING, reason, msg, *args)
+
+    def log(self, level: int, reason: str, msg: str, *args) -> None:
         self._seen[reason] += 1
-        k = self._seen[reason]
-        if k <= self._first or k % self._every == 0:
-            suffix = f" [{reason} #{k}]" if k > 1 else ""
-            self._log.warning(msg + suffix, *args)
+        k, now = self._seen[reason], self._clock()
+        last = self._logged.get(reason)
+        if last is not None and now - last[0] < self._period:
+            return
+        skipped = k - 1 - (last[1] if last is not None else 0)
+        suffix = f" [{reason} #{k}; {skipped} more not logged]" if skipped else (f" [{reason} #{k}]" if k > 1 else "")
+        self._logged[reason] = (now, k)
+        self._log.log(level, msg + suffix, *args)

@@ -295,3 +295,20 @@ def test_the_demo_lines(demo, run, tmp_path):
         assert parent["maps/filled"][()].sum() == 64 * 64 and sub["maps/filled"][()].all()
         assert sub.attrs["step_factor"] == 0.5 and sub.attrs["dose_factor"] == 4.0
     assert (tmp_path / "demo" / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_own_maps_example_runs_as_written(tmp_path):
+    """The README's reduction module ("Your own maps"), saved as my_maps.py and given to analyze."""
+    text = README.read_text()
+    section = text[text.index("## Your own maps"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    (tmp_path / "my_maps.py").write_text(code)
+    np.save(tmp_path / "scan.npy", disc_frames(5, 6, seed=8))
+    run = subprocess.run([*RRSTEM, "analyze", "scan.npy", "--no-train", "--no-progress", "--calibration-frames", "8",
+                          "--reductions", "my_maps.py", "--out", "r.h5"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    res = read_scan(tmp_path / "r.h5")
+    assert res["units"]["annular_1p5_3"] == "counts"
+    assert (res["maps"]["annular_1p5_3"] > 0).all()  # every frame has counts in the annulus

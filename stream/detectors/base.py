@@ -97,7 +97,7 @@ class Framing:
 class BlockPool:
     """Blocks of memory for the frames of batched small messages, used again once nothing views them.
 
-    A fresh 4 MB block per batch costs its page faults on every first write, as much as the copy itself.
+    A fresh block per batch would pay its page faults on every first write, on top of the copy.
     ``get(rows, row_bytes)`` hands out a (rows, row_bytes) uint8 view of a pooled block that no item, scan
     or store still holds (its only references are the pool's and the check's own), else a new block,
     pooled up to ``keep`` of them.
@@ -156,6 +156,7 @@ class DetectorDecoder:
             raise ValueError(f"scan shape must be positive, got {scan_shape!r}")
         self.scan_shape = (ny, nx)
         self.series: Series | None = None
+        self._earlier: dict[Any, str] = {}  # series key -> scan id of the last few series that started a scan
 
     def decode(self, parts: list[Any]) -> Item | list[Item]:
         return self._guard(self._decode, parts)
@@ -174,6 +175,11 @@ class DetectorDecoder:
 
     def _begin(self, series: Series) -> list[Item]:
         """A series header: the scan starts now if its frame shape and dtype are known, else at its first image."""
+        old = self.series
+        if old is not None and old.start is not None and old.key != series.key:
+            self._earlier[old.key] = old.scan_id  # its late images are that scan's, counted stale
+            for key in list(self._earlier)[:-8]:
+                del self._earlier[key]
         self.series = series
         return [self._start()] if series.frame_shape and series.dtype else []
 
@@ -192,6 +198,9 @@ class DetectorDecoder:
         """One image: ``parse()`` returns its (h, w), dtype and a function that returns its pixels."""
         s = self.series
         if s is None or s.key != key:
+            earlier = self._earlier.get(key)
+            if earlier is not None and index >= 0:  # a late image of an earlier series: stale, as for rrstem/1
+                return [Item("frames", Frames(scan_id=earlier, first=index, count=1), scan_id=earlier)]
             return [Item("bad", reason="no_start", detail=f"{self.protocol}: image {index} of series {key} arrived "
                          "without its series header", count=1)]
         s.images += 1

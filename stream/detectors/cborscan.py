@@ -2,12 +2,11 @@
 
 One image per message is how a DECTRIS detector sends, so the cost of each
 message decides the rate. ``cbor2.loads`` builds every object of a message
-(a datetime, lists, the pixel byte string, copied twice), about 10 us for a
-96x96 image here. ``ImageWalk.take`` walks the CBOR bytes instead (RFC 8949
-heads, nothing built), reads the five fields a frame needs (type, series_id,
-series_unique_id, image_id, data), checks them against the running series
-and copies the pixels once, into a row of the batch's frame block: 3 to 5 us
-with the copy.
+(a datetime, lists, the pixel byte string, copied twice). ``ImageWalk.take``
+walks the CBOR bytes instead (RFC 8949 heads, nothing built), reads the five
+fields a frame needs (type, series_id, series_unique_id, image_id, data),
+checks them against the running series and copies the pixels once, into a
+row of the batch's frame block (the figures: ``bench/README.md``).
 
 It takes only the plain shape a DCU sends: a definite-length map (under tag
 55799 or not), each of those keys at most once, data a map of channels, the
@@ -292,5 +291,5 @@ class ImageWalk:
         index, at = _walk(buf, self._uid, self._channel, self._want)
         if index < 0:
             return None
-        block[row] = buf[at:at + self.nbytes]  # NumPy's copy: a compiled byte loop is ten times slower
+        block[row] = buf[at:at + self.nbytes]  # NumPy's copy: faster than a compiled byte loop
         return int(index)

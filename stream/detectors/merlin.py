@@ -20,8 +20,8 @@ transport (``stream.receiver.TcpReceiver``) and resynchronises on the next
 
 Pixels are not copied and not byte-swapped here: a frame is a big-endian view
 of the message buffer, and binning (``stream/preprocess.py``), the first pass
-that reads every pixel, converts the byte order as it sums: about +9 us per
-256x256 frame at bin 4, against +31 us for a separate in-place swap.
+that reads every pixel, converts the byte order as it sums, which costs far
+less than a separate in-place swap (``bench/README.md``).
 
 The scan shape is ``--scan-shape``, else ``ScanY x ScanX``, else
 ``(frames // frames per trigger) x (frames per trigger - flyback)``. The
@@ -71,7 +71,9 @@ class MpxFraming(Framing):
                 skipped += jump
                 pos += jump
                 continue
-            length = int(m.group(1)) - 1  # the length counts the comma before the payload
+            length = self._length(mv, pos, fill, int(m.group(1)) - 1, resyncs)  # the field counts the comma
+            if length is None:
+                break  # the rest comes with the next read
             if not 0 < length <= self.max_message:
                 resyncs.append((0, f"message length {length + 1} is outside 2..{self.max_message + 1}"))
                 skipped, pos = skipped + 1, pos + 1
@@ -85,11 +87,41 @@ class MpxFraming(Framing):
             pos += PREFIX_SIZE + length
         return Cut(pos, out, skipped, resyncs)
 
+    def _length(self, mv: memoryview, pos: int, fill: int, field: int, resyncs: list) -> int | None:
+        """The payload length of the message at ``pos``: its length ``field``, unless it carries an MQ1 frame
+        whose own header (data offset and geometry) gives another length and the data show the header right
+        (the next ``MPX,`` follows the header's length, not the field's): then one bad length field costs
+        nothing, not the rest of the stream. None: not enough bytes here yet to judge."""
+        head = mv[pos + PREFIX_SIZE:fill]
+        frame = frame_length(head)  # an MQ1 frame's own length, from its header's offset and geometry
+        if frame is None:
+            if bytes(head[:4]) == b"MQ1," and len(head) < FRAME_HEADER_LOOK:
+                return None  # an MQ1 header's first fields not all here yet
+            return field
+        if frame == field or frame > self.max_message:
+            return field
+        at_field, at_frame = pos + PREFIX_SIZE + field, pos + PREFIX_SIZE + frame
+        if at_field + 4 <= fill and bytes(mv[at_field:at_field + 4]) == b"MPX,":
+            return field  # the field leads to the next message: the header is the damaged one
+        if at_frame + 4 > fill:
+            return None  # judged once the bytes after the header's length are here
+        if bytes(mv[at_frame:at_frame + 4]) != b"MPX,":
+            return field  # neither leads to a next message: as the field says (the decoder reports the frame)
+        resyncs.append((0, f"message length {field + 1} disagrees with its MQ1 frame header ({frame + 1}), "
+                           "which the next message confirms: the header's is used"))
+        return frame
+
     def message_size(self, buf: np.ndarray, pos: int, fill: int) -> int:
         if fill - pos < PREFIX_SIZE:
             return 0
         m = MPX_PREFIX.match(bytes(memoryview(buf)[pos:pos + PREFIX_SIZE]))
-        return PREFIX_SIZE + int(m.group(1)) - 1 if m and int(m.group(1)) - 1 <= self.max_message else 0
+        if m is None:
+            return 0
+        field = int(m.group(1)) - 1
+        frame = frame_length(memoryview(buf)[pos + PREFIX_SIZE:fill])
+        # room for the message and the next prefix, which may decide between the field's and the header's length
+        length = max(field if field <= self.max_message else 0, frame or 0)
+        return PREFIX_SIZE + length + PREFIX_SIZE if length else 0
 
 
 def parse_acquisition_header(payload: bytes) -> dict[str, str]:
@@ -184,6 +216,30 @@ def parse_frame_header(buf) -> FrameHeader:
     if width < 1 or height < 1 or seq < 0:
         raise BadMessage("bad_frame_header", f"frame header says {width}x{height} pixels, sequence {seq}")
     return FrameHeader(seq, offset, chips, width, height, pixel_type, layout, timestamp, depth)
+
+
+#: Bytes of an MQ1 frame header the framing reads for the frame's own length (the first seven fields).
+FRAME_HEADER_LOOK = 64
+
+
+def frame_length(buf) -> int | None:
+    """The length of the ``MQ1`` frame message that starts ``buf``, from the first fields of its header (data
+    offset, width, height, pixel type); None if ``buf`` does not start with them. (The decoder checks the
+    whole header; this is the framing's quick look, once per message.)"""
+    head = bytes(buf[:FRAME_HEADER_LOOK])
+    if not head.startswith(b"MQ1,"):
+        return None
+    parts = head.split(b",")
+    if len(parts) < 8:  # the pixel type and the field after it: the header's first fields are all here
+        return None
+    try:
+        offset, width, height = int(parts[2]), int(parts[4]), int(parts[5])
+        wire = PIXEL_TYPES[parts[6].strip().decode("ascii")][0]
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return None
+    if offset < 16 or width < 1 or height < 1:
+        return None
+    return offset + width * height * np.dtype(wire).itemsize
 
 
 def frame_pixels(buf, header: FrameHeader) -> np.ndarray:

@@ -23,9 +23,13 @@ after that runs it.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
 import numpy as np
@@ -144,3 +148,24 @@ def registered() -> tuple[type[Reduction], ...]:
             except Exception as exc:  # a broken plugin must not stop the service
                 log.error("reduction plugin %s (%s) not loaded: %s: %s", ep.name, ep.value, type(exc).__name__, exc)
     return tuple(_registry)
+
+
+def load(source: str):
+    """Import the module ``source`` (a dotted module name, or a ``.py`` file) so that its ``@register`` runs;
+    returns the module. ValueError says what went wrong."""
+    try:
+        if source.endswith(".py"):
+            path = Path(source).resolve()
+            if not path.is_file():
+                raise ValueError(f"no such file: {source}")
+            name = f"rrstem_reductions_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(source)
+    except ValueError:
+        raise
+    except Exception as exc:  # the user's module: say which, and what it raised
+        raise ValueError(f"cannot load reductions from {source}: {type(exc).__name__}: {exc}") from None

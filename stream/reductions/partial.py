@@ -72,6 +72,21 @@ class View:
         return out.reshape(self.info.scan_shape)
 
 
+#: per position, besides the reductions: the defect maps, the rrVAE's maps (a few latents, float32, twice)
+#: and what a snapshot copies of them
+OTHER_MAPS_BYTES = 160
+
+
+def bytes_per_position(reductions: tuple[type[Reduction], ...]) -> int:
+    """Memory a scan needs per position besides its frame store: the weight columns (float64) and their copy
+    when maps are derived, the filled flag, each per-position map (float64, and its float32 snapshot copy, and
+    as much again in temporaries), each reduction's own position buffers, and ``OTHER_MAPS_BYTES``."""
+    k = len(weight_table(reductions))
+    maps = sum(1 for r in reductions for m in r.maps if m.per_position)
+    own = sum(np.dtype(b.dtype).itemsize for r in reductions for b in r.buffers if b.kind == "position")
+    return 16 * k + 1 + 24 * maps + own + OTHER_MAPS_BYTES
+
+
 class Partial:
     """The merged buffers of every reduction of one scan, or of one shard of it."""
 

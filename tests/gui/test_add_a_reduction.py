@@ -80,3 +80,29 @@ def test_a_new_reduction_reaches_snapshots_results_dashboard_and_merge(annular, 
         halves.append(Partial.from_bytes(p.to_bytes()))
     halves[0].merge(halves[1])
     np.testing.assert_array_equal(halves[0].maps()[name], expected)
+
+
+def test_analyze_runs_a_reduction_module_named_on_its_command_line(tmp_path):
+    """``--reductions FILE.py``, as a user adds their own map to ``rrstem analyze`` (and ``serve``): a real process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import annular_detector
+
+    frames = disc_frames(5, 6, seed=6)
+    np.save(tmp_path / "scan.npy", frames)
+    module = Path(annular_detector.__file__)
+    run = subprocess.run([sys.executable, "-m", "rrstem.cli", "analyze", str(tmp_path / "scan.npy"), "--no-train",
+                          "--no-progress", "--calibration-frames", "8", "--reductions", str(module),
+                          "--out", str(tmp_path / "r.h5")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    res = read_scan(tmp_path / "r.h5")
+    name = annular_detector.MAP.name
+    expected = numpy_annulus(frames, res["attrs"]["geometry"], annular_detector.INNER, annular_detector.OUTER)
+    np.testing.assert_array_equal(res["maps"][name], expected)
+    assert res["units"][name] == "counts"
+    np.testing.assert_array_equal(res["maps"]["vbf"], reference(frames, res["attrs"]["geometry"])["vbf"])
+    bad = subprocess.run([sys.executable, "-m", "rrstem.cli", "analyze", str(tmp_path / "scan.npy"),
+                          "--reductions", str(tmp_path / "missing.py")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no such file" in bad.stderr

@@ -6,9 +6,10 @@ import pytest
 
 from rrstem.stream.config import ServiceConfig
 from rrstem.stream.detectors import Item
-from rrstem.stream.lifecycle import END_REASONS, Lifecycle
+from rrstem.stream.lifecycle import Lifecycle
 from rrstem.stream.preprocess import PreprocessConfig
 from rrstem.stream.protocol import End, Frames, Start
+from rrstem.stream.snapshot import END_REASONS
 from support import disc_frames
 
 
@@ -62,18 +63,38 @@ def test_a_scan_ends_by_count_with_what_never_came_missing():
     assert scan.counter_dict()["missing"] == 2 and scan.frames_sent == 10
 
 
+def ticks(lc, start, stop, every=0.1):
+    """Tick as the pipeline thread does while its queue is empty: every 0.1 s."""
+    for t in np.arange(start, stop + 1e-9, every):
+        lc.tick(float(t))
+
+
 def test_a_scan_without_messages_ends_idle_at_its_timeout_not_before():
     r = Record(idle_timeout=5.0)
     r.start("a")
     r.frames("a", 0, FRAMES[:8])
     last = r.lc.current.last_activity
-    r.lc.tick(last + 4.9)
+    ticks(r.lc, last, last + 4.9)
     assert not r.ended
-    r.lc.tick(last + 5.1)
+    ticks(r.lc, last + 5.0, last + 5.1)
     (scan,) = r.ended
     assert scan.end_reason == "idle" and scan.counter_dict()["missing"] == 4
-    r.lc.tick(last + 60)  # an ended scan does not end again
+    ticks(r.lc, last + 5.2, last + 7)  # an ended scan does not end again
     assert len(r.ended) == 1
+
+
+def test_time_the_service_did_not_run_is_not_idle_time():
+    r = Record(idle_timeout=5.0)
+    r.start("a")
+    r.frames("a", 0, FRAMES[:8])
+    last = r.lc.current.last_activity
+    ticks(r.lc, last, last + 2.0)
+    r.lc.tick(last + 16.0)  # stopped (SIGSTOP) for 14 s: the first tick after it
+    ticks(r.lc, last + 16.1, last + 18.9)
+    assert not r.ended  # 2 + 2.9 s of idle time, under the 5 s timeout
+    r.frames("a", 8, FRAMES[8:])  # what was waiting arrives
+    r.end("a", 12)
+    assert r.ended[0].end_reason == "end" and r.ended[0].complete
 
 
 def test_a_stop_ends_the_running_scan_stopped_or_failed():

@@ -388,3 +388,33 @@ def test_counts_that_outgrow_the_uint16_store_midway_are_kept_exactly(make_servi
     res = read_scan(wait_results(svc))
     assert res["attrs"]["counters"]["received"] == 36 and res["attrs"]["complete"] == 1
     assert_maps_match(res, frames)
+
+
+def test_a_closed_service_frees_its_scans_without_the_garbage_collector(tmp_path):
+    """Nothing the service builds refers back to it, so a scan's frame store goes as soon as the service does:
+    a benchmark or session that runs service after service never holds several stores at once."""
+    import gc
+    import weakref
+
+    from rrstem.stream.preprocess import PreprocessConfig
+    from rrstem.stream.service import Service, ServiceConfig
+    from support import Sender
+
+    cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish="tcp://127.0.0.1:0",
+                        control="tcp://127.0.0.1:0", out=tmp_path / "r.h5", train=False,
+                        preprocess=PreprocessConfig(calibration_frames=8))
+    gc.disable()
+    try:
+        svc = Service(cfg).start()
+        s = Sender(svc.listen_endpoint)
+        s.start("gone", (3, 3), (32, 32))
+        s.frames("gone", 0, disc_frames(3, 3, seed=30).reshape(9, 32, 32))
+        s.end("gone", 9)
+        wait_results(svc)
+        scan, service = weakref.ref(svc.current), weakref.ref(svc)
+        s.close()
+        svc.close()
+        del svc
+        assert service() is None and scan() is None
+    finally:
+        gc.enable()
