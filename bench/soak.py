@@ -17,7 +17,8 @@ What is measured, in one run (issue 9, item 4):
      ``received == sent``, and nothing is missing, dropped or orphaned.
    - ``sub``: PUB -> SUB. The publisher drops whole messages when the service is
      behind. Every lost frame must be counted: for every scan ``received +
-     dropped == sent`` exactly. A scan whose *start* is lost cannot be counted
+     missing == sent`` exactly (every scan sends all its positions; ``dropped``,
+     the losses the tap saw as gaps, is a part of ``missing``). A scan whose *start* is lost cannot be counted
      (nothing says how large it was), so the producer sends each start on a
      drained stream, as a detector does after the idle gap between scans: it
      waits, on the service's control ``status``, until the previous scan has
@@ -332,8 +333,9 @@ def summarize(mode, stats, scans, orphans, rss, flood_seconds, capacity, rate, c
         c = got["counters"]
         totals.update(c)
         reasons[got["end_reason"]] += 1
-        others = {k: v for k, v in c.items() if k not in ("received", "dropped") and v}
-        ok = c["received"] == n and not c["dropped"] if mode == "pull" else c["received"] + c["dropped"] == n
+        others = {k: v for k, v in c.items() if k not in ("received", "dropped", "missing") and v}
+        ok = (c["received"] == n and not c["dropped"] and not c["missing"] if mode == "pull"
+              else c["received"] + c["missing"] == n and c["dropped"] <= c["missing"])
         if not ok or others:
             wrong.append({"scan_id": scan_id, "sent": n, **c})
     half = [(t, mb) for t, mb in rss if t >= flood_seconds / 2]
@@ -351,8 +353,8 @@ def summarize(mode, stats, scans, orphans, rss, flood_seconds, capacity, rate, c
         "invalid": totals["invalid"], "duplicate": totals["duplicate"], "stale": totals["stale"],
         "orphans": orphans,
         "exact": not wrong and not orphans and (totals["received"] == n_sent if mode == "pull" else
-                                                totals["received"] + totals["dropped"] == n_sent),
-        "rule": "received == sent" if mode == "pull" else "received + dropped == sent",
+                                                totals["received"] + totals["missing"] == n_sent),
+        "rule": "received == sent" if mode == "pull" else "received + missing == sent",
         "wrong_scans": wrong[:10], "n_wrong_scans": len(wrong),
         "end_reasons": dict(reasons),
         "capacity_fps": round(capacity),

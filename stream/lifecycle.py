@@ -83,7 +83,7 @@ class Lifecycle:
             self.on_failure("pipeline", exc, item.scan_id)
             cur = self.current
             if cur is None or cur.scan_id != item.scan_id or cur.ended or cur.failure is not None:
-                self.orphans["pipeline_error"] += 1
+                self._orphan("pipeline_error")
             else:
                 self._fail(cur, exc)
             # Keep the exception, not the frames it ran through: their locals hold the scan and its store.
@@ -143,12 +143,12 @@ class Lifecycle:
                 self._end(cur, item.message.frames_sent, "end")
             else:
                 reason = "end_repeated" if item.scan_id in self._seen else "end_without_start"
-                self.orphans[reason] += 1
+                self._orphan(reason)
                 self._log.warning(reason, "%s for scan %s ignored", reason.replace("_", " "), item.scan_id)
         elif cur is not None and item.scan_id == cur.scan_id and not cur.ended and item.count:
             cur.invalid(item.reason, item.count, item.detail)
         else:
-            self.orphans[item.reason] += max(item.count, 1)
+            self._orphan(item.reason, max(item.count, 1))
             self._log.warning(item.reason, "rejected message (%s): %s", item.reason, item.detail)
 
     def _start(self, start: Start) -> None:
@@ -157,7 +157,7 @@ class Lifecycle:
             log.info("scan %s: scan shape %s overridden to %s", start.scan_id, start.scan_shape, self.cfg.scan_shape)
             start = start.model_copy(update={"scan_shape": self.cfg.scan_shape})
         if cur is not None and not cur.ended and start.scan_id == cur.scan_id and start == cur.start:
-            self.orphans["start_repeated"] += 1  # the same start again (a sender's retry): the scan goes on
+            self._orphan("start_repeated")  # the same start again (a sender's retry): the scan goes on
             self._log.warning("start_repeated", "scan %s: its start message came again; the scan goes on with "
                               "every frame it has", start.scan_id)
             return
@@ -170,7 +170,7 @@ class Lifecycle:
             scan = Scan(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub", results_name=name)
         except ValueError as exc:  # the scan cannot be taken; its frames are counted, not processed
             self._refused[start.scan_id] = "rejected_scan"
-            self.orphans["rejected_start"] += 1
+            self._orphan("rejected_start")
             self.notice = f"scan {start.scan_id} rejected: {exc}"
             log.error("scan %s rejected: %s", start.scan_id, exc)
             return
@@ -188,18 +188,18 @@ class Lifecycle:
         n = item.message.count
         if cur is None or item.scan_id != cur.scan_id or cur.ended:
             if item.scan_id in self._refused:
-                self.orphans[self._refused[item.scan_id]] += n  # the refusal was logged once, at its start
+                self._orphan(self._refused[item.scan_id], n)  # the refusal was logged once, at its start
             elif cur is not None and not cur.ended and item.scan_id in self._seen:
                 cur.stale(n, item.scan_id)
             elif item.scan_id not in self._seen:  # e.g. a subscriber that joined after the start was sent
-                self.orphans["no_start"] += n
+                self._orphan("no_start", n)
                 if self._no_start_logged != item.scan_id:  # once per scan, not per message
                     self._no_start_logged = item.scan_id
                     log.warning("frames of scan %s arrive without its start message; they are counted (no_start) "
                                 "and dropped until a scan starts (did the service join a stream mid-scan?)",
                                 item.scan_id)
             else:
-                self.orphans["stale"] += n
+                self._orphan("stale", n)
                 self._log.warning("stale", "%d frame(s) of scan %s arrived after it ended", n, item.scan_id)
             return
         runs, discarded = AcquisitionMap(cur.scan_shape, self.cfg.sync_offset, self.cfg.flyback).place(
@@ -210,6 +210,12 @@ class Lifecycle:
         for first, frames in runs:  # a loop, not a generator: its closure would keep the scan of a failure
             taken += cur.add(first, frames)
         self.on_frames(cur, taken)
+
+    def _orphan(self, reason: str, count: int = 1) -> None:
+        """Input that belongs to no scan: counted here, and on the current scan (its results keep it)."""
+        self.orphans[reason] += count
+        if self.current is not None:
+            self.current.orphaned(reason, count)
 
     # --- ends -------------------------------------------------------------------------------
 

@@ -58,9 +58,9 @@ class Scan:
         self.reasons: Counter[str] = Counter()  # invalid frames by reason
         self._filled = np.zeros(n, dtype=bool)  # THE mask: a valid frame for this position is in the store
         self._n_filled = 0
-        self._rejected: np.ndarray | None = None  # (n,) bool, made on the first invalid frame: positions that
-        # got an invalid frame (a position also filled later counts as filled)
+        self.orphans: Counter[str] = Counter()  # input that belonged to no scan while this one was current
         self.frames_sent: int | None = None
+        self.unaccounted: int | None = None  # frames_sent minus the frames of this scan that arrived, once ended
         self.started_at = time.time()
         self.ended_at: float | None = None
         self.end_reason: EndReason | None = None  # ``snapshot.END_REASONS``
@@ -98,9 +98,8 @@ class Scan:
 
     @property
     def complete(self) -> bool:
-        """Ended by its sender's end message (not superseded, failed or saved mid-scan), with no position
-        missing or dropped (a truncated file or a lossy tap is not a complete scan)."""
-        return self.end_reason == "end" and self.counters["missing"] == 0 and self.counters["dropped"] == 0
+        """Ended, with a valid frame at every position (``missing`` is 0): exactly then."""
+        return self.ended and self.counters["missing"] == 0
 
     def touch(self) -> None:
         """A message of this scan arrived (pipeline thread)."""
@@ -248,9 +247,6 @@ class Scan:
             zero = np.isfinite(totals) & (totals == 0)
             if zero.any():
                 self.invalid("zero_sum", int(zero.sum()), f"frame sum is zero (no COM), first index {idx[zero][0]}")
-            if self._rejected is None:
-                self._rejected = np.zeros(self.start.n_positions, dtype=bool)
-            self._rejected[idx[~ok]] = True
             idx = idx[ok]
             if not len(idx):
                 return
@@ -260,20 +256,34 @@ class Scan:
         self.last_frame_at = time.perf_counter()
 
     def finish(self, frames_sent: int | None, reason: EndReason = "end") -> None:
-        """The scan ended (``reason``): calibrate if it never did, and count what never arrived."""
+        """The scan ended (``reason``): calibrate if it never did, and count what never arrived.
+
+        The accounting identity: ``received + missing`` is the number of positions (a position whose only
+        frames were invalid is missing); over SUB, ``dropped`` says how many of the missing the tap is known
+        to have lost (gaps in the indices). ``frames_sent`` (the sender's count), where known, is compared with
+        the frames of this scan that arrived (received, duplicate or invalid): ``unaccounted`` is the rest.
+        """
         if self._pass is None and self._pending:
             self._calibrate()
         self.frames_sent = frames_sent
-        seen = self._n_filled
-        if self._rejected is not None:
-            seen += int(np.count_nonzero(self._rejected & ~self._filled))
-        lost = int(self.start.n_positions - seen)
-        self.counters["dropped" if self.lossy else "missing"] = lost
-        if lost:
-            log.warning("scan %s ended with %d of %d positions %s", self.scan_id, lost, self.start.n_positions,
-                        "dropped" if self.lossy else "missing")
+        missing = int(self.start.n_positions - self._n_filled)
+        self.counters["missing"] = missing
+        if missing:
+            dropped = self.counters["dropped"]
+            log.warning("scan %s ended with %d of %d positions missing%s", self.scan_id, missing,
+                        self.start.n_positions, f" ({dropped} of them dropped by the tap)" if dropped else "")
+        if frames_sent is not None:
+            c = self.counters
+            self.unaccounted = frames_sent - (c["received"] + c["duplicate"] + c["invalid"])
+            if self.unaccounted:
+                log.warning("scan %s: its sender says it sent %d frame(s); %d arrived", self.scan_id, frames_sent,
+                            frames_sent - self.unaccounted)
         self.end_reason = reason
         self.ended_at = time.time()
+
+    def orphaned(self, reason: str, count: int) -> None:
+        """``count`` messages or frames that belong to no scan arrived while this scan was current."""
+        self.orphans[reason] += count
 
     def written(self, path: Path) -> None:
         """Its results (or a checkpoint of them) are in the file at ``path`` (finisher thread)."""
@@ -401,12 +411,15 @@ class Scan:
             "counters": self.counter_dict(),
             "invalid_reasons": dict(self.reasons),
             "frames_sent": -1 if self.frames_sent is None else self.frames_sent,
+            "orphans": dict(self.orphans),
             "complete": self.complete,
             "end_reason": self.end_reason or "running",
             "geometry": g.to_json() if g else {},
             "calibration": s.calibration.model_dump(mode="json"),
             "metadata": s.metadata,
         }
+        if self.unaccounted is not None:
+            attrs["frames_unaccounted"] = self.unaccounted
         if self.failure is not None:
             attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
         if self.results_name != self.scan_id:

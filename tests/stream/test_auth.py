@@ -354,10 +354,11 @@ def test_the_documented_curve_senders_get_their_scans_in_binding_and_connecting(
     for name in ("bound.h5", "connected.h5"):
         res = read_scan(tmp_path / name, "bridge-demo-0001")
         counters = res["attrs"]["counters"]
-        # all 256 frames arrived; the stand-in detector's frame 0 is all zeros, which is refused as zero_sum
-        assert (counters["received"], counters["invalid"], counters["missing"]) == (255, 1, 0), (name, counters)
+        # all 256 frames arrived; the stand-in detector's frame 0 is all zeros, which is refused as zero_sum:
+        # position 0 has no valid frame, so it is missing (received + missing = positions) and the scan incomplete
+        assert (counters["received"], counters["invalid"], counters["missing"]) == (255, 1, 1), (name, counters)
         assert res["attrs"]["invalid_reasons"] == {"zero_sum": 1}
-        assert res["attrs"]["complete"]
+        assert not res["attrs"]["complete"] and res["attrs"]["end_reason"] == "end"
 
 
 def test_a_client_key_put_in_authorized_while_the_service_runs_is_let_in(keys, tmp_path):

@@ -228,8 +228,9 @@ def test_libertem_dectris_simulator_streams_into_the_service(make_service):
     sender.join(30)
     assert not errors
     assert res["scan_id"] == "series-34"  # the mock's series number
-    # every frame arrives and decodes; the mock's frame 0 is all zero, which the service counts (no COM)
-    assert res["attrs"]["counters"] == {"received": 19, "missing": 0, "duplicate": 0, "invalid": 1, "stale": 0,
+    # every frame arrives and decodes; the mock's frame 0 is all zero, which the service counts (no COM): its
+    # position has no valid frame, so it is missing (received + missing = 20)
+    assert res["attrs"]["counters"] == {"received": 19, "missing": 1, "duplicate": 0, "invalid": 1, "stale": 0,
                                         "dropped": 0}
     assert list(res["attrs"]["invalid_reasons"]) == ["zero_sum"], res["attrs"]["invalid_reasons"]
     assert res["attrs"]["frame_shape"].tolist() == [512, 512]

@@ -274,3 +274,34 @@ def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_a_line_a_second(t
     assert 1 <= len(lines) <= took + 2, len(lines)  # one a second at most (and one at once)
     assert "more not logged" in lines[-1] or len(lines) == 1
     assert_frames(read_scan(out, "after"), frames, np.ones((3, 3), bool))
+
+
+def test_the_accounting_identity_and_what_the_results_file_keeps_of_every_loss(tmp_path):
+    """received + missing = positions; complete exactly when nothing is missing; the orphans seen while the scan
+    was current and the frames its sender says it sent that never arrived, in its results."""
+    out = tmp_path / "r.h5"
+    proc, frames_ep, control_ep = serve(tmp_path, "--out", str(out))
+    frames = disc_frames(4, 5, seed=30)
+    flat = frames.reshape(20, 32, 32).copy()
+    s = Sender(frames_ep)
+    try:
+        s.start("counted", (4, 5), (32, 32))
+        flat[7] = 0  # an empty frame: invalid (zero sum), so position 7 is missing
+        s.frames("counted", 0, flat[:12])
+        s.raw([b"\x93 garbage"])  # belongs to no scan
+        s.frames("counted", 13, flat[13:20])  # position 12 never sent
+        s.end("counted", 21)  # the sender claims one frame more than it sent
+        wait_received(control_ep, 18)
+        stop(proc, control_ep)
+    finally:
+        s.close()
+        proc.kill()
+    res = read_scan(out, "counted")
+    a, c = res["attrs"], res["attrs"]["counters"]
+    assert c["received"] + c["missing"] == 20 and (c["received"], c["missing"], c["invalid"]) == (18, 2, 1)
+    assert a["complete"] == 0 and a["end_reason"] == "end"
+    assert a["orphans"] == {"undecodable": 1}
+    assert a["frames_unaccounted"] == 21 - 19  # 18 received + 1 invalid arrived
+    filled = np.ones(20, bool)
+    filled[[7, 12]] = False
+    assert_frames(res, frames, filled.reshape(4, 5))

@@ -108,8 +108,8 @@ def test_every_bad_input_is_counted_and_valid_frames_are_untouched(make_service,
     reasons = res["attrs"]["invalid_reasons"]
     assert reasons == {"missing_part": 1, "extra_part": 1, "bad_size": 1, "out_of_range": 1, "nan_or_inf": 2,
                        "zero_sum": 1}
-    assert c == {"received": 21, "missing": 0, "duplicate": 1, "invalid": 7, "stale": 2, "dropped": 0}
-    # positions 10, 11, 12 got only invalid frames; 22, 23 got frames 10, 11 (valid)
+    assert c == {"received": 21, "missing": 3, "duplicate": 1, "invalid": 7, "stale": 2, "dropped": 0}
+    # positions 10, 11, 12 got only invalid frames: missing (received + missing = 24); 22, 23 got frames 10, 11
     expected = frames.reshape(24, 32, 32).copy()
     expected[22], expected[23] = flat[10], flat[11]
     filled = np.ones(24, bool)
@@ -137,7 +137,8 @@ def test_sub_mode_counts_gaps_as_dropped(make_service):
     P.send_end(pub, "t", 16)
     res = read_scan(wait_results(svc))
     assert res["attrs"]["counters"]["dropped"] == 4 and res["attrs"]["counters"]["received"] == 12
-    assert res["attrs"]["counters"]["missing"] == 0
+    assert res["attrs"]["counters"]["missing"] == 4  # the dropped are among the missing: received + missing = 16
+    assert res["attrs"]["complete"] == 0
     pub.close()
 
 
