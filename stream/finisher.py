@@ -25,6 +25,7 @@ from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.events import EventPublisher, ScanEnded
 from rrstem.stream.lifecycle import Lifecycle
 from rrstem.stream.persist import ResultsWriter, check_results_path, unfinished_scans
+from rrstem.stream.results import scan_results
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import MODEL_SPECS
 from rrstem.stream.steering import Steering
@@ -142,7 +143,7 @@ class Finisher:
             raise ValueError("no scan yet: nothing to save")
         if self.writer is None:
             raise ValueError("the service was started without a results file (--out): name one with save's 'path'")
-        results = scan.results()
+        results = scan_results(scan)
         if not scan.ended:
             results.attrs["checkpoint_time"] = time.time()
         results.attrs["config"] = self.cfg.model_dump(mode="json")

@@ -34,7 +34,7 @@ def _json(obj: Any) -> str:
 
 @dataclass
 class ScanResults:
-    """One scan's group of the results file, made by ``Scan.results()``.
+    """One scan's group of the results file, made by ``scan_results(scan)``.
 
     ``attrs`` are the group's attributes (lists and dicts are stored as JSON); ``specs`` declares the maps
     (name -> ``MapSpec``: each dataset gets its ``unit``, where it has one, and its ``description``);
@@ -51,6 +51,39 @@ class ScanResults:
     specs: dict[str, MapSpec] = field(default_factory=dict)
     pixel_mask: np.ndarray | None = None
     model: dict[str, Any] | None = None
+
+
+def scan_results(scan) -> ScanResults:
+    """Everything the results file keeps of ``scan`` (a ``stream.scan.Scan``), but the model and the service's
+    config, which the finisher adds."""
+    g, s = scan.geometry, scan.start
+    mask = None
+    if g is not None:
+        mask = np.zeros(g.frame_shape, dtype=bool)
+        for i, j in g.masked:
+            mask[i, j] = True
+    attrs = {
+        "scan_shape": list(s.scan_shape),
+        "frame_shape": list(s.frame_shape),
+        "binned_shape": list(g.binned_shape) if g else [0, 0],
+        "dtype": s.dtype,
+        "counters": scan.counter_dict(),
+        "invalid_reasons": dict(scan.reasons),
+        "frames_sent": -1 if scan.frames_sent is None else scan.frames_sent,
+        "orphans": dict(scan.orphans),
+        "complete": scan.complete,
+        "end_reason": scan.end_reason or "running",
+        "geometry": g.to_json() if g else {},
+        "calibration": s.calibration.model_dump(mode="json"),
+        "metadata": s.metadata,
+    }
+    if scan.unaccounted is not None:
+        attrs["frames_unaccounted"] = scan.unaccounted
+    if scan.failure is not None:
+        attrs["error"] = f"{type(scan.failure).__name__}: {scan.failure}"
+    if scan.results_name != scan.scan_id:
+        attrs["scan_id"] = scan.scan_id  # the id it came with
+    return ScanResults(scan.results_name, attrs, scan.maps(score_defects=True), scan.map_specs(), mask)
 
 
 def write_scan(path: str | os.PathLike, results: ScanResults) -> Path:

@@ -2,8 +2,8 @@
 
 A ``Scan`` owns everything about one scan, and everything published or
 written about it is derived from what it owns: ``maps()`` from the merged
-sums and the ``filled`` mask, ``results()`` from the same, plus counters and
-geometry. It is also the read-only view the rrVAE trains on
+sums and the ``filled`` mask; ``results.scan_results`` from the same, plus
+counters and geometry. It is also the read-only view the rrVAE trains on
 (``model.interface.ScanView``).
 
 Threads: only the pipeline thread calls ``add``, ``invalid``, ``stale``,
@@ -28,7 +28,6 @@ from rrstem.stream.framepass import FramePass, accumulator
 from rrstem.stream.preprocess import Geometry, PreprocessConfig, calibrate
 from rrstem.stream.protocol import Start
 from rrstem.stream.reductions import MapSpec, Partial, ScanInfo, bytes_per_position, registered
-from rrstem.stream.results import ScanResults
 from rrstem.stream.snapshot import COUNTERS, FILLED_MAP, Arrays, EndReason
 from rrstem.stream.store import FrameStore, check_memory, narrow_dtype, store_dtype
 from rrstem.stream.workers import RateLimitedLog
@@ -335,7 +334,7 @@ class Scan:
 
     def maps(self, score_defects: bool = False) -> dict[str, np.ndarray]:
         """The scan maps (float64, NaN where missing), ``filled`` (ny, nx) bool, the mean pattern and the defect
-        maps (``Arrays.DEFECT_MAPS``: redone for ``score_defects``, as the events thread and ``results()`` ask,
+        maps (``Arrays.DEFECT_MAPS``: redone for ``score_defects``, as the events thread and ``results.scan_results`` ask,
         within ``DefectMap``'s budget until the scan ends; the last ones otherwise, at once); {} before
         calibration."""
         if not self._ready:
@@ -394,34 +393,3 @@ class Scan:
             geometry.pop("masked")
             fields.update(binned_shape=list(self.geometry.binned_shape), geometry=geometry, com_unit=self.com_unit)
         return fields
-
-    def results(self) -> ScanResults:
-        """Everything the results file keeps of this scan, but the model and the service's config."""
-        g, s = self.geometry, self.start
-        mask = None
-        if g is not None:
-            mask = np.zeros(g.frame_shape, dtype=bool)
-            for i, j in g.masked:
-                mask[i, j] = True
-        attrs = {
-            "scan_shape": list(s.scan_shape),
-            "frame_shape": list(s.frame_shape),
-            "binned_shape": list(g.binned_shape) if g else [0, 0],
-            "dtype": s.dtype,
-            "counters": self.counter_dict(),
-            "invalid_reasons": dict(self.reasons),
-            "frames_sent": -1 if self.frames_sent is None else self.frames_sent,
-            "orphans": dict(self.orphans),
-            "complete": self.complete,
-            "end_reason": self.end_reason or "running",
-            "geometry": g.to_json() if g else {},
-            "calibration": s.calibration.model_dump(mode="json"),
-            "metadata": s.metadata,
-        }
-        if self.unaccounted is not None:
-            attrs["frames_unaccounted"] = self.unaccounted
-        if self.failure is not None:
-            attrs["error"] = f"{type(self.failure).__name__}: {self.failure}"
-        if self.results_name != self.scan_id:
-            attrs["scan_id"] = self.scan_id  # the id it came with
-        return ScanResults(self.results_name, attrs, self.maps(score_defects=True), self.map_specs(), mask)

@@ -7,9 +7,9 @@ through the ``rrstem.reductions`` entry-point group.
 """
 
 from rrstem.stream.reductions import com, mean, virtual  # noqa: F401  (registers the built-in reductions)
-from rrstem.stream.reductions.base import (Buffer, MapSpec, Reduction, ScanInfo, Weight, register, registered,
-                                           unregister)
+from rrstem.stream.reductions.base import (Buffer, MapSpec, Reduction, ScanInfo, Weight, WeightMap, register,
+                                           registered, unregister)
 from rrstem.stream.reductions.partial import Batch, Partial, View, bytes_per_position
 
-__all__ = ["Batch", "Buffer", "MapSpec", "Partial", "Reduction", "ScanInfo", "View", "Weight", "bytes_per_position",
-           "register", "registered", "unregister"]
+__all__ = ["Batch", "Buffer", "MapSpec", "Partial", "Reduction", "ScanInfo", "View", "Weight", "WeightMap",
+           "bytes_per_position", "register", "registered", "unregister"]

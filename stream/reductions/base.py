@@ -112,6 +112,13 @@ class Reduction:
         raise NotImplementedError
 
 
+class WeightMap(Reduction):
+    """A virtual detector: the map of one weight's per-frame sum at each position (``weights[0]``, ``maps[0]``)."""
+
+    def derive(self, view) -> dict[str, np.ndarray]:
+        return {self.maps[0].name: view.scatter(view.column(self.weights[0]))}
+
+
 _registry: list[type[Reduction]] = []
 _plugins_loaded = False
 

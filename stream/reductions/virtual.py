@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rrstem.stream.reductions.base import MapSpec, Reduction, register
+from rrstem.stream.reductions.base import MapSpec, WeightMap, register
 from rrstem.stream.reductions.weights import ANNULAR_DARK_FIELD, BRIGHT_FIELD
 
 VBF = MapSpec("vbf", "", "virtual bright field")
@@ -10,20 +10,14 @@ VADF = MapSpec("vadf", "", "virtual annular dark field")
 
 
 @register
-class VirtualBrightField(Reduction):
+class VirtualBrightField(WeightMap):
     name = "vbf"
     weights = (BRIGHT_FIELD,)
     maps = (VBF,)
 
-    def derive(self, view):
-        return {VBF.name: view.scatter(view.column(BRIGHT_FIELD))}
-
 
 @register
-class VirtualAnnularDarkField(Reduction):
+class VirtualAnnularDarkField(WeightMap):
     name = "vadf"
     weights = (ANNULAR_DARK_FIELD,)
     maps = (VADF,)
-
-    def derive(self, view):
-        return {VADF.name: view.scatter(view.column(ANNULAR_DARK_FIELD))}
