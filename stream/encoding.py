@@ -36,6 +36,43 @@ class Kept:
     failure: BaseException | None = None  #: what stopped the rrVAE on this scan, if anything
 
 
+class ModelView:
+    """A scan as the rrVAE reads it (``model.interface.ScanView``): its positions whose frame has counts.
+
+    A frame with no counts (a blanked beam, a dark region of a low-dose scan) is a measured position of the
+    scan's maps, but there is nothing in it to learn or encode: the rrVAE skips it, and its maps are NaN there.
+    """
+
+    def __init__(self, scan: Scan):
+        self._scan = scan
+        self.scan_id, self.scan_shape = scan.scan_id, scan.scan_shape
+
+    @property
+    def binned_shape(self) -> tuple[int, int]:
+        return self._scan.binned_shape
+
+    @property
+    def frames(self) -> np.ndarray:
+        return self._scan.frames
+
+    @property
+    def filled(self) -> np.ndarray:
+        return self._scan.counted
+
+    @property
+    def ended(self) -> bool:
+        return self._scan.ended
+
+    def n_filled(self) -> int:
+        return self._scan.n_counted()
+
+    def mean_pattern(self) -> np.ndarray:
+        return self._scan.mean_pattern()
+
+    def com_maps(self) -> dict[str, np.ndarray]:
+        return self._scan.com_maps()
+
+
 class EncoderSlot:
     def __init__(self, encoder: ScanEncoder):
         self.encoder = encoder
@@ -52,7 +89,7 @@ class EncoderSlot:
             if previous is not None and previous not in self._kept:
                 failure = self._take(previous)  # a new scan cuts the previous one's consolidation short
             self.attached = scan
-            self.encoder.attach(scan)
+            self.encoder.attach(ModelView(scan))
         return failure
 
     def finish(self, scan: Scan, deadline: Callable[[], float]) -> BaseException | None:

@@ -32,7 +32,7 @@ reads. Sums of integers in float64 are exact below 2**53 in any order and
 their products with such weights are exact, so reassociation and fused
 multiply-adds change no result; NaN and Inf still propagate. Frames of signed
 or float dtypes are added to the mean-pattern sum only once they are known
-valid (a finite, non-zero intensity).
+valid (a finite intensity).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class FramePass:
 
     ``__call__(rows, raw)`` bins ``raw`` into ``frames[rows]`` and returns the (n, k) float64 weight sums
     of each frame (column 0 its intensity), the (h, w) sum of its valid frames (a frame is valid when its
-    intensity is finite and not zero) and ``over``: None, or the first frame whose binned counts do not fit
+    intensity is finite; a frame with no counts is a valid measurement) and ``over``: None, or the first frame
+    whose binned counts do not fit
     ``frames``' dtype (a narrow store, ``store.narrow_dtype``). There the pass stopped: the sums and the total
     are of the frames before it, and the caller passes the rest again into a wider store. Rows of invalid
     frames are written too: the scan's ``filled`` mask says which rows hold data.

@@ -96,7 +96,7 @@ def frame_pass(raw, rows, y0, x0, b, sat, satmax, mrows, mcols, weights, zero, l
             s0 += a
 {accumulate}
             dst[p] += a
-        if defer and s0 == s0 and s0 != 0 and abs(s0) != np.inf:
+        if defer and s0 == s0 and abs(s0) != np.inf:
             for p in range(p_all):
                 total[p] += held[p]
         sums[k, 0] = s0

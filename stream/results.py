@@ -77,6 +77,8 @@ def scan_results(scan) -> ScanResults:
         "calibration": s.calibration.model_dump(mode="json"),
         "metadata": s.metadata,
     }
+    if scan.zero_counts:
+        attrs["zero_counts"] = scan.zero_counts
     if scan.unaccounted is not None:
         attrs["frames_unaccounted"] = scan.unaccounted
     if scan.failure is not None:

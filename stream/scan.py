@@ -57,6 +57,9 @@ class Scan:
         self.reasons: Counter[str] = Counter()  # invalid frames by reason
         self._filled = np.zeros(n, dtype=bool)  # THE mask: a valid frame for this position is in the store
         self._n_filled = 0
+        self._counted = np.zeros(n, dtype=bool)  # filled with a frame that has counts (the rrVAE's positions)
+        self._n_counted = 0
+        self.zero_counts = 0  # valid frames with no counts (a blanked beam, a dark region): filled, no COM
         self.orphans: Counter[str] = Counter()  # input that belonged to no scan while this one was current
         self.frames_sent: int | None = None
         self.unaccounted: int | None = None  # frames_sent minus the frames of this scan that arrived, once ended
@@ -240,15 +243,14 @@ class Scan:
         totals = products[:, 0]
         ok = self._partial.take(idx, products, total)
         if not ok.all():
-            nonfinite = ~np.isfinite(totals)
-            if nonfinite.any():
-                self.invalid("nan_or_inf", int(nonfinite.sum()), f"NaN or Inf pixels, first index {idx[nonfinite][0]}")
-            zero = np.isfinite(totals) & (totals == 0)
-            if zero.any():
-                self.invalid("zero_sum", int(zero.sum()), f"frame sum is zero (no COM), first index {idx[zero][0]}")
-            idx = idx[ok]
+            self.invalid("nan_or_inf", int((~ok).sum()), f"NaN or Inf pixels, first index {idx[~ok][0]}")
+            idx, totals = idx[ok], totals[ok]
             if not len(idx):
                 return
+        counted = idx[totals != 0]
+        self.zero_counts += len(idx) - len(counted)  # measured, with no counts: filled, but nothing to learn from
+        self._counted[counted] = True  # after the store, as ``filled``
+        self._n_counted += len(counted)
         self._n_filled += len(idx)
         self.counters["received"] += len(idx)
         self.latest_index = int(idx[-1])
@@ -322,6 +324,14 @@ class Scan:
 
     def n_filled(self) -> int:
         return self._n_filled
+
+    @property
+    def counted(self) -> np.ndarray:
+        """(ny*nx,) bool, live: the filled positions whose frame has counts (``filled`` but for the empty ones)."""
+        return self._counted
+
+    def n_counted(self) -> int:
+        return self._n_counted
 
     def mean_pattern(self) -> np.ndarray:
         return self._partial.maps(names=(Arrays.MEAN_PATTERN,))[Arrays.MEAN_PATTERN]

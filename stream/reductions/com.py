@@ -4,7 +4,7 @@ The sums (intensity and the two first moments) are kept raw; the COM is
 formed only when the maps are derived, relative to the COM of the mean of the
 filled positions' frames, so nothing goes stale as that mean changes. In
 binned pixels, or in mrad when the start message gives the detector's pixel
-size.
+size. A frame with no counts has no COM: NaN there.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class CentreOfMass(Reduction):
         ref_x = mx.sum() / total  # the COM of the mean pattern
         ref_y = my.sum() / total
         scale = self.info.pixel_mrad or 1.0
-        com_x = (mx / i - ref_x) * scale
-        com_y = (my / i - ref_y) * scale
+        with np.errstate(invalid="ignore", divide="ignore"):  # a frame with no counts has no COM: NaN
+            com_x = (mx / i - ref_x) * scale
+            com_y = (my / i - ref_y) * scale
         return {COM_X.name: view.scatter(com_x), COM_Y.name: view.scatter(com_y),
                 COM_MAGNITUDE.name: view.scatter(np.hypot(com_x, com_y)),
                 COM_ANGLE.name: view.scatter(np.arctan2(com_y, com_x))}

@@ -120,10 +120,9 @@ class Partial:
 
     def take(self, indices: np.ndarray, sums: np.ndarray, frame_sum: np.ndarray) -> np.ndarray:
         """Add the frames ``indices`` with their (n, k) weight ``sums`` and the (h, w) sum of the valid ones
-        (``frame_sum``). A frame is valid when its intensity (column 0) is finite and not zero; returns the
-        (n,) bool mask of the valid ones, which are now ``filled``."""
-        intensity = sums[:, 0]
-        ok = np.isfinite(intensity) & (intensity != 0)
+        (``frame_sum``). A frame is valid when its intensity (column 0) is finite (a frame with no counts is a
+        measurement too); returns the (n,) bool mask of the valid ones, which are now ``filled``."""
+        ok = np.isfinite(sums[:, 0])
         if not ok.all():
             indices, sums = indices[ok], sums[ok]
         if len(indices):

@@ -354,11 +354,12 @@ def test_the_documented_curve_senders_get_their_scans_in_binding_and_connecting(
     for name in ("bound.h5", "connected.h5"):
         res = read_scan(tmp_path / name, "bridge-demo-0001")
         counters = res["attrs"]["counters"]
-        # all 256 frames arrived; the stand-in detector's frame 0 is all zeros, which is refused as zero_sum:
-        # position 0 has no valid frame, so it is missing (received + missing = positions) and the scan incomplete
-        assert (counters["received"], counters["invalid"], counters["missing"]) == (255, 1, 1), (name, counters)
-        assert res["attrs"]["invalid_reasons"] == {"zero_sum": 1}
-        assert not res["attrs"]["complete"] and res["attrs"]["end_reason"] == "end"
+        # all 256 frames arrived; the stand-in detector's frame 0 is all zeros: a measurement with no counts,
+        # filled (VBF 0, no COM), counted as zero_counts, not invalid
+        assert (counters["received"], counters["invalid"], counters["missing"]) == (256, 0, 0), (name, counters)
+        assert res["attrs"]["invalid_reasons"] == {} and res["attrs"]["zero_counts"] == 1
+        assert res["attrs"]["complete"] and res["attrs"]["end_reason"] == "end"
+        assert res["maps"]["vbf"][0, 0] == 0 and np.isnan(res["maps"]["com_x"][0, 0])
 
 
 def test_a_client_key_put_in_authorized_while_the_service_runs_is_let_in(keys, tmp_path):

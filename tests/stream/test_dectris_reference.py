@@ -228,16 +228,16 @@ def test_libertem_dectris_simulator_streams_into_the_service(make_service):
     sender.join(30)
     assert not errors
     assert res["scan_id"] == "series-34"  # the mock's series number
-    # every frame arrives and decodes; the mock's frame 0 is all zero, which the service counts (no COM): its
-    # position has no valid frame, so it is missing (received + missing = 20)
-    assert res["attrs"]["counters"] == {"received": 19, "missing": 1, "duplicate": 0, "invalid": 1, "stale": 0,
+    # every frame arrives and decodes; the mock's frame 0 is all zero: a measurement with no counts (filled,
+    # VBF 0, no COM), counted as zero_counts
+    assert res["attrs"]["counters"] == {"received": 20, "missing": 0, "duplicate": 0, "invalid": 0, "stale": 0,
                                         "dropped": 0}
-    assert list(res["attrs"]["invalid_reasons"]) == ["zero_sum"], res["attrs"]["invalid_reasons"]
+    assert res["attrs"]["invalid_reasons"] == {} and res["attrs"]["zero_counts"] == 1
     assert res["attrs"]["frame_shape"].tolist() == [512, 512]
     # the mock's frames: 512x512 uint16, every pixel of frame i is i
     frames = np.broadcast_to(np.arange(NY * NX, dtype=np.uint16)[:, None, None], (NY * NX, 512, 512))
     filled = res["maps"]["filled"]
-    assert filled.sum() == 19 and not filled[0, 0]
+    assert filled.all() and np.isnan(res["maps"]["com_x"][0, 0]) and res["maps"]["vbf"][0, 0] == 0
     with np.errstate(invalid="ignore"):  # frame 0's COM is 0/0 in the reference too
         ref = reference(frames.reshape(NY, NX, 512, 512), res["attrs"]["geometry"], res.get("pixel_mask"), filled)
     for name in ("vbf", "vadf"):

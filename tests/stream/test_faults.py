@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -286,10 +287,13 @@ def test_the_accounting_identity_and_what_the_results_file_keeps_of_every_loss(t
     s = Sender(frames_ep)
     try:
         s.start("counted", (4, 5), (32, 32))
-        flat[7] = 0  # an empty frame: invalid (zero sum), so position 7 is missing
+        flat[7] = 0  # an empty frame: a measurement with no counts, filled
         s.frames("counted", 0, flat[:12])
         s.raw([b"\x93 garbage"])  # belongs to no scan
-        s.frames("counted", 13, flat[13:20])  # position 12 never sent
+        s.frames("counted", 13, flat[13:15])  # position 12 never sent
+        head = msgpack.packb({"type": "frames", "scan_id": "counted", "first": 15, "count": 1})
+        s.raw([head, flat[15].tobytes()[:-2]])  # a short buffer: invalid, so position 15 is missing
+        s.frames("counted", 16, flat[16:20])
         s.end("counted", 21)  # the sender claims one frame more than it sent
         wait_received(control_ep, 18)
         stop(proc, control_ep)
@@ -299,9 +303,11 @@ def test_the_accounting_identity_and_what_the_results_file_keeps_of_every_loss(t
     res = read_scan(out, "counted")
     a, c = res["attrs"], res["attrs"]["counters"]
     assert c["received"] + c["missing"] == 20 and (c["received"], c["missing"], c["invalid"]) == (18, 2, 1)
-    assert a["complete"] == 0 and a["end_reason"] == "end"
+    assert a["complete"] == 0 and a["end_reason"] == "end" and a["zero_counts"] == 1
     assert a["orphans"] == {"undecodable": 1}
     assert a["frames_unaccounted"] == 21 - 19  # 18 received + 1 invalid arrived
     filled = np.ones(20, bool)
-    filled[[7, 12]] = False
-    assert_frames(res, frames, filled.reshape(4, 5))
+    filled[[12, 15]] = False
+    with np.errstate(invalid="ignore"):
+        assert_frames(res, flat.reshape(4, 5, 32, 32), filled.reshape(4, 5))
+    assert res["maps"]["vbf"][1, 2] == 0 and np.isnan(res["maps"]["com_x"][1, 2])  # position 7

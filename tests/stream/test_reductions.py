@@ -17,7 +17,8 @@ def take(partial: Partial, idx, frames) -> np.ndarray:
     """Add ``frames`` at ``idx`` with their weight sums straight from NumPy (no fused pass)."""
     w = partial.weight_images().reshape(len(partial.table), -1)
     sums = frames.reshape(len(frames), -1).astype(np.float64) @ w.T
-    return partial.take(np.asarray(idx), sums, frames.sum(axis=0, dtype=np.float64))
+    valid = np.isfinite(sums[:, 0])  # as the fused pass: the frame sum is of the valid frames
+    return partial.take(np.asarray(idx), sums, frames[valid].sum(axis=0, dtype=np.float64))
 
 
 def test_single_bright_pixel_has_exact_com():
@@ -48,14 +49,18 @@ def test_positions_outside_the_filled_mask_are_nan():
     assert p.filled.tolist() == [False, False, False, True]
 
 
-def test_zero_and_nonfinite_frames_are_not_taken():
+def test_an_empty_frame_is_a_position_and_a_nonfinite_one_is_not_taken():
     p = Partial(ScanInfo((1, 3), geometry()))
     frames = np.ones((3, 9, 9), np.float32)
-    frames[1] = 0
+    frames[1] = 0  # no counts: a measurement
     frames[2, 4, 4] = np.nan
     ok = take(p, [0, 1, 2], frames)
-    assert ok.tolist() == [True, False, False]
-    assert p.filled.tolist() == [True, False, False] and p.count == 1
+    assert ok.tolist() == [True, True, False]
+    assert p.filled.tolist() == [True, True, False] and p.count == 2
+    m = p.maps()
+    assert m["vbf"][0].tolist()[:2] == [13, 0] and np.isnan(m["vbf"][0, 2])
+    assert m["com_x"][0, 0] == 0 and np.isnan(m["com_x"][0, 1])  # nothing to divide: no COM
+    np.testing.assert_array_equal(m["mean_pattern"], frames[:2].mean(axis=0))
 
 
 def shards(seed=1, shape=(4, 6), dtype=np.uint16):

@@ -7,17 +7,19 @@ from support import disc_frames, wait_results
 from rrstem.stream.results import read_scan
 
 FAST = {"consolidate_seconds": 2.0, "min_frames": 16, "refresh_seconds": 0.2, "eval_seconds": 0.5}
+EMPTY = [9, 30]  #: positions whose frame has no counts
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One 8x8 scan streamed into a training service; its results file."""
+    """One 8x8 scan streamed into a training service, positions ``EMPTY`` with no counts; its results file."""
     from rrstem.stream.preprocess import PreprocessConfig
     from rrstem.stream.service import Service, ServiceConfig
     from support import Sender
 
     out = tmp_path_factory.mktemp("trained") / "results.h5"
     frames = disc_frames(8, 8, seed=21)
+    frames.reshape(64, 32, 32)[EMPTY] = 0  # a blanked beam: measured, but nothing for the rrVAE to learn
     cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=None, control=None, out=out, train=True,
                         trainer=FAST, preprocess=PreprocessConfig(calibration_frames=8))
     with Service(cfg) as svc:
@@ -35,9 +37,15 @@ def test_training_over_sockets_writes_rotation_and_latent_maps(trained):
     _, path = trained
     res = read_scan(path)
     maps = res["maps"]
-    assert maps["rotation"].shape == (8, 8) and np.isfinite(maps["rotation"]).all()
-    assert maps["latent"].shape[1:] == (8, 8) and np.isfinite(maps["latent"]).all()
-    assert np.isfinite(maps["recon_error"]).all()
+    counted = np.ones(64, bool)
+    counted[EMPTY] = False
+    counted = counted.reshape(8, 8)
+    assert maps["filled"].all() and res["attrs"]["zero_counts"] == len(EMPTY)  # empty frames are positions
+    # the rrVAE skips the frames with no counts: its maps are NaN there, finite everywhere else
+    assert maps["rotation"].shape == (8, 8) and np.isfinite(maps["rotation"][counted]).all()
+    assert np.isnan(maps["rotation"][~counted]).all()
+    assert maps["latent"].shape[1:] == (8, 8) and np.isfinite(maps["latent"][:, counted]).all()
+    assert np.isfinite(maps["recon_error"][counted]).all() and np.isnan(maps["recon_error"][~counted]).all()
     assert res["model"]["step"] > 0 and res["model"]["state"]
     assert len(res["training"]["loss"]) > 0 and np.isfinite(res["training"]["loss"]).all()
     assert res["units"]["rotation"] == "rad"
@@ -46,7 +54,10 @@ def test_training_over_sockets_writes_rotation_and_latent_maps(trained):
 def test_the_results_file_holds_the_rrvae_outlier_map_and_the_defect_map_with_its_threshold(trained):
     _, path = trained
     maps = read_scan(path)["maps"]
-    assert np.isfinite(maps["rrvae_anomaly"]).all() and (maps["recon_sigma"] >= 0).all()
+    counted = np.ones(64, bool)
+    counted[EMPTY] = False
+    counted = counted.reshape(8, 8)  # the rrVAE's maps are NaN where a frame had no counts
+    assert np.isfinite(maps["rrvae_anomaly"][counted]).all() and (maps["recon_sigma"][counted] >= 0).all()
     # the defect map (stream/defects.py) needs MIN_ROWS rows of a lattice: an 8x8 scan has no score, no
     # threshold (inf) and no alarms, written all the same
     a, thr, alarms = maps["anomaly"], float(maps["anomaly_threshold"]), maps["alarms"]
