@@ -89,10 +89,17 @@ def text(value) -> str:
     return str(value)
 
 
+#: How many of a file's datasets an error lists.
+LISTED = 10
+
+
 def pick(candidates: dict[str, tuple], key: str | None, what: str, path: Path) -> str:
     """The 4D entry named ``key``, or the only 4D entry; clear errors otherwise."""
     four_d = [k for k, shape in candidates.items() if len(shape) == 4]
-    listing = ", ".join(f"{k} {tuple(s)}" for k, s in candidates.items()) or "none"
+    shown = list(candidates.items())[:LISTED]  # a file of thousands of datasets gets a line, not a page
+    listing = ", ".join(f"{k} {tuple(s)}" for k, s in shown) or "none"
+    if len(candidates) > LISTED:
+        listing += f", and {len(candidates) - LISTED} more"
     if key is not None:
         if key not in candidates:
             raise ValueError(f"{path.name} has no {what} {key!r}; it holds: {listing}")

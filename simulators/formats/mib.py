@@ -68,9 +68,15 @@ class MibSource(Source):
         try:
             first = parse_frame_header(head)
         except BadMessage as exc:
+            if exc.reason == "unsupported_pixel_type":  # a Merlin file, of a kind rrstem does not read
+                raise ValueError(f"{name} is a Merlin .mib that rrstem cannot read: {exc}") from None
             raise ValueError(f"{name} is not a Merlin .mib file: its first frame header does not parse ({exc})") from None
         self.first = first
-        self.fields = parse_acquisition_header(self.hdr_path.read_bytes()) if self.hdr_path else {}
+        try:
+            self.fields = parse_acquisition_header(self.hdr_path.read_bytes()) if self.hdr_path else {}
+        except BadMessage as exc:
+            raise ValueError(f"{self.hdr_path.name} (the .hdr of {name}) cannot be read: {exc}; fix or move it away "
+                             "and give --scan-shape NYxNX") from None
         self.record = first.data_offset + first.nbytes
         self.n_complete = size // self.record
         extra = size - self.n_complete * self.record

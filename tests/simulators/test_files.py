@@ -177,3 +177,15 @@ def test_h5_file_is_closed_when_the_dataset_is_refused(tmp_path):
         open_file(tmp_path / "bad.h5")
     with h5py.File(tmp_path / "bad.h5", "w") as f:  # would fail if the reader still held it open
         f["ok"] = 1
+
+
+def test_a_file_of_many_datasets_none_4d_gets_a_short_answer(tmp_path):
+    """An HDF5 file of hundreds of 2D images (as a microscope's image files are) is refused in one line that lists
+    ten of them and counts the rest, not in a page."""
+    path = tmp_path / "images.h5"
+    with h5py.File(path, "w") as f:
+        for i in range(300):
+            f.create_dataset(f"Data/Image/{i:04d}/Data", data=np.zeros((4, 4), np.uint16))
+    with pytest.raises(ValueError, match=r"images.h5 holds no 4D dataset; it holds: .*, and 290 more$") as err:
+        open_file(path)
+    assert len(str(err.value)) < 600

@@ -135,6 +135,23 @@ def test_not_a_mib_is_refused_clearly(tmp_path):
         open_file(path)
 
 
+def test_a_raw_r64_mib_is_refused_by_name_and_says_what_to_set(tmp_path):
+    path = write_mib(tmp_path / "raw.mib", frames_of(seed=7).reshape(-1, 32, 32), hdr=False)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"U16", b"R64"))  # what the Merlin writes with raw output on
+    with pytest.raises(ValueError, match=r"raw\.mib is a Merlin \.mib that rrstem cannot read: pixel type 'R64'.*"
+                                         r"counter depth of 1, 6, 12 or 24 bits"):
+        open_file(path)
+
+
+def test_a_damaged_hdr_is_named(tmp_path):
+    path = write_mib(tmp_path / "scan.mib", frames_of(seed=8).reshape(-1, 32, 32), hdr=True)
+    hdr = path.with_suffix(".hdr")
+    hdr.write_bytes(hdr.read_bytes().replace(b"End", b"Xnd"))
+    with pytest.raises(ValueError, match=r"scan\.hdr \(the \.hdr of scan\.mib\) cannot be read: .*no End line"):
+        open_file(path)
+
+
 def test_analyze_places_a_misaligned_acquisition(tmp_path):
     frames = frames_of(seed=5)
     order = acquisition_order((NY, NX), 3, 2)
