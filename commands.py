@@ -85,8 +85,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def add_analyze_args(sub) -> None:
     p = sub.add_parser("analyze", help="run a recorded scan through the live pipeline and write its results")
-    p.add_argument("input", type=Path, help="scan file: .npy, .npz, HDF5 (generic, DECTRIS master, EMD/py4DSTEM), "
-                                            ".hspy/.zspy, EMPAD .raw/.xml, .dm3/.dm4, .ndata1, Merlin .mib/.hdr")
+    p.add_argument("input", type=Path, help="scan file: .npy, .npz, HDF5 (generic, DECTRIS master, EMD/py4DSTEM, "
+                                            "stempy), .hspy/.zspy, EMPAD .raw/.xml, .dm3/.dm4, .ndata1, Merlin .mib/.hdr")
     p.add_argument("--key", default=None, help="array or dataset name when the file holds several 4D ones")
     p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
                    help="scan shape: of a flat series of frames (a DECTRIS master file, a .mib without "

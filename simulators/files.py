@@ -26,7 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from rrstem.simulators.formats import dectris, dm, emd, empad, hyperspy
+from rrstem.simulators.formats import dectris, dm, emd, empad, hyperspy, stempy
 from rrstem.simulators.formats.common import ANGLE_MRAD as _ANGLE_MRAD
 from rrstem.simulators.formats.common import LENGTH_NM as _LENGTH_NM
 from rrstem.simulators.formats.common import RECIPROCAL_PER_NM as _RECIPROCAL_PER_NM
@@ -117,6 +117,8 @@ def _load_h5(path: Path, key: str | None):
     try:
         if dectris.is_master(f):
             return dectris.load_master(path, key, f)
+        if stempy.is_stempy(f, key):
+            return stempy.load(path, key, f)
         if hyperspy.is_hyperspy(f):
             return hyperspy.load_hspy(path, key, f)
         if emd.is_emd(f) and (key is None or isinstance(f.get(key.strip("/")), h5py.Group)):

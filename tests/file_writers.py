@@ -236,3 +236,65 @@ def write_dm(path: Path, frames: np.ndarray, version: int = 4, *, pixel_mrad=0.5
     head = struct.pack(">l", version) + w.count(len(body)) + struct.pack(">l", 1)
     path.write_bytes(head + body + b"\x00" * 8)
     return path
+
+
+def write_stempy_events(path: Path, rows, scan_shape: tuple[int, int], frame_shape: tuple[int, int] = (576, 576),
+                        *, version: int = 3, scan_positions=None, metadata: dict | None = None) -> Path:
+    """stempy's electron-counted HDF5: ``rows``, one array of flat pixel indices per detector frame.
+
+    Version 3: ``rows`` holds every position's frames, position by position, and ``scan_positions`` is
+    ``arange(ny*nx)``; versions 1 and 2: ``scan_positions`` gives each row's position. Frame attributes
+    ``Nx, Ny`` are ``frame_shape`` (stempy's order), scan attributes ``Nx`` the width and ``Ny`` the height.
+    ``metadata`` becomes attributes of ``/metadata`` (a dict value, a subgroup).
+    """
+    ny, nx = scan_shape
+    if scan_positions is None:
+        scan_positions = np.arange(ny * nx)
+    with h5py.File(path, "w") as f:
+        f.attrs["version"] = version
+        group = f.create_group("electron_events")
+        positions = group.create_dataset("scan_positions", data=np.asarray(scan_positions, np.uint32))
+        positions.attrs["Nx"], positions.attrs["Ny"] = nx, ny
+        events = group.create_dataset("frames", (len(rows),), dtype=h5py.vlen_dtype(np.uint32))
+        events.attrs["Nx"], events.attrs["Ny"] = frame_shape
+        for i, r in enumerate(rows):  # one by one: h5py takes rows of equal length for a 2D array
+            events[i] = np.asarray(r, np.uint32)
+
+        def attrs(group, tree):
+            for k, v in tree.items():
+                if isinstance(v, dict):
+                    attrs(group.require_group(k), v)
+                else:
+                    group.attrs[k] = v
+
+        attrs(f.require_group("metadata"), metadata or {})
+    return path
+
+
+def events_of(frames: np.ndarray) -> list[np.ndarray]:
+    """The event rows of count frames ``(n, h, w)``: each pixel's index repeated as often as its count."""
+    n = frames.shape[0]
+    flat = frames.reshape(n, -1)
+    hit = np.flatnonzero(flat)  # indices into the (n * h * w) array
+    counts = flat.reshape(-1)[hit].astype(np.int64)
+    index = np.repeat(hit, counts)
+    frame, pixel = np.divmod(index, flat.shape[1])
+    return np.split(pixel, np.searchsorted(frame, np.arange(1, n)))
+
+
+def write_stempy(path: Path, frames: np.ndarray, *, version: int = 3, **kw) -> Path:
+    """Count frames ``(ny, nx, h, w)``, or ``(ny, nx, k, h, w)`` with ``k`` frames per position, as electron events.
+
+    Version 3 stores each position's ``k`` frames together; version 2 stores all first frames, then all
+    second ones, ..., with ``scan_positions`` saying whose each is (as stempy's conversion appends extra frames).
+    """
+    if frames.ndim == 4:
+        frames = frames[:, :, None]
+    ny, nx, k, h, w = frames.shape
+    if version >= 3:
+        rows = events_of(frames.reshape(-1, h, w))
+        positions = None
+    else:
+        rows = events_of(frames.transpose(2, 0, 1, 3, 4).reshape(-1, h, w))
+        positions = np.tile(np.arange(ny * nx), k)
+    return write_stempy_events(path, rows, (ny, nx), (h, w), version=version, scan_positions=positions, **kw)
