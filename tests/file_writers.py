@@ -123,6 +123,19 @@ def write_emd_hyperspy(path: Path, frames: np.ndarray, step_nm=0.5, pixel_mrad=0
     return path
 
 
+def write_velox(path: Path, images: int = 2, spectra: int = 1) -> Path:
+    """A Velox (Thermo Fisher) EMD file without 4D data: its ``Version`` JSON, (16, 16, 1) images under
+    ``Data/Image/<uuid>/Data`` and 4096-channel spectra under ``Data/Spectrum/<uuid>/Data``."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("Version", data=np.array([b'{"version": "11", "format": "Velox"}'], dtype=object),
+                         dtype=h5py.string_dtype())
+        for n in range(images):
+            f[f"Data/Image/{n:032x}/Data"] = np.zeros((16, 16, 1), np.uint16)
+        for n in range(spectra):
+            f[f"Data/Spectrum/{n + 100:032x}/Data"] = np.zeros((4096, 1), np.uint32)
+    return path
+
+
 def write_py4dstem(path: Path, frames: np.ndarray, r_pixel=0.3, r_units="A") -> Path:
     """py4DSTEM (emdfile): an ``array`` group (DataCube) with dim0 .. dim3 and calibration metadata."""
     with h5py.File(path, "w") as f:
