@@ -123,7 +123,11 @@ def _load_h5(path: Path, key: str | None):
             return hyperspy.load_hspy(path, key, f)
         if emd.is_emd(f) and (key is None or isinstance(f.get(key.strip("/")), h5py.Group)):
             return emd.load(path, key, f)
-        name = pick(_h5_datasets(f), key.lstrip("/") if key else None, "dataset", path)
+        datasets = _h5_datasets(f)
+        velox = emd.velox_version(f)
+        if velox and key is None and not any(len(shape) == 4 for shape in datasets.values()):
+            raise ValueError(emd.velox_refusal(path, f, velox))
+        name = pick(datasets, key.lstrip("/") if key else None, "dataset", path)
         ds = f[name]
         meta = {"key": name, **{k: _plain(v) for k, v in ds.attrs.items() if k not in _CAL_FIELDS}}
         return Loaded(ds, _h5_calibration(ds), meta, f.close)

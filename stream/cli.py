@@ -57,6 +57,12 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
                    help="crop each frame to this many disc radii around the disc")
     g.add_argument("--disc", type=float, nargs=3, default=None, metavar=("CY", "CX", "R"),
                    help="bright-field disc centre and radius in raw pixels (default: detect)")
+    g.add_argument("--flip-rows", action="store_true",
+                   help="reverse the rows of every frame before anything else (row 0 becomes the last): HyperSpy "
+                        "and RosettaSciIO show a Merlin .mib this way (README, 'Detector orientation')")
+    g.add_argument("--transpose", action="store_true",
+                   help="swap the rows and columns of every frame, after --flip-rows; --disc and the results are "
+                        "in the oriented frame")
     g.add_argument("--calibration-frames", type=int, default=64,
                    help="frames used to find the disc and bad pixels (default 64)")
     g.add_argument("--no-mask", action="store_true", help="do not mask saturated and hot pixels")
@@ -117,7 +123,8 @@ def preprocess_config(args: argparse.Namespace):
     disc = args.disc
     return PreprocessConfig(bin=args.bin, crop=args.crop, calibration_frames=args.calibration_frames,
                             disc_center=tuple(disc[:2]) if disc else None, disc_radius=disc[2] if disc else None,
-                            mask_saturated=not args.no_mask, mask_outliers=not args.no_mask)
+                            mask_saturated=not args.no_mask, mask_outliers=not args.no_mask,
+                            flip_rows=args.flip_rows, transpose=args.transpose)
 
 
 def trainer_overrides(args: argparse.Namespace) -> dict:

@@ -13,6 +13,9 @@ reductions vectorise; in int64 otherwise. Either way the sums are the same
 numbers as a float64 NumPy reduction of the whole array. Float frames are
 summed in float64.
 
+Each raw frame is oriented first (``orientation.orient``, ``Geometry.flip_rows`` and ``transpose``): a
+strided view, no copy, of the same compiled layout as any other strided frame.
+
 Masking follows ``preprocess.calibrate``: a pixel at the dtype maximum is
 zeroed in the frame it occurs in (``mask_saturated``), and the persistently
 bad pixels of the ``Geometry`` are zeroed in every frame.
@@ -44,6 +47,7 @@ import time
 import numpy as np
 
 from rrstem.stream import kernel
+from rrstem.stream.orientation import orient
 from rrstem.stream.preprocess import Geometry
 from rrstem.stream.reductions import registered
 from rrstem.stream.reductions.weights import BUILT_IN, weight_images, weight_table
@@ -118,6 +122,7 @@ class FramePass:
     def __call__(self, rows: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
         if not raw.dtype.isnative:  # big-endian wire data (Merlin): one conversion, then the same pass
             raw = raw.astype(raw.dtype.newbyteorder("="))
+        raw = orient(raw, self.g.flip_rows, self.g.transpose)  # a strided view: the loop reads it as it is
         sums = np.empty((len(rows), self._k), dtype=np.float64)
         total = np.zeros(self.g.binned_shape[0] * self.g.binned_shape[1], dtype=self._acc)
         over = self._kernel(raw, np.asarray(rows, dtype=np.int64), self.g.crop[0], self.g.crop[2], self.g.bin,

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from rrstem.stream.orientation import orient
+
 log = logging.getLogger("rrstem.preprocess")
 
 
@@ -23,7 +25,7 @@ log = logging.getLogger("rrstem.preprocess")
 class PreprocessConfig:
     bin: int = 1  # sum-binning factor (1 = none)
     crop: float | None = None  # crop the raw frame to this many disc radii around the disc; None = no crop
-    disc_center: tuple[float, float] | None = None  # (cy, cx) in raw pixels; None = detect
+    disc_center: tuple[float, float] | None = None  # (cy, cx) in raw pixels, oriented; None = detect
     disc_radius: float | None = None  # in raw pixels; None = detect
     adf_inner: float = 1.2  # ADF inner radius in disc radii
     adf_outer: float | None = None  # ADF outer radius in disc radii; None = to the frame edge
@@ -31,6 +33,8 @@ class PreprocessConfig:
     mask_outliers: bool = True  # zero pixels that are persistent outliers in the calibration frames
     outlier_factor: float = 8.0  # hot: calibration sum above this many times its 3x3 neighbourhood median
     calibration_frames: int = 64  # frames used to find the disc and the bad pixels
+    flip_rows: bool = False  # reverse each raw frame's rows first (stream/orientation.py)
+    transpose: bool = False  # then swap its rows and columns
 
     def __post_init__(self):
         if self.bin < 1:
@@ -45,7 +49,7 @@ class PreprocessConfig:
 class Geometry:
     """How raw frames map to binned frames, and where the disc is (binned pixels)."""
 
-    frame_shape: tuple[int, int]  # raw (h, w)
+    frame_shape: tuple[int, int]  # raw (h, w), oriented: (w, h) of the file's frames if ``transpose``
     bin: int
     crop: tuple[int, int, int, int]  # raw (y0, y1, x0, x1) kept before binning
     center: tuple[float, float]  # disc centre (cy, cx), binned pixels
@@ -53,6 +57,8 @@ class Geometry:
     adf_inner: float  # binned pixels
     adf_outer: float  # binned pixels
     masked: tuple[tuple[int, int], ...] = field(default=())  # raw (row, col) of persistently masked pixels
+    flip_rows: bool = False  # raw frames had their rows reversed, then
+    transpose: bool = False  # their rows and columns swapped, before anything else (stream/orientation.py)
 
     @property
     def binned_shape(self) -> tuple[int, int]:
@@ -69,7 +75,8 @@ class Geometry:
     def from_json(cls, d: dict) -> "Geometry":
         """The inverse of ``to_json``."""
         return cls(tuple(d["frame_shape"]), int(d["bin"]), tuple(d["crop"]), tuple(d["center"]), float(d["radius"]),
-                   float(d["adf_inner"]), float(d["adf_outer"]), tuple(tuple(p) for p in d["masked"]))
+                   float(d["adf_inner"]), float(d["adf_outer"]), tuple(tuple(p) for p in d["masked"]),
+                   bool(d.get("flip_rows", False)), bool(d.get("transpose", False)))
 
     def detector_masks(self) -> tuple[np.ndarray, np.ndarray]:
         """Boolean (h, w) bright-field and annular-dark-field masks on the binned frame."""
@@ -118,7 +125,12 @@ def detect_disc(mean: np.ndarray) -> tuple[tuple[float, float], float]:
 
 
 def calibrate(frames: np.ndarray, cfg: PreprocessConfig) -> Geometry:
-    """Fix the geometry of a scan from its first raw frames (n, h, w)."""
+    """Fix the geometry of a scan from its first raw frames (n, h, w), as the file or the wire has them.
+
+    The frames are oriented first (``cfg.flip_rows``, ``cfg.transpose``); every position, radius and masked
+    pixel of the ``Geometry`` is in the oriented frame, and the fused pass orients each frame the same way.
+    """
+    frames = orient(frames, cfg.flip_rows, cfg.transpose)
     h, w = frames.shape[1:]
     b = cfg.bin
     if h < b or w < b:
@@ -149,4 +161,5 @@ def calibrate(frames: np.ndarray, cfg: PreprocessConfig) -> Geometry:
     radius = r / b
     outer = np.inf if cfg.adf_outer is None else cfg.adf_outer * radius
     masked = tuple((int(i), int(j)) for i, j in zip(*np.nonzero(bad)))
-    return Geometry((h, w), b, (y0, y1, x0, x1), center, radius, cfg.adf_inner * radius, outer, masked)
+    return Geometry((h, w), b, (y0, y1, x0, x1), center, radius, cfg.adf_inner * radius, outer, masked,
+                    cfg.flip_rows, cfg.transpose)

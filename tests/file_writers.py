@@ -42,26 +42,53 @@ def write_dectris(folder: Path, frames: np.ndarray, per_file: int = 25, *, wavel
 
 
 def write_empad(folder: Path, frames: np.ndarray, *, name: str = "scan_x{nx}_y{ny}.raw",
-                xml: bool = True, high_voltage: float = 300e3, fov_m: float = 1.44e-8) -> Path:
-    """An EMPAD scan: float32 frames of 128 rows + 2 metadata rows, and an .xml naming it."""
+                xml: bool = True, high_voltage: float = 300e3, fov_m: float = 1.44e-8, layout: str = "1.2") -> Path:
+    """An EMPAD scan: float32 frames of 128 rows + 2 metadata rows, and an .xml naming it.
+
+    ``layout``: "1.2", the .xml of EMPAD software 1.2 (the scan shape in the raw file's name and in
+    ``scan_parameters mode="acquire"``); "0.51", that of older software (``pix_x``/``pix_y``; its acquire
+    parameters say 128x128, whatever was acquired; the field of view as ``[x, y]``); "series", a series of
+    ny * nx images (``type`` series, ``series_count``).
+    """
     ny, nx, h, w = frames.shape
     assert (h, w) == (128, 128)
     raw = np.full((ny * nx, 130, 128), 7e9, "<f4")  # the footer rows: junk that must never be read
     raw[:, :128] = frames.reshape(-1, 128, 128)
     path = folder / name.format(nx=nx, ny=ny)
     raw.tofile(path)
-    if xml:  # the layout of EMPAD 1.2 .xml files: the search scan's shape differs from the acquired one's
-        (folder / "acquisition.xml").write_text(
-            f'<root name="{path.stem}"><timestamp isoformat="2026-03-25T16:47:52"/>'
-            f'<software_version>1.2.2</software_version><raw_file filename="{path.name}"/>'
+    if xml:
+        (folder / "acquisition.xml").write_text(f'<root name="{path.stem}">{EMPAD_XML[layout](ny, nx, high_voltage, fov_m)}'
+                                                f'<raw_file filename="{path.name}"/></root>')
+    return path
+
+
+def _empad_1_2(ny, nx, high_voltage, fov_m):  # the search scan's shape differs from the acquired one's
+    return (f'<timestamp isoformat="2026-03-25T16:47:52"/><software_version>1.2.2</software_version>'
             f'<scan_parameters mode="search"><scan_resolution_y>64</scan_resolution_y>'
             f"<scan_resolution_x>64</scan_resolution_x></scan_parameters>"
             f'<scan_parameters mode="acquire"><scan_size>0.6</scan_size><scan_resolution_y>{ny}</scan_resolution_y>'
             f"<scan_resolution_x>{nx}</scan_resolution_x></scan_parameters>"
             f"<iom_measurements><full_scan_field_of_view><scale_factor>0.72</scale_factor><x>{fov_m}</x>"
             f"<y>{fov_m}</y></full_scan_field_of_view><nominal_camera_length>0.369</nominal_camera_length>"
-            f"<high_voltage>{high_voltage}</high_voltage></iom_measurements></root>")
-    return path
+            f"<high_voltage>{high_voltage}</high_voltage></iom_measurements>")
+
+
+def _empad_0_51(ny, nx, high_voltage, fov_m):
+    return (f"<software_version>0.51 211118</software_version><type>scan</type><pix_x>{nx}</pix_x>"
+            f"<pix_y>{ny}</pix_y><scan_parameters mode=\"acquire\"><scan_resolution_x>128</scan_resolution_x>"
+            f"<scan_resolution_y>128</scan_resolution_y></scan_parameters><iom_measurements>"
+            f"<optics.get_cameralength>0.7225</optics.get_cameralength><source.get_voltage>{high_voltage}"
+            f"</source.get_voltage><optics.get_full_scan_field_of_view>[{fov_m}, {fov_m}]"
+            f"</optics.get_full_scan_field_of_view><calibrated_pixelsize>2e-10</calibrated_pixelsize>"
+            f"</iom_measurements>")
+
+
+def _empad_series(ny, nx, high_voltage, fov_m):
+    return (f"<software_version>0.51 211118</software_version><type>series</type><count>{ny * nx}</count>"
+            f"<scan_parameters><series_count>{ny * nx}</series_count></scan_parameters>")
+
+
+EMPAD_XML = {"1.2": _empad_1_2, "0.51": _empad_0_51, "series": _empad_series}
 
 
 def write_emd_ncem(path: Path, frames: np.ndarray, step_nm=0.5, pixel_mrad=0.8) -> Path:
@@ -93,6 +120,19 @@ def write_emd_hyperspy(path: Path, frames: np.ndarray, step_nm=0.5, pixel_mrad=0
                                                  (step_nm, "nm", "x"), (step_nm, "nm", "y")]):
             d = g.create_dataset(f"dim{i + 1}", data=[0.0, scale])
             d.attrs["name"], d.attrs["units"] = name, unit
+    return path
+
+
+def write_velox(path: Path, images: int = 2, spectra: int = 1) -> Path:
+    """A Velox (Thermo Fisher) EMD file without 4D data: its ``Version`` JSON, (16, 16, 1) images under
+    ``Data/Image/<uuid>/Data`` and 4096-channel spectra under ``Data/Spectrum/<uuid>/Data``."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("Version", data=np.array([b'{"version": "11", "format": "Velox"}'], dtype=object),
+                         dtype=h5py.string_dtype())
+        for n in range(images):
+            f[f"Data/Image/{n:032x}/Data"] = np.zeros((16, 16, 1), np.uint16)
+        for n in range(spectra):
+            f[f"Data/Spectrum/{n + 100:032x}/Data"] = np.zeros((4096, 1), np.uint32)
     return path
 
 

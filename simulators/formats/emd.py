@@ -12,11 +12,19 @@ angles or reciprocal lengths and ``dim3``/``dim4`` lengths, or whose dims
 say neither, is read reversed (lazily, a scan row at a time); one whose
 ``dim1``/``dim2`` are lengths is read as stored. The step of a dim vector is
 its second value minus its first.
+
+Velox (Thermo Fisher) also writes ``.emd`` files, of another layout: a
+``Version`` dataset of JSON ``{"format": "Velox", ...}`` and ``Data/Image``,
+``Data/Spectrum``, ``Data/SpectrumImage``, ... groups of one ``Data`` each
+per uuid. Its images are (h, w, frames) and its spectra 1D; none is a 4D-STEM
+scan, so such a file is refused with what it holds (``velox_refusal``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
 
 import h5py
 import numpy as np
@@ -117,3 +125,32 @@ def load(path: Path, key: str | None, f: h5py.File | None = None) -> Loaded:
     except Exception:
         f.close()
         raise
+
+
+def velox_version(f: h5py.File) -> str | None:
+    """"Velox <version>" if the file is a Velox (or DevelopersKit) EMD file, else None."""
+    ds = f.get("Version")
+    if not isinstance(ds, h5py.Dataset) or ds.size != 1:
+        return None
+    try:
+        info = json.loads(text(np.asarray(ds[()]).reshape(-1)[0]))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(info, dict) or info.get("format") not in ("Velox", "DevelopersKit"):
+        return None
+    return f"{info['format']} {info.get('version', '')}".strip()
+
+
+def velox_refusal(path: Path, f: h5py.File, version: str) -> str:
+    """Why a Velox file without a 4D dataset cannot be analyzed: what it is, and what it holds instead."""
+    data = f.get("Data")
+    held = []
+    for kind in (sorted(data) if isinstance(data, h5py.Group) else []):
+        shapes = [g["Data"].shape for g in data[kind].values() if isinstance(g, h5py.Group) and "Data" in g]
+        if shapes:
+            kinds = sorted({"x".join(map(str, s)) for s in shapes})
+            held.append(f"{len(shapes)} {kind} ({', '.join(kinds[:3])}{', ...' if len(kinds) > 3 else ''})")
+    return (f"{path.name} holds no 4D data: this looks like a Velox (Thermo Fisher) EMD file ({version}); it holds "
+            f"{'; '.join(held) or 'no data'}. rrstem reads a 4D-STEM scan from a 4D dataset (scan y, scan x, detector "
+            f"y, detector x), which this file does not have; analyze the camera's own recording of the scan instead "
+            f"(.mib, EMPAD .xml, DECTRIS master .h5, ...)")

@@ -2,13 +2,27 @@
 
 The ``.raw`` file is frames back to back in scan order, each 130 rows of 128
 pixels, of which the last two rows are the detector's per-frame metadata. It
-is memory-mapped; each chunk reads its frames' first 128 rows. The scan shape
-comes from the ``.xml`` (``scan_parameters mode="acquire"``
-``scan_resolution_x``/``_y``; older files ``pix_x``/``pix_y``), else from the
-raw file's name (``scan_x256_y256.raw``). Calibration: ``iom_measurements``
-``high_voltage`` (V), and the scan step from ``full_scan_field_of_view`` ``x``
-(m) / ``scale_factor`` / the larger scan edge, as RosettaSciIO reads it. A
-file cut short streams its whole frames; the rest of the scan is missing.
+is memory-mapped; each chunk reads its frames' first 128 rows, in the file's
+row order (as RosettaSciIO, LiberTEM and py4DSTEM read them).
+
+The scan shape, in the order RosettaSciIO takes it, so every EMPAD software
+version whose ``.xml`` RosettaSciIO reads is read the same:
+
+1. ``scan_parameters`` ``series_count`` (a series of images, ``<type>series``):
+   a 1 x count scan;
+2. ``pix_x`` / ``pix_y`` (EMPAD software before 1.2): the acquired scan. The
+   ``scan_parameters mode="acquire"`` of those files keeps the last setting
+   of the dialog, not the scan that was acquired (a 4x4 map says 128x128);
+3. the raw file's name, ``scan_x<NX>_y<NY>.raw`` (EMPAD 1.2 and later);
+4. else ``scan_parameters mode="acquire"`` ``scan_resolution_x`` / ``_y``.
+
+Calibration: the beam energy from ``high_voltage`` or (older files)
+``source.get_voltage`` (V); the scan step from ``full_scan_field_of_view``
+``x`` (m) / ``scale_factor`` / the larger scan edge, or (older files)
+``optics.get_full_scan_field_of_view`` ``[x, y]`` (m) / the scan's width; a
+detector pixel from ``calibrated_pixelsize`` x 1e9 in 1/nm (older files), as
+RosettaSciIO reads it. A file cut short streams its whole frames; the rest of
+the scan is missing.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rrstem.simulators.formats.common import Loaded, calibration, length_nm
+from rrstem.simulators.formats.common import Loaded, calibration, length_nm, pixel_mrad
 
 WIDTH, HEIGHT, RAW_HEIGHT = 128, 128, 130
 FRAME_BYTES = RAW_HEIGHT * WIDTH * 4
@@ -50,19 +64,39 @@ def _first(root: ET.Element, *names: str) -> str | None:
     return None
 
 
+def _int(text) -> int | None:
+    value = _float(text)
+    return int(value) if value else None
+
+
+def _xml_shape(root: ET.Element, raw_name: str | None) -> tuple[tuple[int, int] | None, str]:
+    """The scan shape (ny, nx) an EMPAD ``.xml`` gives, and where it came from (module docstring)."""
+    count = _int(_first(root, "series_count"))
+    if count:
+        return (1, count), "series_count"
+    nx, ny = _int(_first(root, "pix_x")), _int(_first(root, "pix_y"))
+    if nx and ny:
+        return (ny, nx), "pix_x/pix_y"
+    m = _NAME_SHAPE.search(Path(raw_name or "").stem)
+    if m:
+        return (int(m.group(2)), int(m.group(1))), "raw file name"
+    acquire = root.find(".//scan_parameters[@mode='acquire']")
+    if acquire is not None:
+        nx, ny = _int(_first(acquire, "scan_resolution_x")), _int(_first(acquire, "scan_resolution_y"))
+        if nx and ny:
+            return (ny, nx), "scan_parameters acquire"
+    return None, ""
+
+
 def _xml_info(xml: Path) -> tuple[str | None, tuple[int, int] | None, dict]:
     root = ET.parse(xml).getroot()
     raw_el = root.find(".//raw_file")
     raw_name = raw_el.get("filename") if raw_el is not None else None
-    shape = None
-    acquire = root.find(".//scan_parameters[@mode='acquire']")
-    for holder, x, y in ((acquire, "scan_resolution_x", "scan_resolution_y"), (root, "pix_x", "pix_y")):
-        nx, ny = (_first(holder, x), _first(holder, y)) if holder is not None else (None, None)
-        if nx and ny:
-            shape = (int(float(ny)), int(float(nx)))
-            break
-    meta = {}
-    for name in ("high_voltage", "nominal_camera_length", "convergence_angle", "software_version"):
+    shape, source = _xml_shape(root, raw_name)
+    meta = {"scan_shape_from": source} if shape else {}
+    for name in ("high_voltage", "source.get_voltage", "nominal_camera_length", "optics.get_cameralength",
+                 "convergence_angle", "software_version", "calibrated_pixelsize", "calibrated_diffraction_angle",
+                 "optics.get_full_scan_field_of_view"):
         value = _first(root, name)
         if value is not None:
             meta[name] = value
@@ -70,6 +104,17 @@ def _xml_info(xml: Path) -> tuple[str | None, tuple[int, int] | None, dict]:
     if fov is not None:
         meta["fov_x_m"], meta["fov_scale_factor"] = _first(fov, "x"), _first(fov, "scale_factor")
     return raw_name, shape, meta
+
+
+def _scan_step_m(meta: dict, shape: tuple[int, int] | None) -> float | None:
+    """The scan step in m: EMPAD 1.2's field of view of the larger scan edge, or older files' [x, y] one."""
+    if not shape:
+        return None
+    fov, factor = _float(meta.get("fov_x_m")), _float(meta.get("fov_scale_factor"))
+    if fov and factor:
+        return fov / factor / max(shape)
+    old = str(meta.get("optics.get_full_scan_field_of_view", "")).strip("[] ").split(",")
+    return _float(old[0]) / shape[1] if _float(old[0]) else None
 
 
 def _float(text) -> float | None:
@@ -106,11 +151,14 @@ def load(path: Path, key: str | None) -> Loaded:
     if whole == 0:
         raise ValueError(f"{raw.name} holds no whole EMPAD frame ({size} bytes; a frame is {FRAME_BYTES} bytes)")
     frames = np.memmap(raw, dtype="<f4", mode="r", shape=(whole, RAW_HEIGHT, WIDTH))[:, :HEIGHT, :]
-    hv = _float(meta.get("high_voltage"))
-    fov, factor = _float(meta.get("fov_x_m")), _float(meta.get("fov_scale_factor"))
-    step = fov / factor / max(shape) if fov and factor and shape else None
-    cal = calibration(energy_kev=hv / 1e3 if hv else None, convergence_mrad=_float(meta.get("convergence_angle")),
-                      scan_step_nm=length_nm(step, "m"))
+    hv = _float(meta.get("high_voltage") or meta.get("source.get_voltage"))
+    energy_kev = hv / 1e3 if hv else None
+    inverse_nm = _float(meta.get("calibrated_pixelsize"))
+    cal = calibration(energy_kev=energy_kev, convergence_mrad=_float(meta.get("convergence_angle")),
+                      scan_step_nm=length_nm(_scan_step_m(meta, shape), "m"),
+                      detector_pixel_mrad=pixel_mrad(inverse_nm * 1e9, "1/nm", energy_kev) if inverse_nm else None)
     info = {"format": "empad", "raw_file": raw.name, **({"xml_file": xml.name} if xml else {}),
             "empad": {k: v for k, v in meta.items()}}
-    return Loaded(frames, cal, info, None, flat=True, scan_shape=shape, problem=problem, n_frames=expected)
+    # the frames the file holds, or, cut short, those its scan shape says it should
+    n_frames = max(whole, expected or 0)
+    return Loaded(frames, cal, info, None, flat=True, scan_shape=shape, problem=problem, n_frames=n_frames)
