@@ -16,7 +16,8 @@ FFT convention ``exp(-2 pi i k x)``, the one of diffraction): the beam is pulled
 where the projected potential is highest, so the corrected field points towards the atoms and its
 divergence is negative on them. Of the two angles, the one is chosen for which the strongest
 divergence (the ``POLARITY_FRACTION`` of positions with the largest ``|div|``) is mostly negative.
-This assumes positive, peaked scatterers (atoms, particles); a specimen of holes reads turned by 180.
+This assumes positive, peaked scatterers (atoms, particles) in the rows used; a specimen of holes,
+or rows that only hold the outskirts of the scatterers' fields, read turned by 180.
 
 Only positions where the stencil has all four neighbours finite count, so a scan filled row by row
 calibrates on the rows it has, and a frame with no counts only removes its neighbours.
@@ -49,7 +50,7 @@ class Calibration:
 
     angle_deg: float            #: rotation, degrees in [0, 360), from +x towards +y (see ``field``)
     flip: bool                  #: the detector's rows mirrored (its y axis) before the rotation
-    angle_uncertainty_deg: float  #: std of the angle over bootstrap resamples of the scan rows (statistical only)
+    angle_uncertainty_deg: float  #: std of the angle over bootstrap resamples of the rows (statistical only); NaN from 1 row
     curl_ratio: float           #: RMS curl / RMS divergence after the correction; ~0 for a clean electrostatic field
     curl_ratio_other_flip: float  #: the same for the best angle with the other flip; far above curl_ratio if the flip is clear
     polarity: float             #: in [0, 1]: how one-sided the strongest divergence is; near 0: a+180 not resolved

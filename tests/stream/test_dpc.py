@@ -141,6 +141,16 @@ def test_too_few_rows_is_said():
         calibrate(*com)
 
 
+def test_three_rows_calibrate_without_an_uncertainty(specimen):
+    dx, dy = on_detector(*specimen["com"], 37, False)
+    dx[3:], dy[3:] = np.nan, np.nan
+    cal = calibrate(dx, dy)  # one row of stencil: an angle, but no spread over rows to measure
+    assert cal.positions == SCAN - 2 and np.isnan(cal.angle_uncertainty_deg)
+    # These rows hold no atom, only the outskirts of their fields, where the divergence is positive:
+    # the 180-degree choice needs scatterers in the rows scanned, and here it is the wrong one.
+    assert angle_error(cal.angle_deg, 37 + 180) < 5
+
+
 def test_idpc_recovers_the_potential(specimen):
     """No descan in the simulation, so only the mean is taken away (order 0): r >= 0.99 with V * |P|^2.
 
