@@ -93,7 +93,7 @@ def calibrate(com_x: np.ndarray, com_y: np.ndarray, *, descan_order: int | None 
     ``com_x``, ``com_y``: ``(ny, nx)`` maps of the COM in the detector's frame (any unit; NaN where
     unknown). The descan is taken away first (``field.remove_descan``: ``reference`` maps subtracted,
     a polynomial of ``descan_order`` fitted and subtracted) since a plane in position adds a constant
-    curl. Raises ``NotEnoughData`` when fewer than 3 full rows' worth of stencil exist.
+    curl. Raises ``NotEnoughData`` when fewer than 3 positions have all four neighbours known.
     """
     fx, fy = remove_descan(com_x, com_y, descan_order, reference)
     if fx.ndim != 2:
@@ -111,7 +111,8 @@ def calibrate(com_x: np.ndarray, com_y: np.ndarray, *, descan_order: int | None 
     flip = best[True][0] < best[False][0]
     min_sum, angle, ce, de, ok = best[flip]
     div = np.cos(angle) * de[ok] - np.sin(angle) * ce[ok]  # divergence of the corrected field
-    strongest = np.argsort(np.abs(div))[-max(3, int(POLARITY_FRACTION * div.size)):]
+    top = min(div.size, max(3, int(POLARITY_FRACTION * div.size)))
+    strongest = np.argpartition(np.abs(div), div.size - top)[div.size - top:]
     polarity = -div[strongest].sum() / max(np.abs(div[strongest]).sum(), np.finfo(float).tiny)
     if polarity < 0:  # the field points away from the scatterers: the other of the two angles
         angle, polarity = angle + np.pi, -polarity
