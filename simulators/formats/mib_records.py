@@ -184,7 +184,8 @@ def index_records(mm: np.ndarray) -> RecordIndex:
     record = check.record
     seq0 = ref.sequence - int(round(ref_at / record))  # the sequence number of frame 0
     runs: list[list[int]] = []  # [first frame, its offset, count] of each run of good records on one grid
-    skipped = [Skipped(i, i * record, "its frame header is damaged (no valid header there)")
+    skipped = [Skipped(i, i * record, "its record runs into damage: the next frame header does not follow it"
+                       if check.agrees(i * record) else "its frame header is damaged (no valid header there)")
                for i in range(ref.sequence - seq0)]
     pos, seq = ref_at, ref.sequence
     while True:
