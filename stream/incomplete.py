@@ -37,7 +37,7 @@ def incomplete_detail(scan) -> str | None:
     if problem:
         parts.append(str(problem))
     n = scan.start.n_positions
-    missing = scan.counters["missing"] if scan.ended else n - scan.n_filled
+    missing = scan.counters["missing"] if scan.ended else n - scan.n_filled()
     if missing:
         parts.append(f"{missing} of {n} positions {'have' if scan.ended else 'have so far'} no frame")
     invalid = {k: v for k, v in scan.reasons.items() if v and k not in (SYNC_OFFSET, FLYBACK)}  # those are expected
