@@ -40,7 +40,7 @@ def _stream_in_thread(source, endpoint: str, *, rate: float | None, context, bin
     def run():
         try:
             box["stats"] = stream(source, endpoint, bind=bind, rate=rate, progress=progress, context=context,
-                                  timeout=60.0, order=getattr(source, "valid_order", None))
+                                  timeout=60.0, order=source.valid_order)
         except BaseException as exc:  # reported by the caller
             box["error"] = exc
             log.error("sending the scan failed: %s", exc)
@@ -56,7 +56,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rrstem.simulators.files import open_file
     from rrstem.stream.service import Service, ServiceConfig
 
-    src = open_file(args.input, args.key, scan_shape=args.scan_shape)
+    src = open_file(args.input, args.key, scan_shape=args.scan_shape, sync_offset=args.sync_offset,
+                    flyback=args.flyback)  # refused here (exit 2): nothing is analyzed
     if src.problem:
         print(f"rrstem analyze: warning: {src.problem}; analyzing the {src.available_frames} good frames "
               f"of {src.n_frames}", file=sys.stderr, flush=True)
@@ -77,10 +78,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if "error" in box:
         print(f"rrstem analyze: error while reading {args.input}: {box['error']}", file=sys.stderr)
         return 1
-    if getattr(src, "damage", None):  # a damaged file: the frames before the damage were analyzed
-        print(f"rrstem analyze: error: {src.damage}; the frames before the damage were analyzed", file=sys.stderr)
-        return 1
-    return code
+    return code or analyze_exit_code(service.current)
+
+
+def analyze_exit_code(scan) -> int:
+    """README "Exit codes": 0 when every position was analysed, 1 when the results are incomplete (they say why,
+    in ``incomplete_detail``). Refusals before the start (2) never get here."""
+    if scan is not None and scan.complete:
+        return 0
+    from rrstem.stream.incomplete import incomplete_detail
+
+    why = incomplete_detail(scan) if scan is not None else "no scan started"
+    print(f"rrstem analyze: the scan is incomplete: {why}", file=sys.stderr)
+    return 1
 
 
 def add_analyze_args(sub) -> None:

@@ -144,12 +144,12 @@ def _stream_args(args, source: Source, command: str) -> int:
     if source.problem:
         print(f"rrstem {command}: warning: {source.problem}; sending the {source.available_frames} good frames "
               f"of {source.n_frames}", file=sys.stderr, flush=True)
-    order = getattr(source, "valid_order", None)  # a damaged file: the frames before the damage
+    order = source.valid_order  # a damaged file: the frames before the damage
     stats = send_args(source, args, order, announce)  # the protocol's sender (simulators/senders.py)
     print(f"rrstem {command}: sent {stats.frames} frames in {stats.seconds:.2f} s "
           f"({stats.frames_per_s:.0f} frames/s) to {stats.endpoint}", file=sys.stderr, flush=True)
-    if getattr(source, "damage", None):
-        print(f"rrstem {command}: error: {source.damage}; the {stats.frames} frames before the damage were sent",
+    if source.problem:  # README "Exit codes": 1, the scan sent is incomplete
+        print(f"rrstem {command}: error: {source.problem}; the {stats.frames} good frames were sent",
               file=sys.stderr, flush=True)
         return 1
     return 0

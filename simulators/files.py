@@ -12,8 +12,11 @@ Everything is read lazily, a chunk of frames at a time (memory maps, h5py
 and zarr slices), so a replay never holds the whole scan in memory; only
 ``.npz`` members are loaded. A flat series of frames (a DECTRIS master file)
 needs ``scan_shape``. Calibration comes from the file where it has one.
-A damaged file (truncated, a data file missing) whose first frames are good
-gives a source that sends those; its ``problem`` says what is wrong.
+Frames against the scan: one rule for every reader (``formats.common.fit_frames``):
+more frames than the acquisition of the scan takes (``sync_offset``,
+``flyback``) are refused, fewer are sent as far as they go. A damaged file
+(truncated, a data file missing) whose first frames are good gives a source
+that sends those; its ``problem`` says what is wrong.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from rrstem.simulators.formats import dectris, dm, emd, empad, hyperspy, stempy
 from rrstem.simulators.formats.common import ANGLE_MRAD as _ANGLE_MRAD
 from rrstem.simulators.formats.common import LENGTH_NM as _LENGTH_NM
 from rrstem.simulators.formats.common import RECIPROCAL_PER_NM as _RECIPROCAL_PER_NM
-from rrstem.simulators.formats.common import Loaded, pick
+from rrstem.simulators.formats.common import Loaded, fit_frames, pick
 from rrstem.simulators.optics import wavelength_angstrom
 from rrstem.simulators.source import ArraySource, SeriesSource, Source
 from rrstem.stream.protocol import DTYPES, Calibration, Start
@@ -268,19 +271,22 @@ def _reader(path: Path):
 
 
 def open_file(path, key: str | None = None, *, scan_id: str | None = None,
-              calibration: Calibration | None = None, scan_shape: tuple[int, int] | None = None) -> Source:
+              calibration: Calibration | None = None, scan_shape: tuple[int, int] | None = None,
+              sync_offset: int = 0, flyback: int = 0) -> Source:
     """A replay ``Source`` over the 4D scan in ``path``; ``key`` picks the array, dataset or signal.
 
     ``scan_shape`` (ny, nx) gives a flat series of frames its scan shape (and
-    may re-shape a 4D file of as many frames). ``calibration`` fields given
-    here override those read from the file. Close the source (or use it as a
-    context manager) to release the file.
+    may re-shape a 4D file of as many frames). ``sync_offset`` and ``flyback``
+    say how many more frames than positions the acquisition holds
+    (``fit_frames``). ``calibration`` fields given here override those read
+    from the file. Close the source (or use it as a context manager) to
+    release the file.
     """
     path = Path(path)
     from rrstem.simulators.formats.mib import MibSource, is_mib  # Merlin .mib/.hdr, by suffix or first bytes
 
     if path.is_file() and is_mib(path):
-        return MibSource(path, scan_shape=scan_shape, scan_id=scan_id)
+        return MibSource(path, scan_shape=scan_shape, scan_id=scan_id, sync_offset=sync_offset, flyback=flyback)
     if not path.exists():
         raise ValueError(f"cannot replay {str(path)!r}: no such file")
     loaded = _reader(path)(path, key)
@@ -295,27 +301,32 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
         else:
             frame_shape = shape[2:]
         dtype = _check_array((1, 1, *frame_shape) if len(frame_shape) == 2 else shape, data.dtype, what)
-        grid = _grid(loaded, shape, scan_shape, what)
+        grid = _grid(loaded, shape, scan_shape, what, placed=bool(sync_offset or flyback))
+        held = shape[0] if loaded.flat else shape[0] * shape[1]
+        n_frames, short = fit_frames(held, grid, what, sync_offset, flyback)
+        problem = loaded.problem or short
         if calibration is not None:
             cal = Calibration(**{**loaded.calibration.model_dump(), **calibration.model_dump(exclude_none=True)})
         else:
             cal = loaded.calibration
         meta = {"source_file": str(path.resolve()), **_jsonable(loaded.metadata)}
-        if loaded.problem:
-            meta["source_problem"] = loaded.problem
+        if problem:
+            meta["source_problem"] = problem
         start = Start(scan_id=scan_id or _scan_id(path, loaded.metadata.get("key")), scan_shape=grid,
                       frame_shape=tuple(frame_shape), dtype=dtype.name, calibration=cal, metadata=meta)
-        if not loaded.flat and grid == shape[:2]:
+        if not loaded.flat and grid == shape[:2] and not (sync_offset or flyback):
             return ArraySource(data, start, loaded.closer)
         frames = data if loaded.flat else _Rows(data)
-        return SeriesSource(frames, start, loaded.closer, problem=loaded.problem)
+        return SeriesSource(frames, start, loaded.closer, problem=problem, n_frames=n_frames)
     except Exception:
         loaded.close()
         raise
 
 
-def _grid(loaded: Loaded, shape: tuple, scan_shape, what: str) -> tuple[int, int]:
-    """The scan shape: the caller's, else the file's; a flat series without one is refused."""
+def _grid(loaded: Loaded, shape: tuple, scan_shape, what: str, placed: bool = False) -> tuple[int, int]:
+    """The scan shape: the caller's, else the file's; a flat series without one is refused, and so is a 4D
+    file re-shaped to another number of positions, unless ``placed`` (a sync offset or flyback places its
+    frames). Its frames against the scan: ``fit_frames``."""
     own = loaded.scan_shape if loaded.flat else shape[:2]
     n = loaded.n_frames or (shape[0] if loaded.flat else shape[0] * shape[1])
     if scan_shape is None:
@@ -324,12 +335,9 @@ def _grid(loaded: Loaded, shape: tuple, scan_shape, what: str) -> tuple[int, int
                              f"--scan-shape NYxNX (scan_shape=(ny, nx)), NY*NX = {n} for the whole series")
         return tuple(own)
     scan_shape = tuple(int(v) for v in scan_shape)
-    if not loaded.flat and scan_shape[0] * scan_shape[1] != n:
+    if not loaded.flat and not placed and scan_shape[0] * scan_shape[1] != n:
         raise ValueError(f"{what} stores a {own[0]}x{own[1]} scan ({n} frames); --scan-shape "
                          f"{scan_shape[0]}x{scan_shape[1]} holds {scan_shape[0] * scan_shape[1]}: drop it")
-    if scan_shape[0] * scan_shape[1] < n:
-        raise ValueError(f"{what} holds {n} frames, more than the {scan_shape[0]}x{scan_shape[1]} scan "
-                         f"({scan_shape[0] * scan_shape[1]} positions) given; fix --scan-shape")
     return scan_shape
 
 

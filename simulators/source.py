@@ -54,12 +54,19 @@ class Source(ABC):
 
     @property
     def n_frames(self) -> int:
+        """Frames of the acquisition: the scan positions, or more where a sync offset or flyback adds some."""
         return self.start.n_positions
 
     @property
     def available_frames(self) -> int:
-        """How many frames, from index 0, can be read: ``n_frames`` unless the source is damaged."""
+        """How many frames can be read: ``n_frames`` unless the source is damaged."""
         return self.n_frames
+
+    @property
+    def valid_order(self) -> Sequence[int] | None:
+        """The frame indices to send when the good frames are not simply the first ``available_frames``
+        (a file damaged in the middle), else None."""
+        return None
 
     def _check_range(self, first: int, count: int) -> None:
         if first < 0 or count < 0 or first + count > self.n_frames:
@@ -90,17 +97,25 @@ class SeriesSource(Source):
     ``frames[a:b]`` is read only when a chunk needs it (a memmap, an h5py
     dataset, a concatenation of them). A series shorter than the scan (a
     truncated file) hands out what it has; ``problem`` says why the rest is missing.
+    ``n_frames``: the frames of the acquisition, when a sync offset or flyback
+    makes them more than the scan positions.
     """
 
-    def __init__(self, frames, start: Start, closer: Callable[[], None] | None = None, problem: str | None = None):
+    def __init__(self, frames, start: Start, closer: Callable[[], None] | None = None, problem: str | None = None,
+                 n_frames: int | None = None):
         if tuple(frames.shape[1:]) != tuple(start.frame_shape):
             raise ValueError(f"frames of shape {tuple(frames.shape[1:])} do not match the start message")
         self.frames = frames
         self.start = start
         self.problem = problem
-        self._available = min(int(frames.shape[0]), start.n_positions)
+        self._n_frames = n_frames or start.n_positions
+        self._available = min(int(frames.shape[0]), self._n_frames)
         self._closer = closer
         self._dtype = np.dtype(start.dtype).newbyteorder("<")
+
+    @property
+    def n_frames(self) -> int:
+        return self._n_frames
 
     @property
     def available_frames(self) -> int:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 import rrstem
+from rrstem.stream.incomplete import incomplete_detail
 from rrstem.stream.reductions import MapSpec
 from rrstem.stream.snapshot import Arrays
 
@@ -77,6 +78,11 @@ def scan_results(scan) -> ScanResults:
         "calibration": s.calibration.model_dump(mode="json"),
         "metadata": s.metadata,
     }
+    detail = incomplete_detail(scan)
+    if detail is not None:
+        attrs["incomplete_detail"] = detail
+    if "skipped_frames" in s.metadata:  # frames of a damaged file its reader skipped: frame, offset, reason
+        attrs["skipped_frames"] = s.metadata["skipped_frames"]
     if scan.zero_counts:
         attrs["zero_counts"] = scan.zero_counts
     if scan.unaccounted is not None:

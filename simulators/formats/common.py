@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rrstem.simulators.optics import wavelength_angstrom
+from rrstem.stream.acquisition import AcquisitionMap
 from rrstem.stream.protocol import Calibration
 
 #: Lengths in nm, angles in mrad, reciprocal lengths in 1/nm, per unit as files spell them.
@@ -109,3 +110,25 @@ def pick(candidates: dict[str, tuple], key: str | None, what: str, path: Path) -
     if not four_d:
         raise ValueError(f"{path.name} holds no 4D {what}; it holds: {listing}")
     raise ValueError(f"{path.name} holds several 4D {what}s ({', '.join(four_d)}); choose one with key= / --key")
+
+
+def fit_frames(n_frames: int, scan_shape: tuple[int, int], what: str, sync_offset: int = 0,
+               flyback: int = 0) -> tuple[int, str | None]:
+    """The one rule of every reader for a file's frames against the scan: (frames the acquisition takes, what
+    is short, or None).
+
+    The acquisition of a ``(ny, nx)`` scan takes ``ny * (nx + flyback) + sync_offset`` frames
+    (``stream/acquisition.py``). A file with more is refused (a ``ValueError``: the scan shape does not fit,
+    unless ``--sync-offset``/``--flyback`` account for the extra frames); one with fewer (damaged, truncated)
+    is analysed as far as it goes, and the second value says so: its results are incomplete.
+    """
+    expected = AcquisitionMap(tuple(scan_shape), sync_offset, flyback).frames_in_acquisition
+    ny, nx = scan_shape
+    if n_frames > expected:
+        took = f"{expected} frames" + (f" (sync offset {sync_offset}, flyback {flyback})"
+                                       if sync_offset or flyback else "")
+        raise ValueError(f"{what} holds {n_frames} frames, more than the {ny}x{nx} scan takes ({took}); fix "
+                         "--scan-shape, or account for the extra frames with --sync-offset N / --flyback N")
+    if n_frames < expected:
+        return expected, f"{what} holds {n_frames} frames, fewer than the {expected} the {ny}x{nx} scan takes"
+    return expected, None

@@ -12,25 +12,35 @@ beside the file; a file with neither gets an error that asks for
 more frames than positions (sync offset, flyback), the receiver places them
 (``rrstem serve/analyze --sync-offset N --flyback N``).
 
-Damage: a truncated last record is reported (``damage``) and the complete
-frames before it still stream (``valid_order``); frame headers are checked
-against the first one as their chunks are read, and a header that disagrees
-raises a ``ValueError`` that names the file, the frame and the fields.
+Damage costs only what is damaged: ``mib_records.index_records`` finds every
+good record from the self-describing frame headers (resynchronising after a
+damaged header, lost or inserted bytes, a damaged frame 0), each frame's
+acquisition index from its sequence number. The good frames stream
+(``valid_order``), in chunks that hold good frames only; every skipped frame
+is logged with its file offset and listed in the start's metadata
+(``skipped_frames``), and ``problem`` says what is wrong. Frames against the
+scan shape: ``common.fit_frames``, the rule of every reader.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import numpy as np
 
+from rrstem.simulators.formats.common import fit_frames
+from rrstem.simulators.formats.mib_records import index_records
 from rrstem.simulators.source import Source
 from rrstem.stream.detectors.base import BadMessage
 from rrstem.stream.detectors.merlin import PIXEL_TYPES, parse_acquisition_header, parse_frame_header
 from rrstem.stream.protocol import Start
 
 MAGIC = b"MQ1,"
+#: Skipped frames listed in the start's metadata (and so the results file); the rest are counted.
+LISTED_SKIPS = 100
+log = logging.getLogger("rrstem.replay")
 
 
 def is_mib(path: Path) -> bool:
@@ -55,95 +65,116 @@ def _paths(path: Path) -> tuple[Path, Path | None]:
 
 
 class MibSource(Source):
-    """A ``.mib`` file's frames, lazily, as one scan."""
+    """A ``.mib`` file's good frames, lazily, as one scan (module docstring)."""
 
-    def __init__(self, path, scan_shape: tuple[int, int] | None = None, scan_id: str | None = None):
+    def __init__(self, path, scan_shape: tuple[int, int] | None = None, scan_id: str | None = None,
+                 sync_offset: int = 0, flyback: int = 0):
         self.path, self.hdr_path = _paths(Path(path))
         name = self.path.name
         if not self.path.is_file():
             raise ValueError(f"cannot replay {str(self.path)!r}: no such file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as fh:
-            head = fh.read(4096)
+        self._raw = np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else np.zeros(0, np.uint8)
+        self._refuse_unreadable(name)
         try:
-            first = parse_frame_header(head)
-        except BadMessage as exc:
-            if exc.reason == "unsupported_pixel_type":  # a Merlin file, of a kind rrstem does not read
-                raise ValueError(f"{name} is a Merlin .mib that rrstem cannot read: {exc}") from None
-            raise ValueError(f"{name} is not a Merlin .mib file: its first frame header does not parse ({exc})") from None
-        self.first = first
-        try:
-            self.fields = parse_acquisition_header(self.hdr_path.read_bytes()) if self.hdr_path else {}
-        except BadMessage as exc:
-            raise ValueError(f"{self.hdr_path.name} (the .hdr of {name}) cannot be read: {exc}; fix or move it away "
-                             "and give --scan-shape NYxNX") from None
-        self.record = first.data_offset + first.nbytes
-        self.n_complete = size // self.record
-        extra = size - self.n_complete * self.record
-        self.damage = None
-        if extra:
-            self.damage = (f"{name} is truncated: it holds {self.n_complete} complete frame(s) of "
-                           f"{self.record} bytes and {extra} byte(s) of a partial frame after them")
-        if self.n_complete == 0:
-            raise ValueError(self.damage or f"{name} holds no frames")
-        shape = scan_shape
-        if shape is None:
-            sx, sy = self.fields.get("ScanX", ""), self.fields.get("ScanY", "")
-            if not (sx.isdigit() and sy.isdigit()):
-                why = "its .hdr has no ScanX/ScanY" if self.hdr_path else f"it has no .hdr file ({self.path.stem}.hdr)"
-                raise ValueError(f"{name}: the scan shape is unknown ({why}); it holds {self.n_complete} frames: "
-                                 "pass it with --scan-shape NYxNX")
-            shape = (int(sy), int(sx))
-        wire = np.dtype(PIXEL_TYPES[first.pixel_type][0])
-        self._records = np.memmap(self.path, mode="r", shape=(self.n_complete,), dtype=np.dtype(
-            [("header", f"S{first.data_offset}"), ("pixels", wire, first.shape)]))
-        self._checked = np.zeros(self.n_complete, dtype=bool)
-        self._first_header = bytes(self._records[0]["header"])
-        stem = re.sub(r"[^A-Za-z0-9_.:+-]+", "_", self.path.stem)[:128] or "mib"
+            self.index = index_records(self._raw)
+        except ValueError as exc:
+            raise ValueError(f"{name} is not a Merlin .mib file: {exc}") from None
+        first = self.first = self.index.reference
+        self.fields, hdr_problem = self._acquisition_header(name, scan_shape)
+        self.skipped = sorted(self.index.skipped, key=lambda s: s.frame)
+        for s in self.skipped[:LISTED_SKIPS]:
+            log.warning("%s: frame %d (file offset %d) skipped: %s", name, s.frame, s.offset, s.reason)
+        shape = scan_shape or self._hdr_scan_shape(name)
+        _, short = fit_frames(self.n_frames, shape, name, sync_offset, flyback)
+        self.problem = "; ".join(p for p in (self._damage(name), short, hdr_problem) if p) or None
         meta = {"source_file": str(self.path.resolve()), "detector": "Quantum Detectors Merlin",
                 "frame_header": {"chips": first.chips, "layout": first.layout, "pixel_type": first.pixel_type,
                                  "counter_depth": first.counter_depth}}
         if self.fields:
             meta["acquisition_header"] = self.fields
+        if self.problem:
+            meta["source_problem"] = self.problem
+        if self.skipped:
+            meta["skipped_frames"] = [s.as_dict() for s in self.skipped[:LISTED_SKIPS]]
+            meta["skipped_frames_count"] = len(self.skipped)
+        stem = re.sub(r"[^A-Za-z0-9_.:+-]+", "_", self.path.stem)[:128] or "mib"
         self.start = Start(scan_id=scan_id or stem, scan_shape=shape, frame_shape=first.shape,
                            dtype=PIXEL_TYPES[first.pixel_type][1], metadata=meta)
+        self._record = np.dtype([("header", f"S{first.data_offset}"),
+                                 ("pixels", PIXEL_TYPES[first.pixel_type][0], first.shape)])
+
+    def _refuse_unreadable(self, name: str) -> None:
+        """A Merlin file of a kind rrstem does not read (raw R64) is refused by what it is."""
+        try:
+            parse_frame_header(bytes(self._raw[:4096]))
+        except BadMessage as exc:
+            if exc.reason == "unsupported_pixel_type":
+                raise ValueError(f"{name} is a Merlin .mib that rrstem cannot read: {exc}") from None
+
+    def _acquisition_header(self, name: str, scan_shape) -> tuple[dict, str | None]:
+        """The .hdr's fields; a damaged .hdr is refused, unless the scan shape is given (then it is ignored)."""
+        if self.hdr_path is None:
+            return {}, None
+        try:
+            return parse_acquisition_header(self.hdr_path.read_bytes()), None
+        except BadMessage as exc:
+            why = f"{self.hdr_path.name} (the .hdr of {name}) cannot be read: {exc}"
+            if scan_shape is None:
+                raise ValueError(f"{why}; fix or move it away and give --scan-shape NYxNX") from None
+            log.warning("%s; it is ignored (the scan shape is given)", why)
+            return {}, f"{why}; it is ignored"
+
+    def _hdr_scan_shape(self, name: str) -> tuple[int, int]:
+        sx, sy = self.fields.get("ScanX", ""), self.fields.get("ScanY", "")
+        if not (sx.isdigit() and sy.isdigit()):
+            why = "its .hdr has no ScanX/ScanY" if self.hdr_path else f"it has no .hdr file ({self.path.stem}.hdr)"
+            raise ValueError(f"{name}: the scan shape is unknown ({why}); it holds {self.n_frames} frames: "
+                             "pass it with --scan-shape NYxNX")
+        return int(sy), int(sx)
+
+    def _damage(self, name: str) -> str | None:
+        """One sentence on the skipped frames, or None."""
+        if not self.skipped:
+            return None
+        shown = ", ".join(f"{s.frame} at offset {s.offset}" for s in self.skipped[:5])
+        more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+        reasons = "; ".join(sorted({s.reason.split(":")[0] for s in self.skipped}))
+        return (f"{name} is damaged: {len(self.skipped)} of its {self.n_frames} frames skipped (frames {shown}{more}: "
+                f"{reasons}); the other {self.n_good} frames are read")
 
     @property
     def n_frames(self) -> int:
-        """Frames in the file: the acquisition, which may hold more frames than scan positions."""
-        return self.n_complete
+        """Frames of the acquisition in the file (good and skipped), which may be more than scan positions."""
+        return self.index.n_frames
 
     @property
-    def valid_order(self) -> range | None:
-        """The frames to stream when the file is damaged (all the complete ones), else None."""
-        return range(self.n_complete) if self.damage else None
+    def n_good(self) -> int:
+        return int(self.index.good.size)
+
+    @property
+    def available_frames(self) -> int:
+        return self.n_good
+
+    @property
+    def valid_order(self) -> np.ndarray | None:
+        """The acquisition indices of the good frames when some are skipped, else None (all of them)."""
+        return self.index.good if self.skipped else None
 
     def chunk(self, first: int, count: int) -> np.ndarray:
-        self._check_range(first, count)
-        block = self._records[first:first + count]
-        self._check_headers(first, block)
-        return block["pixels"].astype(self.start.dtype)  # (count, h, w): big-endian -> native, the one copy
-
-    def _check_headers(self, first: int, block) -> None:
-        todo = ~self._checked[first:first + len(block)]
-        if not todo.any():
-            return
-        # the fields that must agree: data offset, chips, width, height, pixel type, layout
-        ref = self._first_header.split(b",")[2:8]
-        heads = block["header"]
-        for k in np.flatnonzero(todo):
-            if bytes(heads[k][:80]).split(b",")[2:8] != ref:
-                frame = first + int(k)
-                try:
-                    other = parse_frame_header(bytes(heads[k]) + bytes(self.first.nbytes))
-                    got = f"{other.height}x{other.width} {other.pixel_type} {other.layout}, {other.chips} chip(s)"
-                except BadMessage as exc:
-                    got = f"unreadable ({exc})"
-                f = self.first
-                raise ValueError(f"{self.path.name}: the header of frame {frame} disagrees with frame 0's: it says "
-                                 f"{got}; frame 0 says {f.height}x{f.width} {f.pixel_type} {f.layout}, "
-                                 f"{f.chips} chip(s). Frames 0..{frame - 1} are readable")
-        self._checked[first:first + len(block)] = True
+        """Frames ``first .. first+count-1`` of the acquisition; every one of them must be good."""
+        offsets = self.index.offsets[first:first + count] if 0 <= first else np.zeros(0, np.int64)
+        if first < 0 or len(offsets) != count or (offsets < 0).any():
+            bad = [first + int(k) for k in np.flatnonzero(offsets < 0)][:5]
+            raise ValueError(f"frames {first}..{first + count - 1} of {self.path.name} cannot be read: "
+                             + (f"frames {bad} are damaged" if bad else f"it holds {self.n_frames} frames"))
+        out = np.empty((count, *self.start.frame_shape), dtype=self.start.dtype)
+        record = self.index.record
+        starts = [0, *(np.flatnonzero(np.diff(offsets) != record) + 1)]  # where the grid of records shifts
+        for a, b in zip(starts, [*starts[1:], count]):
+            block = np.ndarray((b - a,), dtype=self._record, buffer=self._raw, offset=int(offsets[a]),
+                               strides=(record,))
+            out[a:b] = block["pixels"]  # big-endian -> native, the one copy
+        return out
 
     def close(self) -> None:
-        self._records = None
+        self._raw = None

@@ -73,11 +73,14 @@ def test_analyze_of_a_truncated_file_warns_and_counts_the_missing_frames(tmp_pat
     out = tmp_path / "cut.h5"
     run = subprocess.run([*RRSTEM, "analyze", str(tmp_path / "cut.npy"), "--no-train", "--no-progress",
                           "--calibration-frames", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 1, run.stderr  # results written, the scan incomplete (README "Exit codes")
     assert "warning: cut.npy is truncated: it holds 16 whole frames of the 20" in run.stderr
     res = read_scan(out)
     assert (res["attrs"]["counters"]["received"], res["attrs"]["counters"]["missing"]) == (16, 4)
     assert "truncated" in res["attrs"]["metadata"]["source_problem"]
+    assert res["attrs"]["incomplete_detail"] == (
+        "cut.npy is truncated: it holds 16 whole frames of the 20 its header announces ((4, 5, 32, 32)); the rest "
+        "of the scan is missing; 4 of 20 positions have no frame")
     assert_good_frames_in_maps(res, frames, 16)
 
 

@@ -142,7 +142,8 @@ def test_a_flat_series_says_it_needs_the_scan_shape(tmp_path):
         open_file(master)
     run = subprocess.run([*RRSTEM, "analyze", str(master), "--no-train"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--scan-shape NYxNX" in run.stderr and "Traceback" not in run.stderr
-    with pytest.raises(ValueError, match=r"holds 42 frames, more than the 5x8 scan \(40 positions\)"):
+    with pytest.raises(ValueError, match=r"holds 42 frames, more than the 5x8 scan takes \(40 frames\); fix "
+                                         r"--scan-shape, or account for the extra frames with --sync-offset"):
         open_file(master, scan_shape=(5, 8))
 
 

@@ -99,13 +99,20 @@ def test_the_hdr_opens_its_mib(tmp_path):
 def test_a_truncated_mib_streams_the_frames_before_the_damage_and_names_the_file(tmp_path, capsys):
     frames = frames_of(seed=3)
     path = write_mib(tmp_path / "cut.mib", frames.reshape(-1, 32, 32), scan_xy=(NX, NY))
+    size = path.stat().st_size
     with open(path, "r+b") as fh:
-        fh.truncate(path.stat().st_size - 1000)  # the last frame loses its end
+        fh.truncate(size - 1000)  # the last frame loses its end
+    record = 384 + 32 * 32 * 2
     with open_file(path) as src:
-        assert src.n_frames == 19 and src.damage.startswith("cut.mib is truncated: it holds 19 complete frame(s)")
+        assert src.n_frames == 20 and src.available_frames == 19
+        assert src.problem == (f"cut.mib is damaged: 1 of its 20 frames skipped (frames 19 at offset {19 * record}: "
+                               f"truncated); the other 19 frames are read")
+        assert src.start.metadata["skipped_frames"] == [
+            {"frame": 19, "offset": 19 * record, "reason": f"truncated: the file ends {record - 1000} bytes into its "
+                                                          f"record of {record} bytes"}]
     code, out = analyze(path)
     assert code == 1
-    assert "cut.mib is truncated" in capsys.readouterr().err
+    assert "cut.mib is damaged" in capsys.readouterr().err
     res = read_scan(out)
     assert res["attrs"]["counters"]["received"] == 19 and res["attrs"]["counters"]["missing"] == 1
     filled = np.ones((NY, NX), bool)
@@ -113,18 +120,21 @@ def test_a_truncated_mib_streams_the_frames_before_the_damage_and_names_the_file
     assert_maps(res, frames, filled)
 
 
-def test_frame_headers_that_disagree_are_named(tmp_path):
+def test_a_frame_header_that_disagrees_costs_that_frame_only(tmp_path):
     frames = frames_of(seed=4)
     path = write_mib(tmp_path / "odd.mib", frames.reshape(-1, 32, 32), scan_xy=(NX, NY))
     raw = bytearray(path.read_bytes())
     record = 384 + 32 * 32 * 2
     at = 7 * record + raw[7 * record:].index(b"U16")
-    raw[at:at + 3] = b"U08"  # frame 7 says U08
+    raw[at:at + 3] = b"U08"  # frame 7 says U08 (was: every frame from 7 on was refused)
     path.write_bytes(bytes(raw))
     with open_file(path) as src:
         np.testing.assert_array_equal(src.chunk(0, 7), frames.reshape(-1, 32, 32)[:7])
-        with pytest.raises(ValueError, match=r"odd.mib: the header of frame 7 disagrees with frame 0's: it says "
-                                             r"32x32 U08 1x1, 1 chip\(s\); frame 0 says 32x32 U16 1x1"):
+        np.testing.assert_array_equal(src.chunk(8, 12), frames.reshape(-1, 32, 32)[8:])
+        assert [s.as_dict() for s in src.skipped] == [
+            {"frame": 7, "offset": 7 * record, "reason": "its frame header is damaged (disagrees with the "
+                                                         "acquisition's)"}]
+        with pytest.raises(ValueError, match=r"frames 4..11 of odd.mib cannot be read: frames \[7\] are damaged"):
             src.chunk(4, 8)
 
 

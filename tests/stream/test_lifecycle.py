@@ -6,6 +6,7 @@ import pytest
 
 from rrstem.stream.config import ServiceConfig
 from rrstem.stream.detectors import Item
+from rrstem.stream.incomplete import incomplete_detail
 from rrstem.stream.lifecycle import Lifecycle
 from rrstem.stream.preprocess import PreprocessConfig
 from rrstem.stream.protocol import End, Frames, Start
@@ -109,6 +110,8 @@ def test_a_stop_ends_the_running_scan_stopped_or_failed():
     boom = RuntimeError("the receiver died")
     r.lc.stop(boom)
     assert [s.end_reason for s in r.ended] == ["stopped", "failed"] and r.ended[1].failure is boom
+    assert incomplete_detail(r.ended[1]) == ("processing it failed (RuntimeError: the receiver died); 4 of 12 "
+                                             "positions have no frame")
 
 
 def test_a_new_start_supersedes_the_running_scan_and_its_late_frames_are_stale():

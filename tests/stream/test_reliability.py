@@ -51,6 +51,8 @@ def test_a_sender_killed_mid_scan_leaves_an_incomplete_idle_scan_with_exactly_it
     a = res["attrs"]
     assert a["complete"] == 0 and a["end_reason"] == "idle"
     assert a["counters"]["received"] == 12 and a["counters"]["missing"] == 8
+    assert a["incomplete_detail"] == ("it ended when no frames came for the idle timeout (the sender died, or the "
+                                      "acquisition was aborted); 8 of 20 positions have no frame")
     assert res["maps"]["filled"].sum() == 12
 
 
@@ -76,6 +78,7 @@ def test_a_stop_mid_scan_writes_the_partial_scan_and_exits_0_within_15_s(tmp_pat
         proc.kill()
     a = read_scan(out)["attrs"]
     assert a["end_reason"] == "stopped" and a["complete"] == 0 and a["counters"]["received"] == 9
+    assert a["incomplete_detail"] == "the service was stopped before the scan's end; 11 of 20 positions have no frame"
 
 
 def test_kill_9_at_random_moments_never_leaves_a_broken_file(tmp_path):
