@@ -201,5 +201,6 @@ def run_simulate(args) -> int:
 
 def run_replay(args) -> int:
     """Stream the file named by ``args.input``; returns the exit code."""
-    return _run("replay", lambda: open_file(args.input, args.key, scan_id=args.scan_id, scan_shape=args.scan_shape),
+    return _run("replay", lambda: open_file(args.input, args.key, scan_id=args.scan_id, scan_shape=args.scan_shape,
+                                               extra_ok=True),
                 args, replay_subscans)

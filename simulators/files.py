@@ -4,8 +4,8 @@
 scan in the file's own dtype. The readers live here (``.npy``, ``.npz``,
 generic HDF5, Nion Swift ``.ndata1``) and in ``simulators/formats/``
 (DECTRIS master, EMPAD, EMD/py4DSTEM, HyperSpy, DigitalMicrograph, Merlin
-``.mib``). To add a
-format, register its reader ``reader(path, key) -> Loaded`` in ``OPENERS``
+``.mib``, stempy's electron-counted HDF5). To add a format, register its
+reader ``reader(path, key) -> Loaded`` in ``OPENERS``
 under its suffix, and in ``MAGIC`` under its first bytes if it has any.
 
 Everything is read lazily, a chunk of frames at a time (memory maps, h5py
@@ -14,7 +14,8 @@ and zarr slices), so a replay never holds the whole scan in memory; only
 needs ``scan_shape``. Calibration comes from the file where it has one.
 Frames against the scan: one rule for every reader (``formats.common.fit_frames``):
 more frames than the acquisition of the scan takes (``sync_offset``,
-``flyback``) are refused, fewer are sent as far as they go. A damaged file
+``flyback``) are refused (``rrstem replay`` sends them: ``extra_ok``), fewer
+are sent as far as they go. A damaged file
 (truncated, a data file missing) whose first frames are good gives a source
 that sends those; its ``problem`` says what is wrong.
 """
@@ -115,7 +116,8 @@ def _open_h5(path: Path) -> h5py.File:
 
 
 def _load_h5(path: Path, key: str | None):
-    """Any HDF5 file: a DECTRIS master, EMD/py4DSTEM, HyperSpy, else the one 4D dataset (or ``key``)."""
+    """Any HDF5 file: a DECTRIS master, stempy events, EMD/py4DSTEM, HyperSpy, else the one 4D dataset (or
+    ``key``)."""
     f = _open_h5(path)
     try:
         if dectris.is_master(f):
@@ -272,13 +274,14 @@ def _reader(path: Path):
 
 def open_file(path, key: str | None = None, *, scan_id: str | None = None,
               calibration: Calibration | None = None, scan_shape: tuple[int, int] | None = None,
-              sync_offset: int = 0, flyback: int = 0) -> Source:
+              sync_offset: int = 0, flyback: int = 0, extra_ok: bool = False) -> Source:
     """A replay ``Source`` over the 4D scan in ``path``; ``key`` picks the array, dataset or signal.
 
     ``scan_shape`` (ny, nx) gives a flat series of frames its scan shape (and
     may re-shape a 4D file of as many frames). ``sync_offset`` and ``flyback``
     say how many more frames than positions the acquisition holds
-    (``fit_frames``). ``calibration`` fields given here override those read
+    (``fit_frames``); ``extra_ok`` sends more frames than that, whole (replay: the receiver places
+    them). ``calibration`` fields given here override those read
     from the file. Close the source (or use it as a context manager) to
     release the file.
     """
@@ -286,7 +289,8 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
     from rrstem.simulators.formats.mib import MibSource, is_mib  # Merlin .mib/.hdr, by suffix or first bytes
 
     if path.is_file() and is_mib(path):
-        return MibSource(path, scan_shape=scan_shape, scan_id=scan_id, sync_offset=sync_offset, flyback=flyback)
+        return MibSource(path, scan_shape=scan_shape, scan_id=scan_id, sync_offset=sync_offset, flyback=flyback,
+                         extra_ok=extra_ok)
     if not path.exists():
         raise ValueError(f"cannot replay {str(path)!r}: no such file")
     loaded = _reader(path)(path, key)
@@ -303,7 +307,7 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
         dtype = _check_array((1, 1, *frame_shape) if len(frame_shape) == 2 else shape, data.dtype, what)
         grid = _grid(loaded, shape, scan_shape, what, placed=bool(sync_offset or flyback))
         held = shape[0] if loaded.flat else shape[0] * shape[1]
-        n_frames, short = fit_frames(held, grid, what, sync_offset, flyback)
+        n_frames, short = fit_frames(held, grid, what, sync_offset, flyback, extra_ok)
         problem = loaded.problem or short
         if calibration is not None:
             cal = Calibration(**{**loaded.calibration.model_dump(), **calibration.model_dump(exclude_none=True)})

@@ -113,7 +113,7 @@ def pick(candidates: dict[str, tuple], key: str | None, what: str, path: Path) -
 
 
 def fit_frames(n_frames: int, scan_shape: tuple[int, int], what: str, sync_offset: int = 0,
-               flyback: int = 0) -> tuple[int, str | None]:
+               flyback: int = 0, extra_ok: bool = False) -> tuple[int, str | None]:
     """The one rule of every reader for a file's frames against the scan: (frames the acquisition takes, what
     is short, or None).
 
@@ -121,9 +121,13 @@ def fit_frames(n_frames: int, scan_shape: tuple[int, int], what: str, sync_offse
     (``stream/acquisition.py``). A file with more is refused (a ``ValueError``: the scan shape does not fit,
     unless ``--sync-offset``/``--flyback`` account for the extra frames); one with fewer (damaged, truncated)
     is analysed as far as it goes, and the second value says so: its results are incomplete.
+    ``extra_ok`` (``rrstem replay``): a file with more frames is sent whole, as the detector sent it; the
+    receiver's ``--sync-offset``/``--flyback`` place them, or it counts the extra frames invalid.
     """
     expected = AcquisitionMap(tuple(scan_shape), sync_offset, flyback).frames_in_acquisition
     ny, nx = scan_shape
+    if n_frames > expected and extra_ok:
+        return n_frames, None
     if n_frames > expected:
         took = f"{expected} frames" + (f" (sync offset {sync_offset}, flyback {flyback})"
                                        if sync_offset or flyback else "")

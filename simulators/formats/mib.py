@@ -68,7 +68,7 @@ class MibSource(Source):
     """A ``.mib`` file's good frames, lazily, as one scan (module docstring)."""
 
     def __init__(self, path, scan_shape: tuple[int, int] | None = None, scan_id: str | None = None,
-                 sync_offset: int = 0, flyback: int = 0):
+                 sync_offset: int = 0, flyback: int = 0, extra_ok: bool = False):
         self.path, self.hdr_path = _paths(Path(path))
         name = self.path.name
         if not self.path.is_file():
@@ -85,7 +85,7 @@ class MibSource(Source):
         for s in self.skipped[:LISTED_SKIPS]:
             log.warning("%s: frame %d (file offset %d) skipped: %s", name, s.frame, s.offset, s.reason)
         shape = scan_shape or self._hdr_scan_shape(name)
-        _, short = fit_frames(self.n_frames, shape, name, sync_offset, flyback)
+        _, short = fit_frames(self.n_frames, shape, name, sync_offset, flyback, extra_ok)
         self.problem = "; ".join(p for p in (self._damage(name), short, hdr_problem) if p) or None
         meta = {"source_file": str(self.path.resolve()), "detector": "Quantum Detectors Merlin",
                 "frame_header": {"chips": first.chips, "layout": first.layout, "pixel_type": first.pixel_type,

@@ -185,6 +185,25 @@ def test_replay_of_a_mib_over_rrstem_1(tmp_path):
     assert_maps(res, frames)
 
 
+def test_replay_sends_a_misaligned_acquisition_whole_and_serve_places_it(tmp_path):
+    """Replay is the detector: the sync-offset and flyback frames go out too, the receiver's options place them
+    (analyze refuses them without --sync-offset/--flyback, replay must not)."""
+    frames = frames_of(seed=9)
+    order = acquisition_order((NY, NX), 3, 2)
+    path = write_mib(tmp_path / "acq.mib", frames.reshape(-1, 32, 32)[order], scan_xy=(NX, NY))
+    cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=None, control=None, out=tmp_path / "res.h5",
+                        train=False, sync_offset=3, flyback=2, preprocess=PreprocessConfig(calibration_frames=8))
+    with Service(cfg).start() as svc, open_file(path, extra_ok=True) as src:
+        assert src.n_frames == len(order) == NY * (NX + 2) + 3
+        stream(src, svc.listen_endpoint, bind=False, progress=False)
+        res = read_scan(wait_results(svc))
+    assert res["attrs"]["invalid_reasons"] == {"sync_offset": 3, "flyback": 8}
+    assert res["attrs"]["complete"]
+    assert_maps(res, frames)
+    with pytest.raises(ValueError, match=r"holds 31 frames, more than the 4x5 scan takes"):
+        open_file(path)
+
+
 def test_cli_replays_a_mib_as_a_merlin_pc(tmp_path):
     frames = frames_of(seed=7)
     path = write_mib(tmp_path / "pc.mib", frames.reshape(-1, 32, 32), scan_xy=(NX, NY))
