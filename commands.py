@@ -24,8 +24,8 @@ from pathlib import Path
 
 import zmq
 
-from rrstem.stream.cli import (add_acquisition_args, add_processing_args, parse_scan_shape, preprocess_config,
-                               run_service, trainer_overrides)
+from rrstem.stream.cli import (add_acquisition_args, add_processing_args, dpc_options, parse_scan_shape,
+                               preprocess_config, run_service, trainer_overrides)
 
 log = logging.getLogger("rrstem")
 
@@ -65,8 +65,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = args.out or Path(args.input).with_suffix(".rrstem.h5")
     cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
                         scan_shape=args.scan_shape, sync_offset=args.sync_offset, flyback=args.flyback,
-                        preprocess=preprocess_config(args), train=not args.no_train, model=args.model,
-                        trainer=trainer_overrides(args), device=args.device, once=True)
+                        preprocess=preprocess_config(args), dpc=dpc_options(args), train=not args.no_train,
+                        model=args.model, trainer=trainer_overrides(args), device=args.device, once=True)
     ctx = zmq.Context.instance()  # inproc:// joins only sockets of one context: the service's and the sender's
     with src:
         service = Service(cfg, context=ctx).start()
@@ -130,8 +130,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.bin is None:
         args.bin = max(1, args.detector // 64)  # the paper's 64x64 binned patterns
     cfg = ServiceConfig(listen="tcp://127.0.0.1:0", bind=True, publish=args.publish, control=args.control,
-                        out=out_dir / "results.h5", preprocess=preprocess_config(args), train=not args.no_train,
-                        trainer=trainer_overrides(args), device=args.device, once=args.headless and not args.steer,
+                        out=out_dir / "results.h5", preprocess=preprocess_config(args), dpc=dpc_options(args),
+                        train=not args.no_train, trainer=trainer_overrides(args), device=args.device,
+                        once=args.headless and not args.steer,
                         **({"events": "tcp://127.0.0.1:0", "steering": "tcp://127.0.0.1:0"} if args.steer else {}))
     service = Service(cfg).start()
     print(f"rrstem demo: graphene {args.scan[0]}x{args.scan[1]} scan, {args.detector}px detector, "

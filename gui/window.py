@@ -16,6 +16,7 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtWidgets
 
+from rrstem.gui.dpc import DPC_DIRECTION, DPCPanels
 from rrstem.gui.grid import MapGrid
 from rrstem.gui.layout import (COM_DIRECTION, FIXED_MAPS, LATENT_PANEL, MODEL_PANELS, NEWEST_TITLE, latent_panel,
                                scan_step)
@@ -90,6 +91,7 @@ class Dashboard(QtWidgets.QMainWindow):
         for name, title in FIXED_MAPS:
             self._add_map(name, title)
         self._add_wheel_legend(self.maps[COM_DIRECTION])
+        self.dpc = DPCPanels(self._add_direction_map)
         self.maps_view.scene().sigMouseClicked.connect(self._on_click)
 
         right = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
@@ -125,11 +127,16 @@ class Dashboard(QtWidgets.QMainWindow):
         cmap = CYCLIC if name == Arrays.ROTATION else "viridis"
         fixed = (-np.pi, np.pi) if name == Arrays.ROTATION else None
         kind = AnomalyPanel if name == Arrays.ANOMALY else ImagePanel
-        panel = kind(title, cmap=cmap, fixed_levels=fixed, colour_bar=name != COM_DIRECTION)
+        panel = kind(title, cmap=cmap, fixed_levels=fixed, colour_bar=name not in (COM_DIRECTION, DPC_DIRECTION))
         self.map_grid.add(panel.plot)
         self.map_views.add(panel)
         panel.set_auto(self.controls.auto_levels.isChecked())
         self.maps[name] = panel
+        return panel
+
+    def _add_direction_map(self, name: str, title: str) -> ImagePanel:
+        panel = self._add_map(name, title)
+        self._add_wheel_legend(panel)
         return panel
 
     def _add_wheel_legend(self, panel: ImagePanel) -> None:
@@ -140,7 +147,6 @@ class Dashboard(QtWidgets.QMainWindow):
         box.setFixedWidth(48)
         box.setFixedHeight(48)
         panel.add_legend(box)
-        self.wheel_legend = box
 
     # ---- snapshot ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -193,6 +199,7 @@ class Dashboard(QtWidgets.QMainWindow):
         if Arrays.MEAN_PATTERN in a:
             self.pattern_grid.set_aspect(a[Arrays.MEAN_PATTERN].shape[0] / a[Arrays.MEAN_PATTERN].shape[1])
         self._add_declared_maps(h.maps, a)
+        self.dpc.show(h, a, self.maps)  # before the scale is set on every panel: it may add one
         for name, panel in self.maps.items():
             panel.set_scale(*(step or (1.0, 1.0)), unit)
             if name in a:
@@ -239,6 +246,7 @@ class Dashboard(QtWidgets.QMainWindow):
                 self._add_map(name, spec.get("description") or name)
 
     def _new_scan(self) -> None:
+        self.dpc.magnitude.levels = None
         for panel in [*self.maps.values(), *self.patterns.values()]:
             panel.set_auto(self.controls.auto_levels.isChecked())
         for name in [n for n in self.maps if n.startswith(LATENT_PANEL)]:

@@ -3,8 +3,8 @@
 - ``add_serve_args(subparsers)``: the ``serve`` subcommand.
 - ``add_keys_args(subparsers)``: the ``keys`` subcommand (CURVE certificates, ``stream/auth.py``).
 - ``add_keys_option(parser, what)``: the ``--keys DIR`` option of every command that talks ZeroMQ.
-- ``add_processing_args(parser)``, ``preprocess_config(args)``, ``trainer_overrides(args)``:
-  the preprocessing and training options of every command that runs a service
+- ``add_processing_args(parser)``, ``preprocess_config(args)``, ``dpc_options(args)``,
+  ``trainer_overrides(args)``: the preprocessing, DPC and training options of every command that runs a service
   (serve, analyze, demo), and the ``ServiceConfig`` parts they make.
 - ``run_service(service)``: run a started service to its end with a progress bar.
 - ``parse_scan_shape(text)``: the one parser of ``NY`` / ``NYxNX`` scan shapes,
@@ -69,6 +69,7 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reductions", type=_reduction_modules, default=None, metavar="MODULE[,MODULE]",
                    help="your own maps: Python modules (my_maps.py, or a module name) whose reductions "
                         "(@register) every scan runs beside the built-in ones (README, 'Your own maps')")
+    add_dpc_args(p)
     t = p.add_argument_group("training")
     t.add_argument("--no-train", action="store_true", help="do not train the rrVAE")
     t.add_argument("--device", default="cpu", help="torch device for the rrVAE: cpu, cuda, cuda:1, mps")
@@ -81,6 +82,40 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--trainer", type=_json_object, default=None, metavar="JSON",
                    help="trainer and model options as JSON, as TrainerConfig.from_dict takes them (model/config.py), "
                         "e.g. '{\"seed\": 3, \"lr\": 1e-3}'; --consolidate and --latent-dim win over it")
+
+
+def add_dpc_args(p: argparse.ArgumentParser) -> None:
+    """The DPC options (README, "DPC: rotation, descan, iDPC"): calibration and descan."""
+    d = p.add_argument_group("DPC (dpc_x, dpc_y, idpc, ddpc)")
+    d.add_argument("--scan-rotation", type=float, default=None, metavar="DEG",
+                   help="the scan-detector rotation in degrees, from +x towards +y (default: found from the data "
+                        "as the scan fills, and carried over to the next scans once settled)")
+    d.add_argument("--flip", action="store_true",
+                   help="the detector's rows are mirrored against the scan (applied before --scan-rotation)")
+    d.add_argument("--dpc-calibration", default=None, metavar="FILE",
+                   help="load the rotation and flip: the results .h5 of an earlier scan (FILE or FILE:SCAN_ID) "
+                        "or a JSON file such as {\"rotation_deg\": 12.5, \"flip\": true}")
+    d.add_argument("--descan-order", type=int, default=None, metavar="N",
+                   help="polynomial fitted to the COM field and removed as descan: 0 the mean, 1 a plane "
+                        "(default), 2 ...")
+    d.add_argument("--descan-reference", default=None, metavar="RESULTS",
+                   help="a vacuum scan's results (FILE or FILE:SCAN_ID) on the same grid: its COM maps are "
+                        "subtracted as descan (then no fit, unless --descan-order is given)")
+
+
+def dpc_options(args: argparse.Namespace):
+    """``ServiceConfig.dpc`` from the options ``add_dpc_args`` added; files that cannot be read stop the command
+    here, with a message that names them."""
+    from rrstem.stream.config import DPCOptions
+    from rrstem.stream.dpc.live import DPCSession
+
+    opts = DPCOptions(rotation_deg=args.scan_rotation, flip=args.flip, calibration_file=args.dpc_calibration,
+                      descan_order=args.descan_order, descan_reference=args.descan_reference)
+    try:
+        DPCSession.open(**opts.model_dump())
+    except ValueError as exc:
+        raise SystemExit(f"rrstem: error: {exc}") from None
+    return opts
 
 
 def _reduction_modules(text: str) -> list:
@@ -230,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         publish=args.publish, control=args.control, out=args.out, scan_shape=args.scan_shape,
                         events=args.events or None, steering=args.steering or None, steer_timeout=args.steer_timeout,
                         sync_offset=args.sync_offset, flyback=args.flyback,
-                        preprocess=preprocess_config(args), train=not args.no_train,
+                        preprocess=preprocess_config(args), dpc=dpc_options(args), train=not args.no_train,
                         trainer=trainer_overrides(args), device=args.device, once=args.once,
                         idle_timeout=args.idle_timeout, checkpoint_seconds=args.checkpoint_seconds,
                         stop_timeout=args.stop_timeout, keys=args.keys, read_only_control=args.read_only_control)

@@ -11,6 +11,22 @@ from rrstem.model.interface import ScanEncoder
 from rrstem.stream.preprocess import PreprocessConfig
 
 
+class DPCOptions(BaseModel):
+    """How the DPC maps are made (``stream/reductions/dpc.py``, README "DPC: rotation, descan, iDPC")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rotation_deg: float | None = Field(None, description="The scan-detector rotation, degrees (given); None: "
+                                       "found from the data, unless calibration_file is given.")
+    flip: bool = Field(False, description="The detector's rows are mirrored against the scan (given).")
+    calibration_file: str | None = Field(None, description="Load the calibration: a results file (FILE or "
+                                         "FILE:SCAN_ID) or a JSON file {\"rotation_deg\": ..., \"flip\": ...}.")
+    descan_order: int | None = Field(None, ge=0, description="Polynomial fitted to the COM field and removed as "
+                                     "descan: 0 mean, 1 plane, ...; None: a plane, or no fit with a reference.")
+    descan_reference: str | None = Field(None, description="A vacuum scan's results (FILE or FILE:SCAN_ID): its "
+                                         "COM maps are subtracted as descan.")
+
+
 class ServiceConfig(BaseModel):
     """Everything ``rrstem serve`` can be told. Endpoints may use port 0 when bound."""
 
@@ -35,6 +51,7 @@ class ServiceConfig(BaseModel):
     steer_timeout: float = Field(30.0, gt=0, description="A rescan request the bridge neither answers nor starts "
                                  "within this many seconds is reported, s.")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    dpc: DPCOptions = Field(default_factory=DPCOptions)
     scan_shape: tuple[int, int] | None = Field(None, description="Override the start message's scan shape.")
     sync_offset: int = Field(0, description="Frames to skip at the start of an acquisition; negative: frames "
                              "missing there (stream/acquisition.py).")

@@ -33,6 +33,7 @@ from typing import Callable
 from rrstem.stream.acquisition import AcquisitionMap
 from rrstem.stream.config import ServiceConfig
 from rrstem.stream.detectors import Item
+from rrstem.stream.dpc.live import DPCSession
 from rrstem.stream.protocol import Start
 from rrstem.stream.scan import Scan
 from rrstem.stream.snapshot import EndReason
@@ -56,6 +57,8 @@ class Lifecycle:
                  on_frames: Callable[[Scan, int], None] = _noop, on_end: Callable[[Scan], None] = _noop,
                  on_failure: Callable[[str, BaseException, str | None], None] = _noop):
         self.cfg = cfg
+        #: what the reductions keep between this service's scans (``ScanInfo.session``): the DPC calibration
+        self.session = {"dpc": DPCSession.open(**cfg.dpc.model_dump())}
         self.on_start, self.on_frames, self.on_end, self.on_failure = on_start, on_frames, on_end, on_failure
         self.current: Scan | None = None  # the newest scan (kept, ended, until the next start)
         self.orphans: Counter[str] = Counter()  # bad input that belongs to no scan, by reason
@@ -167,7 +170,8 @@ class Lifecycle:
         seen = self._seen.get(start.scan_id, 0)
         name = f"{start.scan_id}.{seen + 1}" if seen else None  # a scan id seen before: stored beside, not over
         try:
-            scan = Scan(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub", results_name=name)
+            scan = Scan(start, self.cfg.preprocess, lossy=self.cfg.mode == "sub", results_name=name,
+                        session=self.session)
         except ValueError as exc:  # the scan cannot be taken; its frames are counted, not processed
             self._refused[start.scan_id] = "rejected_scan"
             self._orphan("rejected_start")

@@ -120,6 +120,7 @@ class Reporter:
             return Snapshot(header)
         # float32 is plenty for display and halves what every subscriber receives
         arrays = {k: v.astype("float32") if v.dtype == "float64" else v for k, v in cur.maps().items()}
+        header.map_attrs = cur.map_attrs()  # after the maps: the attributes of these maps
         if self.slot is not None:
             arrays.update(self.slot.model(cur, export=False)[0])
             arrays.update({history_key(k): v for k, v in self.slot.histories(cur).items()})

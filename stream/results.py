@@ -52,6 +52,7 @@ class ScanResults:
     specs: dict[str, MapSpec] = field(default_factory=dict)
     pixel_mask: np.ndarray | None = None
     model: dict[str, Any] | None = None
+    map_attrs: dict[str, Any] = field(default_factory=dict)  #: attributes of ``maps`` (the DPC calibration)
 
 
 def scan_results(scan) -> ScanResults:
@@ -91,7 +92,8 @@ def scan_results(scan) -> ScanResults:
         attrs["error"] = f"{type(scan.failure).__name__}: {scan.failure}"
     if scan.results_name != scan.scan_id:
         attrs["scan_id"] = scan.scan_id  # the id it came with
-    return ScanResults(scan.results_name, attrs, scan.maps(score_defects=True), scan.map_specs(), mask)
+    maps = scan.maps(score_defects=True)  # first: the map attributes are those of these maps
+    return ScanResults(scan.results_name, attrs, maps, scan.map_specs(), mask, map_attrs=scan.map_attrs())
 
 
 def write_scan(path: str | os.PathLike, results: ScanResults) -> Path:
@@ -142,6 +144,8 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
     if r.pixel_mask is not None:
         g.create_dataset("pixel_mask", data=r.pixel_mask.astype(bool), compression="gzip")
     m = g.create_group("maps")
+    for key, value in r.map_attrs.items():
+        m.attrs[key] = _json(value) if isinstance(value, (dict, list)) else value
     for name, arr in maps.items():
         if name in (Arrays.MEAN_PATTERN, Arrays.ALARM_THRESHOLD):
             continue
@@ -183,6 +187,8 @@ def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, 
                 value = json.loads(value)
             out["attrs"][key] = value
         out["maps"] = {k: v[()] for k, v in g["maps"].items()}
+        out["map_attrs"] = {k: json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v
+                            for k, v in g["maps"].attrs.items()}
         if Arrays.ANOMALY in g["maps"] and "threshold" in g["maps"][Arrays.ANOMALY].attrs:
             out["maps"][Arrays.ALARM_THRESHOLD] = np.float32(g["maps"][Arrays.ANOMALY].attrs["threshold"])
         out["units"] = {k: v.attrs["unit"] for k, v in g["maps"].items() if "unit" in v.attrs}

@@ -41,8 +41,10 @@ _PASS_FRAMES = 4096
 class Scan:
     """One scan in the service; implements ``model.interface.ScanView``."""
 
-    def __init__(self, start: Start, cfg: PreprocessConfig, lossy: bool = False, results_name: str | None = None):
+    def __init__(self, start: Start, cfg: PreprocessConfig, lossy: bool = False, results_name: str | None = None,
+                 session: dict | None = None):
         self._reductions = registered()  # the reductions this scan runs, fixed at its start
+        self._session = session or {}  # what the service keeps for the reductions between scans (ScanInfo.session)
         check_memory(start, cfg, per_position=bytes_per_position(self._reductions))
         self.start = start
         self.cfg = cfg
@@ -178,7 +180,8 @@ class Scan:
         with self._lock:
             self.geometry = g
             raw = np.dtype(self.start.dtype)
-            self._partial = Partial(ScanInfo(self.scan_shape, g, pixel_mrad), self._reductions,
+            info = ScanInfo(self.scan_shape, g, pixel_mrad, cal.scan_step_nm, session=self._session)
+            self._partial = Partial(info, self._reductions,
                                     accumulator(raw, g.bin, g.binned_shape), filled=self._filled)
             self._store = FrameStore(self.start.n_positions, g.binned_shape, narrow_dtype(raw, g.bin))
             self._pass = self._frame_pass(self._store)
@@ -366,6 +369,10 @@ class Scan:
         """Name -> declaration of every map this scan publishes: its reductions', ``filled`` and the defect maps."""
         specs = self._partial.specs() if self._partial is not None else ()
         return {m.name: m for m in (*specs, FILLED_MAP, *DEFECT_SPECS)}
+
+    def map_attrs(self) -> dict:
+        """What the reductions say of their maps as last derived (``Reduction.attrs``: the DPC calibration)."""
+        return self._partial.attrs() if self._partial is not None else {}
 
     @property
     def com_unit(self) -> str:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rrstem.model import interface as model_names
 from rrstem.stream import defects
 from rrstem.stream.protocol import PROTOCOL, ProtocolError
-from rrstem.stream.reductions import MapSpec, com, mean, virtual
+from rrstem.stream.reductions import MapSpec, com, dpc, mean, virtual
 
 _SNAPSHOT_DTYPES = ("float32", "float64", "uint8", "int32", "int64", "uint16", "uint32")
 
@@ -66,6 +66,10 @@ class Arrays:
     COM_Y = com.COM_Y.name  #: (ny, nx)
     COM_MAGNITUDE = com.COM_MAGNITUDE.name  #: (ny, nx) hypot(com_x, com_y)
     COM_ANGLE = com.COM_ANGLE.name  #: (ny, nx) atan2(com_y, com_x), rad
+    DPC_X = dpc.DPC_X.name  #: (ny, nx) deflection along scan x: the COM turned into the scan's frame, descan removed
+    DPC_Y = dpc.DPC_Y.name  #: (ny, nx) along scan y
+    IDPC = dpc.IDPC.name  #: (ny, nx) integrated DPC, in ``maps``' unit of it
+    DDPC = dpc.DDPC.name  #: (ny, nx) divergence of (dpc_x, dpc_y)
     FILLED = FILLED_MAP.name  #: (ny, nx) bool where a frame has arrived (sent as uint8)
     MEAN_PATTERN = mean.MEAN_PATTERN.name  #: (h, w) running mean of the binned frames
     ROTATION = model_names.ROTATION  #: (ny, nx) rrVAE angle, rad; present once the model has encoded the scan
@@ -78,7 +82,8 @@ class Arrays:
     ALARM_THRESHOLD = defects.ALARM_THRESHOLD  #: () float32 the alarm threshold on ``anomaly`` (inf: none yet)
 
     #: the maps over the scan that the built-in reductions derive from their sums
-    SCAN_MAPS = tuple(m.name for m in (virtual.VBF, virtual.VADF, *com.CentreOfMass.maps))
+    SCAN_MAPS = tuple(m.name for m in (virtual.VBF, virtual.VADF, *com.CentreOfMass.maps,
+                                       *dpc.DifferentialPhaseContrast.maps))
     #: the defect map and its alarms, which the scan derives from its VADF map
     DEFECT_MAPS = tuple(m.name for m in defects.DEFECT_SPECS)
     MODEL_MAPS = model_names.MAPS
@@ -133,6 +138,10 @@ class SnapshotHeader(BaseModel):
         default_factory=list, description="The declaration of each map the service makes of the current scan: "
         "name, unit, description, panel (whether a dashboard shows it as a panel of its own), per_position "
         "(ny, nx) or (d, ny, nx) over the scan, else another shape. A map is present in arrays once it has data.")
+    map_attrs: dict[str, Any] = Field(
+        default_factory=dict, description="What the reductions say of the maps in this snapshot, as the results "
+        "file's maps group attributes: dpc_rotation_deg, dpc_flip, dpc_calibration (source given | loaded | "
+        "found, uncertainty_deg, curl_ratio, settled, carried_over, ...), dpc_descan.")
     training: dict[str, Any] = Field(
         default_factory=dict, description="state, step, latest loss and metrics of the trainer."
     )

@@ -27,10 +27,10 @@ import importlib
 import importlib.util
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
@@ -84,6 +84,10 @@ class ScanInfo:
     scan_shape: tuple[int, int]
     geometry: Geometry
     pixel_mrad: float | None = None  #: one binned detector pixel, if the start message calibrated it
+    scan_step_nm: float | None = None  #: the probe's step between positions, if the start message gives it
+    #: what the service keeps for a reduction from scan to scan, by reduction name (``dpc``: its calibration,
+    #: ``stream/dpc/live.py``); empty outside a service
+    session: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 class Reduction:
@@ -110,6 +114,11 @@ class Reduction:
     def derive(self, view) -> dict[str, np.ndarray]:
         """The maps, from the merged buffers (``view``: a ``partial.View``); at snapshot time, never per frame."""
         raise NotImplementedError
+
+    def attrs(self) -> dict[str, Any]:
+        """What the reduction says of its maps as last derived (JSON-able): attributes of the results file's
+        ``maps`` group and the snapshot header's ``map_attrs``. None by default."""
+        return {}
 
 
 class WeightMap(Reduction):

@@ -20,6 +20,20 @@ COM_MAGNITUDE = MapSpec("com_magnitude", "px", "COM magnitude")
 COM_ANGLE = MapSpec("com_angle", "rad", "COM direction, atan2(com_y, com_x)", panel=False)
 
 
+def com_at(view, pixel_mrad: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(n_filled,) COM x and y at the filled positions, relative to the mean pattern's, in mrad (binned detector
+    pixels of ``pixel_mrad``) or in binned pixels; NaN for a frame with no counts. The one COM computation."""
+    i, mx, my = view.column(INTENSITY), view.column(MOMENT_X), view.column(MOMENT_Y)
+    if not len(i):
+        return i, i
+    total = i.sum()
+    ref_x = mx.sum() / total  # the COM of the mean pattern
+    ref_y = my.sum() / total
+    scale = pixel_mrad or 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):  # a frame with no counts has no COM: NaN
+        return (mx / i - ref_x) * scale, (my / i - ref_y) * scale
+
+
 @register
 class CentreOfMass(Reduction):
     name = "com"
@@ -34,16 +48,7 @@ class CentreOfMass(Reduction):
         return tuple(m if m is COM_ANGLE else MapSpec(m.name, self.unit, m.description, m.panel) for m in self.maps)
 
     def derive(self, view):
-        i, mx, my = view.column(INTENSITY), view.column(MOMENT_X), view.column(MOMENT_Y)
-        if not len(i):
-            return {m.name: view.scatter(i) for m in self.maps}
-        total = i.sum()
-        ref_x = mx.sum() / total  # the COM of the mean pattern
-        ref_y = my.sum() / total
-        scale = self.info.pixel_mrad or 1.0
-        with np.errstate(invalid="ignore", divide="ignore"):  # a frame with no counts has no COM: NaN
-            com_x = (mx / i - ref_x) * scale
-            com_y = (my / i - ref_y) * scale
+        com_x, com_y = com_at(view, self.info.pixel_mrad)
         return {COM_X.name: view.scatter(com_x), COM_Y.name: view.scatter(com_y),
                 COM_MAGNITUDE.name: view.scatter(np.hypot(com_x, com_y)),
                 COM_ANGLE.name: view.scatter(np.arctan2(com_y, com_x))}

@@ -154,6 +154,13 @@ class Partial:
             out.update(r.derive(view))
         return out
 
+    def attrs(self) -> dict:
+        """Every reduction's ``attrs()``, as of its latest ``derive``."""
+        out: dict = {}
+        for r in self.reductions:
+            out.update(r.attrs())
+        return out
+
     # --- scale-out ----------------------------------------------------------------------------
 
     def merge(self, other: "Partial") -> None:

@@ -9,13 +9,22 @@ counters, so the tests exercise the schema the service publishes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from rrstem.model.interface import (
     ANGLE_KL, CONTENT_KL, EVAL_HISTORIES, EVAL_STEP, HELDOUT_ELBO, IMAGES_SEEN, LATENT_R_MAX, LOSS,
     RECONSTRUCTION, ROTATION_R, STEP, STEP_HISTORIES, TIME,
 )
+from rrstem.stream.reductions.dpc import DDPC, DPC_X, DPC_Y, IDPC
 from rrstem.stream.snapshot import COUNTERS, Arrays, Snapshot, SnapshotHeader, history_key
+
+#: the DPC maps as a service declares them (scan step in nm, COM in px) and a calibration found on the data
+DPC_SPECS = (DPC_X, DPC_Y, IDPC, DDPC)
+DPC_ATTRS = {"dpc_rotation_deg": 36.96, "dpc_flip": True, "dpc_descan": "plane",
+             "dpc_calibration": {"source": "found", "uncertainty_deg": 0.07, "curl_ratio": 0.03, "positions": 900,
+                                 "settled": True, "carried_over": False}}
 
 EVAL_EVERY = 5  #: logged steps per held-out evaluation
 DEFECTS = ((9, 20), (21, 7))  #: (y, x) of the positions whose anomaly passes the threshold
@@ -80,6 +89,8 @@ def synthetic_snapshot(ny=64, nx=64, latent_dim=4, filled_rows=None, seq=0, scan
         Arrays.COM_X: -gx * 4,
         Arrays.COM_Y: -gy * 4,
     }
+    maps.update({Arrays.DPC_X: gx * 4, Arrays.DPC_Y: gy * 4, Arrays.IDPC: (atoms - atoms.mean()) * 4,
+                 Arrays.DDPC: np.gradient(gx, axis=1) * 4 + np.gradient(gy, axis=0) * 4})
     maps[Arrays.COM_MAGNITUDE] = np.hypot(maps[Arrays.COM_X], maps[Arrays.COM_Y])
     maps[Arrays.COM_ANGLE] = np.arctan2(maps[Arrays.COM_Y], maps[Arrays.COM_X])
     if with_model:
@@ -123,6 +134,7 @@ def synthetic_snapshot(ny=64, nx=64, latent_dim=4, filled_rows=None, seq=0, scan
         latest_index=[filled_rows - 1, nx - 1] if filled_rows else None,
         calibration={"scan_step_nm": step_nm} if step_nm else {}, com_unit="px",
         training={"state": "running", "step": int(histories[STEP][-1]), "loss": float(histories[LOSS][-1])},
+        maps=[dataclasses.asdict(m) for m in DPC_SPECS], map_attrs=DPC_ATTRS,
     )
     return Snapshot(header=header, arrays=arrays)
 

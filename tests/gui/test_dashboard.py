@@ -242,7 +242,8 @@ def test_each_map_fills_its_panel(qtbot, ny, nx, with_model):
     qtbot.waitExposed(dash)
     dash.show_snapshot(synthetic_snapshot(ny=ny, nx=nx, detector=32, with_model=with_model))
     shown = [p for p in dash.maps.values() if p.image.image is not None]
-    assert len(shown) == (11 if with_model else 5)  # VBF, VADF, COM x2, defect map; the model: rotation, recon error, 4 latents
+    # VBF, VADF, COM x2, defect map, iDPC, DPC direction; the model: rotation, recon error, 4 latents
+    assert len(shown) == (13 if with_model else 7)
     dash.grab()  # paint once: the axes size themselves to their tick labels
 
     def fills():

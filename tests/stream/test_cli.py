@@ -41,7 +41,7 @@ def test_every_scan_shape_option_uses_the_one_parser():
     found = {}
     for name, sub in subcommands(build_parser()).items():
         for action in sub._actions:
-            if any(opt.startswith("--scan") and opt != "--scan-id" for opt in action.option_strings):
+            if any(opt.startswith("--scan") and opt not in ("--scan-id", "--scan-rotation") for opt in action.option_strings):
                 found[(name, action.option_strings[0])] = action.type
     assert set(found) == {("serve", "--scan-shape"), ("demo", "--scan"), ("simulate", "--scan"),
                           ("replay", "--scan-shape"), ("analyze", "--scan-shape")}
