@@ -59,7 +59,13 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
                    help="bright-field disc centre and radius in raw pixels (default: detect)")
     g.add_argument("--calibration-frames", type=int, default=64,
                    help="frames used to find the disc and bad pixels (default 64)")
-    g.add_argument("--no-mask", action="store_true", help="do not mask saturated and hot pixels")
+    g.add_argument("--no-mask", action="store_true",
+                   help="do not look for stuck, hot and dead pixels (a --mask FILE and the detector's own mask "
+                        "still apply)")
+    g.add_argument("--mask", type=_mask_file, default=None, metavar="FILE[:DATASET]",
+                   help="a known detector mask: a .npy file, or an HDF5 file with one 2D dataset (or name it: "
+                        "FILE:DATASET); non-zero (True) pixels are masked, as in DECTRIS' pixel_mask; its shape "
+                        "must be the raw frame's, else the scan is refused")
     g.add_argument("--reductions", type=_reduction_modules, default=None, metavar="MODULE[,MODULE]",
                    help="your own maps: Python modules (my_maps.py, or a module name) whose reductions "
                         "(@register) every scan runs beside the built-in ones (README, 'Your own maps')")
@@ -75,6 +81,17 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--trainer", type=_json_object, default=None, metavar="JSON",
                    help="trainer and model options as JSON, as TrainerConfig.from_dict takes them (model/config.py), "
                         "e.g. '{\"seed\": 3, \"lr\": 1e-3}'; --consolidate and --latent-dim win over it")
+
+
+def _mask_file(text: str) -> str:
+    """``--mask``: read the file now, so an unreadable mask is refused with the command line's message."""
+    from rrstem.stream.badpixels import load_mask
+
+    try:
+        load_mask(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _reduction_modules(text: str) -> list:
@@ -117,7 +134,8 @@ def preprocess_config(args: argparse.Namespace):
     disc = args.disc
     return PreprocessConfig(bin=args.bin, crop=args.crop, calibration_frames=args.calibration_frames,
                             disc_center=tuple(disc[:2]) if disc else None, disc_radius=disc[2] if disc else None,
-                            mask_saturated=not args.no_mask, mask_outliers=not args.no_mask)
+                            mask_saturated=not args.no_mask, mask_outliers=not args.no_mask,
+                            mask_file=args.mask)
 
 
 def trainer_overrides(args: argparse.Namespace) -> dict:
