@@ -54,6 +54,7 @@ def _stream_in_thread(source, endpoint: str, *, rate: float | None, context, bin
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from rrstem.simulators.files import open_file
+    from rrstem.stream.scan import Scan
     from rrstem.stream.service import Service, ServiceConfig
 
     src = open_file(args.input, args.key, scan_shape=args.scan_shape, sync_offset=args.sync_offset,
@@ -67,6 +68,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                         scan_shape=args.scan_shape, sync_offset=args.sync_offset, flyback=args.flyback,
                         preprocess=preprocess_config(args), dpc=dpc_options(args), train=not args.no_train,
                         model=args.model, trainer=trainer_overrides(args), device=args.device, once=True)
+    try:  # a mask of another shape would refuse the scan; say so now rather than wait for it
+        Scan.check_mask(src.start, cfg.preprocess)
+    except ValueError as exc:
+        src.close()
+        print(f"rrstem analyze: error: {exc}", file=sys.stderr)
+        return 2
     ctx = zmq.Context.instance()  # inproc:// joins only sockets of one context: the service's and the sender's
     with src:
         service = Service(cfg, context=ctx).start()

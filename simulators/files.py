@@ -317,7 +317,8 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
         if problem:
             meta["source_problem"] = problem
         start = Start(scan_id=scan_id or _scan_id(path, loaded.metadata.get("key")), scan_shape=grid,
-                      frame_shape=tuple(frame_shape), dtype=dtype.name, calibration=cal, metadata=meta)
+                      frame_shape=tuple(frame_shape), dtype=dtype.name, calibration=cal, metadata=meta,
+                      bad_pixels=loaded.bad_pixels)
         if not loaded.flat and grid == shape[:2] and not (sync_offset or flyback):
             return ArraySource(data, start, loaded.closer)
         frames = data if loaded.flat else _Rows(data)

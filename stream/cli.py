@@ -65,7 +65,13 @@ def add_processing_args(p: argparse.ArgumentParser) -> None:
                         "in the oriented frame")
     g.add_argument("--calibration-frames", type=int, default=64,
                    help="frames used to find the disc and bad pixels (default 64)")
-    g.add_argument("--no-mask", action="store_true", help="do not mask saturated and hot pixels")
+    g.add_argument("--no-mask", action="store_true",
+                   help="do not look for stuck, hot and dead pixels (a --mask FILE and the detector's own mask "
+                        "still apply)")
+    g.add_argument("--mask", type=_mask_file, default=None, metavar="FILE[:DATASET]",
+                   help="a known detector mask: a .npy file, or an HDF5 file with one 2D dataset (or name it: "
+                        "FILE:DATASET); non-zero (True) pixels are masked, as in DECTRIS' pixel_mask; its shape "
+                        "must be the raw frame's, else the scan is refused")
     g.add_argument("--reductions", type=_reduction_modules, default=None, metavar="MODULE[,MODULE]",
                    help="your own maps: Python modules (my_maps.py, or a module name) whose reductions "
                         "(@register) every scan runs beside the built-in ones (README, 'Your own maps')")
@@ -118,6 +124,17 @@ def dpc_options(args: argparse.Namespace):
     return opts
 
 
+def _mask_file(text: str) -> str:
+    """``--mask``: read the file now, so an unreadable mask is refused with the command line's message."""
+    from rrstem.stream.badpixels import load_mask
+
+    try:
+        load_mask(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _reduction_modules(text: str) -> list:
     """``--reductions``: import each module now, so a bad one is refused with the command line's message."""
     from rrstem.stream.reductions.base import load
@@ -159,7 +176,7 @@ def preprocess_config(args: argparse.Namespace):
     return PreprocessConfig(bin=args.bin, crop=args.crop, calibration_frames=args.calibration_frames,
                             disc_center=tuple(disc[:2]) if disc else None, disc_radius=disc[2] if disc else None,
                             mask_saturated=not args.no_mask, mask_outliers=not args.no_mask,
-                            flip_rows=args.flip_rows, transpose=args.transpose)
+                            flip_rows=args.flip_rows, transpose=args.transpose, mask_file=args.mask)
 
 
 def trainer_overrides(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from rrstem.stream.badpixels import reasons_of
 from rrstem.stream.orientation import orient
 
 log = logging.getLogger("rrstem.preprocess")
@@ -30,8 +31,9 @@ class PreprocessConfig:
     adf_inner: float = 1.2  # ADF inner radius in disc radii
     adf_outer: float | None = None  # ADF outer radius in disc radii; None = to the frame edge
     mask_saturated: bool = True  # zero pixels at the dtype maximum in the frame they occur in
-    mask_outliers: bool = True  # zero pixels that are persistent outliers in the calibration frames
-    outlier_factor: float = 8.0  # hot: calibration sum above this many times its 3x3 neighbourhood median
+    mask_outliers: bool = True  # zero hot pixels (and report dead ones) that the calibration frames show
+    outlier_factor: float = 8.0  # hot: calibration sum above this many times its brightest neighbour's (+5 sigma)
+    mask_file: str | None = None  # a known detector mask, FILE.npy or FILE.h5[:DATASET], non-zero = masked
     calibration_frames: int = 64  # frames used to find the disc and the bad pixels
     flip_rows: bool = False  # reverse each raw frame's rows first (stream/orientation.py)
     transpose: bool = False  # then swap its rows and columns
@@ -59,6 +61,7 @@ class Geometry:
     masked: tuple[tuple[int, int], ...] = field(default=())  # raw (row, col) of persistently masked pixels
     flip_rows: bool = False  # raw frames had their rows reversed, then
     transpose: bool = False  # their rows and columns swapped, before anything else (stream/orientation.py)
+    mask_reasons: tuple[int, ...] = field(default=())  # why each is masked: bits of ``badpixels.REASONS``
 
     @property
     def binned_shape(self) -> tuple[int, int]:
@@ -68,6 +71,7 @@ class Geometry:
     def to_json(self) -> dict:
         d = asdict(self)
         d["masked"] = [list(p) for p in self.masked]
+        d["mask_reasons"] = list(self.mask_reasons)
         d["binned_shape"] = list(self.binned_shape)
         return d
 
@@ -76,7 +80,16 @@ class Geometry:
         """The inverse of ``to_json``."""
         return cls(tuple(d["frame_shape"]), int(d["bin"]), tuple(d["crop"]), tuple(d["center"]), float(d["radius"]),
                    float(d["adf_inner"]), float(d["adf_outer"]), tuple(tuple(p) for p in d["masked"]),
-                   bool(d.get("flip_rows", False)), bool(d.get("transpose", False)))
+                   bool(d.get("flip_rows", False)), bool(d.get("transpose", False)),
+                   tuple(int(r) for r in d.get("mask_reasons", ())))
+
+    def mask_reasons_image(self) -> np.ndarray:
+        """The raw (h, w) uint8 reasons of every pixel (``badpixels.REASONS``; 0 = not masked)."""
+        out = np.zeros(self.frame_shape, dtype=np.uint8)
+        if self.masked:
+            rc = np.asarray(self.masked, dtype=np.int64)
+            out[rc[:, 0], rc[:, 1]] = self.mask_reasons if len(self.mask_reasons) == len(self.masked) else 255
+        return out
 
     def detector_masks(self) -> tuple[np.ndarray, np.ndarray]:
         """Boolean (h, w) bright-field and annular-dark-field masks on the binned frame."""
@@ -86,26 +99,11 @@ class Geometry:
         return r <= self.radius, (r >= self.adf_inner) & (r <= self.adf_outer)
 
 
-def _neighbourhood_median(img: np.ndarray) -> np.ndarray:
-    """Median of the 8 neighbours of every pixel (edges padded by reflection)."""
-    p = np.pad(img, 1, mode="reflect")
-    h, w = img.shape
-    shifts = [p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    return np.median(np.stack(shifts), axis=0)
-
-
-def find_bad_pixels(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Raw (h, w) mask of pixels that are stuck at the dtype maximum or are persistent hot outliers."""
-    bad = np.zeros(frames.shape[1:], dtype=bool)
-    if cfg.mask_saturated and frames.dtype.kind in "ui":
-        bad |= (frames == np.iinfo(frames.dtype).max).all(axis=0)
-    if cfg.mask_outliers and len(frames) >= 2:
-        total = frames.sum(axis=0, dtype=np.float64)
-        total[bad] = 0
-        med = _neighbourhood_median(total)
-        # Hot: far above its neighbourhood, by a margin that Poisson noise cannot explain.
-        bad |= total > cfg.outlier_factor * med + 10 * np.sqrt(med + 1) + 10
-    return bad
+def find_bad_pixels(frames: np.ndarray, cfg: PreprocessConfig, known: np.ndarray | None = None) -> np.ndarray:
+    """Raw (h, w) uint8 reasons (``badpixels.REASONS``; 0 = good) of every pixel: the ``known`` ones (given,
+    from the detector), those stuck at the dtype maximum, and the hot and dead ones the frames show."""
+    known = np.zeros(frames.shape[1:], np.uint8) if known is None else known
+    return reasons_of(frames, known, cfg.mask_saturated, cfg.mask_outliers, cfg.outlier_factor)
 
 
 def detect_disc(mean: np.ndarray) -> tuple[tuple[float, float], float]:
@@ -124,18 +122,24 @@ def detect_disc(mean: np.ndarray) -> tuple[tuple[float, float], float]:
     return center, math.sqrt(inside.sum() / math.pi)
 
 
-def calibrate(frames: np.ndarray, cfg: PreprocessConfig) -> Geometry:
-    """Fix the geometry of a scan from its first raw frames (n, h, w), as the file or the wire has them.
+def calibrate(frames: np.ndarray, cfg: PreprocessConfig, known: np.ndarray | None = None) -> Geometry:
+    """Fix the geometry of a scan from its first raw frames (n, h, w), as the file or the wire has them;
+    ``known``: the (h, w) uint8 reasons of the pixels known to be bad before any frame
+    (``badpixels.known_reasons``), in the same pixel order as the frames.
 
-    The frames are oriented first (``cfg.flip_rows``, ``cfg.transpose``); every position, radius and masked
-    pixel of the ``Geometry`` is in the oriented frame, and the fused pass orients each frame the same way.
+    The frames and ``known`` are oriented first (``cfg.flip_rows``, ``cfg.transpose``); every position, radius
+    and masked pixel of the ``Geometry`` is in the oriented frame, and the fused pass orients each frame the
+    same way.
     """
     frames = orient(frames, cfg.flip_rows, cfg.transpose)
+    if known is not None:
+        known = orient(known, cfg.flip_rows, cfg.transpose)
     h, w = frames.shape[1:]
     b = cfg.bin
     if h < b or w < b:
         raise ValueError(f"bin {b} is larger than the {h}x{w} frame")
-    bad = find_bad_pixels(frames, cfg)
+    reasons = find_bad_pixels(frames, cfg, known)
+    bad = reasons != 0
     mean = frames.mean(axis=0, dtype=np.float64)
     mean[bad] = 0
     if cfg.disc_center is None or cfg.disc_radius is None:
@@ -160,6 +164,7 @@ def calibrate(frames: np.ndarray, cfg: PreprocessConfig) -> Geometry:
     center = ((cy - y0 - (b - 1) / 2) / b, (cx - x0 - (b - 1) / 2) / b)
     radius = r / b
     outer = np.inf if cfg.adf_outer is None else cfg.adf_outer * radius
-    masked = tuple((int(i), int(j)) for i, j in zip(*np.nonzero(bad)))
+    rows, cols = np.nonzero(bad)
+    masked = tuple((int(i), int(j)) for i, j in zip(rows, cols))
     return Geometry((h, w), b, (y0, y1, x0, x1), center, radius, cfg.adf_inner * radius, outer, masked,
-                    cfg.flip_rows, cfg.transpose)
+                    cfg.flip_rows, cfg.transpose, tuple(int(r) for r in reasons[rows, cols]))

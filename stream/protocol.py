@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL = "rrstem/1"
 
@@ -74,6 +74,24 @@ class Start(_Message):
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Free-form metadata kept in the results file."
     )
+    bad_pixels: tuple[tuple[int, int], ...] = Field(
+        (), description="[row, col] of the detector pixels known to be bad (the detector's pixel mask), in the "
+        "raw frame; they are zeroed in every frame. Optional."
+    )
+
+    @model_validator(mode="after")
+    def _bad_pixels_inside(self) -> "Start":
+        h, w = self.frame_shape
+        for r, c in self.bad_pixels:
+            if not (0 <= r < h and 0 <= c < w):
+                raise ValueError(f"bad pixel [{r}, {c}] is outside the {h}x{w} frame")
+        return self
+
+    def encode(self) -> bytes:
+        d = self.model_dump(mode="json")
+        if not d["bad_pixels"]:
+            del d["bad_pixels"]  # absent when there are none: what a sender without a mask sends
+        return msgpack.packb(d, use_bin_type=True)
 
     @property
     def n_positions(self) -> int:

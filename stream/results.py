@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 import rrstem
+from rrstem.stream.badpixels import REASONS
 from rrstem.stream.incomplete import incomplete_detail
 from rrstem.stream.reductions import MapSpec
 from rrstem.stream.snapshot import Arrays
@@ -50,7 +51,7 @@ class ScanResults:
     attrs: dict[str, Any]
     maps: dict[str, np.ndarray]
     specs: dict[str, MapSpec] = field(default_factory=dict)
-    pixel_mask: np.ndarray | None = None
+    pixel_mask: np.ndarray | None = None  # (h, w) uint8 reasons of the masked raw pixels (``badpixels.REASONS``)
     model: dict[str, Any] | None = None
     map_attrs: dict[str, Any] = field(default_factory=dict)  #: attributes of ``maps`` (the DPC calibration)
 
@@ -59,11 +60,7 @@ def scan_results(scan) -> ScanResults:
     """Everything the results file keeps of ``scan`` (a ``stream.scan.Scan``), but the model and the service's
     config, which the finisher adds."""
     g, s = scan.geometry, scan.start
-    mask = None
-    if g is not None:
-        mask = np.zeros(g.frame_shape, dtype=bool)
-        for i, j in g.masked:
-            mask[i, j] = True
+    mask = g.mask_reasons_image() if g is not None else None
     attrs = {
         "scan_shape": list(s.scan_shape),
         "frame_shape": list(s.frame_shape),
@@ -142,7 +139,9 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
     if Arrays.MEAN_PATTERN in maps:
         g.create_dataset(Arrays.MEAN_PATTERN, data=maps[Arrays.MEAN_PATTERN].astype(np.float32))
     if r.pixel_mask is not None:
-        g.create_dataset("pixel_mask", data=r.pixel_mask.astype(bool), compression="gzip")
+        g.create_dataset("pixel_mask", data=r.pixel_mask != 0, compression="gzip")
+        why = g.create_dataset("pixel_mask_reason", data=r.pixel_mask.astype(np.uint8), compression="gzip")
+        why.attrs["legend"] = _json({str(bit): text for bit, text in REASONS.items()})
     m = g.create_group("maps")
     for key, value in r.map_attrs.items():
         m.attrs[key] = _json(value) if isinstance(value, (dict, list)) else value
@@ -192,7 +191,7 @@ def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, 
         if Arrays.ANOMALY in g["maps"] and "threshold" in g["maps"][Arrays.ANOMALY].attrs:
             out["maps"][Arrays.ALARM_THRESHOLD] = np.float32(g["maps"][Arrays.ANOMALY].attrs["threshold"])
         out["units"] = {k: v.attrs["unit"] for k, v in g["maps"].items() if "unit" in v.attrs}
-        for key in (Arrays.MEAN_PATTERN, "pixel_mask"):
+        for key in (Arrays.MEAN_PATTERN, "pixel_mask", "pixel_mask_reason"):
             if key in g:
                 out[key] = g[key][()]
         if "training" in g:

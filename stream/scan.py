@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rrstem.stream.badpixels import known_reasons, load_mask
 from rrstem.stream.defects import DEFECT_SPECS, DefectMap
 from rrstem.stream.framepass import FramePass, accumulator
 from rrstem.stream.preprocess import Geometry, PreprocessConfig, calibrate
@@ -48,6 +49,8 @@ class Scan:
         check_memory(start, cfg, per_position=bytes_per_position(self._reductions))
         self.start = start
         self.cfg = cfg
+        #: (h, w) uint8 reasons of the pixels known bad before any frame: the user's mask, the detector's
+        self.known_bad = self.check_mask(start, cfg)
         self.lossy = lossy  # SUB mode: positions that never arrived were dropped, not missing
         self.scan_id = start.scan_id
         #: its group in the results file: the scan id, or ``<id>.<n>`` for the n-th scan that came with an id
@@ -88,6 +91,13 @@ class Scan:
         self._defects = DefectMap()  # the defect map of the VADF map (stream/defects.py), redone as rows complete
         self._lock = threading.Lock()
         self.log = RateLimitedLog(log)
+
+    @staticmethod
+    def check_mask(start: Start, cfg: PreprocessConfig) -> np.ndarray:
+        """The (h, w) uint8 reasons of the pixels known bad before any frame (``cfg.mask_file``, the start's
+        ``bad_pixels``); a ValueError that says what to fix where the mask does not fit the frames."""
+        given = load_mask(cfg.mask_file) if cfg.mask_file else None
+        return known_reasons(start.frame_shape, given, start.bad_pixels)
 
     # --- state --------------------------------------------------------------------------
 
@@ -174,7 +184,7 @@ class Scan:
         if raw.dtype.kind == "f":
             finite = np.isfinite(raw.reshape(len(raw), -1).sum(axis=1))
             raw = np.nan_to_num(raw[finite] if finite.any() else raw, nan=0.0, posinf=0.0, neginf=0.0)
-        g = calibrate(raw, self.cfg)
+        g = calibrate(raw, self.cfg, self.known_bad)
         cal = self.start.calibration
         pixel_mrad = cal.detector_pixel_mrad * g.bin if cal.detector_pixel_mrad else None
         with self._lock:

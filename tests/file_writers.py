@@ -17,8 +17,10 @@ import numpy as np
 
 
 def write_dectris(folder: Path, frames: np.ndarray, per_file: int = 25, *, wavelength_a: float = 0.02508,
-                  pixel_m: float = 75e-6, distance_m: float = 0.15, announce: int | None = None) -> Path:
-    """``scan_master.h5`` linking ``scan_data_00000N.h5`` files of ``per_file`` bitshuffle-LZ4 frames."""
+                  pixel_m: float = 75e-6, distance_m: float = 0.15, announce: int | None = None,
+                  pixel_mask: np.ndarray | None = None) -> Path:
+    """``scan_master.h5`` linking ``scan_data_00000N.h5`` files of ``per_file`` bitshuffle-LZ4 frames; with the
+    detector's ``pixel_mask`` (uint32, non-zero = bad) where one is given."""
     flat = frames.reshape(-1, *frames.shape[2:])
     master = folder / "scan_master.h5"
     with h5py.File(master, "w") as f:
@@ -37,6 +39,8 @@ def write_dectris(folder: Path, frames: np.ndarray, per_file: int = 25, *, wavel
         det["description"] = b"Dectris ARINA Si 1M"
         det["detectorSpecific/nimages"] = announce or len(flat)
         det["detectorSpecific/ntrigger"] = 1
+        if pixel_mask is not None:
+            det["detectorSpecific/pixel_mask"] = pixel_mask.astype(np.uint32)
         f["entry/instrument/beam/incident_wavelength"] = wavelength_a
     return master
 

@@ -39,6 +39,7 @@ class Loaded:
     scan_shape: tuple[int, int] | None = None
     problem: str | None = None
     n_frames: int | None = None  # frames the file says it holds, when a flat series is damaged
+    bad_pixels: tuple[tuple[int, int], ...] = ()  # [row, col] the file's own pixel mask names (``Start.bad_pixels``)
 
     def close(self) -> None:
         if self.closer is not None:

@@ -6,6 +6,8 @@ filter with h5py. The series is flat (no scan shape), read block by block
 across the data files. Calibration: the electron wavelength
 (``/entry/instrument/beam/incident_wavelength``, Angstrom) gives the beam
 energy, and the pixel size over the detector distance gives the pixel angle.
+The detector's own ``pixel_mask`` (non-zero: a gap, dead, hot or noisy pixel)
+goes to the start message's ``bad_pixels``, so those pixels are masked.
 A data file that is missing or unreadable ends the series there.
 """
 
@@ -60,6 +62,15 @@ def _number(f: h5py.File, path: str) -> float | None:
         return None
 
 
+def _pixel_mask(f: h5py.File, frame_shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """[row, col] of the pixels the detector's ``pixel_mask`` marks (non-zero: gap, dead, hot, noisy...), where
+    the master has one of the frame's shape."""
+    mask = f.get("entry/instrument/detector/detectorSpecific/pixel_mask")
+    if not isinstance(mask, h5py.Dataset) or mask.shape != tuple(frame_shape):
+        return ()
+    return tuple((int(r), int(c)) for r, c in np.argwhere(mask[()] != 0))
+
+
 def load_master(path: Path, key: str | None, f: h5py.File | None = None) -> Loaded:
     """The flat frame series of a DECTRIS master file, across its data files."""
     if key is not None:
@@ -102,7 +113,8 @@ def load_master(path: Path, key: str | None, f: h5py.File | None = None) -> Load
             if isinstance(value, h5py.Dataset) and value.shape in ((), (1,)):
                 v = value[()]
                 meta[field] = v.decode(errors="replace") if isinstance(v, bytes) else np.asarray(v).item()
-        return Loaded(series, cal, meta, f.close, flat=True, problem=problem, n_frames=total)
+        return Loaded(series, cal, meta, f.close, flat=True, problem=problem, n_frames=total,
+                      bad_pixels=_pixel_mask(f, series.shape[1:]))
     except Exception:
         f.close()
         raise

@@ -133,6 +133,7 @@ class Series:
     calibration: dict[str, float]  # Calibration fields
     metadata: dict[str, Any]
     channel: str | None = None  # the detector channel (threshold) whose images are used
+    bad_pixels: tuple = ()  # [row, col] of the pixels the detector's pixel mask names (``Start.bad_pixels``)
     start: Start | None = None
     images: int = 0  # image messages seen, valid or not: the series' frames_sent
 
@@ -187,7 +188,7 @@ class DetectorDecoder:
         s = self.series
         try:
             s.start = Start(scan_id=s.scan_id, scan_shape=self.scan_shape, frame_shape=s.frame_shape, dtype=s.dtype,
-                            calibration=Calibration(**s.calibration), metadata=s.metadata)
+                            calibration=Calibration(**s.calibration), metadata=s.metadata, bad_pixels=s.bad_pixels)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])

@@ -7,7 +7,9 @@ in the HDF5 filters' framing (the 12-byte header included). The start
 message's ``image_size_x``/``_y`` and ``image_dtype`` start the scan; where
 ``image_dtype`` is missing (the EIGER2 capture we checked has none) the scan
 starts at the first image, whose typed-array tag gives it. Only the first
-channel (threshold) of the start message's ``channels`` is used.
+channel (threshold) of the start message's ``channels`` is used; that
+channel's ``pixel_mask`` (an array as an image's, non-zero = bad), where the
+start message has one, becomes the scan's ``bad_pixels``.
 
 The series bookkeeping is ``DetectorDecoder`` (``base.py``); the fields shared with the legacy stream, the
 DECTRIS tags and the pixels' decompression are in ``dectris.py``.
@@ -213,13 +215,28 @@ class Stream2Decoder(DetectorDecoder):
                 meta["threshold_energy"] = float(energies[channel])
         series = Series(key, scan_id_for(*key), shape, dtype, cal, meta)
         series.channel = channel
+        try:
+            series.bad_pixels = self._pixel_mask(msg.get("pixel_mask"), channel, shape)
+        except BadMessage as exc:  # the scan still starts, unmasked; the results say why
+            meta["pixel_mask_problem"] = str(exc)
         return self._begin(series)
 
-    def _parse_image(self, msg: Mapping):
+    def _pixel_mask(self, masks, channel, shape) -> tuple:
+        """[row, col] of the non-zero pixels of the start message's ``pixel_mask`` for ``channel``
+        (``{channel: tag 40 [[h, w], typed array]}``, as an image's data), where it has the frame's shape."""
+        if not isinstance(masks, Mapping) or not masks or shape is None:
+            return ()
+        value = masks.get(channel) if channel in masks else next(iter(masks.values()))
+        dims, dtype, pixels = self._parse_image({"data": {"mask": value}}, channel="mask")
+        if dims != shape:
+            raise BadMessage("bad_shape", f"pixel_mask is {dims[0]}x{dims[1]}, the images {shape[0]}x{shape[1]}")
+        return tuple((int(r), int(c)) for r, c in np.argwhere(pixels().reshape(dims) != 0))
+
+    def _parse_image(self, msg: Mapping, channel: str | None = None):
         data = msg.get("data")
         if not isinstance(data, Mapping) or not data:
             raise BadMessage("bad_data", "image message has no data map")
-        channel = self.series.channel if self.series.channel in data else next(iter(data))
+        channel = channel or (self.series.channel if self.series.channel in data else next(iter(data)))
         value = _tag(data[channel], MULTIDIM_ROW_MAJOR, f"data[{channel!r}]")
         if not (isinstance(value, (list, tuple)) and len(value) == 2):
             raise BadMessage("bad_data", "multi-dimensional array is not [dimensions, array]")
