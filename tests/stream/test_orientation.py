@@ -117,3 +117,23 @@ def test_serve_orients_streamed_frames(tmp_path):
         np.testing.assert_array_equal(res["maps"][name], ref[name])
     for name in ("com_x", "com_y"):
         np.testing.assert_allclose(res["maps"][name], ref[name], atol=1e-9)
+
+
+@pytest.mark.parametrize("flip_rows, transpose", [(True, False), (True, True)])
+def test_a_detector_mask_is_given_in_the_files_pixel_order_and_oriented_with_it(tmp_path, flip_rows, transpose):
+    frames = scan()
+    given = (20, 5)  # a pixel of the disc's surroundings, named in the file's order
+    mask = np.zeros(frames.shape[2:], bool)
+    mask[given] = True
+    np.save(tmp_path / "mask.npy", mask)
+    options = ["--flip-rows"] * flip_rows + ["--transpose"] * transpose
+    res = analyze(tmp_path, "file", frames, "--mask", str(tmp_path / "mask.npy"), *options)
+    oriented = np.zeros(frames.shape[2:], bool)
+    oriented[given] = True
+    oriented[HOT] = True
+    oriented = np.flip(oriented, axis=0) if flip_rows else oriented
+    oriented = oriented.T if transpose else oriented
+    np.testing.assert_array_equal(res["pixel_mask"], oriented)
+    reasons = res["pixel_mask_reason"]
+    at = tuple(np.argwhere(np.flip(mask, 0).T if transpose else np.flip(mask, 0))[0])
+    assert reasons[at] & 1 and reasons.astype(bool).sum() == 2  # bit 1: given by the user (--mask)
