@@ -219,7 +219,9 @@ def run_service(service, progress: bool = True) -> int:
     """Run a started service until it stops, with a progress bar per scan; Ctrl-C stops it cleanly.
 
     Closes the service, prints the results files written and returns the exit
-    code: 1 if a worker failed (its message is logged), else 0.
+    code: 1 if a worker failed (its message is logged); 2 if the service was to
+    take one scan (``once``) and refused it (too large for this machine, a mask
+    of another shape: the reason is logged); else 0.
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -272,6 +274,8 @@ def run_service(service, progress: bool = True) -> int:
         return 1
     for scan_id, path in service.results_written:
         print(f"results of scan {scan_id}: {path}")
+    if service.cfg.once and service.current is None and service.lifecycle.notice:
+        return 2  # the one scan was refused at its start (logged): nothing was analysed
     return 0
 
 

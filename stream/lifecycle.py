@@ -55,11 +55,13 @@ class Lifecycle:
 
     def __init__(self, cfg: ServiceConfig, on_start: Callable[[Scan], None] = _noop,
                  on_frames: Callable[[Scan, int], None] = _noop, on_end: Callable[[Scan], None] = _noop,
-                 on_failure: Callable[[str, BaseException, str | None], None] = _noop):
+                 on_failure: Callable[[str, BaseException, str | None], None] = _noop,
+                 on_refused: Callable[[str], None] = _noop):
         self.cfg = cfg
         #: what the reductions keep between this service's scans (``ScanInfo.session``): the DPC calibration
         self.session = {"dpc": DPCSession.open(**cfg.dpc.model_dump())}
         self.on_start, self.on_frames, self.on_end, self.on_failure = on_start, on_frames, on_end, on_failure
+        self.on_refused = on_refused  # a start was refused (its reason): a one-scan service stops there
         self.current: Scan | None = None  # the newest scan (kept, ended, until the next start)
         self.orphans: Counter[str] = Counter()  # bad input that belongs to no scan, by reason
         self.notice: str | None = None  # the latest refused start, until the next scan starts
@@ -72,7 +74,7 @@ class Lifecycle:
     def detach(self) -> None:
         """Drop the callbacks (the service closes): they refer to parts that refer back to this lifecycle,
         and a cycle would keep the current scan, frame store and all, until the garbage collector ran."""
-        self.on_start = self.on_frames = self.on_end = self.on_failure = _noop
+        self.on_start = self.on_frames = self.on_end = self.on_failure = self.on_refused = _noop
 
     # --- what drives it ---------------------------------------------------------------------
 
@@ -177,6 +179,7 @@ class Lifecycle:
             self._orphan("rejected_start")
             self.notice = f"scan {start.scan_id} rejected: {exc}"
             log.error("scan %s rejected: %s", start.scan_id, exc)
+            self.on_refused(self.notice)
             return
         if seen:
             log.warning("scan id %s seen before: this scan's results go to scans/%s, beside the earlier one's",

@@ -135,6 +135,8 @@ class Service:
         hooks = ScanHooks(self.events, self.steering, self.finisher, self.reporter, self._slot, self.failure_log)
         lc = self.lifecycle
         lc.on_start, lc.on_frames, lc.on_end = hooks.started, hooks.frames, hooks.ended
+        if config.once:  # a one-scan service (analyze, serve --once) whose scan was refused has nothing to do
+            lc.on_refused = lambda notice: self.stop()
         self._workers += [
             Worker("rrstem-pipeline", self._pipeline_loop, self._died),
             Worker("rrstem-finisher", self.finisher.run, self._died, args=(self.stop_event, self._pipeline_done)),

@@ -112,3 +112,14 @@ def test_flyback_and_sync_offset_account_for_extra_frames(tmp_path, name):
     res = read_scan(out)
     assert code == 0 and res["attrs"]["complete"] and res["attrs"]["counters"]["received"] == 20
     np.testing.assert_array_equal(res["maps"]["filled"], np.ones((NY, NX), bool))
+
+
+def test_a_scan_refused_at_its_start_exits_2_at_once(tmp_path):
+    """A scan the service refuses (here: its frame store would not fit this machine's memory) is not waited
+    for: analyze exits 2 with the reason, and no results are written (it used to wait until killed)."""
+    path = dectris(tmp_path, disc_frames(NY, NX, seed=2))
+    out = tmp_path / "out.h5"
+    code = main(["analyze", str(path), "--scan-shape", "16000x16000", "--no-train", "--no-progress",
+                 "--out", str(out)])
+    assert code == 2
+    assert not out.exists()
