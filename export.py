@@ -65,7 +65,7 @@ def write_zspy(source: Path, scan_id: str, attrs: dict, out: Path) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    scan_id, attrs, source = binned_frames(args.results, args.scan)
+    scan_id, attrs, source = binned_frames(args.results, args.scan_id)
     suffix = ".zspy" if args.format == "zspy" else ".emd"
     out = args.out or source.with_suffix(suffix)
     if args.format == "zspy":
@@ -79,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_export_args(sub) -> None:
     p = sub.add_parser("export", help="a scan's binned 4D frames as a py4DSTEM DataCube or a HyperSpy .zspy")
     p.add_argument("results", type=Path, help="results file of serve or analyze run with --save-frames")
-    p.add_argument("--scan", default=None, metavar="ID", help="the scan, when the file holds several")
+    p.add_argument("--scan-id", default=None, metavar="ID", help="the scan, when the file holds several")
     p.add_argument("--binned", action="store_true", required=True,
                    help="export the binned frames (the one export there is)")
     p.add_argument("--format", choices=("py4dstem", "zspy"), default="py4dstem",
