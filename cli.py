@@ -12,6 +12,7 @@ subcommand              registered by               runs
 ``keys``                ``rrstem.stream.cli``       CURVE certificates for ``--keys DIR`` (authenticated sockets)
 ``events``              ``rrstem.client``           a running service's events, one JSON line each
 ``rescan``              ``rrstem.client``           ask a running service for a subscan
+``export``              ``rrstem.export``           a scan's binned frames as a py4DSTEM DataCube or .zspy
 ======================  ==========================  =============================================
 
 Each ``add_*_args(subparsers)`` adds one subcommand and sets ``func``, which
@@ -27,6 +28,7 @@ import sys
 
 from rrstem.client import add_client_args
 from rrstem.commands import add_analyze_args, add_demo_args
+from rrstem.export import add_export_args
 from rrstem.gui import add_dashboard_args
 from rrstem.simulators.cli import add_replay_args, add_simulate_args
 from rrstem.stream.cli import add_keys_args, add_serve_args
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dashboard_args(sub)
     add_keys_args(sub)
     add_client_args(sub)
+    add_export_args(sub)
     return parser
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import zmq
 
-from rrstem.stream.cli import (add_acquisition_args, add_processing_args, dpc_options, parse_scan_shape,
-                               preprocess_config, run_service, trainer_overrides)
+from rrstem.stream.cli import (add_acquisition_args, add_processing_args, add_save_frames_arg, dpc_options,
+                               parse_scan_shape, preprocess_config, run_service, trainer_overrides)
 
 log = logging.getLogger("rrstem")
 
@@ -67,7 +67,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     cfg = ServiceConfig(listen=endpoint, bind=True, publish=args.publish, control=None, out=out,
                         scan_shape=args.scan_shape, sync_offset=args.sync_offset, flyback=args.flyback,
                         preprocess=preprocess_config(args), dpc=dpc_options(args), train=not args.no_train,
-                        model=args.model, trainer=trainer_overrides(args), device=args.device, once=True)
+                        model=args.model, trainer=trainer_overrides(args), device=args.device, once=True,
+                        save_frames=args.save_frames)
     try:  # a mask of another shape would refuse the scan; say so now rather than wait for it
         Scan.check_mask(src.start, cfg.preprocess)
     except ValueError as exc:
@@ -115,6 +116,7 @@ def add_analyze_args(sub) -> None:
                         "scan) instead of training a new one")
     p.add_argument("--publish", default=None, metavar="EP", help="also publish snapshots here (for a dashboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_save_frames_arg(p)
     add_acquisition_args(p)
     add_processing_args(p)
     p.set_defaults(func=cmd_analyze)

@@ -288,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         sync_offset=args.sync_offset, flyback=args.flyback,
                         preprocess=preprocess_config(args), dpc=dpc_options(args), train=not args.no_train,
                         trainer=trainer_overrides(args), device=args.device, once=args.once,
-                        idle_timeout=args.idle_timeout, checkpoint_seconds=args.checkpoint_seconds,
+                        idle_timeout=args.idle_timeout, checkpoint_seconds=args.checkpoint_seconds, save_frames=args.save_frames,
                         stop_timeout=args.stop_timeout, keys=args.keys, read_only_control=args.read_only_control)
     service = Service(cfg).start()
     import signal
@@ -298,6 +298,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"control on {service.control_endpoint}, events on {service.events.endpoint}, "
           f"steering on {service.steering.endpoint}, results to {cfg.out}", flush=True)
     return run_service(service, progress=not args.no_progress)
+
+
+def add_save_frames_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-frames", action="store_true",
+                   help="keep each scan's binned frames beside the results file, as an EMD 1.0 / py4DSTEM DataCube "
+                        "RESULTS_STEM.SCAN.binned.emd (for 'rrstem export --binned'; as large as the frames)")
 
 
 def add_serve_args(subparsers) -> argparse.ArgumentParser:
@@ -324,6 +330,7 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scan-shape", type=parse_scan_shape, default=None, metavar="NYxNX",
                    help="override the scan shape the sender announces (64x48, or 64 for 64x64)")
     p.add_argument("--once", action="store_true", help="exit after the first scan's results are written")
+    add_save_frames_arg(p)
     r = p.add_argument_group("never lose a scan")
     r.add_argument("--idle-timeout", type=float, default=None, metavar="S",
                    help="close a scan that has had no frames for S seconds, marked incomplete "

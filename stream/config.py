@@ -66,6 +66,8 @@ class ServiceConfig(BaseModel):
     once: bool = Field(False, description="Stop after the first scan's results are written.")
     idle_timeout: float | None = Field(None, gt=0, description="Seconds without frames after which a scan with no "
                                        "end is closed, incomplete ('idle'); None: from the frame interval seen.")
+    save_frames: bool = Field(False, description="Keep each scan's binned frames beside the results file, as "
+                              "an EMD 1.0 / py4DSTEM DataCube <results>.<scan>.binned.emd (for `rrstem export`).")
     checkpoint_seconds: float = Field(30.0, ge=0, description="Write the running scan's partial results this "
                                       "often (atomically); 0: no checkpoints.")
     stop_timeout: float = Field(10.0, gt=0, description="Longest time from a stop (control, SIGTERM, Ctrl-C) to "

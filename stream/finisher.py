@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rrstem.stream import emd
 from rrstem.stream.config import ServiceConfig
 from rrstem.stream.encoding import EncoderSlot
 from rrstem.stream.events import EventPublisher, ScanEnded
@@ -108,6 +109,13 @@ class Finisher:
                                       counters=scan.counter_dict()))
         self.results_event.set()
 
+    def _save_frames(self, scan: Scan, attrs: dict) -> Path:
+        """``--save-frames``: the scan's binned frames beside its results, as a py4DSTEM DataCube."""
+        path = emd.binned_path(self.writer.path, scan.results_name)
+        emd.write_binned(path, scan.results_name, attrs, scan.frames, scan.filled.reshape(scan.scan_shape))
+        log.info("scan %s: binned frames written to %s", scan.scan_id, path)
+        return path
+
     def _written(self, pairs: list[tuple[str, Path]]) -> None:
         if pairs:
             self.results_written.extend(pairs)
@@ -159,6 +167,8 @@ class Finisher:
             failure = self.slot.failure(scan)
             if failure is not None:
                 results.attrs["model_error"] = f"{type(failure).__name__}: {failure}"
+        if self.cfg.save_frames and scan.ended and scan.ready:
+            results.attrs["binned_frames"] = self._save_frames(scan, results.attrs).name
         path = self.writer.write(results, keep=keep)
         scan.written(path)
         log.info("scan %s: results written to %s", scan.scan_id, path)

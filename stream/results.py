@@ -20,13 +20,14 @@ import h5py
 import numpy as np
 
 import rrstem
+from rrstem.stream import emd
 from rrstem.stream.badpixels import REASONS
 from rrstem.stream.incomplete import incomplete_detail
 from rrstem.stream.reductions import MapSpec
 from rrstem.stream.snapshot import Arrays
 
 FORMAT = "rrstem-results"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  #: 2: also an EMD 1.0 file (``stream/emd.py``); no empty datasets
 _lock = threading.Lock()  # one writer at a time (scan end and "save now" may race)
 
 
@@ -121,23 +122,59 @@ def _file_image(path: Path, results: ScanResults) -> bytes:
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, rrstem_version=rrstem.__version__)
+        emd.mark_file(f)
         scans = f.create_group("scans")
         if path.exists():
             with h5py.File(path, "r") as old:
                 for name in old.get("scans", {}):
                     if name != results.scan_id:
                         old.copy(old["scans"][name], scans, name=name)
-        _fill_scan(scans.create_group(results.scan_id), results)
+                        if emd.root_name(name) in old:  # its EMD root (files of format_version 1 have none)
+                            old.copy(old[emd.root_name(name)], f, name=emd.root_name(name))
+        _fill_scan(scans.create_group(results.scan_id), results, emd.Root(f, results.scan_id, results.attrs))
     return buf.getvalue()
 
 
-def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
+def _dataset(g: h5py.Group, name: str, data: np.ndarray, **kw) -> h5py.Dataset | None:
+    """``g[name] = data``, but an empty array is only listed in ``g``'s ``empty_datasets`` attribute (JSON
+    name -> [shape, dtype]): some HDF5 readers (RosettaSciIO's NeXus reader) fail on an empty dataset."""
+    data = np.asarray(data)
+    if data.size:
+        return g.create_dataset(name, data=data, **kw)
+    empty = json.loads(g.attrs.get("empty_datasets", "{}"))
+    empty[name] = [list(data.shape), data.dtype.str]
+    g.attrs["empty_datasets"] = json.dumps(empty)
+    return None
+
+
+def _empty_datasets(g: h5py.Group) -> dict[str, np.ndarray]:
+    """The empty arrays ``_dataset`` listed on ``g``."""
+    return {name: np.zeros(shape, dtype) for name, (shape, dtype) in json.loads(g.attrs.get("empty_datasets",
+                                                                                            "{}")).items()}
+
+
+def _map_dataset(m: h5py.Group, root: emd.Root, name: str, arr: np.ndarray, spec: MapSpec | None,
+                 scan_shape: tuple[int, ...]) -> h5py.Dataset | None:
+    """``maps/<name>``: a (ny, nx) map is written into the EMD root and linked here (a (d, ny, nx) stack is
+    copied there too); others are written here only."""
+    per_position, unit = (spec.per_position, spec.unit) if spec is not None else (True, "")
+    if per_position and arr.shape == scan_shape:
+        ds = root.map(name, arr, unit)
+        m[name] = h5py.SoftLink(ds.name)
+        return ds
+    if per_position and arr.ndim == 3 and arr.shape[1:] == scan_shape and arr.size:
+        root.stack(name, arr, unit)
+    return _dataset(m, name, arr)
+
+
+def _fill_scan(g: h5py.Group, r: ScanResults, root: emd.Root) -> None:
     maps, model = r.maps, r.model
     for key, value in r.attrs.items():
         g.attrs[key] = _json(value) if isinstance(value, (dict, list)) and key not in ("scan_shape", "frame_shape",
                                                                                        "binned_shape") else value
     if Arrays.MEAN_PATTERN in maps:
-        g.create_dataset(Arrays.MEAN_PATTERN, data=maps[Arrays.MEAN_PATTERN].astype(np.float32))
+        g[Arrays.MEAN_PATTERN] = h5py.SoftLink(root.pattern(Arrays.MEAN_PATTERN,
+                                                            maps[Arrays.MEAN_PATTERN].astype(np.float32)).name)
     if r.pixel_mask is not None:
         g.create_dataset("pixel_mask", data=r.pixel_mask != 0, compression="gzip")
         why = g.create_dataset("pixel_mask_reason", data=r.pixel_mask.astype(np.uint8), compression="gzip")
@@ -148,8 +185,11 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
     for name, arr in maps.items():
         if name in (Arrays.MEAN_PATTERN, Arrays.ALARM_THRESHOLD):
             continue
-        ds = m.create_dataset(name, data=arr.astype(bool) if name == Arrays.FILLED else arr)
         spec = r.specs.get(name)
+        ds = _map_dataset(m, root, name, arr.astype(bool) if name == Arrays.FILLED else arr, spec,
+                          tuple(r.attrs["scan_shape"]))
+        if ds is None:  # empty (no alarms)
+            continue
         if spec is not None:
             if spec.unit:
                 ds.attrs["unit"] = spec.unit
@@ -160,7 +200,7 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
         return
     t = g.create_group("training")
     for name, arr in model.get("training", {}).items():
-        t.create_dataset(name, data=np.asarray(arr))
+        _dataset(t, name, arr)
     t.attrs["metrics"] = _json(model.get("metrics", {}))
     mg = g.create_group("model")
     mg.attrs["config"] = _json(model.get("config", {}))
@@ -169,25 +209,38 @@ def _fill_scan(g: h5py.Group, r: ScanResults) -> None:
         mg.create_dataset(f"state/{name}", data=np.asarray(arr))
 
 
+def _scan_group(f: h5py.File, path, scan_id: str | None) -> tuple[str, h5py.Group]:
+    """(name, group) of the only scan of an open results file, or of ``scan_id``."""
+    if f.attrs.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an rrstem results file")
+    names = list(f["scans"])
+    if scan_id is None:
+        if len(names) != 1:
+            raise ValueError(f"{path} holds scans {names}; pass scan_id")
+        scan_id = names[0]
+    if scan_id not in f["scans"]:
+        raise KeyError(f"{path} holds no scan {scan_id!r}: it holds {names}")
+    return scan_id, f["scans"][scan_id]
+
+
+def _decoded(attrs) -> dict[str, Any]:
+    return {k: json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v for k, v in attrs.items()}
+
+
+def read_scan_attrs(path: str | os.PathLike, scan_id: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(scan name, its attributes, JSON decoded) of one scan (the only one, or ``scan_id``), without its data."""
+    with h5py.File(path, "r") as f:
+        scan_id, g = _scan_group(f, path, scan_id)
+        return scan_id, _decoded(g.attrs)
+
+
 def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, Any]:
     """Everything of one scan (the only one, or ``scan_id``) as plain Python and NumPy objects."""
     with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an rrstem results file")
-        names = list(f["scans"])
-        if scan_id is None:
-            if len(names) != 1:
-                raise ValueError(f"{path} holds scans {names}; pass scan_id")
-            scan_id = names[0]
-        g = f["scans"][scan_id]
-        out: dict[str, Any] = {"scan_id": scan_id, "attrs": {}}
-        for key, value in g.attrs.items():
-            if isinstance(value, str) and value[:1] in "{[":
-                value = json.loads(value)
-            out["attrs"][key] = value
-        out["maps"] = {k: v[()] for k, v in g["maps"].items()}
-        out["map_attrs"] = {k: json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v
-                            for k, v in g["maps"].attrs.items()}
+        scan_id, g = _scan_group(f, path, scan_id)
+        out: dict[str, Any] = {"scan_id": scan_id, "attrs": _decoded(g.attrs)}
+        out["maps"] = {**_empty_datasets(g["maps"]), **{k: v[()] for k, v in g["maps"].items()}}
+        out["map_attrs"] = {k: v for k, v in _decoded(g["maps"].attrs).items() if k != "empty_datasets"}
         if Arrays.ANOMALY in g["maps"] and "threshold" in g["maps"][Arrays.ANOMALY].attrs:
             out["maps"][Arrays.ALARM_THRESHOLD] = np.float32(g["maps"][Arrays.ANOMALY].attrs["threshold"])
         out["units"] = {k: v.attrs["unit"] for k, v in g["maps"].items() if "unit" in v.attrs}
@@ -195,7 +248,7 @@ def read_scan(path: str | os.PathLike, scan_id: str | None = None) -> dict[str, 
             if key in g:
                 out[key] = g[key][()]
         if "training" in g:
-            out["training"] = {k: v[()] for k, v in g["training"].items()}
+            out["training"] = {**_empty_datasets(g["training"]), **{k: v[()] for k, v in g["training"].items()}}
             out["metrics"] = json.loads(g["training"].attrs.get("metrics", "{}"))
         if "model" in g:
             mg = g["model"]

@@ -17,7 +17,7 @@ from rrstem.stream.cli import parse_scan_shape, run_service
 from rrstem.stream.results import read_scan
 
 RRSTEM = [sys.executable, "-m", "rrstem.cli"]
-COMMANDS = ("demo", "serve", "simulate", "replay", "analyze", "dashboard", "keys", "events", "rescan")
+COMMANDS = ("demo", "serve", "simulate", "replay", "analyze", "dashboard", "keys", "events", "rescan", "export")
 SHAPE_ERROR = "scan shape must be NYxNX or N (a square scan) in positive integers, such as 64x48 or 64; got "
 
 
