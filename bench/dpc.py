@@ -212,9 +212,10 @@ def settle_case(data: Path, name: str, angle: float, flip: bool, fps: float, tmp
         ma = head.map_attrs or {}
         cal = ma.get("dpc_calibration") or {}
         cal = json.loads(cal) if isinstance(cal, str) else cal
-        trace.append({"fill": round(got, 3), "angle": ma.get("dpc_rotation_deg"), "flip": ma.get("dpc_flip"),
-                      "source": cal.get("source"), "settled": cal.get("settled"),
-                      "uncertainty_deg": cal.get("uncertainty_deg"), "estimated_on": cal.get("filled")})
+        angle, unc = ma.get("dpc_rotation_deg"), cal.get("uncertainty_deg")
+        trace.append({"fill": round(got, 3), "angle": None if angle is None else round(angle, 3),
+                      "flip": ma.get("dpc_flip"), "source": cal.get("source"), "settled": cal.get("settled"),
+                      "uncertainty_deg": None if unc is None else round(unc, 3), "estimated_on": cal.get("filled")})
     final = trace[-1]
     stays = None
     for i in range(len(trace) - 1, -1, -1):
@@ -226,7 +227,7 @@ def settle_case(data: Path, name: str, angle: float, flip: bool, fps: float, tmp
     return {"scan": name, "angle": angle, "flip": flip, "fps": fps, "final_angle": final["angle"],
             "final_flip": final["flip"], "final_error_deg": round(angle_error(final["angle"], angle), 3),
             "settled_at": stays, "flag_at": flag,
-            "trace": [t for i, t in enumerate(trace) if i % 5 == 4 or (i and t["angle"] != trace[i - 1]["angle"])]}
+            "trace": trace[4::5]}
 
 
 def run_recorded(scan, frame, per_msg, bin_, tmp: str) -> tuple[float, list[tuple[float, int]]]:
