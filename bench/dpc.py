@@ -212,8 +212,8 @@ def settle_case(data: Path, name: str, angle: float, flip: bool, fps: float, tmp
         ma = head.map_attrs or {}
         cal = ma.get("dpc_calibration") or {}
         cal = json.loads(cal) if isinstance(cal, str) else cal
-        angle, unc = ma.get("dpc_rotation_deg"), cal.get("uncertainty_deg")
-        trace.append({"fill": round(got, 3), "angle": None if angle is None else round(angle, 3),
+        used, unc = ma.get("dpc_rotation_deg"), cal.get("uncertainty_deg")
+        trace.append({"fill": round(got, 3), "angle": None if used is None else round(used, 3),
                       "flip": ma.get("dpc_flip"), "source": cal.get("source"), "settled": cal.get("settled"),
                       "uncertainty_deg": None if unc is None else round(unc, 3), "estimated_on": cal.get("filled")})
     final = trace[-1]
