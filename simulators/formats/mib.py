@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,37 @@ def _paths(path: Path) -> tuple[Path, Path | None]:
         return mibs[0], path
     hdr = path.with_suffix(".hdr")
     return path, hdr if hdr.is_file() else None
+
+
+#: How many frames' timestamps are read to find the scan lines of a .mib whose .hdr has no ScanX/ScanY.
+LINE_SEARCH_FRAMES = 20000
+#: A pause between frames that marks a new scan line: this much longer than the usual interval, in seconds
+#: (frame times are given to the microsecond or nanosecond; their jitter is a few microseconds).
+LINE_PAUSE = 10e-6
+
+
+def scan_lines(n_frames: int, per_trigger: int, times: np.ndarray) -> tuple[tuple[int, int] | None, str]:
+    """The (ny, nx) scan of an acquisition without ScanX/ScanY, and how it was found, or (None, "").
+
+    A line-triggered scan takes ``Frames per Trigger`` frames per line (> 1: that is the line); with one frame
+    per trigger, the pauses between frames that are longer than the usual interval by ``LINE_PAUSE`` mark the
+    line starts, and must come every nx frames. A series with no such structure is not guessed at.
+    """
+    if n_frames == 1:
+        return (1, 1), "one frame"
+    if per_trigger > 1 and n_frames % per_trigger == 0:
+        return (n_frames // per_trigger, per_trigger), f"{per_trigger} frames per trigger in its .hdr"
+    gaps = np.diff(times)
+    if len(gaps) < 2 or not np.isfinite(gaps).all():
+        return None, ""
+    long = np.flatnonzero(gaps > np.median(gaps) + LINE_PAUSE) + 1  # frame indices that start a line
+    if not len(long):
+        return None, ""
+    nx = int(long[0])
+    seen = len(times)
+    if n_frames % nx or not np.array_equal(long, np.arange(nx, seen, nx)):
+        return None, ""
+    return (n_frames // nx, nx), f"a pause in its frame times every {nx} frames"
 
 
 class MibSource(Source):
@@ -125,12 +157,38 @@ class MibSource(Source):
             return {}, f"{why}; it is ignored"
 
     def _hdr_scan_shape(self, name: str) -> tuple[int, int]:
+        """ScanY x ScanX of the .hdr; else the lines the acquisition shows (``scan_lines``), logged; else an
+        error that asks for ``--scan-shape``."""
         sx, sy = self.fields.get("ScanX", ""), self.fields.get("ScanY", "")
-        if not (sx.isdigit() and sy.isdigit()):
-            why = "its .hdr has no ScanX/ScanY" if self.hdr_path else f"it has no .hdr file ({self.path.stem}.hdr)"
-            raise ValueError(f"{name}: the scan shape is unknown ({why}); it holds {self.n_frames} frames: "
-                             "pass it with --scan-shape NYxNX")
-        return int(sy), int(sx)
+        if sx.isdigit() and sy.isdigit():
+            return int(sy), int(sx)
+        per_trigger = self.fields.get("Frames per Trigger (Number)", "")
+        shape, how = scan_lines(self.n_frames, int(per_trigger) if per_trigger.isdigit() else 1,
+                                self._timestamps(LINE_SEARCH_FRAMES))
+        if shape is not None:
+            log.warning("%s: no ScanX/ScanY; reading it as a %dx%d scan (%s); give --scan-shape NYxNX if that is "
+                        "wrong", name, *shape, how)
+            return shape
+        why = ("its .hdr has no ScanX/ScanY, and neither its frames per trigger nor" if self.hdr_path
+               else f"it has no .hdr file ({self.path.stem}.hdr), and no")
+        raise ValueError(f"{name}: the scan shape is unknown ({why} pauses in its frame times mark scan lines); it "
+                         f"holds {self.n_frames} frames: pass it with --scan-shape NYxNX")
+
+    def _timestamps(self, limit: int) -> np.ndarray:
+        """Seconds of the first ``limit`` frames' header timestamps (NaN where a frame is skipped or has none)."""
+        out = np.full(min(limit, self.n_frames), np.nan)
+        size = self.first.data_offset
+        for i, at in enumerate(self.index.offsets[:len(out)]):
+            if at >= 0:
+                fields = bytes(self._raw[at:at + min(size, 512)]).split(b",")
+                try:  # the MQ1A extension has nanoseconds; field 9 has microseconds
+                    stamp = fields[fields.index(b"MQ1A") + 1].decode().rstrip("Z") if b"MQ1A" in fields \
+                        else fields[9].decode()
+                    whole, _, frac = stamp.replace("T", " ").partition(".")
+                    out[i] = datetime.fromisoformat(whole).timestamp() + float("0." + (frac or "0"))
+                except (ValueError, IndexError):
+                    pass
+        return out
 
     def _damage(self, name: str) -> str | None:
         """One sentence on the skipped frames, or None."""

@@ -78,8 +78,8 @@ def test_a_mib_file_analyzes_to_the_numpy_maps(tmp_path, dtype, layout):
 def test_a_mib_without_hdr_takes_the_scan_shape_and_says_so_when_missing(tmp_path, capsys):
     frames = frames_of(seed=1)
     path = write_mib(tmp_path / "flat.mib", frames.reshape(-1, 32, 32), hdr=False)
-    with pytest.raises(ValueError, match=r"flat.mib: the scan shape is unknown \(it has no .hdr file \(flat.hdr\)\); "
-                                         r"it holds 20 frames: pass it with --scan-shape NYxNX"):
+    with pytest.raises(ValueError, match=r"flat.mib: the scan shape is unknown \(it has no .hdr file \(flat.hdr\), and no "
+                                         r"pauses in its frame times mark scan lines\); it holds 20 frames: pass it with --scan-shape NYxNX"):
         open_file(path)
     assert analyze(path)[0] == 2
     assert "pass it with --scan-shape" in capsys.readouterr().err
@@ -222,3 +222,31 @@ def test_cli_replays_a_mib_as_a_merlin_pc(tmp_path):
         proc.stderr.close()
     assert res["attrs"]["counters"]["received"] == 20
     assert_maps(res, frames)
+
+
+def test_a_mib_without_scanx_scany_is_read_by_its_lines(tmp_path):
+    """A .hdr without ScanX/ScanY: its frames per trigger (a line-triggered scan) give the line; analyzed as
+    NY x NX with no --scan-shape, maps equal NumPy's."""
+    frames = frames_of(seed=11)
+    path = write_mib(tmp_path / "lines.mib", frames.reshape(-1, 32, 32), frames_per_trigger=NX)
+    assert "ScanX" not in path.with_suffix(".hdr").read_text(errors="replace")
+    with open_file(path) as src:
+        assert tuple(src.start.scan_shape) == (NY, NX)
+    code, out = analyze(path)
+    assert code == 0
+    assert_maps(read_scan(out), frames)
+
+
+def test_scan_lines_from_frames_per_trigger_and_pauses():
+    from rrstem.simulators.formats.mib import scan_lines
+
+    even = np.arange(12) * 1e-3  # 1 ms frames, no pause: no line structure
+    assert scan_lines(12, 1, even) == (None, "")
+    assert scan_lines(12, 4, even)[0] == (3, 4)  # 4 frames per trigger
+    assert scan_lines(1, 1, even[:1])[0] == (1, 1)
+    paused = even + np.repeat([0, 21e-6, 42e-6], 4)  # a 21 us pause before frames 4 and 8 (a real Merlin's)
+    assert scan_lines(12, 1, paused) == ((3, 4), "a pause in its frame times every 4 frames")
+    jitter = even + np.array([0, 2, -1, 1, 0, -2, 1, 0, 2, -1, 0, 1]) * 1e-6  # microsecond jitter is no pause
+    assert scan_lines(12, 1, jitter) == (None, "")
+    irregular = even + np.r_[0, 0, 0, 30e-6 * np.ones(9)]  # one pause before frame 3 only: not every 3 frames
+    assert scan_lines(12, 1, irregular) == (None, "")
