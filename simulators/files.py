@@ -222,8 +222,11 @@ def _load_ndata1(path: Path, key: str | None):
 
 def _truncated_npy(path: Path, exc: Exception) -> Loaded:
     """A ``.npy`` cut short: its whole frames as a flat series of the scan its header announces."""
-    with open(path, "rb") as fh:
-        shape, dtype, fortran, offset = _npy_header(fh)
+    try:
+        with open(path, "rb") as fh:
+            shape, dtype, fortran, offset = _npy_header(fh)
+    except ValueError as header:  # cut inside its header: nothing to read
+        raise ValueError(f"{path.name} is not a readable .npy file: {header}") from None
     if len(shape) != 4 or fortran:
         raise ValueError(f"{path.name} cannot be memory-mapped: {exc}") from None
     frame = int(np.prod(shape[2:])) * dtype.itemsize
@@ -268,7 +271,7 @@ def _reader(path: Path):
         for magic, reader in MAGIC:
             if head.startswith(magic):
                 return reader
-    raise ValueError(f"cannot replay {path.name!r}: unknown format (suffix {suffix or '(none)'}, and its first "
+    raise ValueError(f"cannot read {path.name!r}: unknown format (suffix {suffix or '(none)'}, and its first "
                      f"bytes match none of the known ones); use one of {', '.join(SUFFIXES)}")
 
 
@@ -292,7 +295,7 @@ def open_file(path, key: str | None = None, *, scan_id: str | None = None,
         return MibSource(path, scan_shape=scan_shape, scan_id=scan_id, sync_offset=sync_offset, flyback=flyback,
                          extra_ok=extra_ok)
     if not path.exists():
-        raise ValueError(f"cannot replay {str(path)!r}: no such file")
+        raise ValueError(f"cannot read {str(path)!r}: no such file")
     loaded = _reader(path)(path, key)
     try:
         what = f"{path.name}" + (f" [{loaded.metadata['key']}]" if "key" in loaded.metadata else "")

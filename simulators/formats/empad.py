@@ -27,6 +27,7 @@ the scan is missing.
 
 from __future__ import annotations
 
+import logging
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -34,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from rrstem.simulators.formats.common import Loaded, calibration, length_nm, pixel_mrad
+
+log = logging.getLogger("rrstem.files")
 
 WIDTH, HEIGHT, RAW_HEIGHT = 128, 128, 130
 FRAME_BYTES = RAW_HEIGHT * WIDTH * 4
@@ -89,7 +92,11 @@ def _xml_shape(root: ET.Element, raw_name: str | None) -> tuple[tuple[int, int] 
 
 
 def _xml_info(xml: Path) -> tuple[str | None, tuple[int, int] | None, dict]:
-    root = ET.parse(xml).getroot()
+    try:
+        root = ET.parse(xml).getroot()
+    except ET.ParseError as exc:
+        raise ValueError(f"{xml.name} (an EMPAD .xml) cannot be read: {exc}; fix it, or move it away and analyze "
+                         "the .raw with --scan-shape NYxNX") from None
     raw_el = root.find(".//raw_file")
     raw_name = raw_el.get("filename") if raw_el is not None else None
     shape, source = _xml_shape(root, raw_name)
@@ -144,10 +151,14 @@ def load(path: Path, key: str | None) -> Loaded:
     whole = size // FRAME_BYTES
     problem = None
     expected = shape[0] * shape[1] if shape else None
-    if size % FRAME_BYTES or (expected is not None and whole < expected):
+    extra = size % FRAME_BYTES
+    if expected is not None and whole < expected or expected is None and extra:
         of = f"of the {expected} " if expected else ""
         problem = (f"{raw.name} is truncated: {size} bytes hold {whole} whole {of}frames of 128x130 float32 "
                    f"({FRAME_BYTES} bytes each); the rest of the scan is missing")
+    elif extra:  # every frame of the scan is there; what follows them is not a frame
+        log.warning("%s: %d byte(s) after its %d whole frames (%d bytes each) are not a frame; ignored", raw.name,
+                    extra, whole, FRAME_BYTES)
     if whole == 0:
         raise ValueError(f"{raw.name} holds no whole EMPAD frame ({size} bytes; a frame is {FRAME_BYTES} bytes)")
     frames = np.memmap(raw, dtype="<f4", mode="r", shape=(whole, RAW_HEIGHT, WIDTH))[:, :HEIGHT, :]

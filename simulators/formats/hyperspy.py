@@ -91,7 +91,7 @@ def load_zspy(path: Path, key: str | None) -> Loaded:
     import zarr
 
     if not path.is_dir() and not path.is_file():
-        raise ValueError(f"cannot replay {str(path)!r}: no such file or folder")
+        raise ValueError(f"cannot read {str(path)!r}: no such file or folder")
     try:
         root = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for a folder that is not a zarr store

@@ -34,12 +34,15 @@ A position with no events is a valid frame of zeros.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from rrstem.simulators.formats.common import Loaded, calibration, text
+
+log = logging.getLogger("rrstem.files")
 
 GROUP = "electron_events"
 #: The 4D Camera's frame shape, for files whose ``frames`` dataset does not say.
@@ -163,7 +166,11 @@ class ElectronEvents:
             raise ValueError(f"{self.name}: position {where[bad]} has an event at pixel {pixels[bad]}, outside "
                              f"its {self.shape[1]}x{self.shape[2]} frame")
         counts = np.bincount((where - a) * n_pixels + pixels, minlength=(b - a) * n_pixels)
-        np.minimum(counts, np.iinfo(self.dtype).max, out=counts)
+        top = np.iinfo(self.dtype).max
+        if counts.size and counts.max() > top:  # only a malformed file: say so, once per chunk
+            log.warning("%s: %d pixel(s) of positions %d..%d hold more than %d events; counted as %d (saturated)",
+                        self.name, int((counts > top).sum()), a, b - 1, top, top)
+            np.minimum(counts, top, out=counts)
         return counts.astype(self.dtype).reshape(b - a, *self.shape[1:])
 
 

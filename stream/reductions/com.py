@@ -26,11 +26,11 @@ def com_at(view, pixel_mrad: float | None) -> tuple[np.ndarray, np.ndarray]:
     i, mx, my = view.column(INTENSITY), view.column(MOMENT_X), view.column(MOMENT_Y)
     if not len(i):
         return i, i
-    total = i.sum()
-    ref_x = mx.sum() / total  # the COM of the mean pattern
-    ref_y = my.sum() / total
     scale = pixel_mrad or 1.0
-    with np.errstate(invalid="ignore", divide="ignore"):  # a frame with no counts has no COM: NaN
+    with np.errstate(invalid="ignore", divide="ignore"):  # a frame (or a scan) with no counts has no COM: NaN
+        total = i.sum()
+        ref_x = mx.sum() / total  # the COM of the mean pattern
+        ref_y = my.sum() / total
         return (mx / i - ref_x) * scale, (my / i - ref_y) * scale
 
 

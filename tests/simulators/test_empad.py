@@ -71,3 +71,35 @@ def test_a_series_of_images_is_a_one_row_scan(tmp_path):
         np.testing.assert_array_equal(src.chunk(3, 4), f.reshape(10, 128, 128)[3:7])
     with open_file(tmp_path / "acquisition.xml", scan_shape=(2, 5)) as src:
         assert src.start.scan_shape == (2, 5)
+
+
+def test_a_damaged_xml_is_named_and_bytes_after_the_last_frame_are_not_truncation(tmp_path, caplog):
+    f = frames(2, 2)
+    write_empad(tmp_path, f)
+    xml = next(tmp_path.glob("*.xml"))
+    raw = next(tmp_path.glob("*.raw"))
+    with open(raw, "ab") as fh:  # 100 bytes too many: every frame of the 2x2 scan is there
+        fh.write(b"\0" * 100)
+    with open_file(xml) as src:
+        assert src.problem is None and src.start.scan_shape == (2, 2)
+        np.testing.assert_array_equal(src.chunk(0, 4), f.reshape(4, 128, 128))
+    assert "100 byte(s) after its 4 whole frames" in caplog.text
+    xml.write_text("<root><garbage")
+    out = tmp_path / "out.h5"
+    assert main(["analyze", str(xml), "--no-train", "--no-progress", "--out", str(out)]) == 2
+    assert not out.exists()
+    with open_file(raw) as src:  # the .raw alone: its name gives the shape
+        assert src.start.scan_shape == (2, 2)
+
+
+def test_a_scan_without_any_counts_derives_without_warnings(tmp_path, recwarn):
+    """An all-zero scan (an ARINA test file is one): every position filled, COM NaN, no NumPy warnings."""
+    f = np.zeros((2, 2, 128, 128), np.float32)
+    write_empad(tmp_path, f)
+    out = tmp_path / "zero.h5"
+    assert main(["analyze", str(next(tmp_path.glob("*.xml"))), "--no-train", "--no-progress",
+                 "--out", str(out)]) == 0
+    res = read_scan(out)
+    assert res["maps"]["filled"].all() and np.isnan(res["maps"]["com_x"]).all()
+    assert res["attrs"]["zero_counts"] == 4
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -115,7 +115,7 @@ def test_a_dectris_master_short_of_its_announced_frames_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("name, write, match", [
-    ("noise", lambda p: p.write_bytes(os.urandom(64)), r"cannot replay 'noise': unknown format \(suffix \(none\)"),
+    ("noise", lambda p: p.write_bytes(os.urandom(64)), r"cannot read 'noise': unknown format \(suffix \(none\)"),
     ("cut.h5", lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 40),
      r"cut.h5 cannot be opened as HDF5 \(truncated or damaged\?\)"),
     ("flat.hspy", lambda p: write_hspy(p, np.zeros((4, 5, 6), np.uint16), energy_kev=200.0, convergence_mrad=1.0,
@@ -155,3 +155,11 @@ def test_an_emd_or_zspy_without_a_4d_dataset_is_refused(tmp_path):
                step=1.0, step_units="nm", k=1.0, k_units="mrad")
     with pytest.raises(ValueError, match=r"y.zspy holds no 4D HyperSpy signal; it holds: scan \(3, 4, 5\)"):
         open_file(tmp_path / "y.zspy")
+
+
+def test_a_npy_cut_inside_its_header_is_named(tmp_path):
+    path = tmp_path / "cut.npy"
+    np.save(path, np.zeros((2, 2, 4, 4), np.uint16))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"cut\.npy is not a readable \.npy file"):
+        open_file(path)
