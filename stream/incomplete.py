@@ -39,11 +39,13 @@ def incomplete_detail(scan) -> str | None:
     n = scan.start.n_positions
     missing = scan.counters["missing"] if scan.ended else n - scan.n_filled()
     if missing:
-        parts.append(f"{missing} of {n} positions {'have' if scan.ended else 'have so far'} no frame")
+        have = "has" if missing == 1 else "have"
+        parts.append(f"{missing} of {n} positions {have if scan.ended else have + ' so far'} no frame")
     invalid = {k: v for k, v in scan.reasons.items() if v and k not in (SYNC_OFFSET, FLYBACK)}  # those are expected
     if invalid:
         listed = ", ".join(f"{k} {v}" for k, v in sorted(invalid.items()))
-        parts.append(f"{sum(invalid.values())} frames were invalid ({listed})")
+        count = sum(invalid.values())
+        parts.append(f"{count} frame{' was' if count == 1 else 's were'} invalid ({listed})")
     if scan.unaccounted:
         parts.append(f"the sender says it sent {scan.frames_sent} frames; {scan.unaccounted} of them never arrived")
     return "; ".join(parts) or f"{reason}: incomplete"

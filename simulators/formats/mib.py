@@ -15,7 +15,9 @@ more frames than positions (sync offset, flyback), the receiver places them
 Damage costs only what is damaged: ``mib_records.index_records`` finds every
 good record from the self-describing frame headers (resynchronising after a
 damaged header, lost or inserted bytes, a damaged frame 0), each frame's
-acquisition index from its sequence number. The good frames stream
+acquisition index from its sequence number (``mib_places``: records missing
+from the file and duplicates); the ``.hdr``'s ``Frames in Acquisition``
+counts frames the file ends before. The good frames stream
 (``valid_order``), in chunks that hold good frames only; every skipped frame
 is logged with its file offset and listed in the start's metadata
 (``skipped_frames``), and ``problem`` says what is wrong. Frames against the
@@ -35,7 +37,7 @@ from rrstem.simulators.formats.common import fit_frames
 from rrstem.simulators.formats.mib_records import index_records
 from rrstem.simulators.source import Source
 from rrstem.stream.detectors.base import BadMessage
-from rrstem.stream.detectors.merlin import PIXEL_TYPES, parse_acquisition_header, parse_frame_header
+from rrstem.stream.detectors.merlin import FRAMES_KEY, PIXEL_TYPES, parse_acquisition_header, parse_frame_header
 from rrstem.stream.protocol import Start
 
 MAGIC = b"MQ1,"
@@ -96,6 +98,12 @@ def scan_lines(n_frames: int, per_trigger: int, times: np.ndarray) -> tuple[tupl
     return (n_frames // nx, nx), f"a pause in its frame times every {nx} frames"
 
 
+def _said(s) -> str:
+    """A skipped frame (or frames) for a sentence: which, where, and why (its reason's first clause)."""
+    which = f"frame {s.frame}" if s.count <= 1 else f"frames {s.frame} to {s.frame + s.count - 1}"
+    return f"{which} at offset {s.offset}: {s.reason.split(':')[0]}"
+
+
 class MibSource(Source):
     """A ``.mib`` file's good frames, lazily, as one scan (module docstring)."""
 
@@ -113,6 +121,10 @@ class MibSource(Source):
             raise ValueError(f"{name} is not a Merlin .mib file: {exc}") from None
         first = self.first = self.index.reference
         self.fields, hdr_problem = self._acquisition_header(name, scan_shape)
+        declared = self.fields.get(FRAMES_KEY, "")
+        if declared.isdigit():  # 0: continuous
+            self.index.extend(int(declared), len(self._raw), f"not in the file: it ends before them (its .hdr says "
+                                                             f"the acquisition has {declared} frames)")
         self.skipped = sorted(self.index.skipped, key=lambda s: s.frame)
         for s in self.skipped[:LISTED_SKIPS]:
             log.warning("%s: frame %d (file offset %d) skipped: %s", name, s.frame, s.offset, s.reason)
@@ -191,14 +203,16 @@ class MibSource(Source):
         return out
 
     def _damage(self, name: str) -> str | None:
-        """One sentence on the skipped frames, or None."""
+        """One sentence on the skipped frames (the first few, each with its reason), or None."""
         if not self.skipped:
             return None
-        shown = ", ".join(f"{s.frame} at offset {s.offset}" for s in self.skipped[:5])
-        more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
-        reasons = "; ".join(sorted({s.reason.split(":")[0] for s in self.skipped}))
-        return (f"{name} is damaged: {len(self.skipped)} of its {self.n_frames} frames skipped (frames {shown}{more}: "
-                f"{reasons}); the other {self.n_good} frames are read")
+        lost, ignored = self.n_frames - self.n_good, sum(s.count == 0 for s in self.skipped)
+        what = ([f"{lost} of its {self.n_frames} frames skipped"] if lost else []) + (
+            [f"{ignored} record{'s' if ignored > 1 else ''} ignored"] if ignored else [])
+        shown = "; ".join(_said(s) for s in self.skipped[:5])
+        more = f"; and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+        read = f"the other {self.n_good} frames are read" if lost else f"all {self.n_good} frames are read"
+        return f"{name} is damaged: {' and '.join(what)} ({shown}{more}); {read}"
 
     @property
     def n_frames(self) -> int:

@@ -6,22 +6,27 @@ and pixel type) and the pixels. ``index_records`` finds every good record:
 
 - The **reference** header is the first one that parses and that the next
   record confirms (it starts where this header's record size says, with the
-  same geometry), so a damaged frame 0 is skipped like any other.
+  same geometry and the next sequence number). The record slots before it,
+  on its grid, are read back from it: a header there with the acquisition's
+  format and a lower sequence number is a good frame, so a damaged frame 0
+  or frame 1 costs that frame only.
 - From a good record on, the records on the regular grid of that size are
   checked together (``MQ1,``, a numeric sequence number that counts on by
   one, and the reference's data offset, chips, size, pixel type and layout),
   a block at a time, so memory stays bounded for any file size.
 - At a record that disagrees, the next good header is searched for from the
-  last good frame's pixels on (the first ``MQ1,`` that parses, agrees, counts
-  on from the last good sequence number and is confirmed by the record after
-  it). Where it lies on the grid, only the frames between were damaged
-  (their headers); where it does not, bytes were lost or inserted, and the
-  last good frame, whose record runs into the damage, is dropped too.
+  last good frame's pixels on (the first ``MQ1,`` that parses, agrees, has a
+  higher sequence number and is confirmed by the record after it). Where it
+  lies on the grid, no bytes were lost: the slots between are read like
+  those before the reference (damaged headers, duplicates), and frames whose
+  sequence numbers are absent are simply not in the file. Where it lies off
+  the grid, bytes were lost or inserted, and the last good frame, whose
+  record runs into the damage, is dropped too.
 
-A frame's place in the acquisition is its sequence number (from the first
-frame's), so a frame after lost bytes still lands at its own scan position.
-Every frame skipped is listed (``Skipped``: acquisition index, file offset,
-reason), and a record the file ends inside (truncation) is listed the same way.
+``mib_places.place`` then puts each frame at its sequence number - 1 and
+says why each missing frame is missing (``Skipped``: acquisition index, file
+offset, reason); a record the file ends inside (truncation) is listed the
+same way, and a repeated record as a duplicate.
 """
 
 from __future__ import annotations
@@ -30,26 +35,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rrstem.simulators.formats.mib_places import Gap, Lost, Run, Skipped, Slot, place
 from rrstem.stream.detectors.base import BadMessage
 from rrstem.stream.detectors.merlin import FrameHeader, parse_frame_header
+
+__all__ = ["RecordIndex", "Skipped", "index_records"]
 
 MAGIC = b"MQ1,"
 #: Records checked together on the grid (their headers only are read): bounds the memory of a check.
 BLOCK = 65536
 #: Bytes read at a time while searching for the next header after damage.
 SEARCH_BYTES = 4 << 20
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """One frame of the acquisition that is not read: its index (from 0), where its record is, and why."""
-
-    frame: int
-    offset: int
-    reason: str
-
-    def as_dict(self) -> dict:
-        return {"frame": self.frame, "offset": self.offset, "reason": self.reason}
 
 
 @dataclass
@@ -70,6 +66,14 @@ class RecordIndex:
     def good(self) -> np.ndarray:
         """Acquisition indices of the frames that can be read."""
         return np.flatnonzero(self.offsets >= 0)
+
+    def extend(self, n_frames: int, offset: int, reason: str) -> None:
+        """Count the acquisition up to ``n_frames`` (what its ``.hdr`` says) when the file ends before that: the
+        frames after the file's last are skipped, at ``offset`` (the file's end), for ``reason``."""
+        more = n_frames - self.n_frames
+        if more > 0:
+            self.skipped.append(Skipped(self.n_frames, offset, reason, count=more))
+            self.offsets = np.concatenate([self.offsets, np.full(more, -1, dtype=np.int64)])
 
 
 def _layout(head: bytes) -> tuple[int, bytes]:
@@ -176,55 +180,98 @@ def _reference(mm: np.ndarray) -> tuple[int, FrameHeader, bytes]:
     raise ValueError("no MQ1 frame header in it parses and is followed by a frame of its size")
 
 
+
+
 def index_records(mm: np.ndarray) -> RecordIndex:
     """Every good record of the ``.mib`` bytes ``mm`` (a uint8 memmap of the file): see the module docstring."""
     size = len(mm)
     ref_at, ref, ref_head = _reference(mm)
     check = _Checker(mm, ref, ref_head)
     record = check.record
-    seq0 = ref.sequence - int(round(ref_at / record))  # the sequence number of frame 0
-    runs: list[list[int]] = []  # [first frame, its offset, count] of each run of good records on one grid
-    skipped = [Skipped(i, i * record, "its record runs into damage: the next frame header does not follow it"
-                       if check.agrees(i * record) else "its frame header is damaged (no valid header there)")
-               for i in range(ref.sequence - seq0)]
-    pos, seq = ref_at, ref.sequence
+    pieces = _before(check, ref_at, ref.sequence)
+    pos, seq = ref_at, ref.sequence  # a confirmed header, and its sequence number
     while True:
         n = (size - pos) // record
-        run = check.grid(pos, seq, n)
+        run = max(1, check.grid(pos, seq, n)) if n else 0  # a confirmed header's record is good
         if run:
-            runs.append([seq - seq0, pos, run])
-        if run == n:
-            pos, seq = pos + n * record, seq + n
+            pieces.append(Run(seq, pos, run))
+        damaged, last = pos + run * record, seq + run - 1  # the record that disagrees; the last good number
+        if damaged == size:
+            pos = damaged
             break
-        damaged = pos + run * record  # the record that disagrees
-        found = check.search(damaged - record + ref.data_offset, seq + run - 1)
-        if found is None:
-            skipped.append(Skipped(seq + run - seq0, damaged, f"no valid frame header from here to the end of the "
-                                                               f"file ({size - damaged} bytes)"))
-            return RecordIndex(ref, record, _dense(runs, record, seq + run - seq0 + 1), skipped)
+        found = check.search(damaged - record + ref.data_offset, last)
+        if found is None or (run == n and found[0] == damaged):  # the rest: slots on from the last good frame
+            slots = (size - damaged) // record
+            pieces += _slots(check, damaged, slots, last, None)
+            pos = damaged + slots * record
+            break
         at, h = found
-        expected = damaged + (h.sequence - seq - run) * record
-        if at != expected:  # bytes lost or inserted: the last good record runs into the damage
-            runs[-1][2] -= 1
-            last = runs[-1][0] + runs[-1][2]
-            skipped.append(Skipped(last, runs[-1][1] + runs[-1][2] * record, f"its record runs into damage: the next frame header "
-                                                            f"lies {at - expected:+d} bytes from where the record "
-                                                            f"size puts it"))
-        for s in range(seq + run, h.sequence):
-            skipped.append(Skipped(s - seq0, damaged + (s - seq - run) * record,
-                                   "its frame header is damaged (disagrees with the acquisition's)"))
+        if (at - damaged) % record == 0:  # on the grid: no bytes were lost
+            pieces += _slots(check, damaged, (at - damaged) // record, last, h.sequence)
+        else:  # bytes lost or inserted: the last good record runs into them
+            pieces[-1].count -= 1  # (run > 0: a confirmed header's record is good unless the file ends in it)
+            if not pieces[-1].count:
+                pieces.pop()
+            shift = at - damaged - (h.sequence - last - 1) * record
+            pieces += [Lost(last, damaged - record, f"its record runs into damage: the next frame header lies "
+                                                    f"{shift:+d} bytes from where the record size puts it"),
+                       Gap(min(at, damaged))]
         pos, seq = at, h.sequence
-    n_frames = seq - seq0
     if pos < size:  # the file ends inside a record
-        skipped.append(Skipped(n_frames, pos, f"truncated: the file ends {size - pos} bytes into its record of "
-                                              f"{record} bytes"))
-        n_frames += 1
-    return RecordIndex(ref, record, _dense(runs, record, n_frames), skipped)
+        h = check.agrees(pos)
+        pieces.append(Slot(pos, h and h.sequence, f"truncated: the file ends {size - pos} bytes into its record "
+                                                  f"of {record} bytes"))
+    offsets, skipped = place(pieces, record)
+    return RecordIndex(ref, record, offsets, skipped)
 
 
-def _dense(runs: list[list[int]], record: int, n: int) -> np.ndarray:
-    """Each frame's record offset (-1 where none) from the runs of good records."""
-    out = np.full(n, -1, dtype=np.int64)
-    for first, offset, count in runs:
-        out[first:first + count] = offset + record * np.arange(count, dtype=np.int64)
-    return out
+def _before(check: _Checker, ref_at: int, sequence: int) -> list:
+    """The pieces of the file before the reference (at ``ref_at``, of sequence number ``sequence``)."""
+    slots = ref_at // check.record
+    first = ref_at - slots * check.record
+    pieces = _slots(check, first, slots, -1, sequence)
+    if first:  # bytes off the reference's grid at the start: lost or inserted in the first record
+        h = check.agrees(0)
+        below = min([sequence, *(p.sequence for p in pieces if isinstance(p, Run))])
+        pieces.insert(0, Lost(h.sequence, 0, "its record runs into damage: the next frame header does not follow "
+                                             "it") if h is not None and h.sequence < below else Gap(0))
+    return pieces
+
+
+def _slots(check: _Checker, first: int, count: int, after: int, before: int | None) -> list:
+    """The ``count`` record slots on the grid from file offset ``first``, between the good frames of sequence
+    numbers ``after`` and ``before`` (None: the file's end): a header of the acquisition's format whose number
+    lies between theirs (and below the next slot's) is a good frame, read back from ``before``; up to the end
+    of the file, read on from ``after``, it must count on by one."""
+    found: dict[int, FrameHeader | None] = {k: check.agrees(first + k * check.record) for k in range(count)}
+    good: set[int] = set()
+    if before is not None:
+        bound = before
+        for k in reversed(range(count)):
+            h = found[k]
+            if h is not None and after < h.sequence < bound:
+                good.add(k)
+                bound = h.sequence
+    else:
+        for k in range(count):
+            h = found[k]
+            if h is not None and h.sequence == after + 1:
+                good.add(k)
+            after += 1
+    pieces = []
+    for k in range(count):
+        at, h = first + k * check.record, found[k]
+        if k in good:
+            pieces.append(Run(h.sequence, at, 1))
+        else:
+            pieces.append(Slot(at, h and h.sequence, _why(check, at, h)))
+    return pieces
+
+
+def _why(check: _Checker, at: int, h: FrameHeader | None) -> str:
+    """Why the header at ``at`` (``h``: it has the acquisition's format) is not a good frame's."""
+    if h is not None:
+        return f"its frame header is damaged (its sequence number {h.sequence} is out of order)"
+    if _parse(check.mm, at) is not None:
+        return "its frame header is damaged (disagrees with the acquisition's)"
+    return "its frame header is damaged (no valid header there)"

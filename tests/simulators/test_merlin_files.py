@@ -105,7 +105,7 @@ def test_a_truncated_mib_streams_the_frames_before_the_damage_and_names_the_file
     record = 384 + 32 * 32 * 2
     with open_file(path) as src:
         assert src.n_frames == 20 and src.available_frames == 19
-        assert src.problem == (f"cut.mib is damaged: 1 of its 20 frames skipped (frames 19 at offset {19 * record}: "
+        assert src.problem == (f"cut.mib is damaged: 1 of its 20 frames skipped (frame 19 at offset {19 * record}: "
                                f"truncated); the other 19 frames are read")
         assert src.start.metadata["skipped_frames"] == [
             {"frame": 19, "offset": 19 * record, "reason": f"truncated: the file ends {record - 1000} bytes into its "

@@ -1,5 +1,6 @@
 """Damaged Merlin ``.mib`` files give up exactly their damaged frames: headers corrupted and bytes deleted here,
-at frame 0, in the middle of a chunk and at the end; the maps of every other frame equal a NumPy reference."""
+at frame 0, in the middle of a chunk and at the end, records missing or written twice; every frame lands at its
+own position (its sequence number - 1), and the maps of every other frame equal a NumPy reference."""
 
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ RECORD = 384 + H * H * 2
 
 def write(tmp_path, seed=0, **kw):
     frames = disc_frames(NY, NX, H, H, seed=seed, dtype=np.uint16, level=1000.0)
-    path = write_mib(tmp_path / "scan.mib", frames.reshape(-1, H, H), scan_xy=(NX, NY), **kw)
+    path = write_mib(tmp_path / "scan.mib", frames.reshape(-1, H, H), **{"scan_xy": (NX, NY), **kw})
     return frames, path
+
+
+def rewrite_records(path, order: list[int]) -> None:
+    """The file's records in ``order`` (by their index in the file as written): some left out or repeated."""
+    raw = path.read_bytes()
+    path.write_bytes(b"".join(raw[k * RECORD:(k + 1) * RECORD] for k in order))
 
 
 def damage_header(path, frame: int, new: bytes = b"XXXX") -> None:
@@ -49,7 +56,7 @@ def assert_only_missing(res, frames, lost: list[int]):
     assert np.isnan(res["maps"]["vbf"][~filled]).all()
 
 
-@pytest.mark.parametrize("lost", [[0], [40], [40, 41], [63]])
+@pytest.mark.parametrize("lost", [[0], [1], [40], [40, 41], [63]])
 def test_corrupted_headers_cost_their_frames_only(tmp_path, lost):
     frames, path = write(tmp_path, seed=len(lost) + lost[0])
     for k in lost:
@@ -62,9 +69,10 @@ def test_corrupted_headers_cost_their_frames_only(tmp_path, lost):
     assert_only_missing(res, frames, lost)
     assert [s["frame"] for s in res["attrs"]["skipped_frames"]] == lost
     detail = res["attrs"]["incomplete_detail"]
-    assert detail.startswith(f"scan.mib is damaged: {len(lost)} of its 64 frames skipped (frames {lost[0]} at offset "
-                             f"{lost[0] * RECORD}")
-    assert detail.endswith(f"{len(lost)} of 64 positions have no frame")
+    said = "; ".join(f"frame {k} at offset {k * RECORD}: its frame header is damaged (no valid header there)"
+                     for k in lost)
+    assert detail == (f"scan.mib is damaged: {len(lost)} of its 64 frames skipped ({said}); the other {64 - len(lost)} "
+                      f"frames are read; {len(lost)} of 64 positions {'have' if len(lost) > 1 else 'has'} no frame")
 
 
 def test_frame_0_damaged_is_reported_as_frame_0(tmp_path):
@@ -72,7 +80,7 @@ def test_frame_0_damaged_is_reported_as_frame_0(tmp_path):
     damage_header(path, 0, b"MQ1,000001,00384,01,0016,0016,U08")  # parses, but its record size is wrong
     with open_file(path) as src:
         assert [s.as_dict() for s in src.skipped] == [
-            {"frame": 0, "offset": 0, "reason": "its frame header is damaged (no valid header there)"}]
+            {"frame": 0, "offset": 0, "reason": "its frame header is damaged (disagrees with the acquisition's)"}]
         assert src.first.pixel_type == "U16"  # the reference is frame 1's header, confirmed by frame 2's
     code, res = analyze(path)
     assert code == 1
@@ -126,3 +134,56 @@ def test_a_file_of_no_good_header_is_refused(tmp_path):
     path.write_bytes(path.read_bytes().replace(b"MQ1,", b"MQ2,"))
     with pytest.raises(ValueError, match=r"scan.mib is not a Merlin .mib file: no MQ1 frame header in it parses"):
         open_file(path)
+
+
+@pytest.mark.parametrize("absent", [0, 1, 30, 63])
+def test_a_record_missing_from_the_file_costs_its_position_only(tmp_path, absent):
+    """Merlin numbers frames from 1: a missing record leaves its position empty and every other frame at its own
+    (the frame before it keeps its place too). The .hdr has no ScanX/ScanY: its 64 frames at 8 per trigger are
+    the 8x8 scan, also when the file's last record is the one missing."""
+    frames, path = write(tmp_path, seed=absent, scan_xy=None, frames_per_trigger=NX)
+    rewrite_records(path, [k for k in range(NY * NX) if k != absent])
+    reason = ("not in the file: it ends before them (its .hdr says the acquisition has 64 frames)" if absent == 63 else
+              f"not in the file: no record has sequence number {absent + 1}")
+    with open_file(path) as src:
+        assert src.n_frames == 64 and src.start.scan_shape == (NY, NX)
+        assert [s.as_dict() for s in src.skipped] == [
+            {"frame": absent, "offset": min(absent, 63) * RECORD, "reason": reason}]
+    code, res = analyze(path)
+    assert code == 1
+    assert_only_missing(res, frames, [absent])
+    assert res["attrs"]["incomplete_detail"].startswith(
+        f"scan.mib is damaged: 1 of its 64 frames skipped (frame {absent} at offset {min(absent, 63) * RECORD}: not in "
+        f"the file); the other 63 frames are read")
+
+
+def test_records_missing_with_a_scan_shape_given_and_two_reasons_said_in_order(tmp_path):
+    frames, path = write(tmp_path, seed=11, hdr=False)
+    rewrite_records(path, [k for k in range(NY * NX) if k not in (0, 50, 51)])
+    damage_header(path, 19)  # the file's 20th record: frame 20
+    code, res = analyze(path, "--scan-shape", f"{NY}x{NX}")
+    assert code == 1
+    assert_only_missing(res, frames, [0, 20, 50, 51])
+    assert res["attrs"]["skipped_frames"] == [
+        {"frame": 0, "offset": 0, "reason": "not in the file: no record has sequence number 1"},
+        {"frame": 20, "offset": 19 * RECORD, "reason": "its frame header is damaged (no valid header there)"},
+        {"frame": 50, "offset": 49 * RECORD, "reason": "not in the file: no record has sequence numbers 51 to 52",
+         "count": 2}]
+    assert res["attrs"]["incomplete_detail"] == (
+        f"scan.mib is damaged: 4 of its 64 frames skipped (frame 0 at offset 0: not in the file; frame 20 at offset "
+        f"{19 * RECORD}: its frame header is damaged (no valid header there); frames 50 to 51 at offset {49 * RECORD}: "
+        f"not in the file); the other 60 frames are read; 4 of 64 positions have no frame")
+
+
+def test_a_record_written_twice_is_a_duplicate_and_the_frames_after_keep_their_places(tmp_path):
+    frames, path = write(tmp_path, seed=12)
+    rewrite_records(path, [*range(6), 5, *range(6, NY * NX)])
+    with open_file(path) as src:
+        assert [s.as_dict() for s in src.skipped] == [
+            {"frame": 5, "offset": 6 * RECORD, "reason": "duplicate of frame 5", "count": 0}]
+        assert src.n_frames == 64 and src.available_frames == 64
+        assert src.problem == (f"scan.mib is damaged: 1 record ignored (frame 5 at offset {6 * RECORD}: duplicate of "
+                               f"frame 5); all 64 frames are read")
+    code, res = analyze(path)
+    assert code == 0
+    assert_only_missing(res, frames, [])
