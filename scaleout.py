@@ -1,0 +1,186 @@
+"""``rrstem analyze --cluster ADDRESS`` and ``--workers N``: a recorded scan reduced in partitions on Dask workers.
+
+This process, the driver, opens the file and does what the service's
+pipeline would do with the first frames messages ``simulators.source.stream``
+sends: the scan's ``Scan`` calibrates its geometry on them, so the geometry is
+the in-process one. The rest of the messages are grouped into partitions.
+Each partition is one Dask task: it opens the file on its worker, by path (the
+file must be readable at the same path there, as for LiberTEM and HyperSpy),
+reads its frames lazily, reduces them with the same fused pass and reductions
+into a ``stream.shard.Shard`` and returns the shard's msgpack bytes (no pickle
+of results). The driver merges each as it completes (``Scan.merge``) and
+counts partitions on a progress bar; shards hold disjoint positions, so
+integer sums merge bit for bit, and the results file is written by the same
+code as in-process (``stream.results``).
+
+A worker lost mid-run costs only its partitions: the scheduler runs them
+again on another worker (a partition's result depends only on the file and
+the geometry), and the results are complete and equal.
+
+Not yet: training the rrVAE or encoding with ``--model`` on the workers, ``--save-frames`` and ``--publish``
+(``check_options`` refuses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rrstem.simulators.files import open_file
+from rrstem.simulators.source import Source, message_plan
+from rrstem.stream.acquisition import AcquisitionMap
+from rrstem.stream.config import ServiceConfig
+from rrstem.stream.dpc.live import DPCSession
+from rrstem.stream.persist import check_results_path
+from rrstem.stream.preprocess import Geometry, PreprocessConfig
+from rrstem.stream.protocol import Start, decode_header
+from rrstem.stream.results import scan_results, write_scan
+from rrstem.stream.scan import Scan
+from rrstem.stream.shard import Shard, feed
+
+log = logging.getLogger("rrstem.scaleout")
+
+#: raw bytes of a partition unless ``--partition-frames`` says otherwise
+PARTITION_BYTES = 128 << 20
+#: raw bytes a worker reads from the file at a time
+READ_BYTES = 32 << 20
+#: test only: seconds each partition task waits before it returns (to kill a worker while tasks run)
+DELAY_ENV = "RRSTEM_TEST_PARTITION_DELAY"
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """ValueError, saying what to do, for what the partitioned path does not do yet."""
+    refused = [(not args.no_train, "training the rrVAE (add --no-train)"),
+               (args.model is not None, "encoding with --model"), (args.save_frames, "--save-frames"),
+               (args.publish is not None, "--publish")]
+    what = [text for on, text in refused if on]
+    if what:
+        raise ValueError(f"--cluster/--workers does not do {', '.join(what)} for now; run without "
+                         f"--cluster/--workers for these")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, not {args.workers}")
+    if args.partition_frames is not None and args.partition_frames < 1:
+        raise ValueError(f"--partition-frames must be at least 1, not {args.partition_frames}")
+
+
+@contextlib.contextmanager
+def dask_client(cluster: str | None, workers: int | None):
+    """A Dask client of the cluster at ``cluster``, or of ``workers`` local worker processes (one thread each)."""
+    from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines would drown rrstem's
+    if cluster is not None:
+        try:
+            client = Client(cluster, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise ValueError(f"cannot reach the Dask scheduler at {cluster}: {exc}") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as local, \
+            Client(local) as client:
+        yield client
+
+
+def partitions(plan: list[tuple[int, int]], frames: int) -> list[list[tuple[int, int]]]:
+    """The frames of ``plan`` (runs of (first, count)), in order, in partitions of ``frames`` frames (the last
+    may hold fewer), each a list of runs."""
+    out: list[list[tuple[int, int]]] = []
+    room = 0
+    for first, count in plan:
+        while count:
+            if room == 0:
+                out.append([])
+                room = frames
+            take = min(count, room)
+            out[-1].append((first, take))
+            first, count, room = first + take, count - take, room - take
+    return out
+
+
+def reads(messages: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """``messages`` with consecutive ones joined into reads of at most ``limit`` frames."""
+    out: list[tuple[int, int]] = []
+    for first, count in messages:
+        if out and out[-1][0] + out[-1][1] == first and out[-1][1] + count <= limit:
+            out[-1] = (out[-1][0], out[-1][1] + count)
+        else:
+            out.append((first, count))
+    return out
+
+
+def reduce_partition(path: str, open_args: dict, start: Start, cfg: PreprocessConfig, geometry: Geometry,
+                     messages: list[tuple[int, int]]) -> bytes:
+    """One task: the frames of ``messages`` read from the file at ``path`` and reduced into a shard's bytes."""
+    with open_file(path, **open_args) as src:
+        shard = Shard(start, cfg, geometry, frames=sum(count for _, count in messages))
+        placement = AcquisitionMap(tuple(start.scan_shape), open_args["sync_offset"], open_args["flyback"])
+        for first, count in reads(messages, max(1, READ_BYTES // start.frame_nbytes)):
+            feed(shard, placement, first, src.chunk(first, count))
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    return shard.to_bytes()
+
+
+def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfig) -> Scan:
+    """Reduce ``src`` (the file ``args.input``) on a Dask cluster and write its results to ``cfg.out``, as
+    ``analyze`` does in-process; returns the ended scan. ValueError (before any work) for what cannot be done."""
+    check_options(args)
+    check_results_path(cfg.out)
+    start = decode_header(src.start.encode())  # the start as the service would have received it
+    if cfg.scan_shape is not None and tuple(start.scan_shape) != tuple(cfg.scan_shape):
+        start = start.model_copy(update={"scan_shape": cfg.scan_shape})
+    scan = Scan(start, cfg.preprocess, session={"dpc": DPCSession.open(**cfg.dpc.model_dump())})
+    placement = AcquisitionMap(tuple(start.scan_shape), cfg.sync_offset, cfg.flyback)
+    plan = message_plan(src, order=src.valid_order)
+    calibrated = 0  # the first messages, until the scan calibrates: read here, as the service would take them
+    while calibrated < len(plan) and not scan.ready:
+        first, count = plan[calibrated]
+        feed(scan, placement, first, src.chunk(first, count))
+        calibrated += 1
+    per_partition = args.partition_frames or max(1, PARTITION_BYTES // start.frame_nbytes)
+    parts = partitions(plan[calibrated:], per_partition)
+    open_args = dict(key=args.key, scan_shape=args.scan_shape, sync_offset=cfg.sync_offset, flyback=cfg.flyback)
+    path = str(Path(args.input).resolve())
+    with dask_client(args.cluster, args.workers) as client:
+        t0 = time.perf_counter()
+        futures = {client.submit(reduce_partition, path, open_args, start, cfg.preprocess, scan.geometry, messages,
+                                 pure=False): messages for messages in parts}
+        merge_as_completed(scan, futures, progress=not args.no_progress)
+        log.info("%d partition(s) reduced on %d worker(s) in %.2f s", len(parts),
+                 len(client.scheduler_info().get("workers", {})), time.perf_counter() - t0)
+    scan.finish(sum(count for _, count in plan), "end")
+    results = scan_results(scan)
+    results.attrs["config"] = cfg.model_dump(mode="json")
+    scan.written(write_scan(cfg.out, results))
+    scan.done_with()
+    return scan
+
+
+def merge_as_completed(scan: Scan, futures: dict, progress: bool) -> None:
+    """Merge each partition's shard into ``scan`` as its task completes (``futures``: future -> its messages),
+    counting partitions on a progress bar; a task that raised raises here, naming its frames."""
+    from distributed import as_completed
+
+    with tqdm(total=len(futures), unit="partition", desc="partitions", disable=not progress,
+              mininterval=0.5) as bar:
+        for future in as_completed(list(futures)):
+            messages = futures.pop(future)
+            try:
+                data = future.result()
+            except Exception as exc:
+                (first, _), (last, count) = messages[0], messages[-1]
+                for other in futures:
+                    other.cancel()
+                raise RuntimeError(f"the partition of frames {first}..{last + count - 1} failed on a worker: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            future.release()
+            scan.merge(*Shard.from_bytes(data))
+            bar.update(1)
