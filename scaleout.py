@@ -115,6 +115,13 @@ def reads(messages: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
     return out
 
 
+def warm_worker(dtype: str, bin: int) -> float:
+    """On a worker: import the readers and compile (or load) the fused pass for ``dtype`` at ``bin``."""
+    from rrstem.stream.framepass import warm_up
+
+    return warm_up((dtype,), bins=(bin,))
+
+
 def reduce_partition(path: str, open_args: dict, start: Start, cfg: PreprocessConfig, geometry: Geometry,
                      messages: list[tuple[int, int]]) -> bytes:
     """One task: the frames of ``messages`` read from the file at ``path`` and reduced into a shard's bytes."""
@@ -150,6 +157,13 @@ def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfi
     open_args = dict(key=args.key, scan_shape=args.scan_shape, sync_offset=cfg.sync_offset, flyback=cfg.flyback)
     path = str(Path(args.input).resolve())
     with dask_client(args.cluster, args.workers) as client:
+        t0 = time.perf_counter()
+        try:  # all at once, before the first partition: imports and the compiled pass (workers that join later
+            # do it in their first partition)
+            ready = client.run(warm_worker, start.dtype, cfg.preprocess.bin)
+            log.info("%d worker(s) ready in %.2f s", len(ready), time.perf_counter() - t0)
+        except Exception as exc:  # a worker lost meanwhile: its partitions go to the others
+            log.warning("warming the workers up failed (%s); going on", exc)
         t0 = time.perf_counter()
         futures = {client.submit(reduce_partition, path, open_args, start, cfg.preprocess, scan.geometry, messages,
                                  pure=False): messages for messages in parts}

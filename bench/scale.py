@@ -17,10 +17,11 @@ own process, wall clock from start to exit):
 
 Per run: ``seconds`` (wall), ``frames_per_s``, ``partitions`` and
 ``reduce_seconds`` (the command's own log: submitting the first partition to
-merging the last), ``peak_rss_anon_GB`` of the command's process and of its
+merging the last), ``warm_seconds`` (its workers' imports and compiled pass,
+before that), ``peak_rss_anon_GB`` of the command's process and of its
 largest descendant (a Dask worker), sampled every 0.2 s from ``/proc``.
 ``cost_model``: per N, the command's fixed cost (``seconds - reduce_seconds``:
-imports, cluster start, calibration, results) and ``per_task_s``, the time one
+imports, cluster start, warm-up, calibration, results) and ``per_task_s``, the time one
 more partition costs a worker beyond its frames:
 ``(reduce_small - reduce_default) * N / (tasks_small - tasks_default)``.
 
@@ -44,6 +45,7 @@ from files_memory import make_file, rss_anon_kib
 
 RRSTEM = [sys.executable, "-m", "rrstem.cli"]
 REDUCED = re.compile(r"(\d+) partition\(s\) reduced on (\d+) worker\(s\) in ([0-9.]+) s")
+READY = re.compile(r"worker\(s\) ready in ([0-9.]+) s")
 
 
 def descendants(pid: int) -> list[int]:
@@ -93,6 +95,9 @@ def timed(args: list[str]) -> dict:
     found = REDUCED.search(err)
     if found:
         row.update(partitions=int(found[1]), workers=int(found[2]), reduce_seconds=float(found[3]))
+    ready = READY.search(err)
+    if ready:
+        row["warm_seconds"] = float(ready[1])
     return row
 
 

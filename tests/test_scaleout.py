@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from file_writers import write_dectris
 from support import disc_frames
 from rrstem.cli import main
 from rrstem.scaleout import DELAY_ENV, partitions, reads
@@ -26,20 +27,32 @@ DASK = Path(sys.executable).with_name("dask")
 ANALYZE = [sys.executable, "-m", "rrstem.cli", "analyze", "--no-train", "--no-progress"]
 
 
+#: a DECTRIS master file of a flat series: 3 frames before the scan's first, 2 flyback frames per line
+DECTRIS_OPTIONS = ["--scan-shape", "20x24", "--sync-offset", "3", "--flyback", "2", "--bin", "4"]
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """A 24x24 scan of 128x128 uint16 frames (36 MB: 9 frames messages of 64 frames) and its in-process
-    results; a few frames hold counts that do not fit a uint16 store at bin 2."""
+    """A 24x24 scan of 128x128 uint16 frames (36 MB: 9 frames messages of 64 frames; a few frames hold counts
+    that do not fit a uint16 store at bin 2), a DECTRIS master file (DECTRIS_OPTIONS, a bad pixel in its
+    pixel_mask), and the in-process results of both."""
     folder = tmp_path_factory.mktemp("scaleout")
     frames = disc_frames(24, 24, 128, 128, seed=3, level=2000.0)
     frames[20, 3, 60:64, 60:64] = 60000  # the narrow store widens in one partition
     np.save(folder / "scan.npy", frames)
     assert main(["analyze", str(folder / "scan.npy"), "--no-train", "--no-progress", "--bin", "2",
                  "--out", str(folder / "inprocess.h5")]) == 0
+    (folder / "dectris").mkdir()
+    mask = np.zeros((128, 128), np.uint32)
+    mask[70, 50] = 1
+    flat = disc_frames(1, 3 + 20 * 26, 128, 128, seed=5, level=300.0)  # (1, n, h, w): one flat series
+    write_dectris(folder / "dectris", flat, per_file=100, pixel_mask=mask)
+    assert main(["analyze", str(folder / "dectris" / "scan_master.h5"), "--no-train", "--no-progress",
+                 *DECTRIS_OPTIONS, "--out", str(folder / "dectris_inprocess.h5")]) == 0
     return folder
 
 
-def assert_same_results(a_path: Path, b_path: Path) -> None:
+def assert_same_results(a_path: Path, b_path: Path, positions: int = 24 * 24) -> None:
     a, b = read_scan(a_path), read_scan(b_path)
     assert sorted(a["maps"]) == sorted(b["maps"])
     for name, ref in a["maps"].items():
@@ -49,7 +62,7 @@ def assert_same_results(a_path: Path, b_path: Path) -> None:
     for key in set(a["attrs"]) | set(b["attrs"]):
         if key != "config":  # the in-process one names its inproc:// endpoint
             assert json.dumps(a["attrs"].get(key), default=str) == json.dumps(b["attrs"].get(key), default=str), key
-    assert a["attrs"]["counters"]["received"] == 24 * 24 and a["attrs"]["complete"]
+    assert a["attrs"]["counters"]["received"] == positions and a["attrs"]["complete"]
 
 
 def test_partitions_cover_the_plan_in_order():
@@ -112,22 +125,31 @@ def cluster(tmp_path):
         c.close()
 
 
-def run_on(cluster: Cluster, recorded: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([*ANALYZE, str(recorded / "scan.npy"), "--bin", "2", "--cluster", cluster.address,
-                             "--partition-frames", "16", "--out", str(out)],
+def run_on(cluster: Cluster, out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([*ANALYZE, *args, "--cluster", cluster.address, "--partition-frames", "16", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_a_dask_cluster_equals_the_in_process_results_and_survives_a_killed_worker(recorded, cluster, tmp_path):
+    npy = [str(recorded / "scan.npy"), "--bin", "2"]
     out = tmp_path / "cluster.h5"
-    proc = run_on(cluster, recorded, out)
+    proc = run_on(cluster, out, *npy)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert_same_results(recorded / "inprocess.h5", out)
 
+    # a flat series in HDF5 data files, its sync offset and flyback frames placed (and counted) by the workers
+    dectris = tmp_path / "dectris.h5"
+    proc = run_on(cluster, dectris, str(recorded / "dectris" / "scan_master.h5"), *DECTRIS_OPTIONS)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert_same_results(recorded / "dectris_inprocess.h5", dectris, positions=20 * 24)
+    invalid = read_scan(dectris)["attrs"]["invalid_reasons"]
+    assert invalid == {"sync_offset": 3, "flyback": 20 * 2}
+
     # again, and kill one worker while both run partitions (32 tasks of 0.1 s or more each)
     killed = tmp_path / "killed.h5"
-    proc = run_on(cluster, recorded, killed)
+    proc = run_on(cluster, killed, *npy)
     victim = cluster.workers[1]
     names = {}
     deadline = time.monotonic() + 60
