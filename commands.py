@@ -137,9 +137,10 @@ def add_analyze_args(sub) -> None:
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--cluster", default=None, metavar="ADDRESS",
                        help="reduce the scan in partitions on this Dask scheduler's workers (tcp://HOST:PORT); "
-                            "they read the file themselves, at the same path (needs --no-train for now)")
+                            "they read the file themselves, at the same path; the rrVAE trains here on frames "
+                            "sampled across the partitions and encodes every frame on the workers")
     scale.add_argument("--workers", type=int, default=None, metavar="N",
-                       help="the same on N local Dask worker processes (needs --no-train for now)")
+                       help="the same on N local Dask worker processes")
     p.add_argument("--partition-frames", type=int, default=None, metavar="N",
                    help="frames per partition with --cluster/--workers (default: about 128 MiB of frames)")
     add_save_frames_arg(p)

@@ -17,8 +17,9 @@ A worker lost mid-run costs only its partitions: the scheduler runs them
 again on another worker (a partition's result depends only on the file and
 the geometry), and the results are complete and equal.
 
-Not yet: training the rrVAE or encoding with ``--model`` on the workers, ``--save-frames`` and ``--publish``
-(``check_options`` refuses them).
+The rrVAE (``scaleout_model.py``) trains here on frames the partition tasks sample across the scan, and
+then, like a trained ``--model``, encodes every frame on the workers, its weights sent to them. Not yet:
+``--save-frames`` and ``--publish`` (``check_options`` refuses them).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import os
 import time
 from pathlib import Path
 
+import msgpack
+import numpy as np
 from tqdm import tqdm
 
 from rrstem.simulators.files import open_file
 from rrstem.simulators.source import Source, message_plan
 from rrstem.stream.acquisition import AcquisitionMap
-from rrstem.stream.config import ServiceConfig
+from rrstem.stream.config import ServiceConfig, make_encoder
 from rrstem.stream.dpc.live import DPCSession
 from rrstem.stream.persist import check_results_path
 from rrstem.stream.preprocess import Geometry, PreprocessConfig
@@ -43,6 +46,7 @@ from rrstem.stream.protocol import Start, decode_header
 from rrstem.stream.results import scan_results, write_scan
 from rrstem.stream.scan import Scan
 from rrstem.stream.shard import Shard, feed
+from rrstem.stream.snapshot import MODEL_SPECS
 
 log = logging.getLogger("rrstem.scaleout")
 
@@ -56,13 +60,11 @@ DELAY_ENV = "RRSTEM_TEST_PARTITION_DELAY"
 
 def check_options(args: argparse.Namespace) -> None:
     """ValueError, saying what to do, for what the partitioned path does not do yet."""
-    refused = [(not args.no_train, "training the rrVAE (add --no-train)"),
-               (args.model is not None, "encoding with --model"), (args.save_frames, "--save-frames"),
-               (args.publish is not None, "--publish")]
+    refused = [(args.save_frames, "--save-frames"), (args.publish is not None, "--publish")]
     what = [text for on, text in refused if on]
     if what:
-        raise ValueError(f"--cluster/--workers does not do {', '.join(what)} for now; run without "
-                         f"--cluster/--workers for these")
+        raise ValueError(f"--cluster/--workers does not do {' or '.join(what)} for now; run without "
+                         f"--cluster/--workers for that")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, not {args.workers}")
     if args.partition_frames is not None and args.partition_frames < 1:
@@ -122,18 +124,48 @@ def warm_worker(dtype: str, bin: int) -> float:
     return warm_up((dtype,), bins=(bin,))
 
 
-def reduce_partition(path: str, open_args: dict, start: Start, cfg: PreprocessConfig, geometry: Geometry,
-                     messages: list[tuple[int, int]]) -> bytes:
-    """One task: the frames of ``messages`` read from the file at ``path`` and reduced into a shard's bytes."""
+def read_partition(path: str, open_args: dict, start: Start, cfg: PreprocessConfig, geometry: Geometry,
+                   messages: list[tuple[int, int]]) -> Shard:
+    """The frames of ``messages`` read from the file at ``path`` and reduced into a shard (on a worker)."""
     with open_file(path, **open_args) as src:
         shard = Shard(start, cfg, geometry, frames=sum(count for _, count in messages))
         placement = AcquisitionMap(tuple(start.scan_shape), open_args["sync_offset"], open_args["flyback"])
         for first, count in reads(messages, max(1, READ_BYTES // start.frame_nbytes)):
             feed(shard, placement, first, src.chunk(first, count))
+    return shard
+
+
+def reduce_partition(path: str, open_args: dict, start: Start, cfg: PreprocessConfig, geometry: Geometry,
+                     messages: list[tuple[int, int]], train_frames: int = 0) -> bytes:
+    """One task: ``read_partition``; msgpack of the shard's bytes and, for training, ``train_frames`` of its
+    binned frames at random (``sample``) with their positions."""
+    shard = read_partition(path, open_args, start, cfg, geometry, messages)
+    out = {"shard": shard.to_bytes()}
+    if train_frames:
+        positions, frames = sample(*shard.binned(), train_frames)
+        out["sample"] = [positions.tobytes(), frames.dtype.str, list(frames.shape), frames.tobytes()]
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)
-    return shard.to_bytes()
+    return msgpack.packb(out, use_bin_type=True)
+
+
+def sample(positions: np.ndarray, frames: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` of the (positions, frames) at random (all if there are no more), the same for the same input."""
+    if len(positions) <= count:
+        return positions, frames
+    rng = np.random.default_rng(int(positions[0]))
+    pick = np.sort(rng.choice(len(positions), size=count, replace=False))
+    return positions[pick], frames[pick]
+
+
+def unpack_reduced(data: bytes) -> tuple[bytes, tuple[np.ndarray, np.ndarray] | None]:
+    """(the shard's bytes, (positions, binned frames) of its sample or None) of ``reduce_partition``'s bytes."""
+    d = msgpack.unpackb(data, raw=False)
+    if "sample" not in d:
+        return d["shard"], None
+    positions, dtype, shape, frames = d["sample"]
+    return d["shard"], (np.frombuffer(positions, np.int64), np.frombuffer(frames, np.dtype(dtype)).reshape(shape))
 
 
 def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfig) -> Scan:
@@ -152,6 +184,8 @@ def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfi
         first, count = plan[calibrated]
         feed(scan, placement, first, src.chunk(first, count))
         calibrated += 1
+    own = scan.filled.copy()  # the positions of the frames this process took (their frames are in its store)
+    encoder = make_encoder(cfg) if cfg.model is not None else None  # --model: a FixedEncoder, its thread unused
     per_partition = args.partition_frames or max(1, PARTITION_BYTES // start.frame_nbytes)
     parts = partitions(plan[calibrated:], per_partition)
     open_args = dict(key=args.key, scan_shape=args.scan_shape, sync_offset=cfg.sync_offset, flyback=cfg.flyback)
@@ -165,22 +199,87 @@ def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfi
         except Exception as exc:  # a worker lost meanwhile: its partitions go to the others
             log.warning("warming the workers up failed (%s); going on", exc)
         t0 = time.perf_counter()
+        sampled, share = None, 0  # training: where the partitions' samples go, and how many frames each sends
+        if cfg.train and encoder is None:
+            from rrstem.scaleout_model import TRAIN_FRAMES, SampledScan
+
+            sampled, share = SampledScan(scan), -(-TRAIN_FRAMES * per_partition // max(1, start.n_positions))
         futures = {client.submit(reduce_partition, path, open_args, start, cfg.preprocess, scan.geometry, messages,
-                                 pure=False): messages for messages in parts}
-        merge_as_completed(scan, futures, progress=not args.no_progress)
+                                 share, pure=False): messages for messages in parts}
+        merge_as_completed(scan, futures, progress=not args.no_progress, sampled=sampled)
         log.info("%d partition(s) reduced on %d worker(s) in %.2f s", len(parts),
                  len(client.scheduler_info().get("workers", {})), time.perf_counter() - t0)
-    scan.finish(sum(count for _, count in plan), "end")
+        scan.finish(sum(count for _, count in plan), "end")
+        export = None
+        if sampled is not None:
+            encoder, export = train_here(scan, sampled, own, cfg)
+        model_maps = None
+        if encoder is not None:
+            model_maps = encode_on_workers(client, scan, encoder, own, parts, (path, open_args, start, cfg.preprocess,
+                                                                              scan.geometry), not args.no_progress)
     results = scan_results(scan)
     results.attrs["config"] = cfg.model_dump(mode="json")
+    if model_maps is not None:
+        from rrstem.scaleout_model import final_metrics
+
+        results.maps.update(model_maps)
+        results.specs.update(MODEL_SPECS)
+        results.model = encoder.export() if export is None else {**export, "metrics": final_metrics(model_maps, scan)}
     scan.written(write_scan(cfg.out, results))
     scan.done_with()
     return scan
 
 
-def merge_as_completed(scan: Scan, futures: dict, progress: bool) -> None:
+def train_here(scan: Scan, sampled, own: np.ndarray, cfg: ServiceConfig):
+    """Train the rrVAE here on the frames sampled across partitions and this process's own; (encoder, export)."""
+    from rrstem.scaleout_model import train
+
+    mine = np.flatnonzero(own & scan.filled)
+    sampled.add(mine, scan.frames[mine])
+    t0 = time.perf_counter()
+    log.info("scan %s: training the rrVAE on %d frames sampled across the partitions", scan.scan_id,
+             sampled.n_filled())
+    encoder, export = train(sampled, cfg.trainer, cfg.device)
+    log.info("scan %s: trained %d steps in %.1f s", scan.scan_id, export["step"], time.perf_counter() - t0)
+    return encoder, export
+
+
+def encode_partition(weights: dict, path: str, open_args: dict, start: Start, cfg: PreprocessConfig,
+                     geometry: Geometry, messages: list[tuple[int, int]]) -> bytes:
+    """One task: ``read_partition`` again, then its frames encoded with ``weights`` (``scaleout_model``)."""
+    from rrstem.scaleout_model import encode_frames  # torch: only where a model encodes
+
+    return encode_frames(weights, *read_partition(path, open_args, start, cfg, geometry, messages).binned())
+
+
+def encode_on_workers(client, scan: Scan, encoder, own: np.ndarray, parts: list[list[tuple[int, int]]],
+                      task_args: tuple, progress: bool) -> dict[str, np.ndarray]:
+    """The encoder's final maps of the ended ``scan``: its weights sent to the workers once, each partition
+    encoded there (``encode_partition``: ``task_args`` then its messages), this process's own frames here."""
+    from distributed import as_completed
+
+    from rrstem.scaleout_model import ModelMapsOfScan, encode_frames, weights_for_workers
+
+    weights = weights_for_workers(encoder, scan, own)
+    maps = ModelMapsOfScan(scan, encoder.model.cfg.latent_dim)
+    mine = np.flatnonzero(own & scan.filled)
+    maps.add(encode_frames(weights, mine, scan.frames[mine]))
+    sent = client.scatter(weights, broadcast=True)
+    t0 = time.perf_counter()
+    futures = [client.submit(encode_partition, sent, *task_args, messages, pure=False) for messages in parts]
+    with tqdm(total=len(futures), unit="partition", desc="encoding", disable=not progress, mininterval=0.5) as bar:
+        for future in as_completed(futures):
+            maps.add(future.result())
+            future.release()
+            bar.update(1)
+    log.info("%d partition(s) encoded in %.2f s", len(parts), time.perf_counter() - t0)
+    return maps.maps()
+
+
+def merge_as_completed(scan: Scan, futures: dict, progress: bool, sampled=None) -> None:
     """Merge each partition's shard into ``scan`` as its task completes (``futures``: future -> its messages),
-    counting partitions on a progress bar; a task that raised raises here, naming its frames."""
+    its sample of frames into ``sampled`` (training), counting partitions on a progress bar; a task that raised
+    raises here, naming its frames."""
     from distributed import as_completed
 
     with tqdm(total=len(futures), unit="partition", desc="partitions", disable=not progress,
@@ -196,5 +295,8 @@ def merge_as_completed(scan: Scan, futures: dict, progress: bool) -> None:
                 raise RuntimeError(f"the partition of frames {first}..{last + count - 1} failed on a worker: "
                                    f"{type(exc).__name__}: {exc}") from exc
             future.release()
-            scan.merge(*Shard.from_bytes(data))
+            shard, frames = unpack_reduced(data)
+            scan.merge(*Shard.from_bytes(shard))
+            if frames is not None:
+                sampled.add(*frames)
             bar.update(1)

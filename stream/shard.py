@@ -54,6 +54,7 @@ class Shard:
         self.frames = np.empty((frames, *geometry.binned_shape), narrow_dtype(raw, geometry.bin))
         self._pass = self._frame_pass()
         self._rows = 0  # store rows used
+        self._positions = np.empty(frames, dtype=np.int64)  # the scan position of each store row
         self.reasons: Counter[str] = Counter()  # invalid frames by reason
         self.duplicate = 0
 
@@ -74,6 +75,7 @@ class Shard:
         rows = np.arange(self._rows, self._rows + len(idx))
         if len(rows) and rows[-1] >= len(self.frames):
             raise ValueError(f"this shard holds {len(self.frames)} frames; frame {idx[-1]} is one too many")
+        self._positions[rows] = idx
         self._rows += len(idx)
         sums, total, over = self._pass(rows, frames)
         if over is None:
@@ -91,6 +93,11 @@ class Shard:
         if not ok.all():
             self.invalid("nan_or_inf", int((~ok).sum()))
         return int(ok.sum())
+
+    def binned(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, binned frames) of the valid frames this shard took, in the order it took them."""
+        rows = self.partial.filled[self._positions[:self._rows]]
+        return self._positions[:self._rows][rows], self.frames[:self._rows][rows]
 
     def to_bytes(self) -> bytes:
         """msgpack: the partial result (``Partial.to_bytes``), invalid frames by reason, duplicates."""
