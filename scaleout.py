@@ -210,15 +210,21 @@ def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfi
         log.info("%d partition(s) reduced on %d worker(s) in %.2f s", len(parts),
                  len(client.scheduler_info().get("workers", {})), time.perf_counter() - t0)
         scan.finish(sum(count for _, count in plan), "end")
-        export = None
-        if sampled is not None:
-            encoder, export = train_here(scan, sampled, own, cfg)
-        model_maps = None
-        if encoder is not None:
-            model_maps = encode_on_workers(client, scan, encoder, own, parts, (path, open_args, start, cfg.preprocess,
-                                                                              scan.geometry), not args.no_progress)
+        export = model_maps = failure = None
+        try:  # as in-process, a model that fails costs the model's maps, not the scan's results
+            if sampled is not None:
+                encoder, export = train_here(scan, sampled, own, cfg)
+            if encoder is not None:
+                model_maps = encode_on_workers(client, scan, encoder, own, parts,
+                                               (path, open_args, start, cfg.preprocess, scan.geometry),
+                                               not args.no_progress)
+        except Exception as exc:
+            log.error("scan %s: the rrVAE failed: %s: %s", scan.scan_id, type(exc).__name__, exc)
+            failure = exc
     results = scan_results(scan)
     results.attrs["config"] = cfg.model_dump(mode="json")
+    if failure is not None:
+        results.attrs["model_error"] = f"{type(failure).__name__}: {failure}"
     if model_maps is not None:
         from rrstem.scaleout_model import final_metrics
 

@@ -37,13 +37,13 @@ DECTRIS_OPTIONS = ["--scan-shape", "20x24", "--sync-offset", "3", "--flyback", "
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """A 24x24 scan of 128x128 uint16 frames (36 MB: 9 frames messages of 64 frames; a few frames hold counts
-    that do not fit a uint16 store at bin 2), a DECTRIS master file (DECTRIS_OPTIONS, a bad pixel in its
+    that do not fit a uint16 store at bin 4), a DECTRIS master file (DECTRIS_OPTIONS, a bad pixel in its
     pixel_mask), and the in-process results of both."""
     folder = tmp_path_factory.mktemp("scaleout")
     frames = disc_frames(24, 24, 128, 128, seed=3, level=2000.0)
     frames[20, 3, 60:64, 60:64] = 60000  # the narrow store widens in one partition
     np.save(folder / "scan.npy", frames)
-    assert main(["analyze", str(folder / "scan.npy"), "--no-train", "--no-progress", "--bin", "2",
+    assert main(["analyze", str(folder / "scan.npy"), "--no-train", "--no-progress", "--bin", "4",
                  "--out", str(folder / "inprocess.h5")]) == 0
     (folder / "dectris").mkdir()
     mask = np.zeros((128, 128), np.uint32)
@@ -80,7 +80,7 @@ def test_partitions_cover_the_plan_in_order():
 def test_two_local_workers_equal_the_in_process_results_and_train_the_rrvae(recorded, tmp_path):
     out = tmp_path / "workers.h5"
     trainer = json.dumps({"consolidate_seconds": 1.0, "consolidate_min_seconds": 0.5})
-    done = subprocess.run([sys.executable, "-m", "rrstem.cli", "analyze", str(recorded / "scan.npy"), "--bin", "2",
+    done = subprocess.run([sys.executable, "-m", "rrstem.cli", "analyze", str(recorded / "scan.npy"), "--bin", "4",
                            "--no-progress", "--trainer", trainer, "--workers", "2", "--partition-frames", "100",
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -91,7 +91,7 @@ def test_two_local_workers_equal_the_in_process_results_and_train_the_rrvae(reco
     assert np.isfinite(trained["maps"]["latent"]).all() and trained["maps"]["latent"].shape[1:] == (24, 24)
     # the maps are the kept model's encoding of every frame on the workers: as the same weights encode in-process
     check = tmp_path / "check.h5"
-    assert main(["analyze", str(recorded / "scan.npy"), "--bin", "2", "--no-progress", "--model", str(out),
+    assert main(["analyze", str(recorded / "scan.npy"), "--bin", "4", "--no-progress", "--model", str(out),
                  "--out", str(check)]) == 0
     for name in MAPS:
         ref = read_scan(check)["maps"][name]
@@ -161,7 +161,7 @@ def test_a_dask_cluster_equals_the_in_process_results_and_survives_a_killed_work
 
     # the .npy, and kill one worker while both run partitions (32 tasks of 0.1 s or more each)
     killed = tmp_path / "killed.h5"
-    proc = run_on(cluster, killed, str(recorded / "scan.npy"), "--bin", "2")
+    proc = run_on(cluster, killed, str(recorded / "scan.npy"), "--bin", "4")
     victim = cluster.workers[1]
     names = {}
     deadline = time.monotonic() + 60
