@@ -173,17 +173,8 @@ def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfi
     ``analyze`` does in-process; returns the ended scan. ValueError (before any work) for what cannot be done."""
     check_options(args)
     check_results_path(cfg.out)
-    start = decode_header(src.start.encode())  # the start as the service would have received it
-    if cfg.scan_shape is not None and tuple(start.scan_shape) != tuple(cfg.scan_shape):
-        start = start.model_copy(update={"scan_shape": cfg.scan_shape})
-    scan = Scan(start, cfg.preprocess, session={"dpc": DPCSession.open(**cfg.dpc.model_dump())})
-    placement = AcquisitionMap(tuple(start.scan_shape), cfg.sync_offset, cfg.flyback)
-    plan = message_plan(src, order=src.valid_order)
-    calibrated = 0  # the first messages, until the scan calibrates: read here, as the service would take them
-    while calibrated < len(plan) and not scan.ready:
-        first, count = plan[calibrated]
-        feed(scan, placement, first, src.chunk(first, count))
-        calibrated += 1
+    scan, plan, calibrated = calibrate_here(src, cfg)
+    start = scan.start
     own = scan.filled.copy()  # the positions of the frames this process took (their frames are in its store)
     encoder = make_encoder(cfg) if cfg.model is not None else None  # --model: a FixedEncoder, its thread unused
     per_partition = args.partition_frames or max(1, PARTITION_BYTES // start.frame_nbytes)
@@ -234,6 +225,23 @@ def analyze_partitioned(args: argparse.Namespace, src: Source, cfg: ServiceConfi
     scan.written(write_scan(cfg.out, results))
     scan.done_with()
     return scan
+
+
+def calibrate_here(src: Source, cfg: ServiceConfig) -> tuple[Scan, list[tuple[int, int]], int]:
+    """The scan, calibrated here on the first frames messages ``stream`` would send of ``src`` (those frames
+    taken, as the service takes them); (scan, every message's (first, count), how many of them were taken)."""
+    start = decode_header(src.start.encode())  # the start as the service would have received it
+    if cfg.scan_shape is not None and tuple(start.scan_shape) != tuple(cfg.scan_shape):
+        start = start.model_copy(update={"scan_shape": cfg.scan_shape})
+    scan = Scan(start, cfg.preprocess, session={"dpc": DPCSession.open(**cfg.dpc.model_dump())})
+    placement = AcquisitionMap(tuple(start.scan_shape), cfg.sync_offset, cfg.flyback)
+    plan = message_plan(src, order=src.valid_order)
+    taken = 0
+    while taken < len(plan) and not scan.ready:
+        first, count = plan[taken]
+        feed(scan, placement, first, src.chunk(first, count))
+        taken += 1
+    return scan, plan, taken
 
 
 def train_here(scan: Scan, sampled, own: np.ndarray, cfg: ServiceConfig):
