@@ -113,5 +113,5 @@ class Shard:
                 raise ValueError(f"not an {FORMAT} v{FORMAT_VERSION} message")
             invalid = {str(k): int(v) for k, v in d["invalid"].items()}
             return Partial.from_bytes(d["partial"]), invalid, int(d["duplicate"])
-        except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"undecodable shard result: {exc}") from None
