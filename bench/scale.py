@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default="/tmp", help="where the results files go")
     a = p.parse_args(argv)
     cases = {"analyze": analyze_case}
-    report = {"benchmark": "scale", "cpus": os.cpu_count(), "python": sys.version.split()[0], "cases": {}}
+    report = {"benchmark": "scale", "cpus": os.cpu_count(), "python": sys.version.split()[0],
+              "loadavg_before": os.getloadavg()[0], "cases": {}}
     for name in a.cases.split(","):
         report["cases"][name] = cases[name](a)
+    report["loadavg_after"] = os.getloadavg()[0]  # other processes on the machine: the figures' noise
     print(json.dumps(report, indent=1))
 
 
