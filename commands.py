@@ -75,6 +75,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         src.close()
         print(f"rrstem analyze: error: {exc}", file=sys.stderr)
         return 2
+    if args.cluster is not None or args.workers is not None:  # partitions on Dask workers: rrstem/scaleout.py
+        return _analyze_partitioned(args, src, cfg)
     ctx = zmq.Context.instance()  # inproc:// joins only sockets of one context: the service's and the sender's
     with src:
         service = Service(cfg, context=ctx).start()
@@ -87,6 +89,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"rrstem analyze: error while reading {args.input}: {box['error']}", file=sys.stderr)
         return 1
     return code or analyze_exit_code(service.current)
+
+
+def _analyze_partitioned(args: argparse.Namespace, src, cfg) -> int:
+    from rrstem.scaleout import analyze_partitioned
+
+    with src:
+        try:
+            scan = analyze_partitioned(args, src, cfg)
+        except ValueError as exc:  # refused before any work
+            print(f"rrstem analyze: error: {exc}", file=sys.stderr)
+            return 2
+        except (RuntimeError, OSError) as exc:
+            print(f"rrstem analyze: error while analysing {args.input} on Dask: {exc}", file=sys.stderr)
+            return 1
+    print(f"results of scan {scan.results_name}: {scan.results_path}")
+    return analyze_exit_code(scan)
 
 
 def analyze_exit_code(scan) -> int:
@@ -116,6 +134,15 @@ def add_analyze_args(sub) -> None:
                         "scan) instead of training a new one")
     p.add_argument("--publish", default=None, metavar="EP", help="also publish snapshots here (for a dashboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--cluster", default=None, metavar="ADDRESS",
+                       help="reduce the scan in partitions on this Dask scheduler's workers (tcp://HOST:PORT); "
+                            "they read the file themselves, at the same path; the rrVAE trains here on frames "
+                            "sampled across the partitions and encodes every frame on the workers")
+    scale.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="the same on N local Dask worker processes")
+    p.add_argument("--partition-frames", type=int, default=None, metavar="N",
+                   help="frames per partition with --cluster/--workers (default: about 128 MiB of frames)")
     add_save_frames_arg(p)
     add_acquisition_args(p)
     add_processing_args(p)

@@ -139,8 +139,11 @@ def prepare(model: RRVAE, frames: np.ndarray, mean: np.ndarray, gain: float, dev
 @torch.no_grad()
 def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape: tuple[int, int],
                 mean: np.ndarray, gain: float, device, recon_pixels: torch.Tensor | None = None,
-                recon_index: np.ndarray | None = None, chunk: int = 1024) -> dict[str, np.ndarray]:
+                recon_index: np.ndarray | None = None, chunk: int = 1024, axes: bool = True) -> dict[str, np.ndarray]:
     """Encode the filled frames of (N, h, w) ``frames`` into (ny, nx) maps, NaN where not filled.
+
+    ``axes``: the latents in their principal axes over these frames (``principal_axes``); False where the
+    frames are one part of a scan whose latents are turned together afterwards (``rrstem.scaleout_model``).
 
     ``recon_error`` and ``recon_sigma`` are computed for ``recon_index`` (scan indices; default all
     filled) on the model pixels ``recon_pixels`` (default all); other entries are NaN. ``anomaly``
@@ -163,7 +166,7 @@ def encode_scan(model: RRVAE, frames: np.ndarray, filled: np.ndarray, scan_shape
         rotation[part] = mu_np[:, 0]
         latent[:, part] = mu_np[:, 1 + model.n_shift:].T
         means.update(zip(part.tolist(), mu))
-    if len(idx):
+    if len(idx) and axes:
         latent[:, idx] = (principal_axes(latent[:, idx].T) @ latent[:, idx]).astype(np.float32)
     todo = idx if recon_index is None else np.intersect1d(idx, recon_index)
     n_dec = max(1, ROWS // (model.n_pixels if recon_pixels is None else len(recon_pixels)))

@@ -197,7 +197,11 @@ def _runs(order: Iterable[int], limit: int) -> Iterator[tuple[int, int]]:
         yield first, count
 
 
-def _plan(source: Source, fpm: int, order: Sequence[int] | None) -> list[tuple[int, int]]:
+def message_plan(source: Source, fpm: int | None = None, order: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(first, count) of each frames message ``stream`` sends of ``source`` as fast as it can (``fpm`` frames
+    per message, ``default_frames_per_message`` by default), in order: a scan split across workers
+    (``rrstem.scaleout``) calibrates on the same first messages as the service."""
+    fpm = fpm or default_frames_per_message(source.start.frame_nbytes)
     n = source.n_frames
     if order is None:  # a damaged source sends what it has; the receiver counts the rest as missing
         have = source.available_frames
@@ -297,7 +301,7 @@ def stream(
     fpm = frames_per_message or default_frames_per_message(start.frame_nbytes, rate)
     if fpm < 1:
         raise ValueError(f"frames_per_message must be >= 1, not {fpm}")
-    plan = _plan(source, fpm, order)
+    plan = message_plan(source, fpm, order)
     hwm = max(4, QUEUE_BYTES // max(1, (1 if encoder.per_frame else fpm) * start.frame_nbytes))
     # Our own context unless one is shared (inproc): closing a socket does not wait for its queue,
     # terminating its context does (up to the linger), so the last frames are never cut off at exit.

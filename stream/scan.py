@@ -269,6 +269,27 @@ class Scan:
         self.latest_index = int(idx[-1])
         self.last_frame_at = time.perf_counter()
 
+    def merge(self, part: Partial, invalid: dict[str, int], duplicate: int = 0) -> None:
+        """Add the result of a shard of this scan (``stream/shard.py``: positions a Dask worker reduced with this
+        scan's geometry), with the frames it found invalid, by reason, and its duplicates; its frames count as
+        received here, as if this scan had taken them. Pipeline thread only, once calibrated. ValueError where
+        the shard is of another scan or holds a position this scan has."""
+        new = part.filled.copy()
+        self._partial.merge(part)  # sets ``filled``: this scan's mask is the partial's
+        counted = new & (part.sums[:, 0] != 0)
+        self._counted |= counted
+        n_new, n_counted = int(new.sum()), int(counted.sum())
+        self._n_counted += n_counted
+        self._n_filled += n_new
+        self.zero_counts += n_new - n_counted
+        self.counters["received"] += n_new
+        self.counters["duplicate"] += duplicate
+        for reason, count in invalid.items():
+            self.invalid(reason, count, "found by a worker")
+        if n_new:
+            self.latest_index = max(self.latest_index or 0, int(np.flatnonzero(new)[-1]))
+            self.last_frame_at = time.perf_counter()
+
     def finish(self, frames_sent: int | None, reason: EndReason = "end") -> None:
         """The scan ended (``reason``): calibrate if it never did, and count what never arrived.
 

@@ -256,8 +256,22 @@ def test_the_dashboard_draws_what_serve_publishes(run):
     assert server.finish() == 0, server.output
 
 
+def scaled_out(argv: list[str]) -> bool:
+    args = parse(argv)
+    return args.cluster is not None or args.workers is not None
+
+
+def test_analyze_on_dask_lines_show_both_ways_and_are_accepted():
+    from rrstem.scaleout import check_options
+
+    lines = [parse(a) for a in lines_of("analyze") if scaled_out(a)]
+    assert sorted((a.workers is not None, a.cluster is not None) for a in lines) == [(False, True), (True, False)]
+    for args in lines:
+        check_options(args)  # what they run (tests/test_scaleout.py runs both ways) is accepted
+
+
 def test_analyze_then_analyze_with_the_model_it_trained(run, tmp_path):
-    first, second = lines_of("analyze")
+    first, second = [a for a in lines_of("analyze") if not scaled_out(a)]
     assert parse(second).model == parse(first).out  # the second line encodes with the first line's model
     for i, line in enumerate((first, second)):
         np.save(tmp_path / parse(line).input, disc_frames(8, 8, seed=20 + i))
