@@ -61,7 +61,7 @@ def _paths(path: Path) -> tuple[Path, Path | None]:
     if path.suffix.lower() == ".hdr":
         mibs = sorted(path.parent.glob(re.sub(r"([\[\]*?])", r"[\1]", path.stem) + "*.mib"))
         if not mibs:
-            raise ValueError(f"cannot replay {path.name}: it is a Merlin .hdr; its .mib file ({path.stem}.mib) is missing")
+            raise ValueError(f"cannot read {path.name}: it is a Merlin .hdr; its .mib file ({path.stem}.mib) is missing")
         return mibs[0], path
     hdr = path.with_suffix(".hdr")
     return path, hdr if hdr.is_file() else None
@@ -112,7 +112,7 @@ class MibSource(Source):
         self.path, self.hdr_path = _paths(Path(path))
         name = self.path.name
         if not self.path.is_file():
-            raise ValueError(f"cannot replay {str(self.path)!r}: no such file")
+            raise ValueError(f"cannot read {str(self.path)!r}: no such file")
         self._raw = np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else np.zeros(0, np.uint8)
         self._refuse_unreadable(name)
         try:
