@@ -40,8 +40,10 @@ POLL_SECONDS = 0.02
 #: Share of one core that snapshots may take (building and encoding them) ...
 SNAPSHOT_SHARE = 0.1
 #: ... and while frames arrive faster than FAST_FPS, when ingest needs every cycle and the scan is over in
-#: seconds (a 512x512 scan then shows a new snapshot about every second; milestones still go out at once)
-SNAPSHOT_FAST_SHARE = 0.03
+#: seconds. A whole snapshot of a 512x512 scan with the DPC maps takes 25-30 ms of CPU once most of it is
+#: filled (bench/README.md, "Measurements behind defaults"): 6% keeps such snapshots at about 2 Hz; 3% gave
+#: 1.2 Hz. Milestones still go out at once.
+SNAPSHOT_FAST_SHARE = 0.06
 FAST_FPS = 5000.0
 
 
