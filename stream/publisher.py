@@ -41,8 +41,8 @@ POLL_SECONDS = 0.02
 SNAPSHOT_SHARE = 0.1
 #: ... and while frames arrive faster than FAST_FPS, when ingest needs every cycle and the scan is over in
 #: seconds. A whole snapshot of a 512x512 scan with the DPC maps takes 25-30 ms of CPU once most of it is
-#: filled (bench/README.md, "Measurements behind defaults"): 6% keeps such snapshots at about 2 Hz; 3% gave
-#: 1.2 Hz. Milestones still go out at once.
+#: filled (bench/README.md, "Measurements behind defaults"): 6% gives 2.2-2.7 Hz over such a scan (1.1-1.9 Hz
+#: over its second half); 3% gave 1.0-1.3 Hz. Milestones still go out at once.
 SNAPSHOT_FAST_SHARE = 0.06
 FAST_FPS = 5000.0
 
