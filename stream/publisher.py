@@ -10,7 +10,9 @@ honest), and it routes each control request to the service's ``ControlAPI``
 A snapshot derives the whole scan's maps, so its cost grows with the scan:
 snapshots are kept to ``SNAPSHOT_SHARE`` of one
 core (``workers.Budget``), so a large scan is shown at a lower rate instead of
-slowing ingest. A milestone (a scan starts, has every position, ends, has its
+slowing ingest. The budget counts the publisher thread's CPU time, not wall
+time: under ingest a snapshot's wall time was 2-4 times its CPU time (waits
+for a core and for the GIL), and those waits take nothing from ingest. A milestone (a scan starts, has every position, ends, has its
 results: ``snapshot_milestone``) is published at once, outside the budget:
 that is the snapshot a user waits for, and one per scan costs nothing.
 """
@@ -38,8 +40,10 @@ POLL_SECONDS = 0.02
 #: Share of one core that snapshots may take (building and encoding them) ...
 SNAPSHOT_SHARE = 0.1
 #: ... and while frames arrive faster than FAST_FPS, when ingest needs every cycle and the scan is over in
-#: seconds (a 512x512 scan then shows a new snapshot about every second; milestones still go out at once)
-SNAPSHOT_FAST_SHARE = 0.03
+#: seconds. A whole snapshot of a 512x512 scan with the DPC maps takes 25-30 ms of CPU once most of it is
+#: filled (bench/README.md, "Measurements behind defaults"): 6% gives 2.2-2.7 Hz over such a scan (1.1-1.9 Hz
+#: over its second half); 3% gave 1.0-1.3 Hz. Milestones still go out at once.
+SNAPSHOT_FAST_SHARE = 0.06
 FAST_FPS = 5000.0
 
 
@@ -112,7 +116,8 @@ class Publisher:
 
         ``api`` and ``source`` are passed here, not kept: once the thread ends, nothing here refers to them.
         """
-        budget = Budget(SNAPSHOT_SHARE, floor=1.0 / hz, fast_share=SNAPSHOT_FAST_SHARE, fast_fps=FAST_FPS)
+        budget = Budget(SNAPSHOT_SHARE, floor=1.0 / hz, fast_share=SNAPSHOT_FAST_SHARE, fast_fps=FAST_FPS,
+                        cpu=True)
         last_key, last_sent, last_milestone = None, 0.0, None
         while not stop.is_set():
             now = time.monotonic()

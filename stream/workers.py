@@ -66,20 +66,25 @@ class Budget:
     scan derives every map of it. After a run that took ``t`` seconds the
     next one is due ``t / share`` after that run started, and never sooner
     than ``floor`` seconds, so the work costs at most ``share`` of a core
-    whatever the scan's size and the ingest rate. Wall time is used: under
-    load a run takes longer and the pause grows with it. While frames arrive
-    faster than ``fast_fps`` (the ``rate`` a run is told) the share is
-    ``fast_share``: then ingest needs every cycle and the scan is over within
-    seconds.
+    whatever the scan's size and the ingest rate. By default ``t`` is wall
+    time: under load a run takes longer and the pause grows with it, so the
+    work backs off further. With ``cpu`` it is the CPU time of the thread
+    that ran it (``time.thread_time``): the share is then exactly the CPU
+    the work takes from the rest, and time spent waiting for a core or for
+    the GIL, which costs the other threads nothing, does not lengthen the
+    pause. While frames arrive faster than ``fast_fps`` (the ``rate`` a run
+    is told) the share is ``fast_share``: then ingest needs every cycle and
+    the scan is over within seconds.
     """
 
     def __init__(self, share: float = 0.1, floor: float = 0.0, fast_share: float | None = None,
-                 fast_fps: float = 5000.0):
+                 fast_fps: float = 5000.0, cpu: bool = False):
         fast_share = share if fast_share is None else fast_share
         for value in (share, fast_share):
             if not 0 < value <= 1:
                 raise ValueError(f"a budget's share of a core is in (0, 1], not {value}")
         self.share, self.floor, self.fast_share, self.fast_fps = share, floor, fast_share, fast_fps
+        self._clock = time.thread_time if cpu else time.monotonic
         self.next = 0.0  # time.monotonic() when the next run is due
         self.last_seconds = 0.0  # what the last run took
 
@@ -94,13 +99,14 @@ class Budget:
         self.next = started + max(self.floor, seconds / share)
 
     def run(self, fn: Callable, *args, rate: float = 0.0):
-        """``fn(*args)``, timed: its cost (and ``rate``, see ``spent``) decides when the next run is due.
+        """``fn(*args)``, timed (wall or thread CPU time, see the class): its cost (and ``rate``, see ``spent``)
+        decides when the next run is due.
         Returns what ``fn`` returned."""
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), self._clock()
         try:
             return fn(*args)
         finally:
-            self.spent(t0, time.monotonic() - t0, rate)
+            self.spent(t0, self._clock() - c0, rate)
 
 
 class RateMeter:

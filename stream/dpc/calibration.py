@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rrstem.stream.dpc.field import curl, divergence, remove_descan
+from rrstem.stream.dpc.field import d_dx, d_dy, remove_descan
 
 #: the part of the positions, by largest |divergence|, whose sign decides between ``a`` and ``a + 180``
 POLARITY_FRACTION = 0.02
@@ -65,21 +65,30 @@ def _fit_angle(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray,
     return angle, (a + b) / 2 - amp
 
 
-def _stencil_terms(com_x: np.ndarray, com_y: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """curl_e and div_e of ``e = F @ (com_x, com_y)``, with NaN where the stencil is incomplete."""
-    ey = -com_y if flip else com_y
-    return curl(com_x, ey), divergence(com_x, ey)
+def _row_sums(com_x: np.ndarray, com_y: np.ndarray) -> tuple[dict[bool, np.ndarray], np.ndarray, dict]:
+    """Per scan row, for each flip, the sums ``A, B, C`` of ``e = F @ (com_x, com_y)`` over the positions with
+    a full stencil: ``{flip: (3, ny)}``; that ``ok`` mask; and ``{flip: (curl_e, div_e)}`` with 0 off it.
+
+    Mirroring the rows turns ``com_y`` into ``-com_y``, which only changes the sign of its two derivatives:
+    the four derivative maps are taken once and serve both flips. The row sums add up to the fit's sums and
+    are what the bootstrap resamples."""
+    dxx, dyx, dxy, dyy = d_dx(com_x), d_dy(com_x), d_dx(com_y), d_dy(com_y)
+    ok = np.isfinite(dxx) & np.isfinite(dyx) & np.isfinite(dxy) & np.isfinite(dyy)
+    dxx, dyx, dxy, dyy = (np.where(ok, d, 0.0) for d in (dxx, dyx, dxy, dyy))
+    terms = {False: (dxy - dyx, dxx + dyy), True: (-dxy - dyx, dxx - dyy)}
+    sums = {flip: np.stack([(ce * ce).sum(1), (de * de).sum(1), (ce * de).sum(1)]) for flip, (ce, de) in terms.items()}
+    return sums, ok, terms
 
 
-def _angle_spread(curl_e: np.ndarray, div_e: np.ndarray, best: float, seed: int) -> float:
-    """Std (radians) of the best angle over bootstrap resamples of the rows; NaN with fewer than 2 rows."""
-    rows = np.isfinite(curl_e).any(axis=1)
+def _angle_spread(per_row: np.ndarray, rows: np.ndarray, best: float, seed: int) -> float:
+    """Std (radians) of the best angle over bootstrap resamples of the ``rows`` (those with positions) of the
+    (3, ny) row sums; NaN with fewer than 2 rows."""
     if rows.sum() < 2:
         return float("nan")
-    ce, de = np.nan_to_num(curl_e[rows]), np.nan_to_num(div_e[rows])
-    per_row = np.stack([(ce * ce).sum(1), (de * de).sum(1), (ce * de).sum(1)])  # (3, rows)
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(rows.sum(), np.full(rows.sum(), 1 / rows.sum()), size=BOOTSTRAP_SAMPLES)
+    per_row, n = per_row[:, rows], int(rows.sum())
+    drawn = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP_SAMPLES, n))  # rows, with replacement
+    counts = np.bincount((drawn + n * np.arange(BOOTSTRAP_SAMPLES)[:, None]).ravel(),
+                         minlength=BOOTSTRAP_SAMPLES * n).reshape(BOOTSTRAP_SAMPLES, n)  # times each is drawn
     sums = counts @ per_row.T  # (samples, 3)
     angles, _ = _fit_angle(sums[:, 0], sums[:, 1], sums[:, 2])
     off = np.mod(angles - best + np.pi / 2, np.pi) - np.pi / 2  # the angle is defined modulo pi here
@@ -98,18 +107,17 @@ def calibrate(com_x: np.ndarray, com_y: np.ndarray, *, descan_order: int | None 
     fx, fy = remove_descan(com_x, com_y, descan_order, reference)
     if fx.ndim != 2:
         raise ValueError(f"COM maps must be 2D (ny, nx), not {fx.shape}")
+    row_sums, ok, terms = _row_sums(fx, fy)  # the same positions for both flips
+    if ok.sum() < 3:
+        raise NotEnoughData(f"{ok.sum()} positions have all four neighbours; "
+                            "the calibration needs at least 3 scanned rows and 3 columns")
     best = {}
-    for flip in (False, True):
-        ce, de = _stencil_terms(fx, fy, flip)
-        ok = np.isfinite(ce) & np.isfinite(de)
-        if ok.sum() < 3:
-            raise NotEnoughData(f"{ok.sum()} positions have all four neighbours; "
-                                "the calibration needs at least 3 scanned rows and 3 columns")
-        c, d = ce[ok], de[ok]
-        angle, min_sum = _fit_angle(c @ c, d @ d, c @ d)
-        best[flip] = (float(min_sum), float(angle), ce, de, ok)
+    for flip, per_row in row_sums.items():
+        angle, min_sum = _fit_angle(*per_row.sum(1))
+        best[flip] = (float(min_sum), float(angle))
     flip = best[True][0] < best[False][0]
-    min_sum, angle, ce, de, ok = best[flip]
+    min_sum, angle = best[flip]
+    ce, de = terms[flip]
     div = np.cos(angle) * de[ok] - np.sin(angle) * ce[ok]  # divergence of the corrected field
     top = min(div.size, max(3, int(POLARITY_FRACTION * div.size)))
     strongest = np.argpartition(np.abs(div), div.size - top)[div.size - top:]
@@ -123,6 +131,6 @@ def calibrate(com_x: np.ndarray, com_y: np.ndarray, *, descan_order: int | None 
     # the other flip's ratio is taken against this divergence too, so the two compare on one scale
     return Calibration(
         angle_deg=float(np.rad2deg(angle) % 360.0), flip=bool(flip),
-        angle_uncertainty_deg=float(np.rad2deg(_angle_spread(ce, de, best[flip][1], seed))),
+        angle_uncertainty_deg=float(np.rad2deg(_angle_spread(row_sums[flip], ok.any(1), best[flip][1], seed))),
         curl_ratio=ratio(min_sum), curl_ratio_other_flip=ratio(best[not flip][0]),
         polarity=float(polarity), positions=int(ok.sum()))

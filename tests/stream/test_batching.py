@@ -160,6 +160,19 @@ def test_a_budget_takes_its_fast_share_while_frames_arrive_fast():
         Budget(share=0.1, fast_share=0)
 
 
+def test_a_cpu_budget_charges_the_threads_cpu_time_not_its_waits():
+    """A run that waits 0.3 s (for a core, the GIL, a lock) costs its thread no CPU: a wall-time budget pauses
+    for it, a CPU-time one does not."""
+    wall, cpu = Budget(share=0.1), Budget(share=0.1, cpu=True)
+    for budget in (wall, cpu):
+        budget.run(time.sleep, 0.3)
+    assert wall.last_seconds >= 0.3 and cpu.last_seconds < 0.05
+    started = time.monotonic()
+    cpu.run(lambda: sum(i * i for i in range(300_000)))  # busy: its CPU time is charged
+    assert cpu.last_seconds > 0.005
+    assert cpu.next == pytest.approx(started + cpu.last_seconds / 0.1, abs=0.05)
+
+
 def test_a_pooled_frame_block_is_used_again_only_when_nothing_views_it():
     frames, enc = series(seed=2)
     images = [[enc.image(i, frames[i])[0]] for i in range(N)]

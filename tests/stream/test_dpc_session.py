@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from dpc_field import ANGLE, FLIP, field, to_detector
-from rrstem.stream.dpc import remove_descan
+from rrstem.stream.dpc import dpc_maps, remove_descan
 from rrstem.stream.dpc.live import RECALIBRATE_EVERY, DPCSession, LiveCalibration
 from rrstem.stream.preprocess import Geometry
-from rrstem.stream.reductions import ScanInfo
+from rrstem.stream.reductions import Partial, ScanInfo
 from rrstem.stream.reductions.dpc import DifferentialPhaseContrast
 
 
@@ -95,3 +95,35 @@ def test_a_reference_on_another_grid_falls_back_to_a_plane(tmp_path):
     other = DifferentialPhaseContrast(ScanInfo((6, 5), g, 0.5, session={"dpc": session}))
     assert other.reference is None and other.descan_order == 1
     assert other.descan.startswith("plane (reference") and "4x5 in mrad, this scan 6x5 in mrad" in other.descan
+
+
+def test_an_unchanged_scan_is_not_derived_again():
+    """The maps of a scan whose filled positions did not change are the last ones, shared and read-only; a new
+    row derives them again, equal to dpc_maps on the COM maps of the positions so far."""
+    dx, dy = to_detector(*field())
+    ny, nx = dx.shape
+    session = DPCSession()
+    geometry = Geometry((16, 16), 1, (0, 16, 0, 16), (8.0, 8.0), 5.0, 6.0, 8.0)
+    info = ScanInfo((ny, nx), geometry, session={"dpc": session})
+    partial = Partial(info, (DifferentialPhaseContrast,))
+    sums = np.zeros((ny * nx, len(partial.columns)))
+    sums[:, partial.columns["intensity"]] = 1000.0
+    sums[:, partial.columns["moment_x"]] = 1000.0 * (8 + dx.ravel())
+    sums[:, partial.columns["moment_y"]] = 1000.0 * (8 + dy.ravel())
+
+    def fill(n_rows):
+        idx = np.arange(n_rows * nx)
+        partial.take(idx, sums[idx], np.zeros((16, 16)))
+        return partial.maps()
+
+    first = fill(12)
+    again = partial.maps()
+    assert all(again[k] is first[k] and not first[k].flags.writeable for k in first)
+    later = fill(20)
+    assert later["idpc"] is not first["idpc"] and np.isfinite(later["idpc"][:20]).all()
+    known = np.arange(ny)[:, None] < 20
+    com_x, com_y = (np.where(known, d - d[:20].mean(), np.nan) for d in (dx, dy))  # relative to the mean pattern
+    choice = partial.reductions[0].live.choose(*remove_descan(com_x, com_y, 1), 20 * nx)
+    expected = dpc_maps(com_x, com_y, choice.angle_deg, choice.flip)
+    np.testing.assert_allclose(later["idpc"], expected.idpc, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(later["dpc_x"], expected.dpc_x, atol=1e-12, equal_nan=True)
