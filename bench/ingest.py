@@ -1,5 +1,20 @@
 """Ingest throughput of the rrstem service over TCP loopback, against raw ZeroMQ.
 
+``--service process`` (the default) measures ``rrstem serve`` as users run
+it: its own process, started by the ``rrstem`` console script with
+``serve --bind --listen tcp://127.0.0.1:0 --bin B --no-train`` and its
+snapshot, control, events and steering sockets on port 0
+(``serve_process.py``), everything else at serve's defaults (checkpoints,
+progress bar, logging, the events thread), after its warm-up (the frame
+pass compiled). Each case runs one serve process: a first scan
+(``first_scan_fps``: its frame store's pages are mapped then), then
+``--repeats`` scans, one after another as at the microscope, each waited on
+until its results are written. ``serve_peak_rss_GB`` is that process's peak
+memory over the repeats. Merlin runs a fresh ``serve --protocol merlin`` per
+scan (it connects to the sender's port). ``--service in-process`` runs a
+``Service`` inside this process instead, a new one per scan (the figures
+before issue 28; it hides what only the separate process does).
+
 Measured, in one run, for each case:
 - ``raw_zmq_fps``: a separate sender process PUSHes the same rrstem/1 frames
   messages to a bare PULL socket that only receives them (zero-copy) and
@@ -76,6 +91,7 @@ import numpy as np
 import zmq
 
 from rrstem.stream import protocol as P
+from serve_process import ServeProcess, subscribe, wait_reported
 
 
 def make_frames(h: int, w: int, n: int = 64, seed: int = 0) -> np.ndarray:
@@ -113,13 +129,13 @@ def sender(endpoint: str, scan_id: str, scan: tuple[int, int], frame: tuple[int,
     ctx.term()
 
 
-def spawn(target, *args):
-    """Start ``target(*args, ready, go, sent)`` in a spawned process; return it, ``go`` and ``sent`` once it
-    is ``ready``. The sender sets ``sent.value`` to ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in
+def spawn(target, *args, **kw):
+    """Start ``target(*args, ready, go, sent, **kw)`` in a spawned process; return it, ``go`` and ``sent`` once
+    it is ``ready``. The sender sets ``sent.value`` to ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in
     every process) as it sends its first frame."""
     mpc = mp.get_context("spawn")
     ready, go, sent = mpc.Event(), mpc.Event(), mpc.Value("d", 0.0)
-    proc = mpc.Process(target=target, args=(*args, ready, go, sent), daemon=True)
+    proc = mpc.Process(target=target, args=(*args, ready, go, sent), kwargs=kw, daemon=True)
     proc.start()
     if not ready.wait(120):
         raise RuntimeError("sender process did not start")
@@ -128,29 +144,6 @@ def spawn(target, *args):
 
 def spawn_sender(endpoint, scan_id, scan, frame, per_msg):
     return spawn(sender, endpoint, scan_id, scan, frame, per_msg)
-
-
-def subscribe(svc) -> zmq.Socket:
-    """A SUB socket on the service's snapshots."""
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(svc.publish_endpoint)
-    time.sleep(0.2)  # the subscription reaches the publisher before the scan starts
-    return sub
-
-
-def wait_reported(sub: zmq.Socket, total: int) -> float:
-    """``time.monotonic()`` when a snapshot on ``sub`` first reports ``total`` frames received."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if sub.poll(1000):
-            parts = sub.recv_multipart(copy=False)
-            now = time.monotonic()
-            head = msgpack.unpackb(parts[0].bytes, raw=False)
-            if (head.get("counters") or {}).get("received", 0) >= total:
-                sub.close(linger=0)
-                return now
-    raise RuntimeError(f"no snapshot reported {total} frames received")
 
 
 def wait_all(svc, total: int) -> float:
@@ -215,7 +208,7 @@ def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str, status: dict 
 
     total = scan[0] * scan[1]
     with Service(service_config(tmp, bin_, train, listen="tcp://127.0.0.1:0", bind=True)) as svc:
-        sub = subscribe(svc)
+        sub = subscribe(svc.publish_endpoint)
         proc, go, sent = spawn_sender(svc.listen_endpoint, "bench", scan, frame, per_msg)
         go.set()
         reported = wait_reported(sub, total)
@@ -228,12 +221,13 @@ def run_service(scan, frame, per_msg, bin_, train: bool, tmp: str, status: dict 
     return total / (reported - sent.value)
 
 
-def stream2_sender(endpoint: str, scan: tuple[int, int], frame: tuple[int, int], ready, go, sent) -> None:
+def stream2_sender(endpoint: str, scan: tuple[int, int], frame: tuple[int, int], ready, go, sent,
+                   scan_id: str = "bench-stream2") -> None:
     """Child process: build a whole DECTRIS stream2 series in RAM (``simulators/dectris.py``), then PUSH it."""
     from rrstem.simulators.dectris import Stream2Encoder
 
     n = scan[0] * scan[1]
-    enc = Stream2Encoder(P.Start(scan_id="bench-stream2", scan_shape=scan, frame_shape=frame, dtype="uint16"))
+    enc = Stream2Encoder(P.Start(scan_id=scan_id, scan_shape=scan, frame_shape=frame, dtype="uint16"))
     frames = make_frames(*frame)
     head = enc.header()
     messages = head + [enc.image(i, frames[i % len(frames)])[0] for i in range(n)] + enc.end()
@@ -276,7 +270,7 @@ def run_stream2_service(scan, frame, bin_, train: bool, tmp: str) -> float:
     cfg = service_config(tmp, bin_, train, listen="tcp://127.0.0.1:0", bind=True, protocol="stream2",
                          scan_shape=scan)
     with Service(cfg) as svc:
-        sub = subscribe(svc)
+        sub = subscribe(svc.publish_endpoint)
         proc, go, sent = spawn(stream2_sender, svc.listen_endpoint, scan, frame)
         go.set()
         reported = wait_reported(sub, total)
@@ -356,12 +350,120 @@ def run_merlin_service(scan, frame, bin_, train: bool, tmp: str) -> float:
     total = scan[0] * scan[1]
     proc, port, go, sent = spawn_merlin(scan, frame)
     with Service(service_config(tmp, bin_, train, listen=f"tcp://127.0.0.1:{port}", protocol="merlin")) as svc:
-        sub = subscribe(svc)
+        sub = subscribe(svc.publish_endpoint)
         go.set()
         reported = wait_reported(sub, total)
         wait_all(svc, total)
     proc.join(30)
     return total / (reported - sent.value)
+
+
+# --- rrstem serve as its own process, as users start it (``--service process``, the default) ----------------
+
+
+class ServeRuns:
+    """Scans into one ``rrstem serve`` process (``serve_process.ServeProcess``), one after another as at the
+    microscope: each timed from the sender's first frames message to the first snapshot of that scan that
+    reports every frame, then waited on until its results are written (``done``) before the next."""
+
+    def __init__(self, tmp: str, bin_: int, train: bool = False, extra: tuple[str, ...] = (), name: str = "serve"):
+        self.srv = ServeProcess(tmp, "--bin", str(bin_), *extra, name=name, train=train)
+        self.runs = 0
+
+    def scan(self, scan, frame, per_msg) -> float:
+        """One rrstem/1 scan (the bench's sender); frames/s as the user sees it."""
+        self.runs += 1
+        scan_id = f"bench-{self.runs}"
+        sub = subscribe(self.srv.publish)
+        proc, go, sent = spawn_sender(self.srv.frames, scan_id, scan, frame, per_msg)
+        return self._timed(sub, proc, go, sent, scan, scan_id)
+
+    def stream2(self, scan, frame) -> float:
+        """One DECTRIS stream2 series (serve started with ``--protocol stream2 --scan-shape``)."""
+        self.runs += 1
+        scan_id = f"bench-stream2-{self.runs}"
+        sub = subscribe(self.srv.publish)
+        proc, go, sent = spawn(stream2_sender, self.srv.frames, scan, frame, scan_id=scan_id)
+        return self._timed(sub, proc, go, sent, scan, scan_id)
+
+    def _timed(self, sub, proc, go, sent, scan, scan_id: str) -> float:
+        total = scan[0] * scan[1]
+        go.set()
+        reported = wait_reported(sub, total, scan_id)
+        proc.join(30)
+        self.srv.wait_done(scan_id)
+        return total / (reported - sent.value)
+
+    def close(self) -> None:
+        self.srv.close()
+
+
+def run_merlin_serve(scan, frame, bin_, train: bool, tmp: str) -> float:
+    """A Merlin acquisition into a fresh ``rrstem serve --protocol merlin --listen tcp://127.0.0.1:PORT`` (it
+    connects to the sender's port, as to a Merlin PC's): a first scan of that process."""
+    total = scan[0] * scan[1]
+    proc, port, go, sent = spawn_merlin(scan, frame)
+    srv = ServeProcess(tmp, "--bin", str(bin_), "--protocol", "merlin", name="serve-merlin", train=train,
+                       listen=f"tcp://127.0.0.1:{port}")
+    try:
+        sub = subscribe(srv.publish)
+        go.set()
+        reported = wait_reported(sub, total)
+        proc.join(30)
+        return total / (reported - sent.value)
+    finally:
+        srv.close()
+
+
+def process_case(scan, case, args, tmp) -> dict:
+    """One case at one scan size through one ``rrstem serve`` process: its first scan (the store's memory is
+    mapped then), then ``repeats`` scans alternating with the raw runs; the serve process's peak RSS."""
+    frame, per_msg, bin_ = case["frame"], case["per_msg"], case["bin"]
+    runs = ServeRuns(tmp, bin_, args.train)
+    try:
+        first = runs.scan(scan, frame, per_msg)
+        runs.srv.reset_peak_rss()
+        out = compare(args.repeats, lambda: run_raw(scan, frame, per_msg), lambda: runs.scan(scan, frame, per_msg),
+                      scan, frame, per_msg, bin_)
+        rss = runs.srv.peak_rss_gb()
+    finally:
+        runs.close()
+    return {**out, "first_scan_fps": round(first), "serve_peak_rss_GB": round(rss, 2),
+            "store_GB": round(store_gb(scan, frame, bin_), 2)}
+
+
+def process_stream2_case(scan, args, tmp) -> dict:
+    frame = (96, 96)
+    runs = ServeRuns(tmp, 1, args.train, ("--protocol", "stream2", "--scan-shape", f"{scan[0]}x{scan[1]}"))
+    try:
+        first = runs.stream2(scan, frame)
+        out = compare(args.repeats, lambda: run_raw_stream2(scan, frame), lambda: runs.stream2(scan, frame),
+                      scan, frame, 1, 1)
+    finally:
+        runs.close()
+    return {**out, "first_scan_fps": round(first)}
+
+
+def process_training_case(scan, args, tmp) -> dict:
+    """The 256x256 uint16 bin-4 case through two serve processes, one with the rrVAE trainer and one without,
+    alternating scans."""
+    frame, per_msg, bin_ = (256, 256), 32, 4
+    with_training, without = ServeRuns(tmp, bin_, True, name="serve-train"), ServeRuns(tmp, bin_, False)
+    try:
+        with_training.scan(scan, frame, per_msg)  # warm-up (torch, the trainer's first steps)
+        without.scan(scan, frame, per_msg)
+        on, off = [], []
+        for _ in range(args.repeats):
+            off.append(without.scan(scan, frame, per_msg))
+            on.append(with_training.scan(scan, frame, per_msg))
+    finally:
+        with_training.close()
+        without.close()
+    a, b = statistics.median(on), statistics.median(off)
+    return {"scan": list(scan), "frame": list(frame), "frames_per_message": per_msg, "bin": bin_,
+            "rate_with_training": round(a), "rate_without": round(b), "ratio": round(a / b, 3),
+            "worst_ratio": round(min(on) / max(off), 3),
+            "rate_with_training_all": [round(v) for v in on], "rate_without_all": [round(v) for v in off]}
 
 
 def reset_peak_rss() -> None:
@@ -428,9 +530,10 @@ def run_stream2_case(scan, args, tmp) -> dict:
 
 def run_merlin_case(scan, args, tmp) -> dict:
     frame = (256, 256)
-    run_merlin_service(scan, frame, 4, args.train, tmp)  # warm-up
-    return compare(args.repeats, lambda: run_raw_tcp(scan, frame),
-                   lambda: run_merlin_service(scan, frame, 4, args.train, tmp), scan, frame, 1, 4, "raw_tcp_fps")
+    run = run_merlin_serve if args.service == "process" else run_merlin_service
+    run(scan, frame, 4, args.train, tmp)  # warm-up
+    return compare(args.repeats, lambda: run_raw_tcp(scan, frame), lambda: run(scan, frame, 4, args.train, tmp),
+                   scan, frame, 1, 4, "raw_tcp_fps")
 
 
 def run_training_case(scan, args, tmp) -> dict:
@@ -464,6 +567,9 @@ def main(argv=None) -> int:
                          "and training run at the first scan edge")
     ap.add_argument("--only-merlin", action="store_true", help="run only the Merlin case (--cases merlin)")
     ap.add_argument("--no-merlin", action="store_true", help="skip the Merlin case")
+    ap.add_argument("--service", choices=("process", "in-process"), default="process",
+                    help="process (default): `rrstem serve` as its own process, as users start it; in-process: a "
+                         "Service inside this benchmark's process")
     args = ap.parse_args(argv)
     chosen = ["merlin"] if args.only_merlin else [c for c in args.cases.split(",") if c]
     unknown = sorted(set(chosen) - set(CASES))
@@ -476,21 +582,24 @@ def main(argv=None) -> int:
         {"name": "96x96_uint16_bin1", "frame": (96, 96), "bin": 1, "per_msg": 256},
     ) if c["name"] in chosen]
     edges = [int(v) for v in args.scans.split(",")] if args.scans else [args.scan]
-    out = {"benchmark": "ingest", "train": args.train, "scans": edges, "repeats": args.repeats,
+    out = {"benchmark": "ingest", "service": args.service, "train": args.train, "scans": edges, "repeats": args.repeats,
            "cpus": os.cpu_count(), "python": platform.python_version(), "zmq": zmq.zmq_version(), "cases": {}}
+    process = args.service == "process"
     with tempfile.TemporaryDirectory() as tmp:
         for edge in edges:
             scan = (edge, edge)
             for case in cases:
                 name = case["name"] if len(edges) == 1 else f"{case['name']}_scan{edge}"
-                out["cases"][name] = run_case(scan, case, args, tmp)
+                out["cases"][name] = (process_case if process else run_case)(scan, case, args, tmp)
         scan = (edges[0], edges[0])
         if "merlin" in chosen:
             out["cases"]["merlin_256x256_U16_bin4"] = run_merlin_case(scan, args, tmp)
         if "stream2" in chosen:
-            out["cases"]["stream2_96x96_uint16_bin1"] = run_stream2_case(scan, args, tmp)
+            out["cases"]["stream2_96x96_uint16_bin1"] = (process_stream2_case if process
+                                                         else run_stream2_case)(scan, args, tmp)
         if "training" in chosen:
-            out["cases"]["training_256x256_uint16_bin4"] = run_training_case(scan, args, tmp)
+            out["cases"]["training_256x256_uint16_bin4"] = (process_training_case if process
+                                                            else run_training_case)(scan, args, tmp)
     print(json.dumps(out, indent=2))
     return 0
 

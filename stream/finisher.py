@@ -77,6 +77,7 @@ class Finisher:
                 self._between_scans()
                 continue
             self.finish(scan)
+            del scan  # a done scan is the lifecycle's until the next start: this thread must not keep its store
             if self.once:
                 stop.set()
 

@@ -187,6 +187,8 @@ class Lifecycle:
         self._seen[start.scan_id] = seen + 1
         self._refused.pop(start.scan_id, None)
         self.current, self.notice = scan, None
+        if cur is not None and cur.done:
+            cur.release_frames()  # before this scan's store is made: it takes the same memory
         log.info("scan %s started: %s positions of %s %s", start.scan_id, start.scan_shape, start.frame_shape,
                  start.dtype)
         self.on_start(scan)

@@ -328,6 +328,15 @@ class Scan:
         """Its results are made, and written where the service writes results (finisher thread, last)."""
         self.done = True
 
+    def release_frames(self) -> None:
+        """Give the frame store back (pipeline thread, as a newer scan starts): a done scan's frames are read
+        by no one, and the next scan of its size then takes the same memory (``store._Spare``) instead of
+        mapping new pages, seconds at a large scan, while another thread may still hold this scan a moment."""
+        if not self.done:
+            raise ValueError(f"scan {self.scan_id} is not done: its frames are still read")
+        with self._lock:
+            self._store, self._retired, self._pass = None, [], None
+
     def fail(self, exc: BaseException) -> None:
         """Processing this scan raised ``exc``: it ends here, marked failed; what it has is kept."""
         self.failure = exc
@@ -349,6 +358,9 @@ class Scan:
         """(ny*nx, h, w) binned frames in the store's dtype (``store.narrow_dtype``, or ``store_dtype`` once counts
         outgrew it: counts stay integers; the model converts when it builds a batch); rows are valid where
         ``filled``, which a reader takes first."""
+        if self._store is None:
+            raise ValueError(f"scan {self.scan_id} has no frames: " + ("they were released when a newer scan "
+                             "started" if self.done else "it is not calibrated yet"))
         return self._store.frames
 
     @property
@@ -426,7 +438,7 @@ class Scan:
         i = self.position(index)
         if not self._ready or not self._filled[i]:
             raise ValueError(f"no frame at ({index[0]}, {index[1]}) yet")
-        return self._store.frames[i].astype(np.float32)
+        return self.frames[i].astype(np.float32)
 
     def header_fields(self) -> dict:
         """This scan's fields of the snapshot header."""

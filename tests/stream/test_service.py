@@ -422,3 +422,62 @@ def test_a_closed_service_frees_its_scans_without_the_garbage_collector(tmp_path
         assert service() is None and scan() is None
     finally:
         gc.enable()
+
+
+def test_the_next_scan_of_a_size_takes_the_done_scans_frame_memory(make_service, sender_for):
+    """Scan after scan of one size, as at the microscope: once a scan is done and the next starts, no thread
+    keeps the done scan, and the next scan's store is the same memory (no new pages to map, seconds at a large
+    scan, and never two stores at once), holding the new frames exactly."""
+    import gc
+    import weakref
+
+    svc = make_service()
+    s = sender_for(svc)
+
+    def wait(ok, what):
+        deadline = time.monotonic() + 10
+        while not ok():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    first = disc_frames(3, 3, seed=40).reshape(9, 32, 32)
+    s.start("one", (3, 3), (32, 32))
+    s.frames("one", 0, first)
+    s.end("one", 9)
+    wait(lambda: svc.current is not None and svc.current.done, "scan one never done")
+    one = svc.current
+    address = one.frames.__array_interface__["data"][0]
+    assert np.array_equal(one.frames, first)
+    gone = weakref.ref(one)
+    del one
+    gc.disable()  # freed by reference counts alone: nothing holds it, not even in a cycle
+    try:
+        second = disc_frames(3, 3, seed=41).reshape(9, 32, 32)
+        s.start("two", (3, 3), (32, 32))
+        s.frames("two", 0, second)
+        wait(lambda: svc.current.scan_id == "two" and svc.current.n_filled() == 9, "scan two never filled")
+        wait(lambda: gone() is None, "a thread still holds the done scan one")
+    finally:
+        gc.enable()
+    two = svc.current
+    assert two.frames.__array_interface__["data"][0] == address
+    assert np.array_equal(two.frames, second)
+    s.end("two", 9)
+    wait_results(svc, n=2)
+
+
+def test_a_done_scans_frames_are_released_for_the_next_scan_and_say_so():
+    from rrstem.stream.preprocess import PreprocessConfig
+    from rrstem.stream.protocol import Start
+    from rrstem.stream.scan import Scan
+
+    scan = Scan(Start(scan_id="a", scan_shape=(3, 3), frame_shape=(32, 32), dtype="uint16"),
+                PreprocessConfig(calibration_frames=4))
+    scan.add(0, disc_frames(3, 3, seed=42).reshape(9, 32, 32))
+    with pytest.raises(ValueError, match="not done"):
+        scan.release_frames()
+    scan.finish(9)
+    scan.done_with()
+    scan.release_frames()
+    with pytest.raises(ValueError, match="released when a newer scan started"):
+        scan.frames
