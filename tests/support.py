@@ -91,3 +91,13 @@ def wait_results(service, n=1, timeout=20.0):
         service.results_event.clear()
     service.check()
     return service.results_written[n - 1][1]
+
+
+def fill_disk(path) -> None:
+    """Write zeros to ``path`` until its file system is full (the tests' full-disk cases)."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 20))
+        except OSError:
+            pass

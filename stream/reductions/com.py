@@ -22,7 +22,12 @@ COM_ANGLE = MapSpec("com_angle", "rad", "COM direction, atan2(com_y, com_x)", pa
 
 def com_at(view, pixel_mrad: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(n_filled,) COM x and y at the filled positions, relative to the mean pattern's, in mrad (binned detector
-    pixels of ``pixel_mrad``) or in binned pixels; NaN for a frame with no counts. The one COM computation."""
+    pixels of ``pixel_mrad``) or in binned pixels; NaN for a frame with no counts. The one COM computation,
+    done once per view (``View.once``): the caller must not change the arrays."""
+    return view.once(("com", pixel_mrad), lambda: _com(view, pixel_mrad))
+
+
+def _com(view, pixel_mrad: float | None) -> tuple[np.ndarray, np.ndarray]:
     i, mx, my = view.column(INTENSITY), view.column(MOMENT_X), view.column(MOMENT_Y)
     if not len(i):
         return i, i

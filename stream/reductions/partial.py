@@ -56,6 +56,14 @@ class View:
         self.frame_sum = frame_sum  #: (h, w) sum of the valid binned frames
         self.count = count  #: how many frames that is
         self._buffers = buffers
+        self._once: dict = {}
+
+    def once(self, key, compute):
+        """``compute()``, computed once for this view: what several reductions derive alike (the COM, which
+        the COM and DPC maps both start from) is not derived twice per snapshot."""
+        if key not in self._once:
+            self._once[key] = compute()
+        return self._once[key]
 
     def column(self, weight: Weight | str) -> np.ndarray:
         """(n_filled,) float64: the weight's per-frame sums at the filled positions, in scan order."""

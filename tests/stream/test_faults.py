@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from processes import RRSTEM, serve, wait_received
-from support import Sender, disc_frames, reference
+from support import Sender, disc_frames, fill_disk, reference
 from rrstem.simulators.dectris import Stream2Encoder
 from rrstem.simulators.merlin import MerlinFormat, mpx
 from rrstem.stream.control import ControlClient
@@ -39,6 +39,13 @@ def stop(proc: subprocess.Popen, control_ep: str) -> str:
     return proc.stdout.read()
 
 
+def orphans_then_stop(proc: subprocess.Popen, control_ep: str) -> tuple[dict, str]:
+    """The service's orphan counters (``status``), then its log once stopped."""
+    with ControlClient(control_ep, timeout=5) as ctl:
+        orphans = ctl.request("status")["status"]["orphans"]
+    return orphans, stop(proc, control_ep)
+
+
 def test_a_full_disk_neither_kills_serve_nor_loses_the_scan(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -47,12 +54,7 @@ def test_a_full_disk_neither_kills_serve_nor_loses_the_scan(tmp_path):
     try:
         out = disk / "r.h5"
         proc, frames_ep, control_ep = serve(tmp_path, "--out", str(out), "--checkpoint-seconds", "0.2")
-        with open(disk / "ballast", "wb") as fh:  # fill the disk after serve's start-up check
-            try:
-                while True:
-                    fh.write(b"\0" * (1 << 20))
-            except OSError:
-                pass
+        fill_disk(disk / "ballast")  # after serve's start-up check
         s = Sender(frames_ep)
         frames = disc_frames(6, 6, seed=21)
         s.start("full", (6, 6), (32, 32))
@@ -238,9 +240,7 @@ def test_a_scan_whose_maps_would_not_fit_is_refused_at_its_start_and_the_next_on
         s.frames("small", 0, frames.reshape(9, 32, 32))
         s.end("small", 9)
         wait_received(control_ep, 9)
-        with ControlClient(control_ep, timeout=5) as ctl:
-            orphans = ctl.request("status")["status"]["orphans"]
-        log = stop(proc, control_ep)
+        orphans, log = orphans_then_stop(proc, control_ep)
     finally:
         s.close()
         proc.kill()
@@ -264,9 +264,7 @@ def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_a_line_a_second(t
         s.end("after", 9)
         wait_received(control_ep, 9)
         took = time.monotonic() - t0
-        with ControlClient(control_ep, timeout=5) as ctl:
-            orphans = ctl.request("status")["status"]["orphans"]
-        log = stop(proc, control_ep)
+        orphans, log = orphans_then_stop(proc, control_ep)
     finally:
         s.close()
         proc.kill()

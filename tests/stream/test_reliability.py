@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from processes import RRSTEM, serve, wait_received
-from support import Sender, disc_frames, wait_results
+from support import Sender, disc_frames, fill_disk, wait_results
 from rrstem.stream.control import ControlClient
 from rrstem.stream.results import read_scan
 
@@ -142,12 +142,7 @@ def test_a_full_disk_at_scan_end_keeps_the_scan_and_writes_it_once_space_returns
     try:
         ballast = disk / "ballast"
         svc = make_service(out=disk / "r.h5", retry_seconds=0.2)
-        with open(ballast, "wb") as fh:  # fill the disk after the start-up check
-            try:
-                while True:
-                    fh.write(b"\0" * (1 << 20))
-            except OSError:
-                pass
+        fill_disk(ballast)  # after the start-up check
         s = sender_for(svc)
         frames = disc_frames(6, 6, seed=4)
         s.start("full", (6, 6), (32, 32))
